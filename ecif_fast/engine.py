@@ -1,0 +1,317 @@
+"""The ECIF engine: one solve per test function, one JVP pass, softmax-weighted reductions (SPEC §3–§4)."""
+from __future__ import annotations
+
+import copy
+from typing import Callable, Sequence, Union
+
+import torch
+from torch import nn
+from torch.func import jacrev, jvp, vmap
+from tqdm.auto import tqdm
+
+from .errors import ECIFInputError
+from .kernels.batching import BatchesArg, BatchPlan, resolve_batches
+from .kernels.torch_ref.loss import batch_loss, per_pair_loss
+from .kernels.torch_ref.per_pair import pair_embedding_gradients, removal_objective
+from .kernels.torch_ref.reductions import ecif_reductions
+from .models.functional import FunctionalModel
+from .models.params import ParamsArg, select_params
+from .results import InfluenceResult
+from .solvers import CURVATURES, SOLVERS, CGSolver, Curvature, ExactSolver, LowRankSolver, resolve_damping
+from .validation import NEGATIVE_TERMS, check_choice, check_indices, check_pairs
+
+TestFn = Union[Callable[[nn.Module], torch.Tensor], Sequence[Callable[[nn.Module], torch.Tensor]]]
+
+
+def _collect(data, texts):
+    """Tensors ``(images, texts)`` from two tensors or from an iterable (DataLoader) of pairs."""
+    if texts is not None or torch.is_tensor(data):
+        return data, texts
+    xs, ys = [], []
+    for item in data:
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            raise ECIFInputError("a DataLoader passed to fit must yield (images, texts) pairs")
+        xs.append(torch.as_tensor(item[0]))
+        ys.append(torch.as_tensor(item[1]))
+    if not xs:
+        raise ECIFInputError("empty data: the DataLoader yielded no pairs")
+    return torch.cat(xs), torch.cat(ys)
+
+
+class ECIF:
+    """Extended Influence Function for a contrastive (CLIP-style) model.
+
+    Args:
+        model: a :class:`~ecif_fast.ContrastiveModel` at (or near) the optimum θ̂ of
+            ``R(θ) = Σ_b Σ_{k∈b} ℓ_k + (δ/2)||θ − θ_ref||²``.
+        damping: δ > 0, or ``"auto"`` (see :func:`ecif_fast.solvers.resolve_damping`).
+        batches: the fixed training batches: ``None`` ("all" negatives), an int batch size, or ``(n,)`` ids.
+        negative_term: ``"exact"`` (``−log(1−P)``, default) or ``"taylor"`` (``P``, the paper's form).
+        hessian: solver: ``"exact"`` (dense Cholesky), ``"cg"`` (matrix-free) or ``"lowrank"``.
+        curvature: ``"hessian"`` (exact second derivatives) or ``"gauss-newton"`` (PSD).
+        params: which parameters are trained (see :func:`ecif_fast.models.params.select_params`).
+        rank: eigenpairs kept by the low-rank solver. cg_tol, cg_maxiter: CG stopping rule.
+        hessian_batches: optional batch numbers to subsample the curvature.
+        chunk_size: pairs per encoder call in the JVP pass. progress: show progress bars.
+    """
+
+    def __init__(self, model: nn.Module, *, damping, batches: BatchesArg = None, negative_term: str = "exact",
+                 hessian: str = "exact", curvature: str = "hessian", params: ParamsArg = None, rank: int = 64,
+                 cg_tol: float = 1e-10, cg_maxiter: int | None = None, hessian_batches=None,
+                 chunk_size: int = 4096, progress: bool = False, seed: int = 0):
+        self.negative_term = check_choice(negative_term, "negative_term", NEGATIVE_TERMS)
+        self.solver_name = check_choice(hessian, "hessian", SOLVERS)
+        self.curvature_kind = check_choice(curvature, "curvature", CURVATURES)
+        if isinstance(damping, str) and damping != "auto":
+            raise ECIFInputError(f"damping must be a positive number or 'auto', got {damping!r}")
+        if not isinstance(damping, str):
+            resolve_damping(damping, None)  # validate early
+        if chunk_size < 1:
+            raise ECIFInputError(f"chunk_size must be >= 1, got {chunk_size}")
+        self.model = model
+        self.space = select_params(model, params)
+        self.fm = FunctionalModel(model, self.space)
+        self.damping_arg = damping
+        self.batches_arg = batches
+        self.rank, self.cg_tol, self.cg_maxiter = rank, cg_tol, cg_maxiter
+        self.hessian_batches = hessian_batches
+        self.chunk_size = chunk_size
+        self.progress = progress
+        self.seed = seed
+        self._fitted = False
+
+    # ------------------------------------------------------------------ fit
+    def fit(self, train_images, train_texts=None) -> "ECIF":
+        """Store the training pairs, their embeddings at θ̂, and factorise the damped curvature.
+
+        Args:
+            train_images: ``(n, ...)`` image inputs (or a DataLoader yielding ``(images, texts)``).
+            train_texts: ``(n, ...)`` text inputs.
+        """
+        X, Y = check_pairs(*_collect(train_images, train_texts), what="train")
+        self.X, self.Y = X, Y
+        self.n = X.shape[0]
+        self.plan: BatchPlan = resolve_batches(self.batches_arg, self.n)
+        self.theta = self.space.flat(self.model)
+        with torch.no_grad():
+            U, V, s = self._embed_all(self.theta)
+        self.U, self.V, self.log_scale = U, V, s.detach()
+        self.curvature = Curvature(self.fm, self.theta, X, Y, self.plan, self.curvature_kind, self.hessian_batches)
+        dense = self.curvature.dense() if self.solver_name == "exact" else None
+        self.damping = resolve_damping(self.damping_arg, self.curvature, dense)
+        if self.solver_name == "exact":
+            self.solver = ExactSolver(self.curvature, self.damping, dense)
+        elif self.solver_name == "cg":
+            self.solver = CGSolver(self.curvature, self.damping, self.cg_tol, self.cg_maxiter)
+        else:
+            self.solver = LowRankSolver(self.curvature, self.damping, self.rank, self.seed)
+        self._fitted = True
+        return self
+
+    def _require_fit(self):
+        if not self._fitted:
+            raise RuntimeError("call .fit(train_images, train_texts) before computing influences")
+
+    def _chunks(self, desc: str):
+        starts = range(0, self.n, self.chunk_size)
+        return tqdm(starts, desc=desc, disable=not self.progress or len(starts) < 2, leave=False)
+
+    def _embed_all(self, theta):
+        parts = [self.fm.embed(theta, self.X[a:a + self.chunk_size], self.Y[a:a + self.chunk_size])
+                 for a in self._chunks("embed")]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), parts[0][2]
+
+    # ------------------------------------------------------------------ test functions
+    def _test_gradients(self, test_images, test_texts, fn: TestFn | None, per_test: bool) -> torch.Tensor:
+        """``(Q, P)`` gradients ``∇F`` of the test function(s) at θ̂."""
+        theta = self.theta
+        if fn is not None:
+            if test_images is not None or test_texts is not None:
+                raise ECIFInputError("pass either test pairs or fn=, not both")
+            fns = [fn] if callable(fn) else list(fn)
+            if not fns or not all(callable(f) for f in fns):
+                raise ECIFInputError("fn must be a callable fn(model) -> scalar tensor, or a list of them")
+
+            def value(th, f):
+                out = self.fm.call(th, f)
+                if not torch.is_tensor(out) or out.numel() != 1:
+                    raise ECIFInputError("fn(model) must return a scalar tensor")
+                return out.reshape(())
+
+            return torch.stack([torch.func.grad(value)(theta, f) for f in fns])
+        if test_images is None or test_texts is None:
+            raise ECIFInputError("give test_images and test_texts (the test pairs), or fn=callable")
+        Xt, Yt = check_pairs(test_images, test_texts, what="test")
+
+        def test_losses(th):
+            U, V, s = self.fm.embed(th, Xt, Yt)
+            S = s.exp() * (U @ V.T)
+            return per_pair_loss(S) if per_test else batch_loss(S).reshape(1)
+
+        return jacrev(test_losses)(theta)
+
+    # ------------------------------------------------------------------ embedding-space path
+    def _directions(self, H: torch.Tensor):
+        """``(dU, dV, ds)`` = ``J·h`` for the columns of ``H (P, Q)``: ``(Q, n, d)``, ``(Q, n, d)``, ``(Q,)``."""
+        dUs, dVs, ds = [], [], None
+        for a in self._chunks("JVP pass"):
+            X, Y = self.X[a:a + self.chunk_size], self.Y[a:a + self.chunk_size]
+
+            def tangent(h):
+                return jvp(lambda th: self.fm.embed(th, X, Y), (self.theta,), (h,))[1]
+
+            dU, dV, dsq = vmap(tangent)(H.T.contiguous())
+            dUs.append(dU)
+            dVs.append(dV)
+            ds = dsq
+        return torch.cat(dUs, 1), torch.cat(dVs, 1), (ds if self.fm.scale_trained else None)
+
+    def _check_finite(self, *tensors):
+        for x in tensors:
+            if not bool(torch.isfinite(x).all()):
+                raise FloatingPointError(
+                    "non-finite influence values: a softmax probability is so close to 1 that the exact "
+                    "weight p/(1-p) overflows in this dtype; use float64 (model.double()) or "
+                    "negative_term='taylor'")
+
+    def influence(self, test_images=None, test_texts=None, *, fn: TestFn | None = None,
+                  per_test: bool = False) -> InfluenceResult:
+        """Influence of every training pair on the test function(s).
+
+        ``F`` is the SPEC §2 loss of the test pairs as one batch (``per_test=True``: one ``F`` per test
+        pair, its own loss term against the whole test set as negatives), or ``fn(model)`` (a scalar; a
+        list of callables gives one row each).
+
+        Returns:
+            :class:`InfluenceResult` with ``(n_train,)`` tensors (``(Q, n_train)`` for several F):
+            predicted change of F when the pair is removed.
+        """
+        self._require_fit()
+        G = self._test_gradients(test_images, test_texts, fn, per_test)
+        Hq = self.solver.solve(G.T.contiguous())
+        dU, dV, ds = self._directions(Hq)
+        pos, neg = ecif_reductions(self.U, self.V, self.log_scale.exp(), self.plan, dU, dV, ds, self.negative_term)
+        self._check_finite(pos, neg)
+        single = G.shape[0] == 1 and not per_test and (fn is None or callable(fn))
+        if single:
+            pos, neg = pos[0], neg[0]
+        return InfluenceResult(pos + neg, pos, neg)
+
+    # ------------------------------------------------------------------ per-pair gradients
+    def pair_gradients(self, indices=None) -> torch.Tensor:
+        """``(K, P)`` parameter gradients ``g_k = ∇ℓ̃_k`` (positive + negative role) of the given pairs.
+
+        Per-sample gradients are formed here only for the quantities that need them (self-influence,
+        relative influence); batch by batch, from closed-form embedding gradients and one batched VJP.
+        """
+        self._require_fit()
+        idx = torch.arange(self.n) if indices is None else check_indices(indices, self.n)
+        want = torch.zeros(self.n, dtype=torch.bool)
+        want[idx] = True
+        out = torch.empty(self.n, self.space.size, dtype=self.theta.dtype)
+        t = self.log_scale.exp()
+        exact = self.negative_term == "exact"
+        for group in self.plan.groups():
+            local = want[group].nonzero().flatten()
+            if local.numel() == 0:
+                continue
+            (U, V, s), pull = self.fm.embed_vjp(self.theta, self.X[group], self.Y[group])
+            for a in range(0, local.numel(), 256):
+                ks = local[a:a + 256]
+                gU, gV, gs = pair_embedding_gradients(U.detach(), V.detach(), t, exact, True, ks)
+                grads = vmap(pull)(gU.to(U.dtype), gV.to(V.dtype), gs.to(s.dtype))
+                out[group[ks]] = grads
+        return out[idx]
+
+    def self_influence(self, indices=None) -> torch.Tensor:
+        """``(K,)`` self-influence ``g_kᵀ H⁻¹ g_k`` (all pairs by default): an outlier / misalignment score."""
+        G = self.pair_gradients(indices)
+        out = torch.empty(G.shape[0], dtype=G.dtype)
+        for a in range(0, G.shape[0], 1024):
+            g = G[a:a + 1024]
+            out[a:a + 1024] = (g * self.solver.solve(g.T.contiguous()).T).sum(1)
+        return out
+
+    def relative_influence(self, test_images=None, test_texts=None, *, fn: TestFn | None = None,
+                           per_test: bool = False) -> torch.Tensor:
+        """RelatIF-style trace-back score ``∇Fᵀ H⁻¹ g_k / sqrt(g_kᵀ H⁻¹ g_k)`` (SPEC §3), shape as ``influence``."""
+        total = self.influence(test_images, test_texts, fn=fn, per_test=per_test).total
+        return total / self.self_influence().clamp_min(torch.finfo(total.dtype).tiny).sqrt()
+
+    # ------------------------------------------------------------------ groups and removal
+    def _group_objective(self, removed: torch.Tensor):
+        """Batches touched by ``removed`` and a function ``(U_b…, V_b…, s) -> (positive, negative)``."""
+        mask = torch.zeros(self.n, dtype=torch.bool)
+        mask[removed] = True
+        groups = [g for g in self.plan.groups() if bool(mask[g].any())]
+        exact = self.negative_term == "exact"
+
+        def objective(Us, Vs, s):
+            pos = neg = 0.0
+            for g, U, V in zip(groups, Us, Vs):
+                p, q = removal_objective(s.exp() * (U @ V.T), mask[g], exact)
+                pos, neg = pos + p, neg + q
+            return pos, neg
+
+        return groups, objective
+
+    def group_influence(self, indices, test_images=None, test_texts=None, *, fn: TestFn | None = None,
+                        per_test: bool = False) -> InfluenceResult:
+        """Influence of removing the whole set ``indices`` at once (exact group formula, SPEC §3).
+
+        Returns an :class:`InfluenceResult` of 0-d tensors (``(Q,)`` for several test functions).
+        """
+        self._require_fit()
+        removed = check_indices(indices, self.n)
+        G = self._test_gradients(test_images, test_texts, fn, per_test)
+        Hq = self.solver.solve(G.T.contiguous())
+        groups, objective = self._group_objective(removed)
+        Us = [self.U[g] for g in groups]
+        Vs = [self.V[g] for g in groups]
+        pos, neg = [], []
+        for q in range(Hq.shape[1]):
+            dUs, dVs, dss = [], [], []
+            for g in groups:
+                (_, _, _), (dU, dV, ds) = self.fm.embed_jvp(self.theta, self.X[g], self.Y[g], Hq[:, q])
+                dUs.append(dU)
+                dVs.append(dV)
+                dss.append(ds)
+            ds = dss[0] if self.fm.scale_trained else torch.zeros_like(self.log_scale)
+            _, (p, n_) = jvp(objective, (Us, Vs, self.log_scale), (dUs, dVs, ds))
+            pos.append(torch.as_tensor(p))
+            neg.append(torch.as_tensor(n_))
+        pos, neg = torch.stack(pos), torch.stack(neg)
+        self._check_finite(pos, neg)
+        if G.shape[0] == 1 and not per_test and (fn is None or callable(fn)):
+            pos, neg = pos[0], neg[0]
+        return InfluenceResult(pos + neg, pos, neg)
+
+    def group_gradient(self, indices) -> torch.Tensor:
+        """``(P,)`` parameter-space ``g(D*) = g⁺(D*) + g⁻(D*)`` (SPEC §3) for the set ``indices``."""
+        self._require_fit()
+        removed = check_indices(indices, self.n)
+        groups, objective = self._group_objective(removed)
+
+        def total(th):
+            embs = [self.fm.embed(th, self.X[g], self.Y[g]) for g in groups]
+            p, q = objective([e[0] for e in embs], [e[1] for e in embs], embs[0][2])
+            return p + q
+
+        return torch.func.grad(total)(self.theta)
+
+    def removal_update(self, indices) -> dict[str, torch.Tensor]:
+        """Parameters after removing ``indices`` by one Newton step ``θ̂ + H⁻¹ g(D*)`` (SPEC §3).
+
+        Returns a full ``state_dict`` of the model (a copy) with the selected parameters updated.
+        """
+        theta_new = self.theta + self.solver.solve(self.group_gradient(indices))
+        state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        for name, val in self.space.unflatten(theta_new).items():
+            state[name] = val.detach().clone()
+        return state
+
+    def cleaned_model(self, indices) -> nn.Module:
+        """A deep copy of the model with :meth:`removal_update` loaded (the original is untouched)."""
+        clone = copy.deepcopy(self.model)
+        clone.load_state_dict(self.removal_update(indices))
+        return clone

@@ -1,0 +1,76 @@
+"""Per-pair embedding-space gradients and group-removal objectives (SPEC §3, §4).
+
+``ℓ̃_k = ℓ_k + Σ_{i≠k} (ℓ_i(b) − ℓ_i(b∖k))`` is the part of ``R`` that pair ``k`` accounts for; its
+gradient is ``g_k``. With respect to the scores of its batch (exact or taylor weights ``w``, ``w'``)::
+
+    ∂ℓ̃_k/∂S_ij = δ_ik(p_kj − δ_jk) + δ_jk(q_ik − δ_ik) + w_ik(δ_jk − p_ij) + w'_kj(δ_ik − q_ij)
+
+(for ``φ(p) = −log(1−p)`` and for ``φ(p) = p`` the derivative of ``φ(p_ik)`` has the same form
+``w_ik (e_k − p_i·)``). Contracting with ``δS`` gives back the formulas of ``reductions.py``.
+"""
+from __future__ import annotations
+
+import torch
+
+from .softmax import removal_weights
+
+
+def pair_score_gradients(S: torch.Tensor, exact: bool, ks: torch.Tensor | None = None) -> torch.Tensor:
+    """``(K, B, B)`` tensor ``E[a] = ∂ℓ̃_{ks[a]}/∂S`` for one ``(B, B)`` score block (all pairs if ``ks`` is None)."""
+    B = S.shape[0]
+    ks = torch.arange(B, device=S.device) if ks is None else ks
+    P = torch.softmax(S, dim=1)
+    Qc = torch.softmax(S, dim=0)
+    Wr = removal_weights(S, dim=1, exact=exact)
+    Wc = removal_weights(S, dim=0, exact=exact)
+    E = -(Wr.T[ks][:, :, None] * P[None]) - (Wc[ks][:, None, :] * Qc[None])
+    a = torch.arange(ks.numel(), device=S.device)
+    E[a, ks, :] += P[ks] + Wc[ks]
+    E[a, :, ks] += Qc.T[ks] + Wr.T[ks]
+    E[a, ks, ks] -= 2
+    return E
+
+
+def pair_embedding_gradients(Ub, Vb, t, exact: bool, with_scale: bool, ks: torch.Tensor | None = None):
+    """Gradients of every ``ℓ̃_k`` of one batch with respect to that batch's embeddings.
+
+    Args:
+        Ub, Vb: ``(B, d)`` embeddings of the batch; t: 0-d scale tensor; ks: ``(K,)`` positions of the
+            pairs inside the batch (default: all).
+    Returns:
+        ``gU (K, B, d)``, ``gV (K, B, d)`` (leading axis = pair k), ``gs (K,)`` derivative with respect
+        to ``s = log t`` (``None`` unless ``with_scale``).
+    """
+    S = t * (Ub @ Vb.T)
+    E = pair_score_gradients(S, exact, ks)
+    gU = t * (E @ Vb)
+    gV = t * (E.transpose(1, 2) @ Ub)
+    gs = (E * S).sum((1, 2)) if with_scale else None
+    return gU, gV, gs
+
+
+def removal_objective(S: torch.Tensor, removed: torch.Tensor, exact: bool):
+    """Positive and negative parts of ``Σ_{k∈D*} ℓ_k + Σ_{i∉D*} (ℓ_i(b) − ℓ_i(b∖D*))`` for one batch.
+
+    Args:
+        S: ``(B, B)`` scores (differentiable). removed: ``(B,)`` bool, the pairs of ``D*`` in this batch.
+    Returns:
+        ``(positive, negative)`` 0-d tensors. Exact: the negative part is the difference of the
+        log-sum-exps over all and over the remaining columns/rows (SPEC §3, no ``log(1−P)``
+        cancellation); taylor: ``Σ_{i∉D*} Σ_{k∈D*} (p_ik + q_ki)``.
+    """
+    diag = S.diagonal()
+    L_row = torch.logsumexp(S, dim=1)
+    L_col = torch.logsumexp(S, dim=0)
+    positive = (L_row + L_col - 2 * diag)[removed].sum()
+    keep = ~removed
+    if not bool(keep.any()) or not bool(removed.any()):
+        return positive, S.new_zeros(())
+    Sk = S[keep][:, keep]
+    if exact:
+        negative = (L_row[keep] - torch.logsumexp(Sk, dim=1)).sum() + (L_col[keep] - torch.logsumexp(Sk, dim=0)).sum()
+    else:
+        P = torch.softmax(S, dim=1)
+        Qc = torch.softmax(S, dim=0)
+        negative = P[keep][:, removed].sum() + Qc[removed][:, keep].sum()
+    return positive, negative

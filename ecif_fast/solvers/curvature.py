@@ -1,0 +1,87 @@
+"""Curvature of the data term of R at θ̂: exact Hessian or Gauss–Newton (SPEC §4), undamped."""
+from __future__ import annotations
+
+import torch
+from torch.func import grad, hessian, jvp
+
+from ..kernels.batching import BatchPlan
+from ..kernels.torch_ref.gauss_newton import gauss_newton_product
+from ..kernels.torch_ref.loss import batch_loss
+from ..models.functional import FunctionalModel
+
+CURVATURES = ("hessian", "gauss-newton")
+
+
+class Curvature:
+    """``C = ∇²Σℓ`` (``"hessian"``) or ``J_Sᵀ H_S J_S`` (``"gauss-newton"``) at ``theta``, without damping.
+
+    Products are summed batch by batch (the loss of a batch depends on that batch's pairs only), so
+    memory stays bounded by one batch of activations.
+
+    Args:
+        fm: the functional model. theta: ``(P,)`` the optimum θ̂. X, Y: training inputs ``(n, ...)``.
+        plan: the training batches. kind: ``"hessian"`` or ``"gauss-newton"``.
+        subsample: optional list of batch numbers to use (Hessian subsampling); the product is rescaled
+            by ``num_batches / len(subsample)``.
+    """
+
+    def __init__(self, fm: FunctionalModel, theta, X, Y, plan: BatchPlan, kind: str = "hessian", subsample=None):
+        if kind not in CURVATURES:
+            raise ValueError(f"curvature must be one of {CURVATURES}, got {kind!r}")
+        self.fm, self.theta, self.X, self.Y, self.kind = fm, theta, X, Y, kind
+        groups = plan.groups()
+        self.factor = 1.0
+        if subsample is not None:
+            sub = sorted(set(int(b) for b in subsample))
+            if not sub or sub[0] < 0 or sub[-1] >= len(groups):
+                raise ValueError(f"subsample must list batch numbers in [0, {len(groups)}), got {subsample}")
+            self.factor = len(groups) / len(sub)
+            groups = [groups[b] for b in sub]
+        self.groups = groups
+        self.size = theta.numel()
+
+    def _batch_loss_fn(self, idx):
+        X, Y = self.X[idx], self.Y[idx]
+
+        def f(th):
+            U, V, s = self.fm.embed(th, X, Y)
+            return batch_loss(s.exp() * (U @ V.T))
+
+        return f
+
+    def _matvec1(self, v: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(v)
+        for idx in self.groups:
+            if self.kind == "hessian":
+                out += jvp(grad(self._batch_loss_fn(idx)), (self.theta,), (v,))[1]
+            else:
+                X, Y = self.X[idx], self.Y[idx]
+                (U, V, s), (dU, dV, ds) = self.fm.embed_jvp(self.theta, X, Y, v)
+                plan = BatchPlan(len(idx), torch.arange(len(idx)), torch.tensor([0, len(idx)]))
+                gU, gV, gs = gauss_newton_product(U, V, s.exp(), plan, dU, dV, ds if self.fm.scale_trained else None)
+                _, pull = self.fm.embed_vjp(self.theta, X, Y)
+                out += pull(gU.to(U.dtype), gV.to(V.dtype), gs.to(s.dtype).reshape(s.shape))
+        return out * self.factor
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        """``C v`` for ``v`` of shape ``(P,)`` or ``(P, Q)``."""
+        if v.dim() == 1:
+            return self._matvec1(v)
+        return torch.stack([self._matvec1(v[:, q]) for q in range(v.shape[1])], dim=1)
+
+    def dense(self) -> torch.Tensor:
+        """``(P, P)`` matrix (symmetrised)."""
+        if self.kind == "hessian":
+            C = torch.zeros(self.size, self.size, dtype=self.theta.dtype)
+            for idx in self.groups:
+                C += hessian(self._batch_loss_fn(idx))(self.theta)
+            C *= self.factor
+        else:
+            C = self.matvec(torch.eye(self.size, dtype=self.theta.dtype))
+        return 0.5 * (C + C.T)
+
+    def trace_estimate(self, probes: int = 32, seed: int = 0) -> float:
+        """Hutchinson estimate of ``tr(C)`` with Rademacher probes (deterministic under ``seed``)."""
+        g = torch.Generator().manual_seed(seed)
+        Z = torch.randint(0, 2, (self.size, probes), generator=g).to(self.theta.dtype) * 2 - 1
+        return float((Z * self.matvec(Z)).sum() / probes)
