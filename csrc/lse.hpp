@@ -1,0 +1,80 @@
+// Public interface of the C++ lse kernel (no Python / pybind11 types here).
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace ecif {
+
+// Description of one lse problem. Pointers are borrowed; U and V are C-contiguous (n, d).
+// Batch b holds pairs perm[offsets[b] .. offsets[b+1]); row/col are (n,) outputs.
+template <class T>
+struct LseProblem {
+    const T* U;
+    const T* V;
+    std::int64_t n;
+    std::int64_t d;
+    T scale;
+    const std::int64_t* perm;
+    const std::int64_t* offsets;
+    std::int64_t num_batches;
+    T* row;
+    T* col;
+};
+
+// Check that perm is a permutation of 0..n-1 and offsets is a valid CSR split of it.
+// Throws std::invalid_argument (mapped to ValueError by pybind11) with a clear message.
+void validate_plan(std::int64_t n, const std::int64_t* perm, std::int64_t perm_len,
+                   const std::int64_t* offsets, std::int64_t offsets_len);
+
+// Instruction-set variants compiled into this build, best first (e.g. {"avx2", "generic"}),
+// and those usable on the running CPU.
+std::vector<std::string> compiled_isas();
+std::vector<std::string> supported_isas();
+// Resolve "auto" (or "") to the best supported ISA; throws std::invalid_argument for an unknown or
+// unsupported name.
+std::string resolve_isa(const std::string& isa);
+
+// Compute row/col log-sum-exp. Caller has validated shapes and the plan. num_threads <= 0 means the
+// OpenMP default. Safe to call without the GIL.
+void lse(const LseProblem<float>& p, const std::string& isa, int num_threads);
+void lse(const LseProblem<double>& p, const std::string& isa, int num_threads);
+
+bool has_openmp();
+int max_threads();
+
+// ---- Per-ISA task kernels (lse_kernel.hpp compiled once per instruction set) --------------------
+//
+// A task is (batch b, row tile rt): rows [rt*kTileRows, (rt+1)*kTileRows) of batch b against all of
+// the batch's columns. It writes the final row[] of its rows. For a batch with <= kTileRows pairs it
+// also writes the final col[] (it saw every row); otherwise it folds its rows into the running column
+// state colM/colS (a reference value and the sum of exp(S - reference); length = batch size, one
+// copy per thread), which the driver merges. `ws` is scratch of lse_workspace_elems(d) elements.
+// `vpacked` is null (the task packs V itself) or the batch's V columns prepacked by lse_pack_cols,
+// column tile ct at vpacked + ct * kTileCols * d.
+constexpr std::int64_t kTileRows = 96;  // rows per task (multiple of every micro-tile height)
+constexpr std::int64_t kTileCols = 64;  // columns per score tile (multiple of every micro-tile width)
+inline std::int64_t lse_workspace_elems(std::int64_t d) {
+    return (kTileRows + kTileCols) * d + kTileRows * kTileCols + 6 * kTileRows + 8 * kTileCols;
+}
+
+#define ECIF_DECLARE_LSE_TASK_T(T)                                                                      \
+    void lse_task(const LseProblem<T>& p, std::int64_t b, std::int64_t rt, T* ws, T* colM, T* colS,   \
+                  const T* vpacked);                                                                  \
+    void lse_pack_cols(const LseProblem<T>& p, std::int64_t b, std::int64_t ct, T* dst);
+#define ECIF_DECLARE_LSE_TASK(NS) \
+    namespace NS {                \
+    ECIF_DECLARE_LSE_TASK_T(float)  \
+    ECIF_DECLARE_LSE_TASK_T(double) \
+    }
+
+ECIF_DECLARE_LSE_TASK(generic)
+#if defined(ECIF_HAVE_AVX2)
+ECIF_DECLARE_LSE_TASK(avx2)
+#endif
+#if defined(ECIF_HAVE_AVX512)
+ECIF_DECLARE_LSE_TASK(avx512)
+#endif
+
+}  // namespace ecif
