@@ -1,7 +1,9 @@
-"""Train a contrastive model to the optimum of ``R(θ)`` (SPEC §2) with full-batch L-BFGS.
+"""Train a contrastive model to the optimum of ``R(θ)`` (SPEC §2).
 
-Influence functions describe the optimum; this helper gets a small model there (float64 recommended)
-and is what the leave-one-out checks retrain with.
+Influence functions describe the optimum; this helper gets a model there (float64 recommended) and
+is what the leave-one-out checks retrain with. ``method="newton"`` (damped Newton with a
+Levenberg–Marquardt shift and Armijo backtracking on the dense Hessian) converges to machine
+precision in a few steps for up to a few thousand parameters; ``"lbfgs"`` scales further.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from torch import nn
 
 from .kernels.batching import BatchesArg, resolve_batches
 from .kernels.torch_ref.loss import contrastive_loss
+from .models.functional import FunctionalModel
 from .models.params import ParamsArg, select_params
 from .validation import check_pairs
 
@@ -19,57 +22,82 @@ from .validation import check_pairs
 @dataclass(frozen=True)
 class TrainResult:
     loss: float
-    grad_norm: float
+    grad_norm: float  # max-abs entry of ∇R at the end
     iterations: int
 
 
-def objective(model: nn.Module, X, Y, plan, damping: float, theta_ref, space) -> torch.Tensor:
-    """``R(θ) = Σ_b Σ_{k∈b} ℓ_k + (δ/2)||θ − θ_ref||²`` at the model's current parameters."""
-    s = model.logit_scale
-    t = s.exp() if torch.is_tensor(s) else torch.tensor(float(s)).exp()
-    R = contrastive_loss(model.encode_image(X), model.encode_text(Y), t, plan)
-    if damping:
-        named = dict(model.named_parameters())
-        theta = torch.cat([named[n].reshape(-1) for n in space.names])
-        R = R + 0.5 * damping * ((theta - theta_ref) ** 2).sum()
-    return R
+def _reference(space, theta_ref, dtype) -> torch.Tensor:
+    if theta_ref is None:
+        return torch.zeros(space.size, dtype=dtype)
+    ref = torch.as_tensor(theta_ref, dtype=dtype).reshape(-1)
+    if ref.numel() != space.size:
+        raise ValueError(f"theta_ref must have {space.size} entries (the selected parameters), got {ref.numel()}")
+    return ref
 
 
 def train(model: nn.Module, images, texts, *, batches: BatchesArg = None, damping: float = 0.0, theta_ref=None,
-          params: ParamsArg = None, max_iter: int = 2000, tol: float = 1e-9) -> TrainResult:
-    """Minimise ``R`` over the selected parameters in place.
+          params: ParamsArg = None, method: str = "auto", max_iter: int = 200, tol: float = 1e-10) -> TrainResult:
+    """Minimise ``R(θ) = Σ_b Σ_{k∈b} ℓ_k + (δ/2)||θ − θ_ref||²`` over the selected parameters, in place.
 
     Args:
         images, texts: ``(n, ...)`` training pairs. batches: as in :class:`ecif_fast.ECIF`.
-        damping: δ ≥ 0 of the regulariser. theta_ref: ``(P,)`` reference point (default 0).
-        max_iter: L-BFGS iterations. tol: stop when the gradient's max-abs entry is below ``tol``.
+        damping: δ ≥ 0. theta_ref: ``(P,)`` reference point (default 0).
+        method: ``"newton"``, ``"lbfgs"`` or ``"auto"`` (Newton when ``P <= 3000``).
+        max_iter: iterations (Newton steps or L-BFGS iterations). tol: stop when ``max|∇R| < tol``.
     """
     X, Y = check_pairs(images, texts)
     plan = resolve_batches(batches, X.shape[0])
     space = select_params(model, params)
-    named = dict(model.named_parameters())
-    plist = [named[n] for n in space.names]
-    flags = [p.requires_grad for p in plist]
-    for p in plist:
-        p.requires_grad_(True)
-    ref = torch.zeros(space.size, dtype=plist[0].dtype) if theta_ref is None else torch.as_tensor(theta_ref)
-    opt = torch.optim.LBFGS(plist, lr=1, max_iter=max_iter, tolerance_grad=tol, tolerance_change=0,
-                            history_size=50, line_search_fn="strong_wolfe")
+    fm = FunctionalModel(model, space)
+    theta = space.flat(model)
+    ref = _reference(space, theta_ref, theta.dtype)
+    if method not in ("newton", "lbfgs", "auto"):
+        raise ValueError(f"method must be 'newton', 'lbfgs' or 'auto', got {method!r}")
 
-    def closure():
-        opt.zero_grad()
-        R = objective(model, X, Y, plan, damping, ref, space)
-        R.backward()
-        return R
+    def R(th):
+        U, V, s = fm.embed(th, X, Y)
+        return contrastive_loss(U, V, s.exp(), plan) + 0.5 * damping * ((th - ref) ** 2).sum()
 
-    try:
+    grad_R = torch.func.grad(R)
+    it = 0
+    if method == "auto":
+        method = "newton" if space.size <= 3000 else "lbfgs"
+    if method == "lbfgs":
+        th = theta.clone().requires_grad_(True)
+        opt = torch.optim.LBFGS([th], lr=1, max_iter=max_iter, tolerance_grad=tol, tolerance_change=0, history_size=50, line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            value = R(th)
+            value.backward()
+            return value
+
         opt.step(closure)
-        R = objective(model, X, Y, plan, damping, ref, space)
-        grads = torch.autograd.grad(R, plist)
-    finally:
-        for p, f in zip(plist, flags):
-            p.requires_grad_(f)
-            p.grad = None
-    gnorm = float(torch.cat([g.reshape(-1) for g in grads]).abs().max())
-    iters = opt.state[opt._params[0]].get("n_iter", 0)
-    return TrainResult(float(R), gnorm, int(iters))
+        theta = th.detach()
+        it = int(opt.state[th].get("n_iter", 0))
+    else:
+        eye = torch.eye(space.size, dtype=theta.dtype)
+        hess_R = torch.func.hessian(R)
+        for _ in range(max_iter):
+            g = grad_R(theta)
+            if float(g.abs().max()) < tol:
+                break
+            it += 1
+            H = hess_R(theta)
+            H = 0.5 * (H + H.T)
+            lam = torch.linalg.eigvalsh(H)
+            # Levenberg–Marquardt shift where H is not positive definite (far from the optimum).
+            top = float(lam.abs().max())
+            shift = 0.0 if float(lam[0]) > 1e-12 * top else 2 * abs(float(lam[0])) + 1e-6 * top
+            step = -torch.linalg.solve(H + shift * eye, g)
+            f0, lr, slope = float(R(theta)), 1.0, float(g @ step)
+            # Armijo test with slack for rounding: near the optimum the decrease is below float resolution.
+            slack = 64 * torch.finfo(theta.dtype).eps * abs(f0)
+            while lr > 1e-12:
+                f1 = float(R(theta + lr * step))
+                if f1 == f1 and f1 <= f0 + 1e-4 * lr * slope + slack:
+                    break
+                lr *= 0.5
+            theta = theta + lr * step
+    space.load_into(model, theta)
+    return TrainResult(float(R(theta)), float(grad_R(theta).abs().max()), it)

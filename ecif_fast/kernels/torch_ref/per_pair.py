@@ -12,21 +12,35 @@ from __future__ import annotations
 
 import torch
 
-from .softmax import removal_weights
+from .softmax import line_weights
 
 
 def pair_score_gradients(S: torch.Tensor, exact: bool, ks: torch.Tensor | None = None) -> torch.Tensor:
-    """``(K, B, B)`` tensor ``E[a] = ∂ℓ̃_{ks[a]}/∂S`` for one ``(B, B)`` score block (all pairs if ``ks`` is None)."""
+    """``(K, B, B)`` tensor ``E[a] = ∂ℓ̃_{ks[a]}/∂S`` for one ``(B, B)`` score block (all pairs if ``ks`` is None).
+
+    Exact weights are assembled without forming ``w·(1 − p)`` (see ``softmax.py``): the entry at
+    column ``k`` of row ``i`` is ``p_ik`` itself and the others are ``−w_ik p_ij`` (``−p_ik r_ij`` at a maximum).
+    """
     B = S.shape[0]
     ks = torch.arange(B, device=S.device) if ks is None else ks
-    P = torch.softmax(S, dim=1)
-    Qc = torch.softmax(S, dim=0)
-    Wr = removal_weights(S, dim=1, exact=exact)
-    Wc = removal_weights(S, dim=0, exact=exact)
-    E = -(Wr.T[ks][:, :, None] * P[None]) - (Wc[ks][:, None, :] * Qc[None])
     a = torch.arange(ks.numel(), device=S.device)
-    E[a, ks, :] += P[ks] + Wc[ks]
-    E[a, :, ks] += Qc.T[ks] + Wr.T[ks]
+    rw = line_weights(S, exact)
+    cw = line_weights(S.T, exact)
+    P, Qc = rw.P, cw.P.T
+    Wr, Wc = rw.low, cw.low.T  # [i, k], [k, j]
+    E = -(Wr.T[ks][:, :, None] * P[None]) - (Wc[ks][:, None, :] * Qc[None])
+    if exact:
+        rows = (rw.arg[None, :] == ks[:, None]) & rw.special[None, :]  # (K, B): rows i whose maximum is k
+        cols = (cw.arg[None, :] == ks[:, None]) & cw.special[None, :]  # (K, B): columns j whose maximum is k
+        E -= (rows * rw.p_max)[:, :, None] * rw.rest[None] + (cols * cw.p_max)[:, None, :] * cw.rest.T[None]
+        off = 1 - torch.eye(B, dtype=S.dtype, device=S.device)
+        E[a, :, ks] = (P * off)[:, ks].T
+        E[a, ks, :] = (Qc * off)[ks]
+    else:
+        E[a, :, ks] += Wr.T[ks]
+        E[a, ks, :] += Wc[ks]
+    E[a, ks, :] += P[ks]
+    E[a, :, ks] += Qc.T[ks]
     E[a, ks, ks] -= 2
     return E
 

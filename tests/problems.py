@@ -1,0 +1,43 @@
+"""Small, well-posed float64 test problems shared by the tests (SPEC §6 practical notes)."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+import ecif_fast as ef
+from ecif_fast.models.params import select_params
+
+
+def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
+    a = a.double() - a.double().mean()
+    b = b.double() - b.double().mean()
+    return float((a * b).sum() / (a.norm() * b.norm()))
+
+
+def paired_features(n: int, image_dim: int = 6, text_dim: int = 5, latent: int = 4, noise: float = 0.5, seed: int = 0):
+    """Image and text features that share a latent factor (so pairs are genuinely aligned)."""
+    g = torch.Generator().manual_seed(seed)
+    Z = torch.randn(n, latent, generator=g, dtype=torch.float64)
+    A = torch.randn(latent, image_dim, generator=g, dtype=torch.float64)
+    B = torch.randn(latent, text_dim, generator=g, dtype=torch.float64)
+    X = Z @ A + noise * torch.randn(n, image_dim, generator=g, dtype=torch.float64)
+    Y = Z @ B + noise * torch.randn(n, text_dim, generator=g, dtype=torch.float64)
+    return X, Y
+
+
+def heads(normalize: bool, *, train_scale: bool = False, scale: float | None = None, image_dim: int = 6,
+          text_dim: int = 5, embed_dim: int = 8, seed: int = 0):
+    """Float64 LinearHeads initialised at a random reference point θ_ref (returned too)."""
+    torch.manual_seed(seed)
+    if scale is None:
+        scale = 5.0 if normalize else 1.0
+    m = ef.LinearHeads(image_dim, text_dim, embed_dim, normalize=normalize, logit_scale=math.log(scale),
+                       train_scale=train_scale).double()
+    space = select_params(m)
+    g = torch.Generator().manual_seed(seed + 1)
+    ref = torch.randn(space.size, generator=g, dtype=torch.float64)
+    if train_scale:
+        ref[space.slices()["logit_scale"]] = math.log(scale)
+    space.load_into(m, ref)
+    return m, ref

@@ -1,0 +1,88 @@
+"""Ground truth (SPEC §6.1): ECIF predictions vs leave-one-out retraining to the optimum, float64."""
+import copy
+
+import pytest
+import torch
+
+import ecif_fast as ef
+from ecif_fast.training import train
+from problems import heads, paired_features, pearson
+
+N_TRAIN, N_VAL, BATCH, DAMPING, N_LOO = 100, 40, 25, 0.1, 40
+
+
+def _loo_problem(normalize: bool):
+    X, Y = paired_features(N_TRAIN + N_VAL, seed=0)
+    X, Y, Xv, Yv = X[:N_TRAIN], Y[:N_TRAIN], X[N_TRAIN:], Y[N_TRAIN:]
+    model, ref = heads(normalize)
+    fit = train(model, X, Y, batches=BATCH, damping=DAMPING, theta_ref=ref)
+    assert fit.grad_norm < 1e-9, fit
+
+    def F(m):
+        with torch.no_grad():
+            return float(ef.contrastive_loss(m.encode_image(Xv), m.encode_text(Yv), m.logit_scale.exp()))
+
+    ids = ef.resolve_batches(BATCH, N_TRAIN).batch_ids()
+    pairs = torch.randperm(N_TRAIN, generator=torch.Generator().manual_seed(0))[:N_LOO]
+    actual = torch.empty(N_LOO, dtype=torch.float64)
+    for j, k in enumerate(pairs.tolist()):
+        mk = copy.deepcopy(model)
+        keep = torch.ones(N_TRAIN, dtype=torch.bool)
+        keep[k] = False
+        res = train(mk, X[keep], Y[keep], batches=ids[keep], damping=DAMPING, theta_ref=ref)
+        assert res.grad_norm < 1e-9, res
+        actual[j] = F(mk) - F(model)
+    return model, X, Y, Xv, Yv, pairs, actual
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["plain", "normalized"])
+def loo(request):
+    return request.param, _loo_problem(request.param)
+
+
+def test_exact_ecif_matches_leave_one_out(loo):
+    normalize, (model, X, Y, Xv, Yv, pairs, actual) = loo
+    scores = {}
+    for term in ("exact", "taylor"):
+        res = ef.ECIF(model, damping=DAMPING, batches=BATCH, negative_term=term).fit(X, Y).influence(Xv, Yv)
+        scores[term] = pearson(res.total[pairs], actual)
+        scores["positive_only"] = pearson(res.positive[pairs], actual)
+    print(f"\nLOO Pearson ({'normalized' if normalize else 'plain'}): {scores}")
+    assert scores["exact"] >= 0.95
+    # The negative role must visibly matter: classical (positive-only) IF is clearly worse.
+    assert scores["exact"] > scores["positive_only"] + 0.02
+
+
+def test_solvers_agree_on_trained_problem(loo):
+    normalize, (model, X, Y, Xv, Yv, pairs, actual) = loo
+    ref = ef.ECIF(model, damping=DAMPING, batches=BATCH).fit(X, Y).influence(Xv, Yv).total
+    cg = ef.ECIF(model, damping=DAMPING, batches=BATCH, hessian="cg", cg_maxiter=3000).fit(X, Y).influence(Xv, Yv).total
+    lr = ef.ECIF(model, damping=DAMPING, batches=BATCH, hessian="lowrank", rank=10_000).fit(X, Y).influence(Xv, Yv).total
+    assert torch.allclose(cg, ref, rtol=1e-6, atol=1e-9 * ref.abs().max())
+    assert torch.allclose(lr, ref, rtol=1e-8, atol=1e-10 * ref.abs().max())
+    gn = ef.ECIF(model, damping=DAMPING, batches=BATCH, curvature="gauss-newton", hessian="cg", cg_maxiter=3000).fit(X, Y)
+    assert pearson(gn.influence(Xv, Yv).total[pairs], actual) >= 0.9
+
+
+def test_removal_update_tracks_retraining(loo):
+    normalize, (model, X, Y, Xv, Yv, pairs, actual) = loo
+    removed = pairs[:5]
+    engine = ef.ECIF(model, damping=DAMPING, batches=BATCH).fit(X, Y)
+    state = engine.removal_update(removed)
+    space = engine.space
+    theta_hat = space.flat(model)
+    predicted = torch.cat([state[n].reshape(-1) for n in space.names])
+    keep = torch.ones(N_TRAIN, dtype=torch.bool)
+    keep[removed] = False
+    retrained = copy.deepcopy(model)
+    _, ref = heads(normalize)
+    ids = ef.resolve_batches(BATCH, N_TRAIN).batch_ids()
+    train(retrained, X[keep], Y[keep], batches=ids[keep], damping=DAMPING, theta_ref=ref)
+    truth = space.flat(retrained)
+    err_newton = float((predicted - truth).norm())
+    err_zero = float((theta_hat - truth).norm())
+    print(f"\nremoval_update error {err_newton:.3e} vs no-update {err_zero:.3e}")
+    assert err_newton < 0.2 * err_zero
+    cleaned = engine.cleaned_model(removed)
+    assert torch.equal(space.flat(cleaned), predicted)
+    assert torch.equal(space.flat(model), theta_hat)  # the original model is untouched
