@@ -38,11 +38,11 @@ def check_indices(indices, n: int) -> torch.Tensor:
         if idx.numel() != n:
             raise ECIFInputError(f"boolean index mask must have {n} entries, got {idx.numel()}")
         idx = idx.nonzero().flatten()
-    if idx.dtype.is_floating_point:
+    if idx.numel() == 0:  # before the dtype check: torch.as_tensor([]) is float32
+        raise ECIFInputError("indices is empty: give at least one training pair to remove")
+    if idx.dtype.is_floating_point or idx.dtype.is_complex:
         raise ECIFInputError(f"indices must be integers, got dtype {idx.dtype}")
     idx = idx.reshape(-1).to(torch.int64)
-    if idx.numel() == 0:
-        raise ECIFInputError("indices is empty: give at least one training pair to remove")
     if bool((idx < 0).any()) or bool((idx >= n).any()):
         raise ECIFInputError(f"indices must lie in [0, {n}), got min {int(idx.min())}, max {int(idx.max())}")
     if idx.unique().numel() != idx.numel():

@@ -61,6 +61,8 @@ def select_params(model: nn.Module, params: ParamsArg = None) -> ParamSpace:
             parameter under it, e.g. ``"image_proj"``); a list of ``nn.Parameter`` objects of ``model``;
             or a predicate ``(name, param) -> bool``.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     named = list(model.named_parameters())
     if params is None:
         chosen = [n for n, p in named if p.requires_grad]
