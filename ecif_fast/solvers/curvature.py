@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import torch
-from torch.func import grad, hessian, jvp
+from torch.func import grad, hessian, jvp, vmap
 
 from ..kernels.batching import BatchPlan
 from ..kernels.torch_ref.gauss_newton import gauss_newton_product
@@ -77,8 +77,25 @@ class Curvature:
                 C += hessian(self._batch_loss_fn(idx))(self.theta)
             C *= self.factor
         else:
-            C = self.matvec(torch.eye(self.size, dtype=self.theta.dtype))
+            C = self._dense_gauss_newton()
         return 0.5 * (C + C.T)
+
+    def _dense_gauss_newton(self) -> torch.Tensor:
+        """``Σ_b (J_b)ᵀ H_emb (J_b)``: all P columns of the embedding Jacobian at once per batch."""
+        eye = torch.eye(self.size, dtype=self.theta.dtype)
+        C = torch.zeros(self.size, self.size, dtype=self.theta.dtype)
+        for idx in self.groups:
+            X, Y = self.X[idx], self.Y[idx]
+            U, V, s = self.fm.embed(self.theta, X, Y)
+            dU, dV, ds = vmap(lambda h: jvp(lambda th: self.fm.embed(th, X, Y), (self.theta,), (h,))[1])(eye)
+            plan = BatchPlan(len(idx), torch.arange(len(idx)), torch.tensor([0, len(idx)]))
+            gU, gV, gs = gauss_newton_product(U.detach(), V.detach(), s.detach().exp(), plan, dU, dV,
+                                              ds if self.fm.scale_trained else None)
+            C += dU.reshape(self.size, -1) @ gU.reshape(self.size, -1).T.to(C.dtype)
+            C += dV.reshape(self.size, -1) @ gV.reshape(self.size, -1).T.to(C.dtype)
+            if self.fm.scale_trained:
+                C += torch.outer(ds, gs.to(C.dtype))
+        return C * self.factor
 
     def trace_estimate(self, probes: int = 32, seed: int = 0) -> float:
         """Hutchinson estimate of ``tr(C)`` with Rademacher probes (deterministic under ``seed``)."""
