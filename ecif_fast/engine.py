@@ -304,6 +304,7 @@ class ECIF:
 
         Returns a full ``state_dict`` of the model (a copy) with the selected parameters updated.
         """
+        self._require_fit()
         theta_new = self.theta + self.solver.solve(self.group_gradient(indices))
         state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         for name, val in self.space.unflatten(theta_new).items():
