@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch.func import grad, hessian, jvp, vmap
 
+from ..errors import ECIFInputError
 from ..kernels.batching import BatchPlan
 from ..kernels.torch_ref.gauss_newton import gauss_newton_product
 from ..kernels.torch_ref.loss import batch_loss
@@ -34,7 +35,8 @@ class Curvature:
         if subsample is not None:
             sub = sorted(set(int(b) for b in subsample))
             if not sub or sub[0] < 0 or sub[-1] >= len(groups):
-                raise ValueError(f"subsample must list batch numbers in [0, {len(groups)}), got {subsample}")
+                raise ECIFInputError(f"hessian_batches must list batch numbers in [0, {len(groups)}) (the "
+                                     f"training batches), got {list(subsample)}")
             self.factor = len(groups) / len(sub)
             groups = [groups[b] for b in sub]
         self.groups = groups

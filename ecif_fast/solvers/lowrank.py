@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import NotPositiveDefiniteError
+from ..errors import ECIFInputError, NotPositiveDefiniteError
 from .curvature import Curvature
 
 
@@ -47,7 +47,7 @@ class LowRankSolver:
     def __init__(self, curvature: Curvature, damping: float, rank: int = 64, seed: int = 0,
                  dense: torch.Tensor | None = None):
         if rank < 1:
-            raise ValueError(f"rank must be >= 1, got {rank}")
+            raise ECIFInputError(f"rank must be >= 1, got {rank}")
         self.rank = min(rank, curvature.size)
         self.lam, self.vecs = top_eigenpairs(curvature, self.rank, seed=seed, dense=dense)
         if bool((self.lam + damping <= 0).any()):
