@@ -188,17 +188,10 @@ def test_influence_before_fit(data):
         with pytest.raises(RuntimeError, match=r"call \.fit"):
             method()
     for call in (lambda: engine.group_influence([0], Xt, Yt), lambda: engine.group_gradient([0]),
-                 lambda: engine.relative_influence(Xt, Yt)):
+                 lambda: engine.relative_influence(Xt, Yt), lambda: engine.removal_update([0]),
+                 lambda: engine.cleaned_model([0])):
         with pytest.raises(RuntimeError, match=r"call \.fit"):
             call()
-
-
-@pytest.mark.xfail(strict=True, raises=AttributeError,
-                   reason="engine.removal_update reads self.theta before _require_fit runs (engine.py bug)")
-def test_removal_update_before_fit():
-    engine = ef.ECIF(_model(), damping=DAMPING)
-    with pytest.raises(RuntimeError, match=r"call \.fit"):
-        engine.removal_update([0])
 
 
 def test_both_test_pairs_and_fn(fitted, data):
