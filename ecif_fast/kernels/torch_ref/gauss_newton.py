@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..batching import BatchPlan
-from .common import acc_dtype
+from .common import prepare_directions
 
 
 def gauss_newton_product(U, V, scale, plan: BatchPlan, dU, dV, dlog_scale=None):
@@ -21,16 +21,8 @@ def gauss_newton_product(U, V, scale, plan: BatchPlan, dU, dV, dlog_scale=None):
     Returns:
         ``gU, gV`` with the shape of ``dU``, and ``gs`` (``(Q,)`` / scalar, zeros when ``dlog_scale`` is None).
     """
-    squeeze = dU.dim() == 2
-    dt = acc_dtype(U)
-    U, V, dU, dV = U.to(dt), V.to(dt), dU.to(dt), dV.to(dt)
-    if squeeze:
-        dU, dV = dU.unsqueeze(0), dV.unsqueeze(0)
+    U, V, dU, dV, t, ds, squeeze = prepare_directions(U, V, scale, dU, dV, dlog_scale)
     Q = dU.shape[0]
-    t = torch.as_tensor(scale, dtype=dt, device=U.device)
-    ds = None
-    if dlog_scale is not None:
-        ds = torch.as_tensor(dlog_scale, dtype=dt, device=U.device).reshape(-1).expand(Q)
     gU = torch.zeros_like(dU)
     gV = torch.zeros_like(dV)
     gs = U.new_zeros(Q)

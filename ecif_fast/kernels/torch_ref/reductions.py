@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..batching import BatchPlan
-from .common import acc_dtype
+from .common import prepare_directions
 from .softmax import line_weights
 
 
@@ -36,17 +36,9 @@ def ecif_reductions(U, V, scale, plan: BatchPlan, dU, dV, dlog_scale=None, negat
         ``positive, negative``: ``(Q, n)`` (``(n,)`` for 2-D ``dU``), accumulation dtype.
     """
     exact = negative_term == "exact"
-    squeeze = dU.dim() == 2
-    dt = acc_dtype(U)
-    U, V = U.to(dt), V.to(dt)
-    dU, dV = dU.to(dt), dV.to(dt)
-    if squeeze:
-        dU, dV = dU.unsqueeze(0), dV.unsqueeze(0)
+    U, V, dU, dV, t, ds, squeeze = prepare_directions(U, V, scale, dU, dV, dlog_scale)
     Q = dU.shape[0]
-    t = torch.as_tensor(scale, dtype=dt, device=U.device)
-    ds = None
-    if dlog_scale is not None:
-        ds = torch.as_tensor(dlog_scale, dtype=dt, device=U.device).reshape(-1).expand(Q)[:, None]
+    ds = None if ds is None else ds[:, None]
 
     def with_scale(value, weighted_scores):
         return value if ds is None else value + ds * weighted_scores
