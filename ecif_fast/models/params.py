@@ -7,6 +7,8 @@ from typing import Callable, Iterable, Union
 import torch
 from torch import nn
 
+from ..errors import ECIFInputError
+
 ParamsArg = Union[None, str, Iterable[str], Iterable[nn.Parameter], Callable[[str, nn.Parameter], bool]]
 
 
@@ -73,22 +75,22 @@ def select_params(model: nn.Module, params: ParamsArg = None) -> ParamSpace:
         if all(isinstance(i, str) for i in items):
             unknown = [i for i in items if not any(n == i or n.startswith(i + ".") for n, _ in named)]
             if unknown:
-                raise ValueError(f"params {unknown} match no parameter of {type(model).__name__}; "
-                                 f"available: {[n for n, _ in named]}")
+                raise ECIFInputError(f"params {unknown} match no parameter of {type(model).__name__}; "
+                                     f"available: {[n for n, _ in named]}")
             chosen = [n for n, _ in named if any(n == i or n.startswith(i + ".") for i in items)]
         elif all(isinstance(i, torch.Tensor) for i in items):
             ids = {id(i) for i in items}
             chosen = [n for n, p in named if id(p) in ids]
             if len(chosen) != len(ids):
-                raise ValueError("some tensors in params are not parameters of the model")
+                raise ECIFInputError("some tensors in params are not parameters of the model")
         else:
             raise TypeError("params must be None, names, parameters of the model, or a predicate (name, param) -> bool")
     if not chosen:
-        raise ValueError(f"no trained parameters selected in {type(model).__name__}: pass params= or set "
-                         "requires_grad=True on the parameters to analyse")
+        raise ECIFInputError(f"no trained parameters selected in {type(model).__name__}: pass params= or set "
+                             "requires_grad=True on the parameters to analyse")
     shapes = dict((n, p.shape) for n, p in named)
     dtypes = {dict(named)[n].dtype for n in chosen}
     if len(dtypes) > 1:
-        raise ValueError(f"selected parameters have mixed dtypes {sorted(map(str, dtypes))}; cast the model "
-                         "with model.double() or model.float()")
+        raise ECIFInputError(f"selected parameters have mixed dtypes {sorted(map(str, dtypes))}; cast the model "
+                             "with model.double() or model.float()")
     return ParamSpace(tuple(chosen), tuple(shapes[n] for n in chosen))
