@@ -253,8 +253,6 @@ def test_custom_model_end_to_end(data):
     assert float(moved @ actual / (moved.norm() * actual.norm())) > 0.9
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="models/functional.py _Encoders builds t from a float logit_scale as a float32 tensor")
 def test_float_logit_scale_keeps_float64_precision(data):
     """A float ``logit_scale`` on a float64 model: t = exp(s) must not be rounded through float32."""
     X, Y, Xt, Yt = data
@@ -265,9 +263,6 @@ def test_float_logit_scale_keeps_float64_precision(data):
     assert _rel(engine._test_gradients(Xt, Yt, None, False)[0], grad_F) < 1e-12
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="FunctionalModel swaps in only the selected parameters; an unselected parameter with "
-                          "requires_grad=True (here logit_scale) stays live, so results keep autograd graphs")
 def test_unselected_trainable_parameter_leaves_no_graph(data):
     """Results are plain tensors even when a parameter outside ``params=`` requires grad (LoRA-style use)."""
     X, Y, Xt, Yt = data

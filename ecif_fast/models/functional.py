@@ -17,9 +17,10 @@ class _Encoders(nn.Module):
         self.m = model
 
     def forward(self, X, Y):
+        U, V = self.m.encode_image(X), self.m.encode_text(Y)
         s = self.m.logit_scale
-        s = s if torch.is_tensor(s) else torch.tensor(float(s))
-        return self.m.encode_image(X), self.m.encode_text(Y), s
+        s = s if torch.is_tensor(s) else torch.tensor(float(s), dtype=U.dtype, device=U.device)
+        return U, V, s
 
 
 class _CallFn(nn.Module):
@@ -47,9 +48,13 @@ class FunctionalModel:
         if isinstance(model.logit_scale, nn.Parameter):
             scale_name = next((n for n, p in model.named_parameters() if p is model.logit_scale), None)
         self.scale_trained = scale_name is not None and scale_name in space.names
+        # Parameters outside the selection are constants of θ: pass them detached so no result keeps
+        # an autograd graph through them (detach shares storage, so later updates are seen).
+        self._frozen = {"m." + n: p.detach() for n, p in model.named_parameters()
+                        if p.requires_grad and n not in space.names}
 
     def _params(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"m." + k: v for k, v in self.space.unflatten(theta).items()}
+        return {**self._frozen, **{"m." + k: v for k, v in self.space.unflatten(theta).items()}}
 
     def embed(self, theta: torch.Tensor, X, Y):
         """``(U (n, d), V (n, d), s ())`` at parameters ``theta (P,)``."""
@@ -57,7 +62,7 @@ class FunctionalModel:
 
     def call(self, theta: torch.Tensor, fn: Callable[[nn.Module], torch.Tensor]) -> torch.Tensor:
         """Evaluate ``fn(model)`` with the selected parameters replaced by ``theta``."""
-        return functional_call(_CallFn(self.model, fn), {"m." + k: v for k, v in self.space.unflatten(theta).items()}, ())
+        return functional_call(_CallFn(self.model, fn), self._params(theta), ())
 
     def embed_jvp(self, theta, X, Y, h):
         """Embeddings and their derivative along ``h (P,)``: ``(U, V, s), (dU, dV, ds)``."""
