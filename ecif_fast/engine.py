@@ -13,7 +13,7 @@ from .errors import ECIFInputError
 from .kernels.batching import BatchesArg, BatchPlan, resolve_batches
 from .kernels.torch_ref.loss import batch_loss, per_pair_loss
 from .kernels.torch_ref.per_pair import pair_embedding_gradients, removal_objective
-from .kernels.torch_ref.reductions import ecif_reductions
+from .kernels import ops
 from .models.functional import FunctionalModel
 from .models.params import ParamsArg, select_params
 from .results import InfluenceResult
@@ -53,12 +53,14 @@ class ECIF:
         rank: eigenpairs kept by the low-rank solver. cg_tol, cg_maxiter: CG stopping rule.
         hessian_batches: optional batch numbers to subsample the curvature.
         chunk_size: pairs per encoder call in the JVP pass. progress: show progress bars.
+        backend: kernel backend for the embedding-space ops (``"torch"``, ``"cpp"``, ``"triton"``);
+            default automatic (``ECIF_FAST_BACKEND`` if set), see :mod:`ecif_fast.kernels.registry`.
     """
 
     def __init__(self, model: nn.Module, *, damping, batches: BatchesArg = None, negative_term: str = "exact",
                  hessian: str = "exact", curvature: str = "hessian", params: ParamsArg = None, rank: int = 64,
                  cg_tol: float = 1e-10, cg_maxiter: int | None = None, hessian_batches=None,
-                 chunk_size: int = 4096, progress: bool = False, seed: int = 0):
+                 chunk_size: int = 4096, progress: bool = False, seed: int = 0, backend: str | None = None):
         self.negative_term = check_choice(negative_term, "negative_term", NEGATIVE_TERMS)
         self.solver_name = check_choice(hessian, "hessian", SOLVERS)
         self.curvature_kind = check_choice(curvature, "curvature", CURVATURES)
@@ -78,6 +80,10 @@ class ECIF:
         self.chunk_size = chunk_size
         self.progress = progress
         self.seed = seed
+        if backend is not None and not isinstance(backend, str):
+            raise ECIFInputError(f"backend must be a string such as 'torch', 'cpp' or 'triton', or None; "
+                                 f"got {type(backend).__name__}")
+        self.backend = backend
         self._fitted = False
 
     # ------------------------------------------------------------------ fit
@@ -96,7 +102,8 @@ class ECIF:
         with torch.no_grad():
             U, V, s = self._embed_all(self.theta)
         self.U, self.V, self.log_scale = U, V, s.detach()
-        self.curvature = Curvature(self.fm, self.theta, X, Y, self.plan, self.curvature_kind, self.hessian_batches)
+        self.curvature = Curvature(self.fm, self.theta, X, Y, self.plan, self.curvature_kind, self.hessian_batches,
+                                   backend=self.backend)
         dense = self.curvature.dense() if self.solver_name == "exact" else None
         self.damping = resolve_damping(self.damping_arg, self.curvature, dense)
         if self.solver_name == "exact":
@@ -190,7 +197,8 @@ class ECIF:
         G = self._test_gradients(test_images, test_texts, fn, per_test)
         Hq = self.solver.solve(G.T.contiguous())
         dU, dV, ds = self._directions(Hq)
-        pos, neg = ecif_reductions(self.U, self.V, self.log_scale.exp(), self.plan, dU, dV, ds, self.negative_term)
+        pos, neg = ops.ecif_reductions(self.U, self.V, self.log_scale.exp(), self.plan, dU, dV, ds,
+                                       self.negative_term, backend=self.backend)
         self._check_finite(pos, neg)
         single = G.shape[0] == 1 and not per_test and (fn is None or callable(fn))
         if single:

@@ -93,3 +93,120 @@ def lse(U: torch.Tensor, V: torch.Tensor, scale, batches: BatchesArg = None, *,
     t = _check_scale(scale)
     plan = resolve_batches(batches, U.shape[0])
     return get_op("lse", U.device, backend)(U, V, t, plan)
+
+
+def _check_directions(U, V, dU, dV, dlog_scale):
+    """Query directions ``dU, dV``: ``(Q, n, d)`` or ``(n, d)`` like ``U``; ``dlog_scale``: None, a
+    number, or a ``(Q,)`` / one-element tensor. All floating inputs are promoted to one dtype."""
+    dU = check_tensor(dU, "dU")
+    dV = check_tensor(dV, "dV")
+    for name, x in (("dU", dU), ("dV", dV)):
+        if x.dtype not in _FLOAT_DTYPES:
+            raise ECIFInputError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
+        if x.dim() not in (2, 3) or tuple(x.shape[-2:]) != tuple(U.shape):
+            raise ECIFInputError(f"{name} must have shape (Q, n, d) or (n, d) with (n, d) = {tuple(U.shape)} "
+                                 f"(the shape of U), got {tuple(x.shape)}")
+        if x.device != U.device:
+            raise ECIFInputError(f"{name} must be on U's device {U.device}, got {x.device}")
+    if dU.shape != dV.shape:
+        raise ECIFInputError(f"dU and dV must have the same shape, got {tuple(dU.shape)} and {tuple(dV.shape)}")
+    dt = torch.promote_types(torch.promote_types(U.dtype, dU.dtype), dV.dtype)
+    U, V, dU, dV = U.to(dt), V.to(dt), dU.to(dt), dV.to(dt)
+    if dlog_scale is not None:
+        Q = dU.shape[0] if dU.dim() == 3 else 1
+        if isinstance(dlog_scale, bool):
+            raise ECIFInputError("dlog_scale must be None, a number or a (Q,) tensor, got a bool")
+        if torch.is_tensor(dlog_scale):
+            if not dlog_scale.is_floating_point():
+                raise ECIFInputError(f"dlog_scale must be a floating tensor, got dtype {dlog_scale.dtype}")
+            if dlog_scale.numel() not in (1, Q):
+                raise ECIFInputError(f"dlog_scale must hold 1 or Q = {Q} values (one per query), got shape "
+                                     f"{tuple(dlog_scale.shape)}")
+            if not bool(torch.isfinite(dlog_scale).all()):
+                raise ECIFInputError("dlog_scale contains NaN or Inf")
+        else:
+            try:
+                v = float(dlog_scale)
+            except (TypeError, ValueError):
+                raise ECIFInputError(f"dlog_scale must be None, a number or a (Q,) tensor, got "
+                                     f"{type(dlog_scale).__name__}") from None
+            if not math.isfinite(v):
+                raise ECIFInputError(f"dlog_scale must be finite, got {v}")
+    return U, V, dU, dV
+
+
+def ecif_reductions(U: torch.Tensor, V: torch.Tensor, scale, batches: BatchesArg, dU: torch.Tensor,
+                    dV: torch.Tensor, dlog_scale=None, negative_term: str = "exact", *,
+                    backend: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positive and negative influence parts of every training pair along query directions (SPEC §4).
+
+    Args:
+        U, V: ``(n, d)`` embeddings at the optimum; scale: ``t``; batches: as for :func:`lse`.
+        dU, dV: ``(Q, n, d)`` (or ``(n, d)``) directional derivatives ``J·h`` of the embeddings.
+        dlog_scale: ``(Q,)`` / scalar derivative of ``s = log t`` along ``h``, or None (scale fixed).
+        negative_term: ``"exact"`` (``w = p/(1−p)``) or ``"taylor"`` (``w = p``).
+        backend: force a backend; default automatic (``ECIF_FAST_BACKEND`` if set).
+    Returns:
+        ``(positive, negative)``: ``(Q, n)`` (``(n,)`` for 2-D directions), float32 (float64 for float64).
+    """
+    U, V = _check_embeddings(U, V)
+    t = _check_scale(scale)
+    U, V, dU, dV = _check_directions(U, V, dU, dV, dlog_scale)
+    if negative_term not in ("exact", "taylor"):
+        raise ECIFInputError(f"negative_term must be 'exact' or 'taylor', got {negative_term!r}")
+    plan = resolve_batches(batches, U.shape[0])
+    return get_op("ecif_reductions", U.device, backend)(U, V, t, plan, dU, dV, dlog_scale, negative_term)
+
+
+def gauss_newton_product(U: torch.Tensor, V: torch.Tensor, scale, batches: BatchesArg, dU: torch.Tensor,
+                         dV: torch.Tensor, dlog_scale=None, *, backend: Optional[str] = None):
+    """Embedding-space Gauss–Newton product of the loss (SPEC §4), for matrix-free solvers.
+
+    Args: as for :func:`ecif_reductions`.
+    Returns:
+        ``(gU, gV, gs)``: ``gU, gV`` shaped like ``dU``; ``gs`` ``(Q,)`` (scalar for 2-D directions),
+        zeros when ``dlog_scale`` is None. float32 (float64 for float64 inputs).
+    """
+    U, V = _check_embeddings(U, V)
+    t = _check_scale(scale)
+    U, V, dU, dV = _check_directions(U, V, dU, dV, dlog_scale)
+    plan = resolve_batches(batches, U.shape[0])
+    return get_op("gauss_newton_product", U.device, backend)(U, V, t, plan, dU, dV, dlog_scale)
+
+
+def infonce(U: torch.Tensor, V: torch.Tensor, scale, batches: BatchesArg = None, *, with_scale: bool = False,
+            backend: Optional[str] = None):
+    """Fused contrastive loss and its gradients (SPEC §2), the raw op every backend implements.
+
+    Returns:
+        ``(loss, dU, dV, dlog_scale)``: 0-d loss ``Σ_b Σ_{k∈b} ℓ_k``, ``(n, d)`` gradients with respect
+        to ``U`` and ``V``, and the derivative with respect to ``s = log t`` (None unless ``with_scale``);
+        float32 (float64 for float64 inputs). For a differentiable loss use :func:`infonce_loss`.
+    """
+    U, V = _check_embeddings(U, V)
+    t = _check_scale(scale)
+    plan = resolve_batches(batches, U.shape[0])
+    return get_op("infonce", U.device, backend)(U, V, t, plan, bool(with_scale))
+
+
+def infonce_loss(U: torch.Tensor, V: torch.Tensor, scale, batches: BatchesArg = None, *,
+                 backend: Optional[str] = None) -> torch.Tensor:
+    """Differentiable contrastive loss ``Σ_b Σ_{k∈b} ℓ_k`` (SPEC §2: row + column terms, no ½, no mean).
+
+    Forward and backward come from one fused ``infonce`` call (O(n·d) memory for any batch size); the
+    gradients flow to ``U``, ``V`` and a tensor ``scale`` (the multiplier ``t``, not ``log t``).
+
+    Args:
+        U, V: ``(n, d)`` embeddings (float16, bfloat16, float32 or float64). scale: ``t``.
+        batches: None ("all" negatives), an int batch size, ``(n,)`` ids or a BatchPlan.
+        backend: force a backend; default automatic (``ECIF_FAST_BACKEND`` if set).
+    Returns:
+        0-d loss, float32 (float64 for float64 inputs).
+    """
+    from .infonce_function import InfoNCE
+
+    U, V = _check_embeddings(U, V)
+    t = _check_scale(scale)
+    plan = resolve_batches(batches, U.shape[0])
+    op = get_op("infonce", U.device, backend)
+    return InfoNCE.apply(U, V, t, plan, op)

@@ -6,7 +6,7 @@ from torch.func import grad, hessian, jvp, vmap
 
 from ..errors import ECIFInputError
 from ..kernels.batching import BatchPlan
-from ..kernels.torch_ref.gauss_newton import gauss_newton_product
+from ..kernels import ops
 from ..kernels.torch_ref.loss import batch_loss
 from ..models.functional import FunctionalModel
 
@@ -24,12 +24,15 @@ class Curvature:
         plan: the training batches. kind: ``"hessian"`` or ``"gauss-newton"``.
         subsample: optional list of batch numbers to use (Hessian subsampling); the product is rescaled
             by ``num_batches / len(subsample)``.
+        backend: kernel backend for the Gauss–Newton product (None: automatic, see ``ecif_fast.kernels.registry``).
     """
 
-    def __init__(self, fm: FunctionalModel, theta, X, Y, plan: BatchPlan, kind: str = "hessian", subsample=None):
+    def __init__(self, fm: FunctionalModel, theta, X, Y, plan: BatchPlan, kind: str = "hessian", subsample=None,
+                 backend: str | None = None):
         if kind not in CURVATURES:
             raise ValueError(f"curvature must be one of {CURVATURES}, got {kind!r}")
         self.fm, self.theta, self.X, self.Y, self.kind = fm, theta, X, Y, kind
+        self.backend = backend
         groups = plan.groups()
         self.factor = 1.0
         if subsample is not None:
@@ -60,7 +63,8 @@ class Curvature:
                 X, Y = self.X[idx], self.Y[idx]
                 (U, V, s), (dU, dV, ds) = self.fm.embed_jvp(self.theta, X, Y, v)
                 plan = BatchPlan(len(idx), torch.arange(len(idx)), torch.tensor([0, len(idx)]))
-                gU, gV, gs = gauss_newton_product(U, V, s.exp(), plan, dU, dV, ds if self.fm.scale_trained else None)
+                gU, gV, gs = ops.gauss_newton_product(U, V, s.exp(), plan, dU, dV,
+                                                      ds if self.fm.scale_trained else None, backend=self.backend)
                 _, pull = self.fm.embed_vjp(self.theta, X, Y)
                 out += pull(gU.to(U.dtype), gV.to(V.dtype), gs.to(s.dtype).reshape(s.shape))
         return out * self.factor
@@ -91,8 +95,8 @@ class Curvature:
             U, V, s = self.fm.embed(self.theta, X, Y)
             dU, dV, ds = vmap(lambda h: jvp(lambda th: self.fm.embed(th, X, Y), (self.theta,), (h,))[1])(eye)
             plan = BatchPlan(len(idx), torch.arange(len(idx)), torch.tensor([0, len(idx)]))
-            gU, gV, gs = gauss_newton_product(U.detach(), V.detach(), s.detach().exp(), plan, dU, dV,
-                                              ds if self.fm.scale_trained else None)
+            gU, gV, gs = ops.gauss_newton_product(U.detach(), V.detach(), s.detach().exp(), plan, dU, dV,
+                                                  ds if self.fm.scale_trained else None, backend=self.backend)
             C += dU.reshape(self.size, -1) @ gU.reshape(self.size, -1).T.to(C.dtype)
             C += dV.reshape(self.size, -1) @ gV.reshape(self.size, -1).T.to(C.dtype)
             if self.fm.scale_trained:

@@ -1,7 +1,8 @@
 """Pure-torch twins of every op: readable, always available, the oracle for the other backends."""
 from .gauss_newton import gauss_newton_product
+from .infonce import infonce
 from .loss import contrastive_loss
 from .lse import lse
 from .reductions import ecif_reductions
 
-__all__ = ["lse", "contrastive_loss", "ecif_reductions", "gauss_newton_product"]
+__all__ = ["lse", "infonce", "contrastive_loss", "ecif_reductions", "gauss_newton_product"]

@@ -1,7 +1,34 @@
 """Helpers shared by the torch twins."""
 from __future__ import annotations
 
+from typing import Iterator, Optional
+
 import torch
+
+# Batches with more pairs than this are processed in CHUNK x CHUNK tiles of the score matrix (streaming,
+# O(B·d) extra memory) instead of materialising the B x B block. Read at call time, so tests can
+# monkeypatch it (or pass ``chunk=`` to an op) to exercise the streaming path at small n.
+CHUNK = 2048
+
+
+def chunk_size(chunk: Optional[int]) -> int:
+    """``chunk`` if given, else the module default :data:`CHUNK` (read now, so it can be patched)."""
+    c = CHUNK if chunk is None else int(chunk)
+    if c < 1:
+        raise ValueError(f"chunk size must be >= 1, got {c}")
+    return c
+
+
+def spans(B: int, chunk: int) -> list[tuple[int, int]]:
+    """``[(start, end), ...]`` covering ``range(B)`` in pieces of at most ``chunk``."""
+    return [(a, min(a + chunk, B)) for a in range(0, B, chunk)]
+
+
+def scale_value(scale, dtype: torch.dtype, device) -> torch.Tensor:
+    """``t`` as a detached 0-d tensor of ``dtype`` (a tensor scale is not tracked by the raw ops)."""
+    if torch.is_tensor(scale):
+        scale = scale.detach().reshape(())
+    return torch.as_tensor(scale, dtype=dtype, device=device)
 
 
 def acc_dtype(x: torch.Tensor) -> torch.dtype:
