@@ -99,3 +99,27 @@ def lse(U: torch.Tensor, V: torch.Tensor, scale, plan: BatchPlan) -> tuple[torch
     row, col = C.lse(_to_numpy(U, dt), _to_numpy(V, dt), float(scale), perm, offsets,
                      isa=_isa(), num_threads=torch.get_num_threads())
     return torch.from_numpy(row), torch.from_numpy(col)
+
+
+def infonce(U: torch.Tensor, V: torch.Tensor, scale, plan: BatchPlan, with_scale: bool):
+    """Fused contrastive loss forward + backward (SPEC §2, §4); same contract as the torch twin.
+
+    Returns ``(loss 0-d, dU (n, d), dV (n, d), dlog_scale 0-d or None)``: float32 (float64 for
+    float64 ``U``) CPU tensors. ``scale`` is ``t`` (a number or a 0-d tensor, not tracked). Two
+    streaming passes over 96×96 tiles of ``S = t·U_b V_bᵀ`` (log-sum-exps, then the gradients); never
+    stores a batch's score matrix. Extra memory: ``num_threads·B·d`` elements of per-thread dV
+    partials for every batch larger than 96 pairs. Not differentiable (see ``InfoNCE``).
+    """
+    C = _require()
+    _check_cpu(U=U, V=V)
+    if U.dim() != 2 or V.dim() != 2 or U.shape != V.shape:
+        raise ValueError(f"infonce: U and V must both have shape (n, d), got {tuple(U.shape)} and {tuple(V.shape)}")
+    if plan.n != U.shape[0]:
+        raise ValueError(f"infonce: the batch plan covers {plan.n} pairs but U has {U.shape[0]} rows")
+    dt = torch.float64 if U.dtype == torch.float64 else torch.float32
+    t = float(scale.detach().reshape(())) if torch.is_tensor(scale) else float(scale)
+    perm, offsets = _plan_numpy(plan)
+    loss, dU, dV, ds = C.infonce(_to_numpy(U, dt), _to_numpy(V, dt), t, perm, offsets, bool(with_scale),
+                                 isa=_isa(), num_threads=torch.get_num_threads())
+    return (torch.tensor(loss, dtype=dt), torch.from_numpy(dU), torch.from_numpy(dV),
+            torch.tensor(ds, dtype=dt) if with_scale else None)

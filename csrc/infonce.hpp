@@ -1,0 +1,81 @@
+// Public interface of the C++ fused InfoNCE forward + backward (no Python / pybind11 types here).
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "lse.hpp"
+
+namespace ecif {
+
+// One fused InfoNCE problem. Pointers are borrowed; U, V, dU, dV are C-contiguous (n, d).
+// Batch b holds pairs perm[offsets[b] .. offsets[b+1]).
+//   loss      = sum_b sum_{k in b} [LSE_j S_kj - S_kk] + [LSE_i S_ik - S_kk],  S = scale * U_b V_b^T
+//   G         = exp(S - rowLSE) + exp(S - colLSE) - 2 I        (per batch)
+//   dU        = scale * G V,  dV = scale * G^T U,  dlog_scale = sum G o S
+// row/col: (n,) scratch for the per-pair log-sum-exps (pass 1, computed by the driver).
+template <class T>
+struct InfonceProblem {
+    const T* U;
+    const T* V;
+    std::int64_t n;
+    std::int64_t d;
+    T scale;
+    const std::int64_t* perm;
+    const std::int64_t* offsets;
+    std::int64_t num_batches;
+    T* row;
+    T* col;
+    T* dU;
+    T* dV;
+};
+
+struct InfonceScalars {
+    double loss;
+    double dlog_scale;
+};
+
+// Caller has validated shapes and the plan. num_threads <= 0 means the OpenMP default. Safe to call
+// without the GIL. Writes dU, dV (every row of a pair in some batch; a valid plan covers all pairs).
+// with_scale = false skips the sum G o S (dlog_scale is then 0).
+InfonceScalars infonce(const InfonceProblem<float>& p, const std::string& isa, int num_threads, bool with_scale);
+InfonceScalars infonce(const InfonceProblem<double>& p, const std::string& isa, int num_threads, bool with_scale);
+
+// ---- Per-ISA task kernels (infonce_kernel.hpp compiled once per instruction set) ------------------
+//
+// Pass 2 task = (batch b, row tile rt): rows [rt*kIfRows, (rt+1)*kIfRows) of batch b against all of
+// the batch's columns, given the final row/col log-sum-exps. It writes the final dU of its rows. The
+// dV contribution of column tile ct goes to dVdst + (ct*kIfCols + j)*d (a per-thread partial buffer
+// of the batch, length B*d) when dVdst is not null, else (a batch with <= kIfRows pairs: one task sees
+// every row) straight to p.dV[perm[...]]. Adds sum G o S of its rows to *dls (when with_scale).
+// `ws` is scratch of infonce_workspace_elems(d) elements. `vpacked` is null (the task packs V itself)
+// or the batch's V columns prepacked by infonce_pack_cols, column tile ct at vpacked + ct*kIfCols*dp
+// (dp = infonce_padded_d(d)); prepacking once per batch spares every row tile the strided transpose.
+constexpr std::int64_t kIfRows = 96;  // multiple of every micro-tile height (6, 12) and width (8..32)
+constexpr std::int64_t kIfCols = 96;
+constexpr std::int64_t kIfPad = 32;   // d is padded to a multiple of this in the packed panels
+inline std::int64_t infonce_padded_d(std::int64_t d) { return (d + kIfPad - 1) / kIfPad * kIfPad; }
+inline std::int64_t infonce_workspace_elems(std::int64_t d) {
+    const std::int64_t dp = infonce_padded_d(d);
+    return 3 * (kIfRows + kIfCols) * dp + kIfRows * kIfCols + 4 * (kIfRows + kIfCols) + 64;
+}
+
+#define ECIF_DECLARE_INFONCE_TASK_T(T)                                                                 \
+    void infonce_task(const InfonceProblem<T>& p, std::int64_t b, std::int64_t rt, T* ws, T* dVdst, \
+                      bool with_scale, double* dls, const T* vpacked);                              \
+    void infonce_pack_cols(const InfonceProblem<T>& p, std::int64_t b, std::int64_t ct, T* dst);
+#define ECIF_DECLARE_INFONCE_TASK(NS) \
+    namespace NS {                    \
+    ECIF_DECLARE_INFONCE_TASK_T(float)  \
+    ECIF_DECLARE_INFONCE_TASK_T(double) \
+    }
+
+ECIF_DECLARE_INFONCE_TASK(generic)
+#if defined(ECIF_HAVE_AVX2)
+ECIF_DECLARE_INFONCE_TASK(avx2)
+#endif
+#if defined(ECIF_HAVE_AVX512)
+ECIF_DECLARE_INFONCE_TASK(avx512)
+#endif
+
+}  // namespace ecif

@@ -1,0 +1,325 @@
+// One pass-2 task (batch b, row tile rt) of the fused InfoNCE backward: S = t * U_b V_b^T recomputed
+// tile by tile, G formed in the cached score tile, dU and dV accumulated by register-blocked
+// micro-kernels. Nothing of size B x B is ever stored.
+//
+// Compiled once per instruction-set variant, like lse_kernel.hpp: the including .cpp defines
+// ECIF_ISA_NS, ECIF_VEC_BYTES and optionally ECIF_MR, and is compiled with the matching -m flags.
+// Only internal-linkage code (vec.hpp, the anonymous namespace below) is instantiated here.
+//
+// Per task the kIfRows rows of U are packed twice: as MR-row panels [TR/MR][dp][MR] (the A operand of
+// the score product) and as NR-column panels of the row-major rows [dp/NR][TR][NR] (the B operand of
+// dV = G^T U). Per column tile the kIfCols columns of V are packed the same two ways. Then
+//   1. S tile (TR x TC) = U_tile V_tile^T with the MR x NR micro-kernel (KC-blocked inner dimension);
+//   2. G tile in place: g_ij = exp(s_ij - r_i) + exp(s_ij - c_j) - 2 delta_ij, scaled by t.
+//      When the tile's log-sum-exps are within kReuse of each other (the common case) the column
+//      term reuses the row exponential: exp(s - c_j) = exp(s - r_i) * exp(r_i - m) * exp(m - c_j)
+//      (m = max r_i; every factor is bounded, and a term lost to underflow of exp(s - r_i) is
+//      < exp(kReuse + exp_lo), negligible): one exponential per score instead of two;
+//   3. dU_tile (TR x dp) += G (TR x TC) * V_tile, accumulated over all column tiles in the workspace;
+//   4. dV_tile (TC x dp)  = G^T (TC x TR) * U_tile, added to the task's destination.
+// The same micro-kernel serves all three products: its A operand is read through compile-time
+// strides (RS between micro-tile rows, KS along the inner dimension), so G is never repacked: the
+// dU product reads G's rows (RS = TC, KS = 1) and the dV product its columns (RS = 1, KS = TC).
+#include <cmath>
+#include <cstdint>
+
+#include "infonce.hpp"
+#include "vec.hpp"
+
+#if !defined(ECIF_ISA_NS)
+#error "define ECIF_ISA_NS before including infonce_kernel.hpp"
+#endif
+#if !defined(ECIF_MR)
+#define ECIF_MR 6
+#endif
+
+namespace ecif {
+namespace ECIF_ISA_NS {
+namespace {
+
+using i64 = std::int64_t;
+
+template <class T>
+struct IfCfg {
+    static constexpr int W = Vec<T>::W;
+    static constexpr int MR = ECIF_MR;
+    static constexpr int NV = 2;
+    static constexpr int NR = NV * W;
+    static constexpr int TR = int(kIfRows);
+    static constexpr int TC = int(kIfCols);
+    static constexpr int KC = 256;
+    static_assert(TR % MR == 0 && TC % MR == 0, "tiles must be multiples of MR");
+    static_assert(TR % NR == 0 && TC % NR == 0, "tiles must be multiples of NR");
+    static_assert(kIfPad % NR == 0, "the d padding must be a multiple of NR");
+    static_assert(TC % W == 0, "kIfCols must be a multiple of the vector width");
+};
+
+template <class T>
+struct IfLim;
+template <>
+struct IfLim<float> {
+    static constexpr float reuse = 40.0f;  // exp(40 - 87) ~ 4e-21
+};
+template <>
+struct IfLim<double> {
+    static constexpr double reuse = 500.0;  // exp(500 - 708) ~ 5e-91
+};
+
+ECIF_INLINE i64 if_imin(i64 a, i64 b) { return a < b ? a : b; }
+
+// c[MR x NR] (row stride ldc) (+)= sum_k a[k*KS + r*RS] * b[k*NR + v]
+template <class T, int RS, int KS>
+ECIF_INLINE void if_micro(const T* ECIF_RESTRICT a, const T* ECIF_RESTRICT b, int kc, T* ECIF_RESTRICT c,
+                          i64 ldc, bool accumulate) {
+    using C = IfCfg<T>;
+    using V = typename Vec<T>::V;
+    constexpr int MR = C::MR, NV = C::NV, W = C::W, NR = C::NR;
+    V acc[MR][NV];
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) acc[r][v] = V{};
+    for (int k = 0; k < kc; ++k) {
+        V bv[NV];
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) bv[v] = vload(b + k * NR + v * W);
+#pragma GCC unroll 16
+        for (int r = 0; r < MR; ++r) {
+            const V ar = vsplat(a[k * KS + r * RS]);
+#pragma GCC unroll 4
+            for (int v = 0; v < NV; ++v) acc[r][v] += ar * bv[v];
+        }
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) {
+            T* dst = c + r * ldc + v * W;
+            vstore(dst, accumulate ? vload(dst) + acc[r][v] : acc[r][v]);
+        }
+}
+
+// Pack `cnt` (<= `tot`) gathered rows src[idx[0..cnt)] (length d), zero padded to tot rows and dp
+// columns, as MH-row panels P[tot/MH][dp][MH]: the transposed layout the score product broadcasts
+// from / loads along. Writes are sequential; the reads walk MH rows (<= 32 KiB) in step.
+template <class T, int MH>
+void if_pack_panels(const T* ECIF_RESTRICT src, const i64* ECIF_RESTRICT idx, int cnt, int tot, i64 d, i64 dp,
+                    T* ECIF_RESTRICT P) {
+    for (int g = 0; g < tot / MH; ++g) {
+        T* ECIF_RESTRICT out = P + i64(g) * dp * MH;
+        const int m = int(if_imin(MH, i64(cnt) - i64(g) * MH));
+        if (m <= 0) {
+            for (i64 q = 0; q < dp * MH; ++q) out[q] = T(0);
+            continue;
+        }
+        const T* rows[MH];
+        for (int c = 0; c < m; ++c) rows[c] = src + idx[g * MH + c] * d;
+        for (i64 k = 0; k < d; ++k) {
+            for (int c = 0; c < m; ++c) out[k * MH + c] = rows[c][k];
+            for (int c = m; c < MH; ++c) out[k * MH + c] = T(0);
+        }
+        for (i64 q = d * MH; q < dp * MH; ++q) out[q] = T(0);
+    }
+}
+
+// The same rows as NR-column chunks of the row-major rows, Q[dp/NR][tot][NR]: the B operand of the
+// gradient products (contiguous NR-element copies).
+template <class T>
+void if_pack_rows(const T* ECIF_RESTRICT src, const i64* ECIF_RESTRICT idx, int cnt, int tot, i64 d, i64 dp,
+                  T* ECIF_RESTRICT Q) {
+    constexpr int NR = IfCfg<T>::NR;
+    const i64 full = d / NR;  // chunks without padding
+    for (int i = 0; i < tot; ++i) {
+        T* ECIF_RESTRICT qq = Q + i64(i) * NR;
+        if (i < cnt) {
+            const T* ECIF_RESTRICT s = src + idx[i] * d;
+            for (i64 q = 0; q < full; ++q)
+                for (int c = 0; c < NR; ++c) qq[q * tot * NR + c] = s[q * NR + c];
+            for (i64 q = full; q < dp / NR; ++q)
+                for (int c = 0; c < NR; ++c) {
+                    const i64 k = q * NR + c;
+                    qq[q * tot * NR + c] = k < d ? s[k] : T(0);
+                }
+        } else {
+            for (i64 q = 0; q < dp / NR; ++q)
+                for (int c = 0; c < NR; ++c) qq[q * tot * NR + c] = T(0);
+        }
+    }
+}
+
+template <class T>
+void infonce_task_impl(const InfonceProblem<T>& p, i64 b, i64 rt, T* ws, T* dVdst, bool with_scale,
+                       double* dls, const T* vpacked) {
+    using C = IfCfg<T>;
+    using V = typename Vec<T>::V;
+    constexpr int W = C::W, MR = C::MR, NR = C::NR, TR = C::TR, TC = C::TC, KC = C::KC;
+    const i64 d = p.d;
+    const i64 dp = infonce_padded_d(d);
+    const i64 off = p.offsets[b];
+    const i64 B = p.offsets[b + 1] - off;
+    const i64* ECIF_RESTRICT idx = p.perm + off;
+    const i64 r0 = rt * TR;
+    const int tr = int(if_imin(TR, B - r0));
+    const int npu = (tr + MR - 1) / MR;
+    const T t = p.scale;
+    const V vt = vsplat(t);
+
+    T* ECIF_RESTRICT Up = ws;                  // [TR/MR][dp][MR]
+    T* ECIF_RESTRICT Uq = Up + i64(TR) * dp;   // [dp/NR][TR][NR]
+    T* ECIF_RESTRICT Vp = Uq + i64(TR) * dp;   // [TC/NR][dp][NR]  (NR-row panels of V: B of S)
+    T* ECIF_RESTRICT Vq = Vp + i64(TC) * dp;   // [dp/NR][TC][NR]
+    T* ECIF_RESTRICT dUa = Vq + i64(TC) * dp;  // [TR][dp] dU accumulator
+    T* ECIF_RESTRICT dVt = dUa + i64(TR) * dp; // [TC][dp] dV of one column tile
+    T* ECIF_RESTRICT S = dVt + i64(TC) * dp;   // [TR][TC] score tile, then t*G
+    T* ECIF_RESTRICT rl = S + TR * TC;         // [TR] row log-sum-exps
+    T* ECIF_RESTRICT Ar = rl + TR;             // [TR] exp(r_i - m)
+    T* ECIF_RESTRICT cl = Ar + TR;             // [TC] column log-sum-exps (+inf past the batch)
+    T* ECIF_RESTRICT Bc = cl + TC;             // [TC] exp(m - c_j) (0 past the batch)
+    T* ECIF_RESTRICT vm = Bc + TC;             // [TC] 1 for columns in the batch, 0 past it
+
+    if_pack_panels<T, MR>(p.U, idx + r0, tr, TR, d, dp, Up);
+    if_pack_rows<T>(p.U, idx + r0, tr, TR, d, dp, Uq);
+    for (int i = 0; i < TR; ++i) rl[i] = i < tr ? p.row[idx[r0 + i]] : T(0);
+    for (i64 q = 0; q < i64(TR) * dp; ++q) dUa[q] = T(0);
+    T rmax = -std::numeric_limits<T>::infinity(), rmin = std::numeric_limits<T>::infinity();
+    for (int i = 0; i < tr; ++i) {
+        rmax = rl[i] > rmax ? rl[i] : rmax;
+        rmin = rl[i] < rmin ? rl[i] : rmin;
+    }
+    const bool rows_ok = (rmax - rmin <= IfLim<T>::reuse) && std::isfinite(rmax) && std::isfinite(rmin);
+    if (rows_ok)
+        for (int i = 0; i < TR; ++i) Ar[i] = i < tr ? std::exp(rl[i] - rmax) : T(0);
+    double dls_local = 0.0;
+
+    const i64 nct = (B + TC - 1) / TC;
+    for (i64 ct = 0; ct < nct; ++ct) {
+        const i64 c0 = ct * TC;
+        const int tc = int(if_imin(TC, B - c0));
+        const int npc = (tc + MR - 1) / MR;
+        const T* ECIF_RESTRICT Vt = Vp;
+        if (vpacked) {
+            Vt = vpacked + ct * TC * dp;
+        } else {
+            if_pack_panels<T, NR>(p.V, idx + c0, tc, TC, d, dp, Vp);
+        }
+        if_pack_rows<T>(p.V, idx + c0, tc, TC, d, dp, Vq);
+        T cmin = std::numeric_limits<T>::infinity();
+        bool cfin = true;
+        for (int j = 0; j < TC; ++j) {
+            const bool in = j < tc;
+            cl[j] = in ? p.col[idx[c0 + j]] : std::numeric_limits<T>::infinity();
+            vm[j] = in ? T(1) : T(0);
+            if (in) {
+                cmin = cl[j] < cmin ? cl[j] : cmin;
+                cfin = cfin && std::isfinite(cl[j]);
+            }
+        }
+        const bool reuse = rows_ok && cfin && (rmax - cmin <= IfLim<T>::reuse);
+        if (reuse)
+            for (int j = 0; j < TC; ++j) Bc[j] = j < tc ? std::exp(rmax - cl[j]) : T(0);
+
+        // 1. Unscaled score tile (rows past the batch are zero panels; computed, then overwritten).
+        if (d == 0)
+            for (int q = 0; q < TR * TC; ++q) S[q] = T(0);
+        for (i64 k0 = 0; k0 < d; k0 += KC) {
+            const int kc = int(if_imin(KC, d - k0));
+            for (int q = 0; q < TC / NR; ++q) {  // all panels: columns past the batch are zero, not garbage
+                const T* bp = Vt + (i64(q) * dp + k0) * NR;
+                for (int pu = 0; pu < npu; ++pu)
+                    if_micro<T, 1, MR>(Up + (i64(pu) * dp + k0) * MR, bp, kc, S + pu * MR * TC + q * NR, TC,
+                                       k0 > 0);
+            }
+        }
+
+        // 2. t * G in place (rows past the batch: zero; columns past it: masked to zero).
+        const i64 jd0 = r0 - c0;  // row i holds the diagonal at column i + jd0
+        V vdls = V{};
+        for (int i = 0; i < tr; ++i) {
+            T* ECIF_RESTRICT s = S + i * TC;
+            const i64 jd = i + jd0;
+            const bool has_diag = jd >= 0 && jd < tc;
+            const T sdiag = has_diag ? s[jd] * t : T(0);
+            const V va = vsplat(rl[i]);
+            if (reuse) {
+                const V vA = vsplat(Ar[i]);
+                for (int j = 0; j < TC; j += W) {
+                    const V sv = vload(s + j) * vt;
+                    const V e = vexp<true>(sv - va);
+                    const V g = e * (vload(vm + j) + vA * vload(Bc + j));
+                    vdls += g * sv;
+                    vstore(s + j, g * vt);
+                }
+            } else {
+                for (int j = 0; j < TC; j += W) {
+                    const V sv = vload(s + j) * vt;
+                    const V g = vexp<true>(sv - va) * vload(vm + j) + vexp<true>(sv - vload(cl + j));
+                    vdls += g * sv;
+                    vstore(s + j, g * vt);
+                }
+            }
+            if (has_diag) {
+                s[jd] -= T(2) * t;
+                dls_local -= 2.0 * double(sdiag);
+            }
+        }
+        for (int q = tr * TC; q < TR * TC; ++q) S[q] = T(0);
+        if (with_scale) dls_local += double(hsum<T>(vdls));
+
+        // 3. dU_tile += (tG) V_tile
+        for (i64 q = 0; q < dp / NR; ++q) {
+            const T* bp = Vq + q * TC * NR;
+            for (int pu = 0; pu < npu; ++pu)
+                if_micro<T, TC, 1>(S + pu * MR * TC, bp, tc, dUa + pu * MR * dp + q * NR, dp, true);
+        }
+        // 4. dV_tile = (tG)^T U_tile, added to (or, single-task batch, written to) its destination
+        for (i64 q = 0; q < dp / NR; ++q) {
+            const T* bp = Uq + q * TR * NR;
+            for (int pc = 0; pc < npc; ++pc)
+                if_micro<T, 1, TC>(S + pc * MR, bp, tr, dVt + pc * MR * dp + q * NR, dp, false);
+        }
+        if (dVdst) {
+            for (int j = 0; j < tc; ++j) {
+                T* ECIF_RESTRICT dst = dVdst + (c0 + j) * d;
+                const T* ECIF_RESTRICT src = dVt + j * dp;
+                for (i64 k = 0; k < d; ++k) dst[k] += src[k];
+            }
+        } else {
+            for (int j = 0; j < tc; ++j) {
+                T* ECIF_RESTRICT dst = p.dV + idx[c0 + j] * d;
+                const T* ECIF_RESTRICT src = dVt + j * dp;
+                for (i64 k = 0; k < d; ++k) dst[k] = src[k];
+            }
+        }
+    }
+
+    for (int i = 0; i < tr; ++i) {
+        T* ECIF_RESTRICT dst = p.dU + idx[r0 + i] * d;
+        const T* ECIF_RESTRICT src = dUa + i * dp;
+        for (i64 k = 0; k < d; ++k) dst[k] = src[k];
+    }
+    if (with_scale) *dls += dls_local;
+}
+
+}  // namespace
+
+void infonce_task(const InfonceProblem<float>& p, std::int64_t b, std::int64_t rt, float* ws, float* dVdst,
+                  bool with_scale, double* dls, const float* vpacked) {
+    infonce_task_impl<float>(p, b, rt, ws, dVdst, with_scale, dls, vpacked);
+}
+void infonce_task(const InfonceProblem<double>& p, std::int64_t b, std::int64_t rt, double* ws,
+                  double* dVdst, bool with_scale, double* dls, const double* vpacked) {
+    infonce_task_impl<double>(p, b, rt, ws, dVdst, with_scale, dls, vpacked);
+}
+void infonce_pack_cols(const InfonceProblem<float>& p, std::int64_t b, std::int64_t ct, float* dst) {
+    const i64 off = p.offsets[b], B = p.offsets[b + 1] - off;
+    if_pack_panels<float, IfCfg<float>::NR>(p.V, p.perm + off + ct * kIfCols, int(if_imin(kIfCols, B - ct * kIfCols)),
+                                            int(kIfCols), p.d, infonce_padded_d(p.d), dst);
+}
+void infonce_pack_cols(const InfonceProblem<double>& p, std::int64_t b, std::int64_t ct, double* dst) {
+    const i64 off = p.offsets[b], B = p.offsets[b + 1] - off;
+    if_pack_panels<double, IfCfg<double>::NR>(p.V, p.perm + off + ct * kIfCols, int(if_imin(kIfCols, B - ct * kIfCols)),
+                                              int(kIfCols), p.d, infonce_padded_d(p.d), dst);
+}
+
+}  // namespace ECIF_ISA_NS
+}  // namespace ecif

@@ -1,0 +1,272 @@
+"""C++ fused InfoNCE forward + backward vs autograd of the materialising torch loss (SPEC §2, §4, §6).
+
+Oracle: ``torch.autograd.grad`` of ``torch_ref.loss.contrastive_loss`` (per-batch ``U@V.T``,
+``logsumexp``) in float64 on the inputs as the kernel sees them (fp16/bf16 rounded, then upcast
+exactly), with ``scale = exp(log_scale)`` so that the derivative w.r.t. ``log_scale`` is checked too.
+
+Tolerances (stated per dtype):
+  * float64: relative 1e-10 — |err| <= 1e-10 * (|reference| + 1) for the loss and d log_scale, and
+    |err| <= 1e-10 * (max|reference gradient| + t·max‖v‖) for dU/dV;
+  * float32, and float16/bfloat16 (computed in float32 after an exact upcast): the same form with
+    the float32 budget c·eps32·(1 + L) with L = t·max‖u‖·max‖v‖, the largest logit (the absolute error
+    of a logit is ~eps·L, and exp() turns it into a relative error of the softmax weights), c = 16
+    for gradients and c = 16·B for the loss and d log_scale (sums of B log-sum-exps / B² terms).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from ecif_fast.errors import ECIFInputError
+from ecif_fast.kernels import cpp_backend
+from ecif_fast.kernels.batching import BatchPlan, resolve_batches
+from ecif_fast.kernels.torch_ref.loss import contrastive_loss
+
+pytestmark = pytest.mark.skipif(not cpp_backend.available(),
+                                reason=f"C++ extension not built: {cpp_backend.unavailable_reason()}")
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+SCALES = [0.01, 1.0, 100.0]
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """The oracle runs many tiny ops (one thread is faster for them on a shared 2-core machine). The
+    C++ kernel follows torch.get_num_threads(); its threaded path is tested explicitly below."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def unit(n, d, gen, dtype=torch.float64):
+    x = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    return torch.nn.functional.normalize(x, dim=1).to(dtype)
+
+
+def ragged_ids(n, gen):
+    """Random batch ids: a few batches of random sizes, plus a singleton when n allows."""
+    k = max(1, n // 5)
+    ids = torch.randint(0, k, (n,), generator=gen)
+    if n >= 3:
+        ids[0] = k + 7
+    return ids
+
+
+def reference(U, V, scale, plan: BatchPlan):
+    """float64 autograd of the materialising loss: (loss, dU, dV, d log_scale)."""
+    U = U.detach().double().requires_grad_()
+    V = V.detach().double().requires_grad_()
+    s = torch.tensor(math.log(scale), dtype=torch.float64, requires_grad=True)
+    loss = contrastive_loss(U, V, s.exp(), plan)
+    gU, gV, gs = torch.autograd.grad(loss, (U, V, s))
+    return loss.detach(), gU, gV, gs
+
+
+def check(out, ref, U, V, scale, plan, dtype, tag):
+    loss, dU, dV, ds = out
+    rl, rU, rV, rs = ref
+    out_dt = torch.float64 if dtype == torch.float64 else torch.float32
+    assert loss.dtype == dU.dtype == dV.dtype == ds.dtype == out_dt, tag
+    assert loss.shape == () and ds.shape == () and dU.shape == dV.shape == U.shape, tag
+    U64, V64 = U.double(), V.double()
+    L = scale * float(U64.norm(dim=1).max()) * float(V64.norm(dim=1).max()) if U.numel() else 0.0
+    if dtype == torch.float64:
+        eg = es = 1e-10
+    else:
+        eps = torch.finfo(torch.float32).eps
+        B = int(plan.sizes.max())
+        eg = 16 * eps * (1 + L)
+        es = 16 * B * eps * (1 + L)
+    gmag = scale * float(torch.cat([U64.norm(dim=1), V64.norm(dim=1)]).max()) if U.numel() else 0.0
+    for name, got, want, e in (("loss", loss, rl, es), ("dlog_scale", ds, rs, es)):
+        err = abs(float(got) - float(want))
+        assert err <= e * (abs(float(want)) + 1), f"{name}: error {err:.3g} (ref {float(want):.6g}), {tag}"
+    for name, got, want in (("dU", dU, rU), ("dV", dV, rV)):
+        err = float((got.double() - want).abs().max()) if want.numel() else 0.0
+        tol = eg * (float(want.abs().max() if want.numel() else 0) + gmag)
+        assert err <= tol, f"{name}: max abs error {err:.3g} > {tol:.3g}, {tag}"
+
+
+@pytest.mark.parametrize("batches", ["all", "ragged", "size"])
+@pytest.mark.parametrize("d", [1, 3, 64, 130])
+@pytest.mark.parametrize("n", [1, 2, 7, 64, 300])
+def test_grid_vs_autograd(n, d, batches):
+    gen = torch.Generator().manual_seed(1000 * n + d)
+    b = {"all": None, "ragged": ragged_ids(n, gen), "size": 5}[batches]
+    plan = resolve_batches(b, n)
+    U64, V64 = unit(n, d, gen), unit(n, d, gen)
+    for dtype in DTYPES:
+        U, V = U64.to(dtype), V64.to(dtype)
+        for scale in SCALES:
+            ref = reference(U, V, scale, plan)
+            out = cpp_backend.infonce(U, V, scale, plan, True)
+            check(out, ref, U, V, scale, plan, dtype, f"n={n} d={d} batches={batches} {dtype} scale={scale}")
+
+
+def test_without_scale_and_tensor_scale():
+    gen = torch.Generator().manual_seed(1)
+    n, d = 50, 8
+    U, V = unit(n, d, gen, torch.float32), unit(n, d, gen, torch.float32)
+    plan = resolve_batches(None, n)
+    loss, dU, dV, ds = cpp_backend.infonce(U, V, 3.0, plan, False)
+    assert ds is None
+    loss2, dU2, dV2, ds2 = cpp_backend.infonce(U, V, torch.tensor(3.0, requires_grad=True), plan, True)
+    assert float(loss) == float(loss2) and torch.equal(dU, dU2) and torch.equal(dV, dV2)
+    check((loss2, dU2, dV2, ds2), reference(U, V, 3.0, plan), U, V, 3.0, plan, torch.float32, "tensor scale")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_adversarial_one_pair_dominates_each_row(dtype):
+    # Each row has one logit far above the rest, in a random column: softmax weights -> one-hot, the
+    # tiles' log-sum-exp spread is huge (the two-exponential path), and exp() of a raw logit overflows.
+    gen = torch.Generator().manual_seed(0)
+    n, d = 300, 64
+    U, V = unit(n, d, gen), unit(n, d, gen)
+    pi = torch.randperm(n, generator=gen)
+    V[pi] = V[pi] + 50.0 * U
+    U, V = U.to(dtype), V.to(dtype)
+    for scale in (1.0, 100.0):
+        for b in (None, ragged_ids(n, gen), 40):
+            plan = resolve_batches(b, n)
+            out = cpp_backend.infonce(U, V, scale, plan, True)
+            assert all(torch.isfinite(x).all() for x in out)
+            check(out, reference(U, V, scale, plan), U, V, scale, plan, dtype, f"{dtype} scale={scale}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_diagonal_dominates_p_to_one(dtype):
+    # Positive pairs dominate: p_kk -> 1, G_kk = p + q - 2 is a cancellation; gradients are tiny.
+    gen = torch.Generator().manual_seed(4)
+    n, d = 200, 32
+    U = unit(n, d, gen)
+    V = U + 0.01 * unit(n, d, gen)
+    U, V = U.to(dtype), V.to(dtype)
+    plan = resolve_batches(None, n)
+    for scale in (10.0, 100.0):
+        check(cpp_backend.infonce(U, V, scale, plan, True), reference(U, V, scale, plan), U, V, scale, plan,
+              dtype, f"{dtype} scale={scale}")
+
+
+def test_every_isa_and_thread_count(monkeypatch):
+    """Each compiled instruction-set variant that this CPU runs, on 1 and 2 threads: one multi-tile
+    batch (per-thread dV partials), mixed big/small/singleton batches, d not a multiple of the panel
+    width and d > 256 (blocked inner dimension), moderate and adversarial logits."""
+    from ecif_fast import _C
+    gen = torch.Generator().manual_seed(11)
+    n = 400
+    ids = torch.cat([torch.zeros(210, dtype=torch.int64), torch.ones(97, dtype=torch.int64),
+                     torch.arange(2, 95)])
+    ids = ids[torch.randperm(n, generator=gen)]
+    plans = [resolve_batches(None, n), resolve_batches(ids, n)]
+    old = torch.get_num_threads()
+    try:
+        for d in (37, 300):
+            U, V = unit(n, d, gen), unit(n, d, gen)
+            Vhuge = V.clone()
+            Vhuge[torch.randperm(n, generator=gen)] += 30.0 * U
+            for dtype in (torch.float32, torch.float64):
+                for Vc, scale in ((V, 30.0), (Vhuge, 50.0)):
+                    Uc, Vc = U.to(dtype), Vc.to(dtype)
+                    for plan in plans:
+                        ref = reference(Uc, Vc, scale, plan)
+                        for isa in _C.supported_isas():
+                            monkeypatch.setenv(cpp_backend.ISA_ENV_VAR, isa)
+                            for threads in (1, 2):
+                                torch.set_num_threads(threads)
+                                out = cpp_backend.infonce(Uc, Vc, scale, plan, True)
+                                torch.set_num_threads(1)
+                                check(out, ref, Uc, Vc, scale, plan, dtype,
+                                      f"isa={isa} threads={threads} d={d} {dtype} scale={scale} "
+                                      f"batches={plan.num_batches}")
+    finally:
+        torch.set_num_threads(old)
+    monkeypatch.setenv(cpp_backend.ISA_ENV_VAR, "no-such-isa")
+    with pytest.raises(ValueError, match="no-such-isa"):
+        cpp_backend.infonce(U, V, 1.0, plans[0], True)
+
+
+def test_threaded_result_is_deterministic_up_to_rounding():
+    gen = torch.Generator().manual_seed(6)
+    n, d = 600, 48
+    U, V = unit(n, d, gen, torch.float64), unit(n, d, gen, torch.float64)
+    plan = resolve_batches(None, n)
+    old = torch.get_num_threads()
+    try:
+        outs = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            outs.append(cpp_backend.infonce(U, V, 20.0, plan, True))
+    finally:
+        torch.set_num_threads(old)
+    for o in outs[1:]:
+        for a, b in zip(outs[0], o):
+            assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_zero_dim_embeddings_and_strided_inputs():
+    plan = resolve_batches(3, 7)
+    U = torch.zeros(7, 0)
+    loss, dU, dV, ds = cpp_backend.infonce(U, U, 2.0, plan, True)
+    sizes = plan.sizes.double()
+    assert math.isclose(float(loss), float((2 * sizes * sizes.log()).sum()), rel_tol=1e-6)
+    assert dU.shape == dV.shape == (7, 0) and float(ds) == 0.0
+    gen = torch.Generator().manual_seed(2)
+    Ut = torch.randn(9, 50, generator=gen, dtype=torch.float64).T  # non-contiguous view
+    Vg = torch.randn(50, 9, generator=gen, dtype=torch.float64, requires_grad=True)
+    plan = resolve_batches(7, 50)
+    out = cpp_backend.infonce(Ut, Vg, 2.0, plan, True)
+    check(out, reference(Ut, Vg, 2.0, plan), Ut, Vg.detach(), 2.0, plan, torch.float64, "strided")
+
+
+def test_bad_inputs_are_clear_errors():
+    plan = resolve_batches(None, 4)
+    U = torch.zeros(4, 3)
+    with pytest.raises(ValueError, match="same shape|shape"):
+        cpp_backend.infonce(U, torch.zeros(4, 2), 1.0, plan, True)
+    with pytest.raises(ValueError, match="covers 4 pairs but U has 5 rows"):
+        cpp_backend.infonce(torch.zeros(5, 3), torch.zeros(5, 3), 1.0, plan, True)
+    with pytest.raises(ECIFInputError, match=r"backend 'cpp'.*meta"):
+        M = torch.empty(4, 3, device="meta")
+        cpp_backend.infonce(M, M, 1.0, plan, True)
+
+
+class TestExtensionValidation:
+    """The C++ entry point itself rejects malformed arguments with ValueError."""
+
+    def setup_method(self):
+        from ecif_fast import _C
+        self.C = _C
+        self.U = np.random.default_rng(0).standard_normal((5, 3)).astype(np.float32)
+        self.perm = np.arange(5, dtype=np.int64)
+        self.off = np.array([0, 2, 5], dtype=np.int64)
+
+    def call(self, U=None, V=None, perm=None, off=None, scale=1.0):
+        U = self.U if U is None else U
+        V = self.U if V is None else V
+        return self.C.infonce(U, V, scale, self.perm if perm is None else perm,
+                              self.off if off is None else off, True)
+
+    def test_ok(self):
+        loss, dU, dV, ds = self.call()
+        assert isinstance(loss, float) and isinstance(ds, float)
+        assert dU.shape == (5, 3) and dU.dtype == np.float32
+
+    @pytest.mark.parametrize("kwargs, match", [
+        (dict(V=np.zeros((4, 3), np.float32)), "same shape"),
+        (dict(U=np.zeros((5,), np.float32)), "2-D"),
+        (dict(V=np.zeros((5, 3), np.float64)), "same dtype"),
+        (dict(U=np.zeros((5, 3), np.float16), V=np.zeros((5, 3), np.float16)), "float32 or float64"),
+        (dict(perm=np.array([0, 1, 2, 3, 3])), "not a permutation"),
+        (dict(perm=np.array([0, 1, 2, 3, 9])), "out of range"),
+        (dict(off=np.array([0, 2, 4])), r"offsets\[-1\]"),
+        (dict(off=np.array([0, 3, 2, 5])), "non-decreasing"),
+        (dict(perm=np.arange(5.0)), "integer"),
+        (dict(scale=float("nan")), "finite"),
+    ])
+    def test_rejects(self, kwargs, match):
+        with pytest.raises(ValueError, match=match):
+            self.call(**kwargs)
