@@ -49,7 +49,7 @@ def _batch_dense(Ub, Vb, t, with_scale):
 
 def _batch_stream(Ub, Vb, t, with_scale, chunk):
     r, c = stream_lse(Ub, Vb, t, chunk)
-    loss = r.sum() + c.sum() - 2 * t * (Ub * Vb).sum()
+    loss = r.sum() + c.sum() - 2 * t * torch.dot(Ub.reshape(-1), Vb.reshape(-1))  # no (B, d) temporary
     gU = torch.zeros_like(Ub)
     gV = torch.zeros_like(Vb)
     ds = Ub.new_zeros(()) if with_scale else None
@@ -67,7 +67,7 @@ def _batch_stream(Ub, Vb, t, with_scale, chunk):
                 ds += (G * S).sum()
             gU[i0:i1] += G @ Vj
             gV[j0:j1] += G.T @ Ui
-    return loss, t * gU, t * gV, ds
+    return loss, gU.mul_(t), gV.mul_(t), ds
 
 
 def infonce(U: torch.Tensor, V: torch.Tensor, scale, plan: BatchPlan, with_scale: bool, *,
@@ -87,12 +87,14 @@ def infonce(U: torch.Tensor, V: torch.Tensor, scale, plan: BatchPlan, with_scale
     t = scale_value(scale, dt, U.device)
     U, V = U.to(dt), V.to(dt)
     loss = U.new_zeros(())
-    dU = torch.zeros_like(U)
-    dV = torch.zeros_like(V)
     ds = U.new_zeros(()) if with_scale else None
+    whole = plan.is_single and plan.perm.numel() == plan.n  # "all" negatives: no gather copies
+    if not whole:
+        dU = torch.zeros_like(U)
+        dV = torch.zeros_like(V)
     for idx in plan.groups():
-        if plan.is_single and idx.numel() == plan.n:
-            Ub, Vb = U, V  # "all" negatives: no gather copy
+        if whole:
+            Ub, Vb = U, V
         else:
             Ub, Vb = U[idx], V[idx]
         if Ub.shape[0] <= C:
@@ -100,7 +102,7 @@ def infonce(U: torch.Tensor, V: torch.Tensor, scale, plan: BatchPlan, with_scale
         else:
             l, gU, gV, g = _batch_stream(Ub, Vb, t, with_scale, C)
         loss += l
-        if Ub is U:
+        if whole:
             dU, dV = gU, gV
         else:
             dU[idx] = gU
