@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -111,26 +112,31 @@ InfonceScalars infonce_driver(const InfonceProblem<T>& p, const std::string& isa
 #endif
     const size_t wsz = static_cast<size_t>(infonce_workspace_elems(d));
     const size_t bigsz = static_cast<size_t>(nbig) * static_cast<size_t>(d);
-    std::vector<T> ws(static_cast<size_t>(nt) * wsz);
-    std::vector<T> part(static_cast<size_t>(nt) * bigsz);
+    // Uninitialised (no serial zero-fill by the calling thread): every thread zeroes its own partial
+    // slice (first touch) and every packed tile / workspace entry is written before it is read.
+    std::unique_ptr<T[]> ws(new T[static_cast<size_t>(nt) * wsz]);
+    std::unique_ptr<T[]> part(new T[static_cast<size_t>(nt) * bigsz]);
     const size_t vtile = static_cast<size_t>(kIfCols * infonce_padded_d(d));
-    std::vector<T> vpack(static_cast<size_t>(nvtiles) * vtile);
+    std::unique_ptr<T[]> vpack(new T[static_cast<size_t>(nvtiles) * vtile]);
     const i64 npack = static_cast<i64>(pack_b.size());
     std::vector<double> dls(static_cast<size_t>(nt) * 8, 0.0);  // one cache line per thread
     const i64 tsz = ntasks / (static_cast<i64>(nt) * 16);
     const i64 chunk = std::max<i64>(1, std::min<i64>(16, tsz));
     (void)chunk;
     double loss = 0.0;
+    int team = 1;
 
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
         int tid = 0;
 #if defined(_OPENMP)
         tid = omp_get_thread_num();
+#pragma omp single nowait
+        team = omp_get_num_threads();  // read only after a barrier (the one ending the task loop)
 #endif
-        T* mypart = part.data() + static_cast<size_t>(tid) * bigsz;
+        T* mypart = part.get() + static_cast<size_t>(tid) * bigsz;
         std::fill(mypart, mypart + bigsz, T(0));  // own slice: first touch, no barrier needed
-        T* w = ws.data() + static_cast<size_t>(tid) * wsz;
+        T* w = ws.get() + static_cast<size_t>(tid) * wsz;
         double* mydls = dls.data() + static_cast<size_t>(tid) * 8;
 
         // Loss: sum over pairs of row + col - 2 t <u_k, v_k> (dot products in double).
@@ -148,7 +154,7 @@ InfonceScalars infonce_driver(const InfonceProblem<T>& p, const std::string& isa
 #pragma omp for schedule(dynamic, 1)
             for (i64 k = 0; k < npack; ++k) {
                 const i64 b = pack_b[static_cast<size_t>(k)], ct = pack_ct[static_cast<size_t>(k)];
-                kern.pack(p, b, ct, vpack.data() + static_cast<size_t>(vpbase[static_cast<size_t>(b)] + ct) * vtile);
+                kern.pack(p, b, ct, vpack.get() + static_cast<size_t>(vpbase[static_cast<size_t>(b)] + ct) * vtile);
             }
         }
 
@@ -158,7 +164,7 @@ InfonceScalars infonce_driver(const InfonceProblem<T>& p, const std::string& isa
             const i64 base = bigbase[static_cast<size_t>(b)];
             T* dst = base >= 0 ? mypart + static_cast<size_t>(base) * static_cast<size_t>(d) : nullptr;
             const i64 vb = vpbase[static_cast<size_t>(b)];
-            const T* vp = vb >= 0 ? vpack.data() + static_cast<size_t>(vb) * vtile : nullptr;
+            const T* vp = vb >= 0 ? vpack.get() + static_cast<size_t>(vb) * vtile : nullptr;
             kern.task(p, b, task_rt[static_cast<size_t>(q)], w, dst, with_scale, mydls, vp);
         }
         // (implicit barrier: every partial is complete)
@@ -167,17 +173,17 @@ InfonceScalars infonce_driver(const InfonceProblem<T>& p, const std::string& isa
 #pragma omp for schedule(static)
             for (i64 q = 0; q < nbig; ++q) {
                 T* dst = p.dV + p.perm[bigpos[static_cast<size_t>(q)]] * d;
-                const T* src0 = part.data() + static_cast<size_t>(q) * static_cast<size_t>(d);
+                const T* src0 = part.get() + static_cast<size_t>(q) * static_cast<size_t>(d);
                 for (i64 c = 0; c < d; ++c) dst[c] = src0[c];
-                for (int t = 1; t < nt; ++t) {  // slices of threads that did not run stay zero
-                    const T* src = part.data() + static_cast<size_t>(t) * bigsz + static_cast<size_t>(q) * static_cast<size_t>(d);
+                for (int t = 1; t < team; ++t) {
+                    const T* src = part.get() + static_cast<size_t>(t) * bigsz + static_cast<size_t>(q) * static_cast<size_t>(d);
                     for (i64 c = 0; c < d; ++c) dst[c] += src[c];
                 }
             }
         }
     }
     out.loss = loss;
-    for (int t = 0; t < nt; ++t) out.dlog_scale += dls[static_cast<size_t>(t) * 8];
+    for (int t = 0; t < team; ++t) out.dlog_scale += dls[static_cast<size_t>(t) * 8];
     return out;
 }
 
