@@ -211,3 +211,38 @@ def test_all_negatives_streaming_memory_is_linear_in_n():
     assert out.returncode == 0, out.stderr
     growth_mib = float(out.stdout.strip().splitlines()[-1])
     assert growth_mib < 256, f"peak RSS grew by {growth_mib:.0f} MiB"
+
+
+def _cpu_infonce_backends():
+    """Backends other than the twin that run ``infonce`` on the CPU here (Triton's CPU interpreter is
+    exercised by its own tests)."""
+    from ecif_fast.errors import BackendUnavailableError
+    from ecif_fast.kernels import registry
+
+    names = []
+    for name, ok in registry.available_backends().items():
+        if ok is not True or name in ("torch", "triton"):
+            continue
+        try:
+            registry.resolve("infonce", "cpu", name)
+        except BackendUnavailableError:
+            continue
+        names.append(name)
+    return names
+
+
+@pytest.mark.parametrize("backend", _cpu_infonce_backends() or [pytest.param("none", marks=pytest.mark.skip(
+    reason="no other CPU backend implements infonce here"))])
+@pytest.mark.parametrize("kind", ["all", "int", "ragged"])
+def test_infonce_loss_function_over_backend_matches_twin(backend, kind):
+    """The autograd Function is backend-agnostic: any backend's raw op gives the twin's loss and gradients."""
+    U, V = make(130, 17, seed=14)
+    batches = batches_for(kind, 130)
+    out = []
+    for be in ("torch", backend):
+        Ua, Va = U.clone().requires_grad_(True), V.clone().requires_grad_(True)
+        ta = torch.tensor(6.0, dtype=torch.float64, requires_grad=True)
+        L = ops.infonce_loss(Ua, Va, ta, batches, backend=be)
+        out.append((L.detach(),) + torch.autograd.grad(L, (Ua, Va, ta)))
+    for a, b in zip(out[1], out[0]):
+        assert float((a - b).abs().max()) <= 1e-10 * max(float(b.abs().max()), 1.0)
