@@ -5,6 +5,7 @@
 * ``cpp``: ``cpp_backend.infonce(U, V, t, plan, with_scale=True)`` — loss, dU, dV, d log_scale;
 * ``GEMM limit`` (SPEC §5): 3 × the time of ``torch.mm`` of an (n×d)·(d×n) product, timed in the same
   process, interleaved with the cpp runs, on the same thread count;
+* ``twin``: the streaming torch twin ``torch_ref.infonce.infonce`` (chunked torch matmuls, same contract);
 * ``naive``: what a user writes — ``S = t·U@V.T``, ``log_softmax`` over rows and columns, the
   diagonal, ``autograd`` backward to U and V (materialises several n×n matrices).
 
@@ -12,7 +13,8 @@ Each method runs in its own subprocess (so that peak-RSS numbers are not pollute
 method's n×n buffers); ``peak RSS`` is the growth of ``ru_maxrss`` over the process's footprint after
 the inputs were created, i.e. the extra memory of one fwd+bwd. Times are minima over the repetitions.
 Every worker also times ``torch.mm`` itself, so each ratio is taken against a GEMM measured in the
-same process; the table shows the cpp worker's GEMM.
+same process; the table shows the cpp worker's GEMM, and the cross-method ratios (naive/cpp,
+twin/cpp) compare GEMM-normalised times so that a load change between workers cancels out.
 
 Run (prints a table; about 1–2 minutes on 2 cores)::
 
@@ -77,6 +79,9 @@ def worker(method: str, n: int, threads: int, reps: int) -> dict:
     Vt = V.T.contiguous()
     if method == "cpp":
         fn = lambda: cpp_backend.infonce(U, V, SCALE, plan, True)  # noqa: E731
+    elif method == "twin":
+        from ecif_fast.kernels.torch_ref.infonce import infonce as twin_infonce
+        fn = lambda: twin_infonce(U, V, SCALE, plan, True)  # noqa: E731
     else:
         fn = lambda: _naive(U, V)  # noqa: E731
     base = _rss_mib()
@@ -103,8 +108,8 @@ def main(argv=None):
     ap.add_argument("--sizes", type=int, nargs="+", default=[4096, 16384])
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--no-naive", action="store_true", help="skip the naive implementation")
-    ap.add_argument("--worker", choices=["cpp", "naive"], help=argparse.SUPPRESS)
+    ap.add_argument("--no-naive", action="store_true", help="skip the naive implementation and the twin")
+    ap.add_argument("--worker", choices=["cpp", "twin", "naive"], help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.worker:
         print(json.dumps(worker(a.worker, a.sizes[0], a.threads, a.reps)))
@@ -119,24 +124,31 @@ def main(argv=None):
           f"isa={isa} (supported {info['supported_isas']}); load average at start "
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}; min of {a.reps} reps")
     hdr = (f"{'n':>6} | {'torch.mm':>9} | {'3×mm':>8} | {'cpp':>8} | {'cpp/3mm':>7} | {'naive':>8} | "
-           f"{'naive/3mm':>9} | {'naive/cpp':>9} | {'cpp RSS':>9} | {'naive RSS':>9}")
+           f"{'naive/3mm':>9} | {'naive/cpp':>9} | {'twin':>8} | {'twin/cpp':>8} | {'cpp RSS':>9} | "
+           f"{'twin RSS':>9} | {'naive RSS':>9}")
     print(hdr)
     print("-" * len(hdr))
     for n in a.sizes:
         c = run_worker("cpp", n, a.threads, a.reps)
         if a.no_naive:
-            nv = None
+            nv = tw = None
         else:
             nv = run_worker("naive", n, a.threads, a.reps)
-            rel = abs(nv["loss"] - c["loss"]) / abs(nv["loss"])
-            assert rel < 1e-4, f"cpp and naive losses differ: {c['loss']} vs {nv['loss']}"
+            tw = run_worker("twin", n, a.threads, a.reps)
+            for other in (nv, tw):
+                rel = abs(other["loss"] - c["loss"]) / abs(other["loss"])
+                assert rel < 1e-4, f"cpp and {other['method']} losses differ: {c['loss']} vs {other['loss']}"
         mm3 = 3 * c["mm"]
-        naive_cols = (f"{nv['time']:8.3f} | {nv['time'] / (3 * nv['mm']):9.2f} | {nv['time'] / c['time']:9.2f} | "
+        naive_cols = (f"{nv['time']:8.3f} | {nv['time'] / (3 * nv['mm']):9.2f} | {(nv['time'] / nv['mm']) / (c['time'] / c['mm']):9.2f} | "
                       if nv else f"{'-':>8} | {'-':>9} | {'-':>9} | ")
         print(f"{n:>6} | {c['mm']:8.3f}s | {mm3:7.3f}s | {c['time']:7.3f}s | {c['time'] / mm3:7.2f} | "
-              + naive_cols + f"{c['peak_mib']:6.0f} MiB | "
-              + (f"{nv['peak_mib']:6.0f} MiB" if nv else f"{'-':>9}"))
-    print("naive/3mm uses the GEMM timed in the naive worker; RSS = peak growth over the inputs' footprint.")
+              + naive_cols
+              + (f"{tw['time']:7.3f}s | {(tw['time'] / tw['mm']) / (c['time'] / c['mm']):8.2f} | " if tw else f"{'-':>8} | {'-':>8} | ")
+              + f"{c['peak_mib']:5.0f} MiB | "
+              + (f"{tw['peak_mib']:5.0f} MiB | {nv['peak_mib']:5.0f} MiB" if nv else f"{'-':>9} | {'-':>9}"))
+    print("Each worker (own process) times torch.mm interleaved with its method; naive/3mm uses the naive\n"
+          "worker's GEMM, and naive/cpp, twin/cpp compare GEMM-normalised times, (t/mm)_other / (t/mm)_cpp,\n"
+          "so that load changes between workers cancel. RSS = peak growth over the inputs' footprint.")
 
 
 if __name__ == "__main__":
