@@ -24,12 +24,10 @@ from ecif_fast.errors import ECIFInputError
 from ecif_fast.kernels import cpp_backend
 from ecif_fast.kernels.batching import BatchPlan, resolve_batches
 from ecif_fast.kernels.torch_ref.loss import contrastive_loss
+from kernel_cases import DTYPES, SCALES, ragged_ids, unit
 
 pytestmark = pytest.mark.skipif(not cpp_backend.available(),
                                 reason=f"C++ extension not built: {cpp_backend.unavailable_reason()}")
-
-DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
-SCALES = [0.01, 1.0, 100.0]
 
 
 @pytest.fixture(autouse=True)
@@ -40,20 +38,6 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
-
-
-def unit(n, d, gen, dtype=torch.float64):
-    x = torch.randn(n, d, generator=gen, dtype=torch.float64)
-    return torch.nn.functional.normalize(x, dim=1).to(dtype)
-
-
-def ragged_ids(n, gen):
-    """Random batch ids: a few batches of random sizes, plus a singleton when n allows."""
-    k = max(1, n // 5)
-    ids = torch.randint(0, k, (n,), generator=gen)
-    if n >= 3:
-        ids[0] = k + 7
-    return ids
 
 
 def reference(U, V, scale, plan: BatchPlan):

@@ -9,9 +9,10 @@ import torch
 
 from ecif_fast.errors import ECIFInputError
 from ecif_fast.kernels import cpp_backend
-from ecif_fast.kernels.batching import BatchPlan, resolve_batches
+from ecif_fast.kernels.batching import resolve_batches
 from ecif_fast.kernels.ops import lse as ops_lse
 from ecif_fast.kernels.torch_ref.lse import lse as twin_lse
+from kernel_cases import DTYPES, SCALES, brute_lse64, ragged_ids, unit
 
 pytestmark = pytest.mark.skipif(not cpp_backend.available(),
                                 reason=f"C++ extension not built: {cpp_backend.unavailable_reason()}")
@@ -27,22 +28,6 @@ def _one_torch_thread():
     torch.set_num_threads(old)
 
 
-DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
-SCALES = [0.01, 1.0, 100.0]
-
-
-def brute_lse64(U, V, scale, plan: BatchPlan):
-    """float64 ``torch.logsumexp`` of every batch's full score matrix."""
-    U, V = U.double(), V.double()
-    row = torch.empty(plan.n, dtype=torch.float64)
-    col = torch.empty(plan.n, dtype=torch.float64)
-    for idx in plan.groups():
-        S = float(scale) * (U[idx] @ V[idx].T)
-        row[idx] = torch.logsumexp(S, 1)
-        col[idx] = torch.logsumexp(S, 0)
-    return row, col
-
-
 def tolerance(U, V, scale, plan, dtype) -> float:
     """Absolute tolerance: a few ulps of the accumulation dtype times the size of the largest logit
     (error of a length-d dot product ~ sqrt(d)·eps·|t|·|u||v|) plus the log-sum of the batch."""
@@ -50,20 +35,6 @@ def tolerance(U, V, scale, plan, dtype) -> float:
     mag = abs(float(scale)) * float(U.double().norm(dim=1).max()) * float(V.double().norm(dim=1).max())
     bmax = int(plan.sizes.max())
     return 4 * eps * (mag * math.sqrt(U.shape[1]) + math.log(bmax) + 1)
-
-
-def unit(n, d, gen, dtype=torch.float64):
-    x = torch.randn(n, d, generator=gen, dtype=torch.float64)
-    return torch.nn.functional.normalize(x, dim=1).to(dtype)
-
-
-def ragged_ids(n, gen):
-    """Random batch ids: a few batches of random sizes, including singletons when n allows."""
-    k = max(1, n // 5)
-    ids = torch.randint(0, k, (n,), generator=gen)
-    if n >= 3:
-        ids[0] = k + 7  # a singleton batch
-    return ids
 
 
 def check_close(got, ref, tol, what):

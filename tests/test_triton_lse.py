@@ -19,9 +19,10 @@ import torch
 
 from ecif_fast.errors import BackendUnavailableError, ECIFInputError
 from ecif_fast.kernels import registry, triton_backend
-from ecif_fast.kernels.batching import BatchPlan, resolve_batches
+from ecif_fast.kernels.batching import resolve_batches
 from ecif_fast.kernels.ops import lse as ops_lse
 from ecif_fast.kernels.torch_ref.lse import lse as twin_lse
+from kernel_cases import brute_lse64, ragged_ids
 
 
 def _tlse(*args, **kwargs):
@@ -46,17 +47,6 @@ def test_triton_imports_and_backend_is_available():
     assert callable(triton_backend.lse)
 
 
-def brute_lse64(U, V, scale, plan: BatchPlan):
-    U, V = U.double(), V.double()
-    row = torch.empty(plan.n, dtype=torch.float64)
-    col = torch.empty(plan.n, dtype=torch.float64)
-    for idx in plan.groups():
-        S = float(scale) * (U[idx] @ V[idx].T)
-        row[idx] = torch.logsumexp(S, 1)
-        col[idx] = torch.logsumexp(S, 0)
-    return row, col
-
-
 def tolerance(U, V, scale, plan, dtype) -> float:
     """A few ulps of the accumulation dtype times (largest logit·sqrt(d) + log of the batch size)."""
     eps = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
@@ -66,14 +56,6 @@ def tolerance(U, V, scale, plan, dtype) -> float:
 
 def unit(n, d, gen, dtype=torch.float64):
     return torch.nn.functional.normalize(torch.randn(n, d, generator=gen, dtype=torch.float64), dim=1).to(dtype)
-
-
-def ragged_ids(n, gen):
-    k = max(1, n // 5)
-    ids = torch.randint(0, k, (n,), generator=gen)
-    if n >= 3:
-        ids[0] = k + 7  # a singleton batch
-    return ids
 
 
 def check(U, V, scale, plan, dtype, tag, **kw):

@@ -1,0 +1,35 @@
+"""Shared inputs and references for the kernel tests (lse / infonce over every backend)."""
+from __future__ import annotations
+
+import torch
+
+from ecif_fast.kernels.batching import BatchPlan
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+SCALES = [0.01, 1.0, 100.0]
+
+
+def brute_lse64(U, V, scale, plan: BatchPlan):
+    """float64 ``torch.logsumexp`` of every batch's full score matrix."""
+    U, V = U.double(), V.double()
+    row = torch.empty(plan.n, dtype=torch.float64)
+    col = torch.empty(plan.n, dtype=torch.float64)
+    for idx in plan.groups():
+        S = float(scale) * (U[idx] @ V[idx].T)
+        row[idx] = torch.logsumexp(S, 1)
+        col[idx] = torch.logsumexp(S, 0)
+    return row, col
+
+
+def unit(n, d, gen, dtype=torch.float64):
+    x = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    return torch.nn.functional.normalize(x, dim=1).to(dtype)
+
+
+def ragged_ids(n, gen):
+    """Random batch ids: a few batches of random sizes, including singletons when n allows."""
+    k = max(1, n // 5)
+    ids = torch.randint(0, k, (n,), generator=gen)
+    if n >= 3:
+        ids[0] = k + 7  # a singleton batch
+    return ids
