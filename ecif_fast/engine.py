@@ -194,14 +194,21 @@ class ECIF:
             predicted change of F when the pair is removed.
         """
         self._require_fit()
-        G = self._test_gradients(test_images, test_texts, fn, per_test)
-        Hq = self.solver.solve(G.T.contiguous())
+        Hq = self._solved_test_gradients(test_images, test_texts, fn, per_test)
         dU, dV, ds = self._directions(Hq)
         pos, neg = ops.ecif_reductions(self.U, self.V, self.log_scale.exp(), self.plan, dU, dV, ds,
                                        self.negative_term, backend=self.backend)
+        return self._result(pos, neg, Hq, fn, per_test)
+
+    def _solved_test_gradients(self, test_images, test_texts, fn, per_test) -> torch.Tensor:
+        """``(P, Q)`` the solves ``h = H⁻¹∇F`` of the test function(s)."""
+        G = self._test_gradients(test_images, test_texts, fn, per_test)
+        return self.solver.solve(G.T.contiguous())
+
+    def _result(self, pos, neg, Hq, fn, per_test) -> InfluenceResult:
+        """Checked :class:`InfluenceResult`; the query axis is dropped for a single summed F."""
         self._check_finite(pos, neg)
-        single = G.shape[0] == 1 and not per_test and (fn is None or callable(fn))
-        if single:
+        if Hq.shape[1] == 1 and not per_test and (fn is None or callable(fn)):
             pos, neg = pos[0], neg[0]
         return InfluenceResult(pos + neg, pos, neg)
 
@@ -271,8 +278,7 @@ class ECIF:
         """
         self._require_fit()
         removed = check_indices(indices, self.n)
-        G = self._test_gradients(test_images, test_texts, fn, per_test)
-        Hq = self.solver.solve(G.T.contiguous())
+        Hq = self._solved_test_gradients(test_images, test_texts, fn, per_test)
         groups, objective = self._group_objective(removed)
         Us = [self.U[g] for g in groups]
         Vs = [self.V[g] for g in groups]
@@ -288,11 +294,7 @@ class ECIF:
             _, (p, n_) = jvp(objective, (Us, Vs, self.log_scale), (dUs, dVs, ds))
             pos.append(torch.as_tensor(p))
             neg.append(torch.as_tensor(n_))
-        pos, neg = torch.stack(pos), torch.stack(neg)
-        self._check_finite(pos, neg)
-        if G.shape[0] == 1 and not per_test and (fn is None or callable(fn)):
-            pos, neg = pos[0], neg[0]
-        return InfluenceResult(pos + neg, pos, neg)
+        return self._result(torch.stack(pos), torch.stack(neg), Hq, fn, per_test)
 
     def group_gradient(self, indices) -> torch.Tensor:
         """``(P,)`` parameter-space ``g(D*) = g⁺(D*) + g⁻(D*)`` (SPEC §3) for the set ``indices``."""
