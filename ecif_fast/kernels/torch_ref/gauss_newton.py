@@ -61,6 +61,16 @@ def gauss_newton_product(U, V, scale, plan: BatchPlan, dU, dV, dlog_scale=None, 
     return gU, gV, gs
 
 
+def _prob_tiles(Ub, Vb, t, r, c, parts):
+    """Yield ``(I, J, S, P, Q)`` for every tile: scores and row/column softmax from the batch LSEs."""
+    for i0, i1 in parts:
+        I = slice(i0, i1)
+        for j0, j1 in parts:
+            J = slice(j0, j1)
+            S = t * (Ub[I] @ Vb[J].T)
+            yield I, J, S, torch.exp(S - r[I, None]), torch.exp(S - c[None, J])
+
+
 def _stream_batch(Ub, Vb, dUb, dVb, t, ds, chunk: int):
     """``(gU, gV, gs)`` of one batch, streamed over tiles (``gs`` None when ``ds`` is None)."""
     B, Q = Ub.shape[0], dUb.shape[0]
@@ -69,22 +79,15 @@ def _stream_batch(Ub, Vb, dUb, dVb, t, ds, chunk: int):
     # pass 2: m_i = Σ_j p_ij δS_ij, m'_j = Σ_i q_ij δS_ij as weighted sums of embeddings
     PV, PdV, PS = torch.zeros_like(Ub), torch.zeros_like(dUb), Ub.new_zeros(B)
     QU, QdU, QS = torch.zeros_like(Ub), torch.zeros_like(dUb), Ub.new_zeros(B)
-    for i0, i1 in parts:
-        I = slice(i0, i1)
-        Ui, dUi = Ub[I], dUb[:, I]
-        for j0, j1 in parts:
-            J = slice(j0, j1)
-            Vj = Vb[J]
-            S = t * (Ui @ Vj.T)
-            P = torch.exp(S - r[I, None])
-            Qc = torch.exp(S - c[None, J])
-            PV[I] += P @ Vj
-            PdV[:, I] += P @ dVb[:, J]
-            QU[J] += Qc.T @ Ui
-            QdU[:, J] += Qc.T @ dUi
-            if ds is not None:
-                PS[I] += (P * S).sum(1)
-                QS[J] += (Qc * S).sum(0)
+    for I, J, S, P, Qc in _prob_tiles(Ub, Vb, t, r, c, parts):
+        Ui, dUi, Vj = Ub[I], dUb[:, I], Vb[J]
+        PV[I] += P @ Vj
+        PdV[:, I] += P @ dVb[:, J]
+        QU[J] += Qc.T @ Ui
+        QdU[:, J] += Qc.T @ dUi
+        if ds is not None:
+            PS[I] += (P * S).sum(1)
+            QS[J] += (Qc * S).sum(0)
     m = t * ((dUb * PV).sum(-1) + (Ub * PdV).sum(-1))
     mc = t * ((QdU * Vb).sum(-1) + (QU * dVb).sum(-1))
     if ds is not None:
@@ -93,25 +96,18 @@ def _stream_batch(Ub, Vb, dUb, dVb, t, ds, chunk: int):
     # pass 3: G = P (δS − m) + Q (δS − m') tile by tile, mapped back to the embeddings
     gU, gV = torch.zeros_like(dUb), torch.zeros_like(dVb)
     gs = Ub.new_zeros(Q) if ds is not None else None
-    for i0, i1 in parts:
-        I = slice(i0, i1)
-        Ui = Ub[I]
-        for j0, j1 in parts:
-            J = slice(j0, j1)
-            Vj = Vb[J]
-            S = t * (Ui @ Vj.T)
-            P = torch.exp(S - r[I, None])
-            Qc = torch.exp(S - c[None, J])
-            for q0 in range(0, Q, QUERY_GROUP):
-                qs = slice(q0, min(q0 + QUERY_GROUP, Q))
-                dS = t * (dUb[qs, I] @ Vj.T + Ui @ dVb[qs, J].transpose(1, 2))
-                if ds is not None:
-                    dS = dS + ds[qs, None, None] * S
-                G = (dS - m[qs, I, None]).mul_(P)  # in place: few (q, I, J) temporaries alive
-                G += dS.sub_(mc[qs, None, J]).mul_(Qc)
-                del dS
-                gU[qs, I] += G @ Vj
-                gV[qs, J] += G.transpose(1, 2) @ Ui
-                if ds is not None:
-                    gs[qs] += (G * S).sum((1, 2))
+    for I, J, S, P, Qc in _prob_tiles(Ub, Vb, t, r, c, parts):
+        Ui, Vj = Ub[I], Vb[J]
+        for q0 in range(0, Q, QUERY_GROUP):
+            qs = slice(q0, min(q0 + QUERY_GROUP, Q))
+            dS = t * (dUb[qs, I] @ Vj.T + Ui @ dVb[qs, J].transpose(1, 2))
+            if ds is not None:
+                dS = dS + ds[qs, None, None] * S
+            G = (dS - m[qs, I, None]).mul_(P)  # in place: few (q, I, J) temporaries alive
+            G += dS.sub_(mc[qs, None, J]).mul_(Qc)
+            del dS
+            gU[qs, I] += G @ Vj
+            gV[qs, J] += G.transpose(1, 2) @ Ui
+            if ds is not None:
+                gs[qs] += (G * S).sum((1, 2))
     return t * gU, t * gV, gs
