@@ -16,12 +16,7 @@ from .models.params import ParamsArg, select_params
 
 def _loss_on(fm: FunctionalModel, theta, X, Y, plan: BatchPlan) -> torch.Tensor:
     U, V, s = fm.embed(theta, X, Y)
-    total = U.new_zeros(())
-    t = s.exp()
-    for idx in plan.groups():
-        S = t * (U[idx] @ V[idx].T)
-        total = total + torch.logsumexp(S, 1).sum() + torch.logsumexp(S, 0).sum() - 2 * S.diagonal().sum()
-    return total
+    return contrastive_loss(U, V, s.exp(), plan)
 
 
 def brute_force_pair_gradients(model: nn.Module, X, Y, *, batches: BatchesArg = None, params: ParamsArg = None,

@@ -38,8 +38,7 @@ def top_eigenpairs(curvature: Curvature, rank: int, *, oversample: int = 10, ite
 class LowRankSolver:
     """Inverse of ``C + δI`` restricted to the top-``rank`` eigenspace of ``C`` plus ``1/δ`` elsewhere.
 
-    Exact when ``rank = P``. ``quadratic_top`` gives the projection-only quadratic form used for
-    self-influence in the Arnoldi-influence convention.
+    Exact when ``rank = P``.
     """
 
     name = "lowrank"

@@ -1,7 +1,7 @@
 """Helpers shared by the torch twins."""
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 

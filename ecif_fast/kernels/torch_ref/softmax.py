@@ -53,23 +53,6 @@ def line_weights(S: torch.Tensor, exact: bool) -> LineWeights:
     return LineWeights(P, low, arg, arg != own, P.gather(1, arg[:, None])[:, 0], rest)
 
 
-def removal_weights(S: torch.Tensor, dim: int, exact: bool) -> torch.Tensor:
-    """Dense weights ``w`` (diagonal 0) along ``dim``: entry ``[i, k]`` (rows) or ``[k, j]`` (columns).
-
-    For inspection and tests; may hold ``inf`` where ``1 − p`` underflows. The kernels use
-    :func:`line_weights` instead.
-    """
-    Sl = S if dim == 1 else S.T
-    lw = line_weights(Sl, exact)
-    W = lw.low.clone()
-    if exact:
-        rows = lw.special.nonzero().flatten()
-        cols = lw.arg[rows]
-        masked = Sl[rows].scatter(1, cols[:, None], float("-inf"))
-        W[rows, cols] = torch.exp(Sl[rows, cols] - torch.logsumexp(masked, dim=1))
-    return W if dim == 1 else W.T
-
-
 # ---------------------------------------------------------------------------------------------------
 # Streaming form (batches larger than the chunk size): per-line statistics merged over tiles, then
 # the same weights as :func:`line_weights`, one tile at a time.
