@@ -24,6 +24,8 @@ except Exception as e:  # ImportError, or a broken installation raising somethin
 else:
     from . import lse as lse_module  # the submodule (its name ``lse`` is taken by the op below)
     from .lse import interpreting, last_launch, lse  # noqa: F401
+    from . import reductions as reductions_module  # the submodule of ``ecif_reductions``
+    from .reductions import ecif_reductions  # noqa: F401
 
 
 def available() -> bool:
@@ -45,4 +47,4 @@ def supports_device(device_type: str) -> bool:
     return False
 
 
-__all__ = ["available", "unavailable_reason", "supports_device", "lse", "interpreting", "last_launch"]
+__all__ = ["available", "unavailable_reason", "supports_device", "lse", "interpreting", "last_launch", "ecif_reductions"]

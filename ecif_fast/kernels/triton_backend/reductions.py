@@ -1,0 +1,595 @@
+"""Triton ``ecif_reductions``: positive and negative influence parts along query directions (SPEC §4).
+
+Same contract as the torch twin (:mod:`ecif_fast.kernels.torch_ref.reductions`), computed in "δS form":
+per batch ``S = t·U_b V_bᵀ`` and, per query ``q``, ``δS = t(δU V_bᵀ + U_b δVᵀ) + δs·S`` exist only as
+``BLOCK_M × BLOCK_N`` tiles in registers.
+
+Design (one "line" kernel family, no atomics, deterministic):
+
+* A line is a row of ``S`` (own side ``A = U``, other side ``B = V``) or a column (``A = V, B = U``: the
+  columns of ``S`` are the rows of ``Sᵀ = t·V Uᵀ``, and ``δSᵀ`` swaps ``δU`` and ``δV`` the same way).
+  Every kernel is launched once for rows and once with the roles swapped; a program owns ``BLOCK_M``
+  lines of one batch (the CSR row tiles of :mod:`.lse`) and streams over the batch's column tiles,
+  so each output element is written by exactly one program.
+* Stats kernel: per line the online "top-1 + rest" of :func:`torch_ref.softmax.stream_line_stats` —
+  maximum ``top``, its pair index ``arg``, ``rest`` = log-sum-exp without ``arg`` (kept as its own
+  running max and sum, so it stays exact when the rest is ~200 below the top) and ``lse``.
+* Pass 2 kernel, per own line ``k`` and query: ``m_k = Σ_j P_kj δS_kj``, ``m_k − δS_kk``, the cross sum
+  ``x_k = Σ_j W_kj δS_kj`` where ``W`` is the removal weight of the *other* side's line ``j``
+  (``Wc_kj`` for rows, ``Wr_jk`` for columns: its ``lse``/``arg`` come in as vectors) and, exact only,
+  ``e_k = δS_{k,arg_k} − Σ_{j≠arg_k} exp(S_kj − rest_k) δS_kj`` (the cancellation-free line-maximum
+  term of :mod:`torch_ref.softmax`, including the single δS entry at the maximum).
+* Pass 3 kernel, per own line ``k``: ``z_k = Σ_j [arg_j = k ≠ j] c_j − Σ_j W_kj mean_j`` with the other
+  side's means ``mean_j`` (``m'`` for rows, ``m`` for columns) and line-maximum terms
+  ``c_j = exp(top_j − lse_j)·e_j``: the mean part of the negative term and the crediting of every
+  other line's maximum term to the pair at that maximum (a gather, so no ``index_add``/atomics).
+* Host: ``positive = (m − δS_kk)_rows + (m' − δS_kk)_cols``, ``negative = x_rows + x_cols + z_rows + z_cols``.
+
+Queries: grid axis 1 holds chunks of up to ``BLOCK_Q`` queries, and a program loops over the queries
+of its chunk inside each tile. The loop shares the tile's ``S`` and every weight (``P``, ``W``, the
+rest softmax: three exponentials per entry) among the chunk's queries, so a query costs two
+``tl.dot`` of the tile plus a few multiply-adds per entry; the grid axis bounds the per-program
+accumulators (``BLOCK_M × BLOCK_Q`` each) and adds parallelism when there are few row tiles (one
+"all" batch), at the price of recomputing ``S`` and the weights per chunk.
+Cost per batch of ``B`` pairs: ``2·(1 + (1 + 2Q) + 1)·B²d`` multiply-adds (stats, pass 2, pass 3;
+rows and columns) with one query chunk.
+
+Dtypes: float16 / bfloat16 / float32 / float64 inputs (mixed inputs are promoted to one dtype);
+outputs float32 (float64 for float64 inputs), accumulation in the output dtype. Dot precision as
+in :mod:`.lse` (16-bit tiles as they are, float32 ``tf32x3`` by default, ``ieee`` float64; in the CPU
+interpreter tiles are cast to the accumulation dtype first).
+
+Devices: CUDA, and the CPU under ``TRITON_INTERPRET=1`` (Triton's interpreter; slow, for tests).
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Dict, NamedTuple, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ...errors import BackendUnavailableError, ECIFInputError
+from ..batching import BatchPlan
+from .lse import (INTERPRET_ENV, _TL_DTYPES, _Cfg, _fp32_precision, _max_combine, _p2, _plan_tables,
+                  _sm_count, _sum_combine, interpreting)
+
+# as in .lse: triton's own combine function, which the interpreter recognises (see lse.py)
+_min_combine = getattr(tl.standard, "_elementwise_min", None)
+if _min_combine is None:  # pragma: no cover - other triton versions
+
+    @triton.jit
+    def _min_combine(a, b):
+        return tl.minimum(a, b)
+
+
+
+@triton.jit
+def _line_stats_kernel(
+    A, B, top_out, arg_out, rest_out, lse_out, perm, offsets, tile_start, tile_batch, scale_ptr,
+    d, sa0, sa1, sb0, sb1,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SINGLE_K: tl.constexpr, IDENTITY: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Per own line ``r`` of the tile: ``top``, ``arg`` (pair index), ``rest`` and ``lse`` of ``t·<A_r, B_c>``."""
+    pid = tl.program_id(0)
+    t0 = tl.load(tile_start + pid)
+    b = tl.load(tile_batch + pid)
+    b_lo = tl.load(offsets + b)
+    b_hi = tl.load(offsets + b + 1)
+    scale = tl.load(scale_ptr)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    pos_m = t0 + offs_m
+    mmask = pos_m < b_hi
+    if IDENTITY:
+        rows = pos_m.to(tl.int64)
+    else:
+        rows = tl.load(perm + pos_m, mask=mmask, other=0).to(tl.int64)
+
+    top = tl.full([BLOCK_M], float("-inf"), ACC_DTYPE)
+    arg = tl.full([BLOCK_M], 0, tl.int32)
+    rest_m = tl.full([BLOCK_M], float("-inf"), ACC_DTYPE)  # rest = rest_m + log(rest_s)
+    rest_s = tl.full([BLOCK_M], 0.0, ACC_DTYPE)
+    if SINGLE_K:
+        kmask = offs_k < d
+        a = tl.load(A + rows[:, None] * sa0 + offs_k[None, :] * sa1,
+                    mask=mmask[:, None] & kmask[None, :], other=0.0).to(DOT_DTYPE)
+    for c0 in range(b_lo, b_hi, BLOCK_N):
+        pos_n = c0 + offs_n
+        nmask = pos_n < b_hi
+        if IDENTITY:
+            cid = pos_n
+        else:
+            cid = tl.load(perm + pos_n, mask=nmask, other=0)
+        cols = cid.to(tl.int64)
+        if SINGLE_K:
+            bt = tl.load(B + cols[None, :] * sb0 + offs_k[:, None] * sb1,
+                         mask=kmask[:, None] & nmask[None, :], other=0.0).to(DOT_DTYPE)
+            s = tl.dot(a, bt, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+        else:
+            s = tl.full([BLOCK_M, BLOCK_N], 0.0, ACC_DTYPE)
+            for k0 in range(0, d, BLOCK_K):
+                kk = k0 + offs_k
+                km = kk < d
+                ak = tl.load(A + rows[:, None] * sa0 + kk[None, :] * sa1,
+                             mask=mmask[:, None] & km[None, :], other=0.0).to(DOT_DTYPE)
+                bk = tl.load(B + cols[None, :] * sb0 + kk[:, None] * sb1,
+                             mask=km[:, None] & nmask[None, :], other=0.0).to(DOT_DTYPE)
+                s = tl.dot(ak, bk, s, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+        s = tl.where(nmask[None, :], s * scale, float("-inf"))
+        # the tile's top-1 (smallest pair index among ties) and the log-sum-exp of the tile's other entries
+        tv = tl.reduce(s, 1, _max_combine)
+        ti = tl.reduce(tl.where(s == tv[:, None], cid[None, :], 2147483647), 1, _min_combine)
+        sr = tl.where(cid[None, :] == ti[:, None], float("-inf"), s)
+        t2 = tl.reduce(sr, 1, _max_combine)
+        t2b = tl.where(t2 == float("-inf"), 0.0, t2)
+        ts = tl.reduce(tl.exp(sr - t2b[:, None]), 1, _sum_combine)
+        # merge: the larger top wins, the smaller one ("loser") joins the rest (ties keep the earlier entry)
+        new = tv > top
+        loser = tl.where(new, top, tv)
+        top = tl.where(new, tv, top)
+        arg = tl.where(new, ti, arg)
+        m_new = tl.maximum(tl.maximum(rest_m, t2), loser)
+        base = tl.where(m_new == float("-inf"), 0.0, m_new)
+        rest_s = rest_s * tl.exp(rest_m - base) + ts * tl.exp(t2 - base) + tl.exp(loser - base)
+        rest_m = m_new
+
+    has_rest = rest_s > 0
+    rest = tl.where(has_rest, rest_m + tl.log(tl.where(has_rest, rest_s, 1.0)), float("-inf"))
+    lse = top + tl.log(1.0 + tl.exp(rest - top))
+    tl.store(top_out + rows, top, mask=mmask)
+    tl.store(arg_out + rows, arg, mask=mmask)
+    tl.store(rest_out + rows, rest, mask=mmask)
+    tl.store(lse_out + rows, lse, mask=mmask)
+
+
+@triton.jit
+def _line_pass2_kernel(
+    A, B, dA, dB, perm, offsets, tile_start, tile_batch, scale_ptr, ds_ptr,
+    own_lse, own_rest, own_arg, oth_lse, oth_arg, out_m, out_mpos, out_e, out_x,
+    d, Q, sa0, sa1, sb0, sb1, sda_q, sda0, sda1, sdb_q, sdb0, sdb1, out_q_stride,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_Q: tl.constexpr,
+    SINGLE_K: tl.constexpr, IDENTITY: tl.constexpr, EXACT: tl.constexpr, HAS_DS: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Per own line ``k`` and query ``q`` of the chunk: ``m``, ``m − δS_kk``, ``e`` (exact) and ``x``."""
+    pid = tl.program_id(0)
+    q_lo = tl.program_id(1) * BLOCK_Q
+    q_hi = tl.minimum(q_lo + BLOCK_Q, Q)
+    t0 = tl.load(tile_start + pid)
+    b = tl.load(tile_batch + pid)
+    b_lo = tl.load(offsets + b)
+    b_hi = tl.load(offsets + b + 1)
+    scale = tl.load(scale_ptr)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_q = tl.arange(0, BLOCK_Q)
+    pos_m = t0 + offs_m
+    mmask = pos_m < b_hi
+    if IDENTITY:
+        rid = pos_m
+    else:
+        rid = tl.load(perm + pos_m, mask=mmask, other=0)
+    rows = rid.to(tl.int64)
+
+    lse_i = tl.load(own_lse + rows, mask=mmask, other=0.0)
+    if EXACT:
+        rest_i = tl.load(own_rest + rows, mask=mmask, other=0.0)
+        arg_i = tl.load(own_arg + rows, mask=mmask, other=-1)
+    acc_m = tl.full([BLOCK_M, BLOCK_Q], 0.0, ACC_DTYPE)
+    acc_p = tl.full([BLOCK_M, BLOCK_Q], 0.0, ACC_DTYPE)
+    acc_e = tl.full([BLOCK_M, BLOCK_Q], 0.0, ACC_DTYPE)
+    acc_x = tl.full([BLOCK_M, BLOCK_Q], 0.0, ACC_DTYPE)
+    if SINGLE_K:
+        kmask = offs_k < d
+        a = tl.load(A + rows[:, None] * sa0 + offs_k[None, :] * sa1,
+                    mask=mmask[:, None] & kmask[None, :], other=0.0).to(DOT_DTYPE)
+    for c0 in range(b_lo, b_hi, BLOCK_N):
+        pos_n = c0 + offs_n
+        nmask = pos_n < b_hi
+        if IDENTITY:
+            cid = pos_n
+        else:
+            cid = tl.load(perm + pos_n, mask=nmask, other=0)
+        cols = cid.to(tl.int64)
+        if SINGLE_K:
+            bt = tl.load(B + cols[None, :] * sb0 + offs_k[:, None] * sb1,
+                         mask=kmask[:, None] & nmask[None, :], other=0.0).to(DOT_DTYPE)
+            s = tl.dot(a, bt, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+        else:
+            s = tl.full([BLOCK_M, BLOCK_N], 0.0, ACC_DTYPE)
+            for k0 in range(0, d, BLOCK_K):
+                kk = k0 + offs_k
+                km = kk < d
+                ak = tl.load(A + rows[:, None] * sa0 + kk[None, :] * sa1,
+                             mask=mmask[:, None] & km[None, :], other=0.0).to(DOT_DTYPE)
+                bk = tl.load(B + cols[None, :] * sb0 + kk[:, None] * sb1,
+                             mask=km[:, None] & nmask[None, :], other=0.0).to(DOT_DTYPE)
+                s = tl.dot(ak, bk, s, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+        s = s * scale
+        valid = mmask[:, None] & nmask[None, :]
+        diag = valid & (rid[:, None] == cid[None, :])
+        # weights of the tile, shared by every query of the chunk
+        p = tl.where(valid, tl.exp(s - lse_i[:, None]), 0.0)
+        pd = tl.where(diag, p - 1.0, p)
+        lse_j = tl.load(oth_lse + cols, mask=nmask, other=0.0)
+        qo = tl.exp(s - lse_j[None, :])
+        if EXACT:
+            # off the other line's maximum q <= 1/2, so q/(1-q) is safe; the maximum is handled by e/c
+            arg_j = tl.load(oth_arg + cols, mask=nmask, other=-1)
+            keep = valid & (rid[:, None] != cid[None, :]) & (arg_j[None, :] != rid[:, None])
+            w = tl.where(keep, qo / (1.0 - tl.minimum(qo, 0.5)), 0.0)
+            # e weights: 1 at the own line's maximum, -r (softmax of the line without it) elsewhere
+            ew = tl.where(arg_i[:, None] == cid[None, :], 1.0, -tl.exp(s - rest_i[:, None]))
+            ew = tl.where(valid, ew, 0.0)
+        else:
+            w = tl.where(valid & (rid[:, None] != cid[None, :]), qo, 0.0)
+        for q in range(q_lo, q_hi):
+            q64 = q_lo.to(tl.int64) + (q - q_lo)  # (q is a Python int in the interpreter)
+            if SINGLE_K:
+                da = tl.load(dA + q64 * sda_q + rows[:, None] * sda0 + offs_k[None, :] * sda1,
+                             mask=mmask[:, None] & kmask[None, :], other=0.0).to(DOT_DTYPE)
+                dbt = tl.load(dB + q64 * sdb_q + cols[None, :] * sdb0 + offs_k[:, None] * sdb1,
+                              mask=kmask[:, None] & nmask[None, :], other=0.0).to(DOT_DTYPE)
+                g = tl.dot(da, bt, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+                g = tl.dot(a, dbt, g, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+            else:
+                g = tl.full([BLOCK_M, BLOCK_N], 0.0, ACC_DTYPE)
+                for k0 in range(0, d, BLOCK_K):
+                    kk = k0 + offs_k
+                    km = kk < d
+                    ak = tl.load(A + rows[:, None] * sa0 + kk[None, :] * sa1,
+                                 mask=mmask[:, None] & km[None, :], other=0.0).to(DOT_DTYPE)
+                    bk = tl.load(B + cols[None, :] * sb0 + kk[:, None] * sb1,
+                                 mask=km[:, None] & nmask[None, :], other=0.0).to(DOT_DTYPE)
+                    dak = tl.load(dA + q64 * sda_q + rows[:, None] * sda0 + kk[None, :] * sda1,
+                                  mask=mmask[:, None] & km[None, :], other=0.0).to(DOT_DTYPE)
+                    dbk = tl.load(dB + q64 * sdb_q + cols[None, :] * sdb0 + kk[:, None] * sdb1,
+                                  mask=km[:, None] & nmask[None, :], other=0.0).to(DOT_DTYPE)
+                    g = tl.dot(dak, bk, g, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+                    g = tl.dot(ak, dbk, g, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+            g = g * scale
+            if HAS_DS:
+                g = g + tl.load(ds_ptr + q) * s
+            sel = (offs_q == q - q_lo)[None, :]
+            acc_m = tl.where(sel, acc_m + tl.reduce(p * g, 1, _sum_combine)[:, None], acc_m)
+            acc_p = tl.where(sel, acc_p + tl.reduce(pd * g, 1, _sum_combine)[:, None], acc_p)
+            acc_x = tl.where(sel, acc_x + tl.reduce(w * g, 1, _sum_combine)[:, None], acc_x)
+            if EXACT:
+                acc_e = tl.where(sel, acc_e + tl.reduce(ew * g, 1, _sum_combine)[:, None], acc_e)
+
+    qq = q_lo + offs_q
+    optr = qq.to(tl.int64)[None, :] * out_q_stride + rows[:, None]
+    omask = mmask[:, None] & (qq < Q)[None, :]
+    tl.store(out_m + optr, acc_m, mask=omask)
+    tl.store(out_mpos + optr, acc_p, mask=omask)
+    tl.store(out_x + optr, acc_x, mask=omask)
+    if EXACT:
+        tl.store(out_e + optr, acc_e, mask=omask)
+
+
+@triton.jit
+def _line_pass3_kernel(
+    A, B, perm, offsets, tile_start, tile_batch, scale_ptr, oth_lse, oth_arg, mean_o, c_o, out_z,
+    d, Q, sa0, sa1, sb0, sb1, vec_q_stride,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_Q: tl.constexpr,
+    SINGLE_K: tl.constexpr, IDENTITY: tl.constexpr, EXACT: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Per own line ``k`` and query ``q``: ``z = Σ_j [arg_j = k ≠ j] c_j − Σ_j W_kj mean_j``."""
+    pid = tl.program_id(0)
+    q_lo = tl.program_id(1) * BLOCK_Q
+    q_hi = tl.minimum(q_lo + BLOCK_Q, Q)
+    t0 = tl.load(tile_start + pid)
+    b = tl.load(tile_batch + pid)
+    b_lo = tl.load(offsets + b)
+    b_hi = tl.load(offsets + b + 1)
+    scale = tl.load(scale_ptr)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_q = tl.arange(0, BLOCK_Q)
+    pos_m = t0 + offs_m
+    mmask = pos_m < b_hi
+    if IDENTITY:
+        rid = pos_m
+    else:
+        rid = tl.load(perm + pos_m, mask=mmask, other=0)
+    rows = rid.to(tl.int64)
+
+    acc_z = tl.full([BLOCK_M, BLOCK_Q], 0.0, ACC_DTYPE)
+    if SINGLE_K:
+        kmask = offs_k < d
+        a = tl.load(A + rows[:, None] * sa0 + offs_k[None, :] * sa1,
+                    mask=mmask[:, None] & kmask[None, :], other=0.0).to(DOT_DTYPE)
+    for c0 in range(b_lo, b_hi, BLOCK_N):
+        pos_n = c0 + offs_n
+        nmask = pos_n < b_hi
+        if IDENTITY:
+            cid = pos_n
+        else:
+            cid = tl.load(perm + pos_n, mask=nmask, other=0)
+        cols = cid.to(tl.int64)
+        if SINGLE_K:
+            bt = tl.load(B + cols[None, :] * sb0 + offs_k[:, None] * sb1,
+                         mask=kmask[:, None] & nmask[None, :], other=0.0).to(DOT_DTYPE)
+            s = tl.dot(a, bt, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+        else:
+            s = tl.full([BLOCK_M, BLOCK_N], 0.0, ACC_DTYPE)
+            for k0 in range(0, d, BLOCK_K):
+                kk = k0 + offs_k
+                km = kk < d
+                ak = tl.load(A + rows[:, None] * sa0 + kk[None, :] * sa1,
+                             mask=mmask[:, None] & km[None, :], other=0.0).to(DOT_DTYPE)
+                bk = tl.load(B + cols[None, :] * sb0 + kk[:, None] * sb1,
+                             mask=km[:, None] & nmask[None, :], other=0.0).to(DOT_DTYPE)
+                s = tl.dot(ak, bk, s, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+        s = s * scale
+        valid = mmask[:, None] & nmask[None, :]
+        lse_j = tl.load(oth_lse + cols, mask=nmask, other=0.0)
+        qo = tl.exp(s - lse_j[None, :])
+        if EXACT:
+            arg_j = tl.load(oth_arg + cols, mask=nmask, other=-1)
+            off_diag = valid & (rid[:, None] != cid[None, :])
+            w = tl.where(off_diag & (arg_j[None, :] != rid[:, None]), qo / (1.0 - tl.minimum(qo, 0.5)), 0.0)
+            credit = off_diag & (arg_j[None, :] == rid[:, None])
+        else:
+            w = tl.where(valid & (rid[:, None] != cid[None, :]), qo, 0.0)
+        for q in range(q_lo, q_hi):
+            vptr = (q_lo.to(tl.int64) + (q - q_lo)) * vec_q_stride + cols
+            mo = tl.load(mean_o + vptr, mask=nmask, other=0.0)
+            z = -tl.reduce(w * mo[None, :], 1, _sum_combine)
+            if EXACT:
+                co = tl.load(c_o + vptr, mask=nmask, other=0.0)
+                z = z + tl.reduce(tl.where(credit, co[None, :], 0.0), 1, _sum_combine)
+            sel = (offs_q == q - q_lo)[None, :]
+            acc_z = tl.where(sel, acc_z + z[:, None], acc_z)
+
+    qq = q_lo + offs_q
+    optr = qq.to(tl.int64)[None, :] * vec_q_stride + rows[:, None]
+    tl.store(out_z + optr, acc_z, mask=mmask[:, None] & (qq < Q)[None, :])
+
+
+_KERNELS = {"stats": _line_stats_kernel, "pass2": _line_pass2_kernel, "pass3": _line_pass3_kernel}
+_INTERPRETED: Dict[str, object] = {}
+
+
+def _kernel(name: str, device_type: str):
+    """The compiled kernel for CUDA; an interpreted one for CPU tensors under ``TRITON_INTERPRET=1``."""
+    k = _KERNELS[name]
+    if device_type == "cuda":
+        return k
+    hit = _INTERPRETED.get(name)
+    if hit is None:
+        from triton.runtime.interpreter import InterpretedFunction
+        hit = k if isinstance(k, InterpretedFunction) else InterpretedFunction(k.fn)
+        _INTERPRETED[name] = hit
+    return hit
+
+
+def _gpu_configs(dtype: torch.dtype, d: int) -> list:
+    """Tile configurations for the GPU, first choice then smaller fall-backs.
+
+    Pass 2 holds ``S``, three weight tiles and one ``δS`` tile per query at a time (five
+    ``BLOCK_M × BLOCK_N`` accumulator-dtype tiles), so the tiles are smaller than :mod:`.lse`'s and
+    use 8 warps from d > 64 on. Chosen without a GPU at hand (compiled for sm_90 in the tests);
+    untuned.
+    """
+    if dtype in (torch.float16, torch.bfloat16, torch.float32):
+        if d <= 64:
+            cfgs = [_Cfg(64, 64, _p2(d), 4, 2)]
+        elif d <= 128 or (d <= 256 and dtype != torch.float32):
+            cfgs = [_Cfg(64, 64, _p2(d), 8, 2)]
+        else:
+            cfgs = [_Cfg(64, 64, 64, 8, 2)]
+        cfgs += [_Cfg(32, 32, 32, 4, 1)]
+    else:  # float64
+        cfgs = [_Cfg(32, 32, 32 if d > 16 else 16, 4, 1), _Cfg(16, 16, 16, 4, 1)]
+    return cfgs
+
+
+_GOOD_CFG: Dict[Tuple, int] = {}
+_LAST_LAUNCH: Dict[str, object] = {}
+
+
+def last_launch() -> Dict[str, object]:
+    """What the latest successful :func:`ecif_reductions` call launched (tile config, query chunks, ...)."""
+    return dict(_LAST_LAUNCH)
+
+
+class _Stats(NamedTuple):
+    top: torch.Tensor  # (n,) line maximum
+    arg: torch.Tensor  # (n,) int32 pair index of the maximum
+    rest: torch.Tensor  # (n,) log-sum-exp of the line without the maximum (-inf for one entry)
+    lse: torch.Tensor  # (n,) log-sum-exp of the line
+
+
+def _check_inputs(U, V, dU, dV):
+    dev = U.device
+    if dev.type == "cpu":
+        if not interpreting():
+            raise BackendUnavailableError(
+                "backend 'triton' got CPU tensors; Triton runs them only in its interpreter: set "
+                f"{INTERPRET_ENV}=1 (slow, meant for tests), move the tensors to a GPU, or use "
+                "backend='cpp' or backend='torch'")
+    elif dev.type != "cuda":
+        raise ECIFInputError(f"backend 'triton' runs on CUDA devices (or the CPU with {INTERPRET_ENV}=1), "
+                             f"but U is on device '{dev}'; move the tensors or use backend='torch'")
+    for name, x in (("V", V), ("dU", dU), ("dV", dV)):
+        if x.device != dev:
+            raise ECIFInputError(f"{name} must be on U's device {dev}, got {x.device}")
+    U, V, dU, dV = U.detach(), V.detach(), dU.detach(), dV.detach()
+    dt = U.dtype
+    for x in (V, dU, dV):
+        dt = torch.promote_types(dt, x.dtype)
+    if dt not in _TL_DTYPES:
+        raise ECIFInputError(f"backend 'triton' accepts float16, bfloat16, float32 or float64, got {dt}")
+    if U.dim() != 2 or U.shape != V.shape:
+        raise ECIFInputError(f"U and V must both be (n, d) with the same shape, got {tuple(U.shape)} "
+                             f"and {tuple(V.shape)}")
+    if dU.shape != dV.shape or dU.dim() not in (2, 3) or tuple(dU.shape[-2:]) != tuple(U.shape):
+        raise ECIFInputError(f"dU and dV must both be (Q, n, d) or (n, d) with (n, d) = {tuple(U.shape)}, "
+                             f"got {tuple(dU.shape)} and {tuple(dV.shape)}")
+    return U.to(dt), V.to(dt), dU.to(dt), dV.to(dt)
+
+
+def ecif_reductions(U: torch.Tensor, V: torch.Tensor, scale, plan: BatchPlan, dU: torch.Tensor,
+                    dV: torch.Tensor, dlog_scale=None, negative_term: str = "exact", *,
+                    block_m: Optional[int] = None, block_n: Optional[int] = None,
+                    block_k: Optional[int] = None, block_q: Optional[int] = None):
+    """Positive and negative influence parts of every pair along ``Q`` query directions (SPEC §4).
+
+    Same contract as the torch twin :func:`ecif_fast.kernels.torch_ref.reductions.ecif_reductions`.
+
+    Args:
+        U, V: ``(n, d)`` embeddings (float16 / bfloat16 / float32 / float64), on a CUDA device (or the CPU
+            with ``TRITON_INTERPRET=1``). Any strides. scale: ``t`` (number or one-element tensor).
+        plan: the training batches.
+        dU, dV: ``(Q, n, d)`` (or ``(n, d)``) directional derivatives of the embeddings.
+        dlog_scale: ``(Q,)`` (or scalar) derivative of ``s = log t`` along the query; None if fixed.
+        negative_term: ``"exact"`` (``w = p/(1−p)``) or ``"taylor"`` (``w = p``).
+        block_m, block_n, block_k: tile sizes (powers of two >= 16); block_q: queries per program
+            (a power of two); tuning/testing knobs, chosen automatically when None.
+    Returns:
+        ``(positive, negative)``: ``(Q, n)`` (``(n,)`` for 2-D ``dU``), float32 (float64 for float64
+        inputs), on U's device. Pairs in no batch get 0. Not differentiable.
+    """
+    if negative_term not in ("exact", "taylor"):
+        raise ECIFInputError(f"negative_term must be 'exact' or 'taylor', got {negative_term!r}")
+    exact = negative_term == "exact"
+    U, V, dU, dV = _check_inputs(U, V, dU, dV)
+    squeeze = dU.dim() == 2
+    if squeeze:
+        dU, dV = dU.unsqueeze(0), dV.unsqueeze(0)
+    dev = U.device
+    n, d = U.shape
+    Q = dU.shape[0]
+    if n != plan.n:
+        raise ECIFInputError(f"the plan covers {plan.n} pairs but U has {n} rows")
+    acc = torch.float64 if U.dtype == torch.float64 else torch.float32
+    t = float(scale.detach().reshape(())) if torch.is_tensor(scale) else float(scale)
+    scale_t = torch.tensor([t], dtype=acc, device=dev)
+    has_ds = dlog_scale is not None
+    if has_ds:
+        ds = torch.as_tensor(dlog_scale, dtype=acc, device=dev).detach().reshape(-1)
+        if ds.numel() not in (1, Q):
+            raise ECIFInputError(f"dlog_scale must hold 1 or Q = {Q} values, got {ds.numel()}")
+        ds = ds.expand(Q).contiguous()
+    else:
+        ds = scale_t  # unused (HAS_DS=False)
+
+    positive = torch.zeros(Q, n, dtype=acc, device=dev)
+    negative = torch.zeros(Q, n, dtype=acc, device=dev)
+    if n == 0 or Q == 0 or plan.num_batches == 0:
+        return (positive[0], negative[0]) if squeeze else (positive, negative)
+
+    interp = dev.type == "cpu"
+    if interp:
+        cfgs = [_Cfg(block_m or 32, block_n or 32, block_k or min(_p2(d), 64), 4, 1)]
+        precision, dot_dt = "ieee", _TL_DTYPES[acc]
+    else:
+        cfgs = _gpu_configs(U.dtype, d)
+        if block_m or block_n or block_k:
+            c0 = cfgs[0]
+            cfgs = [_Cfg(block_m or c0.block_m, block_n or c0.block_n, block_k or c0.block_k,
+                         c0.num_warps, c0.num_stages)]
+        if U.dtype == torch.float32:
+            precision = _fp32_precision()
+        else:
+            precision = "ieee" if U.dtype == torch.float64 else "tf32"
+        dot_dt = _TL_DTYPES[U.dtype]
+    for c in cfgs:
+        for v in (c.block_m, c.block_n, c.block_k):
+            if v < 16 or v & (v - 1):
+                raise ECIFInputError(f"tile sizes must be powers of two >= 16, got {c[:3]}")
+    if block_q is not None and (block_q < 1 or block_q & (block_q - 1)):
+        raise ECIFInputError(f"block_q must be a power of two >= 1, got {block_q}")
+
+    key = (U.dtype, _p2(d), str(dev), precision)
+    start = _GOOD_CFG.get(key, 0) if len(cfgs) > 1 else 0
+    last_err: Optional[BaseException] = None
+    for ci in range(start, len(cfgs)):
+        cfg = cfgs[ci]
+        tab = _plan_tables(plan, dev, cfg.block_m)
+        bq = block_q or _query_chunk(Q, tab.num_tiles, dev, interp)
+        try:
+            pos, neg = _run(U, V, dU, dV, scale_t, ds, has_ds, exact, tab, cfg, bq, precision, dot_dt, acc, interp)
+        except Exception as e:  # compile-time failure (e.g. out of shared memory): try a smaller tile
+            if interp or ci + 1 == len(cfgs):
+                raise
+            warnings.warn(f"triton ecif_reductions: tile config {tuple(cfg)} failed for {U.dtype}, d={d} "
+                          f"({type(e).__name__}: {str(e)[:200]}); trying a smaller one")
+            last_err = e
+            continue
+        if len(cfgs) > 1:
+            _GOOD_CFG[key] = ci
+        _LAST_LAUNCH.clear()
+        _LAST_LAUNCH.update(config=cfg._asdict(), block_q=bq, query_chunks=-(-Q // bq), precision=precision,
+                            single_k=d <= cfg.block_k, identity=tab.identity, num_tiles=tab.num_tiles,
+                            interpreted=interp)
+        return (pos[0], neg[0]) if squeeze else (pos, neg)
+    raise RuntimeError(f"triton ecif_reductions: no tile configuration worked: {last_err}")  # pragma: no cover
+
+
+def _query_chunk(Q: int, num_tiles: int, dev: torch.device, interp: bool) -> int:
+    """Queries per program: all of them (up to 16) unless the row tiles alone leave the GPU idle."""
+    bq = min(_p2(Q, 1), 16)
+    if not interp:
+        want = 2 * _sm_count(dev)
+        while bq > 1 and num_tiles * -(-Q // bq) < want:
+            bq //= 2
+    return bq
+
+
+def _run(U, V, dU, dV, scale_t, ds, has_ds, exact, tab, cfg, bq, precision, dot_dt, acc, interp):
+    """Stats, pass 2 and pass 3 for rows and columns; returns ``(positive, negative)`` ``(Q, n)``."""
+    dev = U.device
+    Q, n, d = dU.shape
+    single_k = d <= cfg.block_k
+    grid1 = (tab.num_tiles,)
+    grid2 = (tab.num_tiles, -(-Q // bq))
+    common = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SINGLE_K=single_k,
+                  IDENTITY=tab.identity, DOT_DTYPE=dot_dt, ACC_DTYPE=_TL_DTYPES[acc], PRECISION=precision,
+                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    plan_args = (tab.perm, tab.offsets, tab.tile_start, tab.tile_batch, scale_t)
+
+    def stats(A, B) -> _Stats:
+        st = _Stats(torch.zeros(n, dtype=acc, device=dev), torch.zeros(n, dtype=torch.int32, device=dev),
+                    torch.zeros(n, dtype=acc, device=dev), torch.zeros(n, dtype=acc, device=dev))
+        _kernel("stats", dev.type)[grid1](A, B, *st, *plan_args, d, A.stride(0), A.stride(1), B.stride(0),
+                                          B.stride(1), **common)
+        return st
+
+    def pass2(A, B, dA, dB, own: _Stats, oth: _Stats):
+        out = [torch.zeros(Q, n, dtype=acc, device=dev) for _ in range(4)]  # m, m − δS_kk, e, x
+        _kernel("pass2", dev.type)[grid2](
+            A, B, dA, dB, *plan_args, ds, own.lse, own.rest, own.arg, oth.lse, oth.arg, *out,
+            d, Q, A.stride(0), A.stride(1), B.stride(0), B.stride(1), dA.stride(0), dA.stride(1), dA.stride(2),
+            dB.stride(0), dB.stride(1), dB.stride(2), n,
+            BLOCK_Q=bq, EXACT=exact, HAS_DS=has_ds, **common)
+        return out
+
+    def pass3(A, B, oth: _Stats, mean_o, c_o):
+        z = torch.zeros(Q, n, dtype=acc, device=dev)
+        _kernel("pass3", dev.type)[grid2](
+            A, B, *plan_args, oth.lse, oth.arg, mean_o, c_o, z, d, Q, A.stride(0), A.stride(1), B.stride(0),
+            B.stride(1), n, BLOCK_Q=bq, EXACT=exact, **common)
+        return z
+
+    rows = stats(U, V)
+    cols = stats(V, U)
+    m_r, mpos_r, e_r, x_r = pass2(U, V, dU, dV, rows, cols)
+    m_c, mpos_c, e_c, x_c = pass2(V, U, dV, dU, cols, rows)
+    if exact:  # line-maximum terms c = p_max·e, credited by pass 3 to the pair at the maximum
+        c_r = torch.exp(rows.top - rows.lse) * e_r
+        c_c = torch.exp(cols.top - cols.lse) * e_c
+    else:
+        c_r = c_c = m_r  # unused (EXACT=False)
+    z_r = pass3(U, V, cols, m_c, c_c)
+    z_c = pass3(V, U, rows, m_r, c_r)
+    return mpos_r + mpos_c, x_r + x_c + z_r + z_c
