@@ -24,6 +24,7 @@
 #include <cstdint>
 
 #include "infonce.hpp"
+#include "tile_common.hpp"
 #include "vec.hpp"
 
 #if !defined(ECIF_ISA_NS)
@@ -65,86 +66,23 @@ struct IfLim<double> {
     static constexpr double reuse = 500.0;  // exp(500 - 708) ~ 5e-91
 };
 
-ECIF_INLINE i64 if_imin(i64 a, i64 b) { return a < b ? a : b; }
+ECIF_INLINE i64 if_imin(i64 a, i64 b) { return tc_imin(a, b); }
 
-// c[MR x NR] (row stride ldc) (+)= sum_k a[k*KS + r*RS] * b[k*NR + v]
+// The shared micro-kernel (tile_common.hpp) at this file's micro-tile shape.
 template <class T, int RS, int KS>
 ECIF_INLINE void if_micro(const T* ECIF_RESTRICT a, const T* ECIF_RESTRICT b, int kc, T* ECIF_RESTRICT c,
                           i64 ldc, bool accumulate) {
-    using C = IfCfg<T>;
-    using V = typename Vec<T>::V;
-    constexpr int MR = C::MR, NV = C::NV, W = C::W, NR = C::NR;
-    V acc[MR][NV];
-#pragma GCC unroll 16
-    for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 4
-        for (int v = 0; v < NV; ++v) acc[r][v] = V{};
-    for (int k = 0; k < kc; ++k) {
-        V bv[NV];
-#pragma GCC unroll 4
-        for (int v = 0; v < NV; ++v) bv[v] = vload(b + k * NR + v * W);
-#pragma GCC unroll 16
-        for (int r = 0; r < MR; ++r) {
-            const V ar = vsplat(a[k * KS + r * RS]);
-#pragma GCC unroll 4
-            for (int v = 0; v < NV; ++v) acc[r][v] += ar * bv[v];
-        }
-    }
-#pragma GCC unroll 16
-    for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 4
-        for (int v = 0; v < NV; ++v) {
-            T* dst = c + r * ldc + v * W;
-            vstore(dst, accumulate ? vload(dst) + acc[r][v] : acc[r][v]);
-        }
+    tc_micro<T, IfCfg<T>::MR, IfCfg<T>::NV, RS, KS>(a, b, kc, c, ldc, accumulate);
 }
-
-// Pack `cnt` (<= `tot`) gathered rows src[idx[0..cnt)] (length d), zero padded to tot rows and dp
-// columns, as MH-row panels P[tot/MH][dp][MH]: the transposed layout the score product broadcasts
-// from / loads along. Writes are sequential; the reads walk MH rows (<= 32 KiB) in step.
 template <class T, int MH>
 void if_pack_panels(const T* ECIF_RESTRICT src, const i64* ECIF_RESTRICT idx, int cnt, int tot, i64 d, i64 dp,
                     T* ECIF_RESTRICT P) {
-    for (int g = 0; g < tot / MH; ++g) {
-        T* ECIF_RESTRICT out = P + i64(g) * dp * MH;
-        const int m = int(if_imin(MH, i64(cnt) - i64(g) * MH));
-        if (m <= 0) {
-            for (i64 q = 0; q < dp * MH; ++q) out[q] = T(0);
-            continue;
-        }
-        const T* rows[MH];
-        for (int c = 0; c < m; ++c) rows[c] = src + idx[g * MH + c] * d;
-        for (i64 k = 0; k < d; ++k) {
-            for (int c = 0; c < m; ++c) out[k * MH + c] = rows[c][k];
-            for (int c = m; c < MH; ++c) out[k * MH + c] = T(0);
-        }
-        for (i64 q = d * MH; q < dp * MH; ++q) out[q] = T(0);
-    }
+    tc_pack_panels<T, MH>(src, idx, cnt, tot, d, dp, P);
 }
-
-// The same rows as NR-column chunks of the row-major rows, Q[dp/NR][tot][NR]: the B operand of the
-// gradient products (contiguous NR-element copies).
 template <class T>
 void if_pack_rows(const T* ECIF_RESTRICT src, const i64* ECIF_RESTRICT idx, int cnt, int tot, i64 d, i64 dp,
                   T* ECIF_RESTRICT Q) {
-    constexpr int NR = IfCfg<T>::NR;
-    const i64 full = d / NR;  // chunks without padding
-    for (int i = 0; i < tot; ++i) {
-        T* ECIF_RESTRICT qq = Q + i64(i) * NR;
-        if (i < cnt) {
-            const T* ECIF_RESTRICT s = src + idx[i] * d;
-            for (i64 q = 0; q < full; ++q)
-                for (int c = 0; c < NR; ++c) qq[q * tot * NR + c] = s[q * NR + c];
-            for (i64 q = full; q < dp / NR; ++q)
-                for (int c = 0; c < NR; ++c) {
-                    const i64 k = q * NR + c;
-                    qq[q * tot * NR + c] = k < d ? s[k] : T(0);
-                }
-        } else {
-            for (i64 q = 0; q < dp / NR; ++q)
-                for (int c = 0; c < NR; ++c) qq[q * tot * NR + c] = T(0);
-        }
-    }
+    tc_pack_rows<T, IfCfg<T>::NR>(src, idx, cnt, tot, d, dp, Q);
 }
 
 template <class T>

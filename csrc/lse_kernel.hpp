@@ -21,6 +21,7 @@
 #include <cstdint>
 
 #include "lse.hpp"
+#include "tile_common.hpp"
 #include "vec.hpp"
 
 #if !defined(ECIF_ISA_NS)
@@ -68,7 +69,7 @@ constexpr T kNegInf = -std::numeric_limits<T>::infinity();
 template <class T>
 constexpr T kPosInf = std::numeric_limits<T>::infinity();
 
-ECIF_INLINE i64 imin(i64 a, i64 b) { return a < b ? a : b; }
+ECIF_INLINE i64 imin(i64 a, i64 b) { return tc_imin(a, b); }
 
 // Subtraction base for exp(): the reference when finite, else 0 (all -inf so far, or +inf which
 // the callers special-case), so that exp() never sees inf - inf.
@@ -96,57 +97,18 @@ ECIF_INLINE void vmerge(T* ECIF_RESTRICT ref, T* ECIF_RESTRICT sum, const T* ECI
     }
 }
 
-// c[MR x NR] (row stride ldc) (+)= a-panel[kc][MR] * b-panel[kc][NR]
+// c[MR x NR] (row stride ldc) (+)= a-panel[kc][MR] * b-panel[kc][NR] (the shared micro-kernel)
 template <class T>
 ECIF_INLINE void micro_kernel(const T* ECIF_RESTRICT a, const T* ECIF_RESTRICT b, int kc,
                               T* ECIF_RESTRICT c, int ldc, bool accumulate) {
-    using C = Cfg<T>;
-    using V = typename Vec<T>::V;
-    constexpr int MR = C::MR, NV = C::NV, W = C::W, NR = C::NR;
-    V acc[MR][NV];
-#pragma GCC unroll 16
-    for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 4
-        for (int v = 0; v < NV; ++v) acc[r][v] = V{};
-    for (int k = 0; k < kc; ++k) {
-        V bv[NV];
-#pragma GCC unroll 4
-        for (int v = 0; v < NV; ++v) bv[v] = vload(b + k * NR + v * W);
-#pragma GCC unroll 16
-        for (int r = 0; r < MR; ++r) {
-            const V ar = vsplat(a[k * MR + r]);
-#pragma GCC unroll 4
-            for (int v = 0; v < NV; ++v) acc[r][v] += ar * bv[v];
-        }
-    }
-#pragma GCC unroll 16
-    for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 4
-        for (int v = 0; v < NV; ++v) {
-            T* dst = c + r * ldc + v * W;
-            vstore(dst, accumulate ? vload(dst) + acc[r][v] : acc[r][v]);
-        }
+    tc_micro<T, Cfg<T>::MR, Cfg<T>::NV, 1, Cfg<T>::MR>(a, b, kc, c, ldc, accumulate);
 }
 
-// Pack columns [c0, c0 + tc) of batch b (tc <= TC) into NR-column panels [TC/NR][d][NR], zero padded
-// up to a multiple of NR.
+// Pack columns [c0, c0 + tc) of batch b (tc <= TC) into NR-column panels [TC/NR][d][NR], zero padded.
 template <class T>
 void pack_cols(const LseProblem<T>& p, const i64* ECIF_RESTRICT idx, i64 c0, int tc, T* ECIF_RESTRICT dst) {
     constexpr int NR = Cfg<T>::NR;
-    const i64 d = p.d;
-    const int npv = (tc + NR - 1) / NR;
-    for (int q = 0; q < npv; ++q) {
-        T* ECIF_RESTRICT out = dst + i64(q) * d * NR;
-        for (int c = 0; c < NR; ++c) {
-            const int j = q * NR + c;
-            if (j < tc) {
-                const T* ECIF_RESTRICT src = p.V + idx[c0 + j] * d;
-                for (i64 k = 0; k < d; ++k) out[k * NR + c] = src[k];
-            } else {
-                for (i64 k = 0; k < d; ++k) out[k * NR + c] = T(0);
-            }
-        }
-    }
+    tc_pack_panels<T, NR>(p.V, idx + c0, tc, (tc + NR - 1) / NR * NR, p.d, p.d, dst);
 }
 
 template <class T>
@@ -181,18 +143,7 @@ void lse_task_impl(const LseProblem<T>& p, i64 b, i64 rt, T* ws, T* colM_big, T*
     T* ECIF_RESTRICT oldS = oldM + TC;       // [TC]
     T* ECIF_RESTRICT vmask = oldS + TC;      // [TC] 0 for columns in the batch, -inf past it
 
-    for (int pu = 0; pu < npu; ++pu) {
-        T* dst = Up + i64(pu) * d * MR;
-        for (int r = 0; r < MR; ++r) {
-            const int i = pu * MR + r;
-            if (i < tr) {
-                const T* src = p.U + idx[r0 + i] * d;
-                for (i64 k = 0; k < d; ++k) dst[k * MR + r] = src[k];
-            } else {
-                for (i64 k = 0; k < d; ++k) dst[k * MR + r] = T(0);
-            }
-        }
-    }
+    tc_pack_panels<T, MR>(p.U, idx + r0, tr, npu * MR, d, d, Up);
     for (int i = 0; i < TR; ++i) {
         rowM[i] = kNegInf<T>;
         rowS[i] = T(0);
