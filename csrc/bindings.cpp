@@ -7,7 +7,9 @@
 #include <cmath>
 #include <cstdint>
 #include <string>
+#include <vector>
 
+#include "directional.hpp"
 #include "infonce.hpp"
 #include "lse.hpp"
 
@@ -131,6 +133,163 @@ py::tuple infonce(const py::array& U, const py::array& V, double scale, const py
     return infonce_typed<double>(U, V, scale, perm, offsets, with_scale, isa, num_threads);
 }
 
+// Shared validation of the directional ops' arguments; returns the number of queries Q.
+py::ssize_t check_directional(const char* op, const py::array& U, const py::array& V, double scale,
+                              const py::array& perm_in, const py::array& offsets_in, const py::array& dU,
+                              const py::array& dV, const py::object& ds) {
+    const std::string o(op);
+    if (U.ndim() != 2 || V.ndim() != 2)
+        throw py::value_error(o + ": U and V must be 2-D (n, d) arrays, got U of shape " + shape_str(U) +
+                              " and V of shape " + shape_str(V));
+    if (U.shape(0) != V.shape(0) || U.shape(1) != V.shape(1))
+        throw py::value_error(o + ": U and V must have the same shape (n, d), got U " + shape_str(U) + " and V " +
+                              shape_str(V));
+    const bool f32 = U.dtype().equal(py::dtype::of<float>());
+    const bool f64 = U.dtype().equal(py::dtype::of<double>());
+    if (!f32 && !f64)
+        throw py::value_error(o + ": U must be float32 or float64, got " + dtype_name(U) +
+                              " (convert float16/bfloat16 to float32 first)");
+    for (const py::array* a : {&V, &dU, &dV})
+        if (!a->dtype().equal(U.dtype()))
+            throw py::value_error(o + ": U, V, dU and dV must have the same dtype, got " + dtype_name(U) + ", " +
+                                  dtype_name(V) + ", " + dtype_name(dU) + " and " + dtype_name(dV));
+    if (dU.ndim() != 3 || dV.ndim() != 3 || dU.shape(1) != U.shape(0) || dU.shape(2) != U.shape(1) ||
+        dV.shape(0) != dU.shape(0) || dV.shape(1) != U.shape(0) || dV.shape(2) != U.shape(1))
+        throw py::value_error(o + ": dU and dV must both have shape (Q, n, d) = (Q, " + std::to_string(U.shape(0)) +
+                              ", " + std::to_string(U.shape(1)) + "), got dU " + shape_str(dU) + " and dV " +
+                              shape_str(dV));
+    const py::ssize_t Q = dU.shape(0);
+    if (!ds.is_none()) {
+        py::array a = py::array::ensure(ds);
+        if (!a || a.ndim() != 1 || a.shape(0) != Q || !a.dtype().equal(U.dtype()))
+            throw py::value_error(o + ": dlog_scale must be None or a 1-D array of Q = " + std::to_string(Q) +
+                                  " entries of the dtype of U");
+    }
+    if (perm_in.ndim() != 1 || offsets_in.ndim() != 1)
+        throw py::value_error(o + ": perm and offsets must be 1-D, got shapes " + shape_str(perm_in) + " and " +
+                              shape_str(offsets_in));
+    if (perm_in.dtype().kind() != 'i' && perm_in.dtype().kind() != 'u')
+        throw py::value_error(o + ": perm must be an integer array, got " + dtype_name(perm_in));
+    if (offsets_in.dtype().kind() != 'i' && offsets_in.dtype().kind() != 'u')
+        throw py::value_error(o + ": offsets must be an integer array, got " + dtype_name(offsets_in));
+    if (!std::isfinite(scale)) throw py::value_error(o + ": scale must be finite, got " + std::to_string(scale));
+    return Q;
+}
+
+template <class T>
+struct DirArrays {
+    using Arr = py::array_t<T, py::array::c_style | py::array::forcecast>;
+    Arr U, V, dU, dV, ds;
+    bool has_ds;
+    std::vector<T> scratch;
+    std::vector<std::int64_t> args;
+    ecif::DirProblem<T> p{};
+    DirArrays(const py::array& U_in, const py::array& V_in, const py::array& dU_in, const py::array& dV_in,
+              const py::object& ds_in, double scale, const Index& perm, const Index& offsets)
+        : U(Arr::ensure(U_in)), V(Arr::ensure(V_in)), dU(Arr::ensure(dU_in)), dV(Arr::ensure(dV_in)),
+          has_ds(!ds_in.is_none()) {
+        if (!U || !V || !dU || !dV) throw py::error_already_set();
+        if (has_ds) {
+            ds = Arr::ensure(ds_in);
+            if (!ds) throw py::error_already_set();
+        }
+        const std::int64_t n = U.shape(0), d = U.shape(1), Q = dU.shape(0);
+        scratch.assign(size_t(6 * n + 8 * Q * n), T(0));
+        args.assign(size_t(2 * n), 0);
+        T* s = scratch.data();
+        p.U = U.data();
+        p.V = V.data();
+        p.n = n;
+        p.d = d;
+        p.scale = static_cast<T>(scale);
+        p.perm = perm.data();
+        p.offsets = offsets.data();
+        p.num_batches = static_cast<std::int64_t>(offsets.size()) - 1;
+        p.Q = Q;
+        p.dU = dU.data();
+        p.dV = dV.data();
+        p.ds = has_ds ? ds.data() : nullptr;
+        p.rtop = s;
+        p.rrest = s + n;
+        p.rlse = s + 2 * n;
+        p.ctop = s + 3 * n;
+        p.crest = s + 4 * n;
+        p.clse = s + 5 * n;
+        T* qs = s + 6 * n;
+        p.m = qs;
+        p.mc = qs + Q * n;
+        p.c1 = qs + 2 * Q * n;
+        p.a1 = qs + 3 * Q * n;
+        p.rr = qs + 4 * Q * n;
+        p.rc = qs + 5 * Q * n;
+        p.mcX = qs + 6 * Q * n;
+        p.mW = qs + 7 * Q * n;
+        p.rarg = args.data();
+        p.carg = args.data() + n;
+    }
+};
+
+template <class T>
+py::tuple reductions_typed(const py::array& U, const py::array& V, double scale, const Index& perm,
+                           const Index& offsets, const py::array& dU, const py::array& dV, const py::object& ds,
+                           bool exact, const std::string& isa, int num_threads) {
+    DirArrays<T> A(U, V, dU, dV, ds, scale, perm, offsets);
+    A.p.exact = exact;
+    const std::int64_t n = A.p.n, Q = A.p.Q;
+    typename DirArrays<T>::Arr pos({Q, n}), neg({Q, n});
+    const std::string resolved = ecif::resolve_isa(isa);
+    {
+        py::gil_scoped_release nogil;
+        ecif::ecif_reductions(A.p, pos.mutable_data(), neg.mutable_data(), resolved, num_threads);
+    }
+    return py::make_tuple(pos, neg);
+}
+
+template <class T>
+py::tuple gn_typed(const py::array& U, const py::array& V, double scale, const Index& perm, const Index& offsets,
+                   const py::array& dU, const py::array& dV, const py::object& ds, const std::string& isa,
+                   int num_threads) {
+    DirArrays<T> A(U, V, dU, dV, ds, scale, perm, offsets);
+    const std::int64_t n = A.p.n, d = A.p.d, Q = A.p.Q;
+    typename DirArrays<T>::Arr gU({Q, n, d}), gV({Q, n, d}), gs(Q);
+    A.p.gU = gU.mutable_data();
+    A.p.gV = gV.mutable_data();
+    std::vector<double> g(size_t(Q), 0.0);
+    const std::string resolved = ecif::resolve_isa(isa);
+    {
+        py::gil_scoped_release nogil;
+        ecif::gauss_newton_product(A.p, g.data(), resolved, num_threads);
+    }
+    for (std::int64_t q = 0; q < Q; ++q) gs.mutable_data()[q] = static_cast<T>(g[size_t(q)]);
+    return py::make_tuple(gU, gV, gs);
+}
+
+py::tuple ecif_reductions(const py::array& U, const py::array& V, double scale, const py::array& perm_in,
+                          const py::array& offsets_in, const py::array& dU, const py::array& dV,
+                          const py::object& dlog_scale, bool exact, const std::string& isa, int num_threads) {
+    check_directional("ecif_reductions", U, V, scale, perm_in, offsets_in, dU, dV, dlog_scale);
+    Index perm = Index::ensure(perm_in);
+    Index offsets = Index::ensure(offsets_in);
+    if (!perm || !offsets) throw py::error_already_set();
+    ecif::validate_plan(U.shape(0), perm.data(), perm.size(), offsets.data(), offsets.size());
+    if (U.dtype().equal(py::dtype::of<float>()))
+        return reductions_typed<float>(U, V, scale, perm, offsets, dU, dV, dlog_scale, exact, isa, num_threads);
+    return reductions_typed<double>(U, V, scale, perm, offsets, dU, dV, dlog_scale, exact, isa, num_threads);
+}
+
+py::tuple gauss_newton_product(const py::array& U, const py::array& V, double scale, const py::array& perm_in,
+                               const py::array& offsets_in, const py::array& dU, const py::array& dV,
+                               const py::object& dlog_scale, const std::string& isa, int num_threads) {
+    check_directional("gauss_newton_product", U, V, scale, perm_in, offsets_in, dU, dV, dlog_scale);
+    Index perm = Index::ensure(perm_in);
+    Index offsets = Index::ensure(offsets_in);
+    if (!perm || !offsets) throw py::error_already_set();
+    ecif::validate_plan(U.shape(0), perm.data(), perm.size(), offsets.data(), offsets.size());
+    if (U.dtype().equal(py::dtype::of<float>()))
+        return gn_typed<float>(U, V, scale, perm, offsets, dU, dV, dlog_scale, isa, num_threads);
+    return gn_typed<double>(U, V, scale, perm, offsets, dU, dV, dlog_scale, isa, num_threads);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -157,6 +316,26 @@ Arguments as for lse(); with_scale: also compute dlog_scale (else None).
 Returns (loss: float, dU, dV: (n, d) arrays of the input dtype, dlog_scale: float or None).
 Two streaming passes over 96x96 tiles of S (log-sum-exps, then gradients); never stores S.
 Raises ValueError on bad shapes/dtypes/plan.)doc");
+    m.def("ecif_reductions", &ecif_reductions, py::arg("U"), py::arg("V"), py::arg("scale"), py::arg("perm"),
+          py::arg("offsets"), py::arg("dU"), py::arg("dV"), py::arg("dlog_scale"), py::arg("exact"), py::kw_only(),
+          py::arg("isa") = "auto", py::arg("num_threads") = 0,
+          R"doc(Positive and negative influence parts of every pair along Q query directions (SPEC §4).
+
+Per batch, S = scale U_b V_b^T and dS = scale (dU_q V_b^T + U_b dV_q^T) + dlog_scale[q] S:
+  positive_k = m_k + mc_k - 2 dS_kk  (m, mc: row / column softmax means of dS);
+  negative_k = sum_i Wr_ik (dS_ik - m_i) + sum_j Wc_kj (dS_kj - mc_j), W = p/(1-p) (exact=True,
+  line maxima in cancellation-free form) or p (exact=False), zero on the diagonal.
+U, V: (n, d); dU, dV: (Q, n, d), all float32 or all float64; dlog_scale: None or (Q,) of that dtype;
+perm / offsets: the batch plan (as for lse()). isa, num_threads: as for lse().
+Returns (positive, negative): two (Q, n) arrays of the input dtype. Streams 96x96 tiles; three passes.
+Raises ValueError on bad shapes/dtypes/plan.)doc");
+    m.def("gauss_newton_product", &gauss_newton_product, py::arg("U"), py::arg("V"), py::arg("scale"),
+          py::arg("perm"), py::arg("offsets"), py::arg("dU"), py::arg("dV"), py::arg("dlog_scale"), py::kw_only(),
+          py::arg("isa") = "auto", py::arg("num_threads") = 0,
+          R"doc(Embedding-space Gauss-Newton product (SPEC §4), S and dS as for ecif_reductions():
+  G = P o (dS - m) + Qc o (dS - mc);  gU = scale G V_b;  gV = scale G^T U_b;  gs = sum G o S.
+Arguments as for ecif_reductions() (no exact). Returns (gU, gV: (Q, n, d), gs: (Q,)), input dtype;
+gs is zero when dlog_scale is None. Raises ValueError on bad shapes/dtypes/plan.)doc");
     m.def("compiled_isas", &ecif::compiled_isas, "Instruction-set variants compiled in, best first.");
     m.def("supported_isas", &ecif::supported_isas, "Compiled variants this CPU can run, best first.");
     m.def("has_openmp", &ecif::has_openmp, "True when the module was built with OpenMP.");

@@ -123,3 +123,84 @@ def infonce(U: torch.Tensor, V: torch.Tensor, scale, plan: BatchPlan, with_scale
                                  isa=_isa(), num_threads=torch.get_num_threads())
     return (torch.tensor(loss, dtype=dt), torch.from_numpy(dU), torch.from_numpy(dV),
             torch.tensor(ds, dtype=dt) if with_scale else None)
+
+
+def _directions(name: str, U: torch.Tensor, V: torch.Tensor, scale, plan: BatchPlan, dU, dV, dlog_scale):
+    """Common prologue of the directional ops: checks, accumulation dtype, query axis, numpy views.
+
+    Returns ``(C, dt, squeeze, t, args)`` with ``args = (U, V, t, perm, offsets, dU (Q, n, d),
+    dV (Q, n, d), ds (Q,) or None)`` as numpy views of the accumulation dtype.
+    """
+    C = _require()
+    _check_cpu(U=U, V=V, dU=dU, dV=dV)
+    if U.dim() != 2 or V.dim() != 2 or U.shape != V.shape:
+        raise ValueError(f"{name}: U and V must both have shape (n, d), got {tuple(U.shape)} and {tuple(V.shape)}")
+    if plan.n != U.shape[0]:
+        raise ValueError(f"{name}: the batch plan covers {plan.n} pairs but U has {U.shape[0]} rows")
+    squeeze = dU.dim() == 2
+    if squeeze:
+        dU, dV = dU.unsqueeze(0), dV.unsqueeze(0)
+    if dU.dim() != 3 or dU.shape[1:] != U.shape or dV.shape != dU.shape:
+        raise ValueError(f"{name}: dU and dV must have shape (Q, n, d) or (n, d) matching U {tuple(U.shape)}, "
+                         f"got {tuple(dU.shape)} and {tuple(dV.shape)}")
+    dt = torch.float64 if U.dtype == torch.float64 else torch.float32
+    t = float(scale.detach().reshape(())) if torch.is_tensor(scale) else float(scale)
+    ds = None
+    if dlog_scale is not None:
+        if torch.is_tensor(dlog_scale):
+            _check_cpu(dlog_scale=dlog_scale)
+        ds = torch.as_tensor(dlog_scale).detach().to("cpu", dt).reshape(-1).expand(dU.shape[0]).contiguous().numpy()
+    perm, offsets = _plan_numpy(plan)
+    return C, dt, squeeze, t, (_to_numpy(U, dt), _to_numpy(V, dt), t, perm, offsets, _to_numpy(dU, dt),
+                               _to_numpy(dV, dt), ds)
+
+
+def ecif_reductions(U: torch.Tensor, V: torch.Tensor, scale, plan: BatchPlan, dU: torch.Tensor, dV: torch.Tensor,
+                    dlog_scale=None, negative_term: str = "exact"):
+    """Positive and negative influence parts along ``Q`` query directions (SPEC §4); same contract as the
+    torch twin (``torch_ref/reductions.py``).
+
+    Args:
+        U, V: ``(n, d)``; scale: ``t`` (number or 0-d tensor, not tracked); plan: the batches.
+        dU, dV: ``(Q, n, d)`` or ``(n, d)`` directions. dlog_scale: None, a number or a ``(Q,)`` tensor.
+        negative_term: ``"exact"`` (``w = p/(1-p)``) or ``"taylor"`` (``w = p``).
+    Returns:
+        ``(positive, negative)``: ``(Q, n)`` (``(n,)`` for 2-D directions), float32 (float64 for float64
+        ``U``) CPU tensors.
+
+    Fused and streaming in "δS form": per batch, the tiles of ``S = t·U_b V_bᵀ`` and of every query's
+    ``δS`` are formed from packed panels (96×96), never a whole score block; three passes (line
+    statistics; the softmax-weighted sums of ``δS``; the sums of the means), about ``(3 + 2Q)·B²d``
+    multiply-adds per batch. Extra memory O(threads·Q·B + (Q + 1)·B·d) for batches over 96 pairs.
+    """
+    if negative_term not in ("exact", "taylor"):
+        raise ValueError(f"ecif_reductions: negative_term must be 'exact' or 'taylor', got {negative_term!r}")
+    C, dt, squeeze, t, a = _directions("ecif_reductions", U, V, scale, plan, dU, dV, dlog_scale)
+    pos, neg = C.ecif_reductions(*a, negative_term == "exact", isa=_isa(), num_threads=torch.get_num_threads())
+    pos, neg = torch.from_numpy(pos), torch.from_numpy(neg)
+    if squeeze:
+        return pos[0], neg[0]
+    return pos, neg
+
+
+def gauss_newton_product(U: torch.Tensor, V: torch.Tensor, scale, plan: BatchPlan, dU: torch.Tensor,
+                         dV: torch.Tensor, dlog_scale=None):
+    """Embedding-space Gauss–Newton product (SPEC §4); same contract as the torch twin
+    (``torch_ref/gauss_newton.py``).
+
+    Args: as for :func:`ecif_reductions` (no ``negative_term``).
+    Returns:
+        ``(gU, gV, gs)``: ``gU, gV`` shaped like ``dU``; ``gs`` ``(Q,)`` (0-d for 2-D directions), zeros
+        when ``dlog_scale`` is None. float32 (float64 for float64 ``U``) CPU tensors.
+
+    Three streaming passes over 96×96 tiles: row / column log-sum-exp, the means ``m, m'`` from ``δS``,
+    then ``G = P∘(δS − m) + Q∘(δS − m')`` per query mapped back by the micro-kernel (``gU += t·G V``,
+    ``gV += t·Gᵀ U``). About ``(3 + 6Q)·B²d`` multiply-adds per batch; extra memory
+    O(threads·Q·B·d + (Q + 2)·B·d) for batches over 96 pairs.
+    """
+    C, dt, squeeze, t, a = _directions("gauss_newton_product", U, V, scale, plan, dU, dV, dlog_scale)
+    gU, gV, gs = C.gauss_newton_product(*a, isa=_isa(), num_threads=torch.get_num_threads())
+    gU, gV, gs = torch.from_numpy(gU), torch.from_numpy(gV), torch.from_numpy(gs)
+    if squeeze:
+        return gU[0], gV[0], gs[0]
+    return gU, gV, gs

@@ -1,0 +1,402 @@
+// Drivers of the directional ops (ecif_reductions, Gauss-Newton product): task lists, OpenMP,
+// per-thread column partials and their merge, and the per-pair assembly (SPEC §4).
+//
+// Passes (B = batch size, Q queries; cost in units of B^2 d multiply-adds per batch):
+//   ecif_reductions   1. line statistics of S (top, arg, rest, lse per row and column)      1
+//                     2. m, mc and the W / R weighted sums of δS                            1 + 2Q
+//                     3. Σ_i Wr_ik m_i and Σ_j Wc_kj mc_j (S again, no δS)                  1
+//                     then per pair: positive, negative, and the line-maximum terms (dot products)
+//   gauss_newton      1. row / column log-sum-exp (the lse kernel)                          1
+//                     2. m, mc                                                              1 + 2Q
+//                     3. G per query, gU += t G V, gV += t G^T U, gs += Σ G∘S               1 + 4Q
+// One infonce forward + backward is 4, so ecif_reductions with one query costs ~5/4 of it.
+//
+// Parallelisation as in infonce.cpp: tasks (batch, row tile) own their rows' results; column results
+// of a batch larger than one row tile go to per-thread partials (threads x K x Q x B, or
+// threads x Q x B x d for gV), summed in thread order. Tasks are scheduled statically (round robin),
+// so for a given thread count every partial sees the same tasks in the same order: results are
+// bitwise reproducible. The V / δV column tiles of such batches are packed once and shared by all
+// passes (B (Q + 1..2) d elements).
+#include "directional.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <memory>
+#include <string>
+#include <vector>
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
+namespace ecif {
+
+namespace {
+
+using i64 = std::int64_t;
+
+template <class T>
+struct DirKernels {
+    void (*stats)(const DirProblem<T>&, i64, i64, T*, T*, i64*, T*, T*, const T*);
+    void (*pass)(const DirProblem<T>&, int, i64, i64, T*, T*, i64, double*, const T*);
+    void (*pack)(const DirProblem<T>&, i64, i64, bool, T*);
+};
+
+template <class T>
+DirKernels<T> dir_kernels_for(const std::string& isa) {
+#define ECIF_DIR_KERNELS(NS)                                                                           \
+    DirKernels<T> {                                                                                     \
+        static_cast<void (*)(const DirProblem<T>&, i64, i64, T*, T*, i64*, T*, T*, const T*)>(            \
+            &NS::dir_stats_task),                                                                       \
+            static_cast<void (*)(const DirProblem<T>&, int, i64, i64, T*, T*, i64, double*, const T*)>( \
+                &NS::dir_pass_task),                                                                    \
+            static_cast<void (*)(const DirProblem<T>&, i64, i64, bool, T*)>(&NS::dir_pack_cols)         \
+    }
+#if defined(ECIF_HAVE_AVX512)
+    if (isa == "avx512") return ECIF_DIR_KERNELS(avx512);
+#endif
+#if defined(ECIF_HAVE_AVX2)
+    if (isa == "avx2") return ECIF_DIR_KERNELS(avx2);
+#endif
+    return ECIF_DIR_KERNELS(generic);
+#undef ECIF_DIR_KERNELS
+}
+
+// Task list, big-batch bookkeeping and the shared packed column tiles.
+template <class T>
+struct DirPlan {
+    std::vector<i64> task_b, task_rt;
+    std::vector<i64> bigbase;  // per batch: offset in the big-batch column space, -1 for one-task batches
+    std::vector<i64> bigpos;   // big-batch column index -> position in perm
+    std::vector<i64> vpbase;   // per batch: first packed tile, -1 when none
+    std::vector<i64> pack_b, pack_ct;
+    i64 nbig = 0, ntiles = 0;
+    int nt = 1;
+    std::unique_ptr<T[]> vpack;
+    size_t tsz = 0;
+
+    DirPlan(const DirProblem<T>& p, int num_threads, int flops_per_entry) {
+        const i64 nb = p.num_batches;
+        bigbase.assign(static_cast<size_t>(nb > 0 ? nb : 0), -1);
+        vpbase.assign(static_cast<size_t>(nb > 0 ? nb : 0), -1);
+        double work = 0.0;
+        for (i64 b = 0; b < nb; ++b) {
+            const i64 B = p.offsets[b + 1] - p.offsets[b];
+            if (B <= 0) continue;
+            work += double(B) * double(B) * double(flops_per_entry) * double(p.d + 32);
+            const i64 nrt = (B + kDirRows - 1) / kDirRows;
+            for (i64 rt = 0; rt < nrt; ++rt) {
+                task_b.push_back(b);
+                task_rt.push_back(rt);
+            }
+            if (B > kDirRows) {
+                bigbase[size_t(b)] = nbig;
+                for (i64 j = 0; j < B; ++j) bigpos.push_back(p.offsets[b] + j);
+                nbig += B;
+                vpbase[size_t(b)] = ntiles;
+                const i64 nct = (B + kDirCols - 1) / kDirCols;
+                for (i64 ct = 0; ct < nct; ++ct) {
+                    pack_b.push_back(b);
+                    pack_ct.push_back(ct);
+                }
+                ntiles += nct;
+            }
+        }
+#if defined(_OPENMP)
+        nt = num_threads > 0 ? num_threads : omp_get_max_threads();
+        if (work < 4.0e6) nt = 1;  // a parallel region costs more than it saves (see lse.cpp)
+        if (nt < 1) nt = 1;
+#else
+        (void)num_threads;
+#endif
+        tsz = size_t(dir_tile_elems(p.d, p.Q));
+        vpack.reset(new T[size_t(ntiles) * tsz]);
+    }
+    i64 ntasks() const { return i64(task_b.size()); }
+    const T* vp(i64 b) const {
+        const i64 v = vpbase[size_t(b)];
+        return v >= 0 ? vpack.get() + size_t(v) * tsz : nullptr;
+    }
+};
+
+// Run `body(tid, team)` on nt threads (inline when nt == 1); returns the team size.
+template <class F>
+int dir_parallel(int nt, F body) {
+    int team = 1;
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        int tid = 0, sz = 1;
+#if defined(_OPENMP)
+        tid = omp_get_thread_num();
+        sz = omp_get_num_threads();
+#pragma omp single nowait
+        team = sz;
+#endif
+        body(tid, sz);
+    }
+    return team;
+}
+
+// Static round-robin share of [0, count) for thread tid of a team of sz (deterministic).
+#define ECIF_FOR_SHARE(var, count, tid, sz) for (i64 var = (tid); var < (count); var += (sz))
+
+template <class T>
+void pack_all(const DirProblem<T>& p, const DirKernels<T>& kern, DirPlan<T>& pl, bool rows) {
+    const i64 npack = i64(pl.pack_b.size());
+    if (npack == 0) return;
+    dir_parallel(pl.nt, [&](int tid, int sz) {
+        ECIF_FOR_SHARE(k, npack, tid, sz) {
+            const i64 b = pl.pack_b[size_t(k)], ct = pl.pack_ct[size_t(k)];
+            kern.pack(p, b, ct, rows, pl.vpack.get() + size_t(pl.vpbase[size_t(b)] + ct) * pl.tsz);
+        }
+    });
+}
+
+// One pass over all tasks with per-thread column partials of `per_col` elements per (column, slice)
+// and `slices` slices; merged into outs[k][q * n + pair] (slice k * Q + q, per_col == 1) or, when
+// outs is null, into the gV rows (slice q, per_col == d).
+template <class T>
+void run_pass(const DirProblem<T>& p, const DirKernels<T>& kern, const DirPlan<T>& pl, int mode, int slices,
+              i64 per_col, T* const* outs, double* gs_out) {
+    const i64 ntasks = pl.ntasks(), nbig = pl.nbig, Q = p.Q, n = p.n;
+    const size_t wsz = size_t(dir_workspace_elems(p.d, Q));
+    const size_t psz = size_t(slices) * size_t(nbig) * size_t(per_col);  // per thread
+    const int nt = pl.nt;
+    std::unique_ptr<T[]> ws(new T[size_t(nt) * wsz]);
+    std::unique_ptr<T[]> part(new T[size_t(nt) * psz]);
+    std::vector<double> gsp(size_t(nt) * size_t(Q + 8), 0.0);
+    const i64 cstride = nbig * per_col;  // between slices
+    int team = 1;
+    team = dir_parallel(nt, [&](int tid, int sz) {
+        T* mypart = part.get() + size_t(tid) * psz;
+        std::fill(mypart, mypart + psz, T(0));
+        T* w = ws.get() + size_t(tid) * wsz;
+        double* mygs = gsp.data() + size_t(tid) * size_t(Q + 8);
+        ECIF_FOR_SHARE(k, ntasks, tid, sz) {
+            const i64 b = pl.task_b[size_t(k)];
+            const i64 base = pl.bigbase[size_t(b)];
+            T* acc = base >= 0 ? mypart + size_t(base) * size_t(per_col) : nullptr;
+            kern.pass(p, mode, b, pl.task_rt[size_t(k)], w, acc, cstride, mygs, pl.vp(b));
+        }
+    });
+    if (nbig > 0) {
+        dir_parallel(nt, [&](int tid, int sz) {
+            ECIF_FOR_SHARE(c, nbig, tid, sz) {
+                const i64 k = p.perm[pl.bigpos[size_t(c)]];
+                for (int s = 0; s < slices; ++s) {
+                    const int kk = outs ? s / int(Q) : 0;
+                    const i64 q = outs ? s % Q : s;
+                    T* dst = outs ? outs[kk] + q * n + k : p.gV + (q * n + k) * p.d;
+                    const size_t o = (size_t(s) * size_t(nbig) + size_t(c)) * size_t(per_col);
+                    for (i64 e = 0; e < per_col; ++e) {
+                        T v = part[o + size_t(e)];
+                        for (int t = 1; t < team; ++t) v += part[size_t(t) * psz + o + size_t(e)];
+                        dst[e] = v;
+                    }
+                }
+            }
+        });
+    }
+    if (gs_out)
+        for (int t = 0; t < team; ++t)
+            for (i64 q = 0; q < Q; ++q) gs_out[q] += gsp[size_t(t) * size_t(Q + 8) + size_t(q)];
+}
+
+template <class T>
+void line_merge_scalar(T& top, i64& arg, T& rM, T& rS, T a, i64 ja, T b2, T ts) {
+    const T ninf = -std::numeric_limits<T>::infinity();
+    T loser;
+    if (a > top) {
+        loser = top;
+        top = a;
+        arg = ja;
+    } else {
+        loser = a;
+    }
+    T M = rM;
+    if (ts != T(0) && b2 > M) M = b2;
+    if (loser > M) M = loser;
+    if (M == ninf) {
+        rM = M;
+        rS = T(0);
+        return;
+    }
+    T s = T(0);
+    if (rS != T(0)) s += rS * std::exp(rM - M);
+    if (ts != T(0)) s += ts * std::exp(b2 - M);
+    if (loser > ninf) s += std::exp(loser - M);
+    rM = M;
+    rS = s;
+}
+
+template <class T>
+void stats_pass(const DirProblem<T>& p, const DirKernels<T>& kern, const DirPlan<T>& pl) {
+    const i64 ntasks = pl.ntasks(), nbig = pl.nbig;
+    const int nt = pl.nt;
+    const size_t wsz = size_t(dir_workspace_elems(p.d, p.Q));
+    std::unique_ptr<T[]> ws(new T[size_t(nt) * wsz]);
+    std::unique_ptr<T[]> pT(new T[size_t(nt) * size_t(nbig) * 3]);
+    std::unique_ptr<i64[]> pA(new i64[size_t(nt) * size_t(nbig)]);
+    const T ninf = -std::numeric_limits<T>::infinity();
+    const int team = dir_parallel(nt, [&](int tid, int sz) {
+        T* top = pT.get() + size_t(tid) * size_t(nbig) * 3;
+        T* rM = top + nbig;
+        T* rS = rM + nbig;
+        i64* arg = pA.get() + size_t(tid) * size_t(nbig);
+        for (i64 c = 0; c < nbig; ++c) {
+            top[c] = rM[c] = ninf;
+            rS[c] = T(0);
+            arg[c] = 0;
+        }
+        T* w = ws.get() + size_t(tid) * wsz;
+        ECIF_FOR_SHARE(k, ntasks, tid, sz) {
+            const i64 b = pl.task_b[size_t(k)];
+            const i64 base = pl.bigbase[size_t(b)];
+            if (base >= 0)
+                kern.stats(p, b, pl.task_rt[size_t(k)], w, top + base, arg + base, rM + base, rS + base, pl.vp(b));
+            else
+                kern.stats(p, b, pl.task_rt[size_t(k)], w, nullptr, nullptr, nullptr, nullptr, nullptr);
+        }
+    });
+    if (nbig == 0) return;
+    dir_parallel(nt, [&](int tid, int sz) {
+        ECIF_FOR_SHARE(c, nbig, tid, sz) {
+            T top = ninf, rM = ninf, rS = T(0);
+            i64 arg = 0;
+            for (int t = 0; t < team; ++t) {
+                const T* tp = pT.get() + size_t(t) * size_t(nbig) * 3;
+                line_merge_scalar<T>(top, arg, rM, rS, tp[c], pA[size_t(t) * size_t(nbig) + size_t(c)],
+                                     tp[nbig + c], tp[2 * nbig + c]);
+            }
+            const i64 k = p.perm[pl.bigpos[size_t(c)]];
+            const T rest = rS > T(0) ? rM + std::log(rS) : ninf;
+            p.ctop[k] = top;
+            p.crest[k] = rest;
+            p.clse[k] = rest > ninf ? top + std::log1p(std::exp(rest - top)) : top;
+            p.carg[k] = arg;
+        }
+    });
+}
+
+// a·b + c·e in double (the single-entry δS values)
+template <class T>
+double dot2(const T* a, const T* b, const T* c, const T* e, i64 d) {
+    double s = 0.0;
+    for (i64 k = 0; k < d; ++k) s += double(a[k]) * double(b[k]) + double(c[k]) * double(e[k]);
+    return s;
+}
+
+template <class T>
+void reductions_driver(const DirProblem<T>& p, T* positive, T* negative, const std::string& isa_in,
+                       int num_threads) {
+    const std::string isa = resolve_isa(isa_in);
+    const DirKernels<T> kern = dir_kernels_for<T>(isa);
+    DirPlan<T> pl(p, num_threads, 4 + 2 * int(p.Q));
+    const i64 n = p.n, d = p.d, Q = p.Q, nb = p.num_batches;
+    const T t = p.scale;
+    pack_all(p, kern, pl, false);
+    stats_pass(p, kern, pl);
+    {
+        T* outs[3] = {p.mc, p.a1, p.rc};
+        run_pass(p, kern, pl, kDirRed2, 3 * int(Q), 1, outs, nullptr);
+    }
+    {
+        T* outs[1] = {p.mW};
+        run_pass(p, kern, pl, kDirRed3, int(Q), 1, outs, nullptr);
+    }
+    // Per pair: positive, the regular negative terms, and the two line-maximum terms (SPEC §4,
+    // torch_ref/softmax.py): p_ia (δS_ia - Σ_{j≠a} r_ij δS_ij) credited to the row's max pair a and
+    // the column analogue. They are computed per pair in parallel, then scattered in a fixed order.
+    const i64 npairs = nb > 0 ? p.offsets[nb] : 0;
+    std::vector<i64> bof(static_cast<size_t>(npairs), 0);  // batch offset of every position in perm
+    for (i64 b = 0; b < nb; ++b)
+        for (i64 q = p.offsets[b]; q < p.offsets[b + 1]; ++q) bof[size_t(q)] = p.offsets[b];
+    const bool exact = p.exact;
+    std::vector<T> spR(exact ? size_t(Q * npairs) : 0), spC(exact ? size_t(Q * npairs) : 0);
+    std::vector<i64> tgR(exact ? size_t(npairs) : 0), tgC(exact ? size_t(npairs) : 0);
+    int nt = pl.nt;
+    if (double(npairs) * double(Q) * double(d + 8) < 1.0e5) nt = 1;
+    dir_parallel(nt, [&](int tid, int sz) {
+        ECIF_FOR_SHARE(pos, npairs, tid, sz) {
+            const i64 k = p.perm[pos], o = bof[size_t(pos)], il = pos - o;
+            const T* u = p.U + k * d;
+            const T* v = p.V + k * d;
+            double skk = 0.0;
+            for (i64 c = 0; c < d; ++c) skk += double(u[c]) * double(v[c]);
+            skk *= double(t);
+            i64 ka = -1, kb = -1;
+            if (exact) {
+                if (p.rarg[k] != il) ka = p.perm[o + p.rarg[k]];
+                if (p.carg[k] != il) kb = p.perm[o + p.carg[k]];
+                tgR[size_t(pos)] = ka;
+                tgC[size_t(pos)] = kb;
+            }
+            const double pr = exact ? std::exp(double(p.rtop[k]) - double(p.rlse[k])) : 0.0;
+            const double pc = exact ? std::exp(double(p.ctop[k]) - double(p.clse[k])) : 0.0;
+            for (i64 q = 0; q < Q; ++q) {
+                const T* du = p.dU + (q * n + k) * d;
+                const T* dv = p.dV + (q * n + k) * d;
+                const double dsq = p.ds ? double(p.ds[q]) : 0.0;
+                const double dkk = double(t) * dot2(du, v, u, dv, d) + dsq * skk;
+                const i64 e = q * n + k;
+                positive[e] = T(double(p.m[e]) + double(p.mc[e]) - 2.0 * dkk);
+                negative[e] = (p.a1[e] - p.mW[e]) + (p.c1[e] - p.mcX[e]);
+                if (ka >= 0) {  // row k's max at column pair ka
+                    const double dsa = double(t) * dot2(du, p.V + ka * d, u, p.dV + (q * n + ka) * d, d) +
+                                       dsq * double(p.rtop[k]);
+                    spR[size_t(q * npairs + pos)] = T(pr * (dsa - double(p.rr[e])));
+                }
+                if (kb >= 0) {  // column k's max at row pair kb
+                    const double dsb = double(t) * dot2(p.dU + (q * n + kb) * d, v, p.U + kb * d, dv, d) +
+                                       dsq * double(p.ctop[k]);
+                    spC[size_t(q * npairs + pos)] = T(pc * (dsb - double(p.rc[e])));
+                }
+            }
+        }
+    });
+    if (exact) {
+        for (i64 q = 0; q < Q; ++q)
+            for (i64 pos = 0; pos < npairs; ++pos) {
+                if (tgR[size_t(pos)] >= 0) negative[q * n + tgR[size_t(pos)]] += spR[size_t(q * npairs + pos)];
+                if (tgC[size_t(pos)] >= 0) negative[q * n + tgC[size_t(pos)]] += spC[size_t(q * npairs + pos)];
+            }
+    }
+}
+
+template <class T>
+void gn_driver(const DirProblem<T>& p, double* gs, const std::string& isa_in, int num_threads) {
+    const std::string isa = resolve_isa(isa_in);
+    const DirKernels<T> kern = dir_kernels_for<T>(isa);
+    DirPlan<T> pl(p, num_threads, 3 + 6 * int(p.Q));
+    for (i64 q = 0; q < p.Q; ++q) gs[q] = 0.0;
+    const LseProblem<T> lp{p.U, p.V, p.n, p.d, p.scale, p.perm, p.offsets, p.num_batches, p.rlse, p.clse};
+    lse(lp, isa, num_threads);
+    pack_all(p, kern, pl, true);
+    {
+        T* outs[1] = {p.mc};
+        run_pass(p, kern, pl, kDirGn2, int(p.Q), 1, outs, nullptr);
+    }
+    run_pass<T>(p, kern, pl, kDirGn3, int(p.Q), p.d, nullptr, gs);
+    if (!p.ds)
+        for (i64 q = 0; q < p.Q; ++q) gs[q] = 0.0;
+}
+
+}  // namespace
+
+void ecif_reductions(const DirProblem<float>& p, float* positive, float* negative, const std::string& isa,
+                     int num_threads) {
+    reductions_driver(p, positive, negative, isa, num_threads);
+}
+void ecif_reductions(const DirProblem<double>& p, double* positive, double* negative, const std::string& isa,
+                     int num_threads) {
+    reductions_driver(p, positive, negative, isa, num_threads);
+}
+void gauss_newton_product(const DirProblem<float>& p, double* gs, const std::string& isa, int num_threads) {
+    gn_driver(p, gs, isa, num_threads);
+}
+void gauss_newton_product(const DirProblem<double>& p, double* gs, const std::string& isa, int num_threads) {
+    gn_driver(p, gs, isa, num_threads);
+}
+
+}  // namespace ecif
