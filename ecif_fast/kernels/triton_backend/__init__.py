@@ -5,7 +5,8 @@ Registered in :mod:`ecif_fast.kernels.registry` for CUDA devices. :func:`availab
 or ``ECIF_FAST_BACKEND=triton``) and ``TRITON_INTERPRET=1`` is set (Triton's interpreter, for tests):
 see :func:`supports_device`. Automatic choice never picks this backend for CPU tensors.
 
-Ops: ``lse`` (float16/bfloat16/float32/float64; see :mod:`.lse` for the kernel design).
+Ops: ``lse``, ``infonce`` (float16/bfloat16/float32/float64; see :mod:`.lse` and :mod:`.infonce` for
+the kernel designs).
 """
 from __future__ import annotations
 
@@ -26,6 +27,8 @@ else:
     from .lse import interpreting, last_launch, lse  # noqa: F401
     from . import reductions as reductions_module  # the submodule of ``ecif_reductions``
     from .reductions import ecif_reductions  # noqa: F401
+    from . import infonce as infonce_module  # the submodule (the name ``infonce`` is the op)
+    from .infonce import infonce  # noqa: F401
 
 
 def available() -> bool:
@@ -47,4 +50,4 @@ def supports_device(device_type: str) -> bool:
     return False
 
 
-__all__ = ["available", "unavailable_reason", "supports_device", "lse", "interpreting", "last_launch", "ecif_reductions"]
+__all__ = ["available", "unavailable_reason", "supports_device", "lse", "interpreting", "last_launch", "ecif_reductions", "infonce"]

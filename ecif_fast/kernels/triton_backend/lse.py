@@ -157,17 +157,22 @@ def _lse_rows_kernel(
 _INTERPRETED: Dict[str, object] = {}
 
 
-def _kernel_for(device_type: str):
-    """The compiled kernel for CUDA; an interpreted one for CPU tensors under ``TRITON_INTERPRET=1``."""
+def kernel_for(kernel, name: str, device_type: str):
+    """``kernel`` itself for CUDA; an interpreted twin of it (built once, cached under ``name``) for
+    CPU tensors under ``TRITON_INTERPRET=1``."""
     if device_type == "cuda":
-        return _lse_rows_kernel
-    k = _INTERPRETED.get("lse")
+        return kernel
+    k = _INTERPRETED.get(name)
     if k is None:
         from triton.runtime.interpreter import InterpretedFunction
-        k = _lse_rows_kernel if isinstance(_lse_rows_kernel, InterpretedFunction) else \
-            InterpretedFunction(_lse_rows_kernel.fn)
-        _INTERPRETED["lse"] = k
+        k = kernel if isinstance(kernel, InterpretedFunction) else InterpretedFunction(kernel.fn)
+        _INTERPRETED[name] = k
     return k
+
+
+def _kernel_for(device_type: str):
+    """The compiled lse kernel for CUDA; an interpreted one for CPU tensors under ``TRITON_INTERPRET=1``."""
+    return kernel_for(_lse_rows_kernel, "lse", device_type)
 
 
 class _Cfg(NamedTuple):
@@ -293,6 +298,55 @@ _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.floa
               torch.float64: tl.float64}
 
 
+def check_inputs(U: torch.Tensor, V: torch.Tensor, plan: BatchPlan, *extra: torch.Tensor) -> tuple:
+    """Validate device, dtype and shapes; return ``(U, V, *extra)`` detached and promoted to one dtype.
+
+    ``U, V``: ``(n, d)``; ``extra``: direction tensors ``(Q, n, d)`` (or ``(n, d)``) on the same device.
+    """
+    dev = U.device
+    if dev.type == "cpu":
+        if not interpreting():
+            raise BackendUnavailableError(
+                "backend 'triton' got CPU tensors; Triton runs them only in its interpreter: set "
+                f"{INTERPRET_ENV}=1 (slow, meant for tests), move the tensors to a GPU, or use "
+                "backend='cpp' or backend='torch'")
+    elif dev.type != "cuda":
+        raise ECIFInputError(f"backend 'triton' runs on CUDA devices (or the CPU with {INTERPRET_ENV}=1), "
+                             f"but U is on device '{dev}'; move the tensors or use backend='torch'")
+    for name, x in (("V", V),) + tuple(("a direction tensor", x) for x in extra):
+        if x.device != dev:
+            raise ECIFInputError(f"U and {name} must be on the same device, got {dev} and {x.device}")
+    ts = [x.detach() for x in (U, V) + tuple(extra)]
+    dt = ts[0].dtype
+    for x in ts[1:]:
+        dt = torch.promote_types(dt, x.dtype)
+    ts = [x.to(dt) for x in ts]
+    U, V = ts[0], ts[1]
+    if dt not in _TL_DTYPES:
+        raise ECIFInputError(f"backend 'triton' accepts float16, bfloat16, float32 or float64, got {dt}")
+    if U.dim() != 2 or U.shape != V.shape:
+        raise ECIFInputError(f"U and V must both be (n, d) with the same shape, got {tuple(U.shape)} "
+                             f"and {tuple(V.shape)}")
+    for x in ts[2:]:
+        if x.dim() not in (2, 3) or x.shape[-2:] != U.shape:
+            raise ECIFInputError(f"directions must be (Q, n, d) or (n, d) with (n, d) = {tuple(U.shape)}, "
+                                 f"got {tuple(x.shape)}")
+    if U.shape[0] != plan.n:
+        raise ECIFInputError(f"the plan covers {plan.n} pairs but U has {U.shape[0]} rows")
+    return tuple(ts)
+
+
+def dot_setup(dtype: torch.dtype, interp: bool):
+    """``(precision, operand dtype)`` of ``tl.dot`` for inputs of ``dtype`` (see the module docstring)."""
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    if interp:
+        return "ieee", _TL_DTYPES[acc]
+    if dtype == torch.float32:
+        return _fp32_precision(), tl.float32
+    # precision only matters for float32 operands; float64 is exact ("ieee") anyway
+    return ("ieee" if dtype == torch.float64 else "tf32"), _TL_DTYPES[dtype]
+
+
 def lse(U: torch.Tensor, V: torch.Tensor, scale, plan: BatchPlan, *, block_m: Optional[int] = None,
         block_n: Optional[int] = None, block_k: Optional[int] = None,
         split: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -307,30 +361,9 @@ def lse(U: torch.Tensor, V: torch.Tensor, scale, plan: BatchPlan, *, block_m: Op
     Returns:
         ``(row, col)``: ``(n,)`` float32 (float64 for float64 inputs) on U's device. Not differentiable.
     """
+    U, V = check_inputs(U, V, plan)
     dev = U.device
-    if dev.type == "cpu":
-        if not interpreting():
-            raise BackendUnavailableError(
-                "backend 'triton' got CPU tensors; Triton runs them only in its interpreter: set "
-                f"{INTERPRET_ENV}=1 (slow, meant for tests), move the tensors to a GPU, or use "
-                "backend='cpp' or backend='torch'")
-    elif dev.type != "cuda":
-        raise ECIFInputError(f"backend 'triton' runs on CUDA devices (or the CPU with {INTERPRET_ENV}=1), "
-                             f"but U is on device '{dev}'; move the tensors or use backend='torch'")
-    if V.device != dev:
-        raise ECIFInputError(f"U and V must be on the same device, got {dev} and {V.device}")
-    U, V = U.detach(), V.detach()
-    if U.dtype != V.dtype:
-        dt = torch.promote_types(U.dtype, V.dtype)
-        U, V = U.to(dt), V.to(dt)
-    if U.dtype not in _TL_DTYPES:
-        raise ECIFInputError(f"backend 'triton' accepts float16, bfloat16, float32 or float64, got {U.dtype}")
-    if U.dim() != 2 or U.shape != V.shape:
-        raise ECIFInputError(f"U and V must both be (n, d) with the same shape, got {tuple(U.shape)} "
-                             f"and {tuple(V.shape)}")
     n, d = U.shape
-    if n != plan.n:
-        raise ECIFInputError(f"the plan covers {plan.n} pairs but U has {n} rows")
     acc = torch.float64 if U.dtype == torch.float64 else torch.float32
     if n == 0 or plan.num_batches == 0:
         return torch.empty(n, dtype=acc, device=dev), torch.empty(n, dtype=acc, device=dev)
@@ -338,18 +371,13 @@ def lse(U: torch.Tensor, V: torch.Tensor, scale, plan: BatchPlan, *, block_m: Op
     interp = dev.type == "cpu"
     if interp:
         cfgs = [_Cfg(block_m or 32, block_n or 32, block_k or min(_p2(d), 64), 4, 1)]
-        precision, dot_dt = "ieee", _TL_DTYPES[acc]
     else:
         cfgs = _gpu_configs(U.dtype, d)
         if block_m or block_n or block_k:
             c0 = cfgs[0]
             cfgs = [_Cfg(block_m or c0.block_m, block_n or c0.block_n, block_k or c0.block_k,
                          c0.num_warps, c0.num_stages)]
-        if U.dtype == torch.float32:
-            precision = _fp32_precision()
-        else:  # precision only matters for float32 operands; float64 is exact ("ieee") anyway
-            precision = "ieee" if U.dtype == torch.float64 else "tf32"
-        dot_dt = _TL_DTYPES[U.dtype]
+    precision, dot_dt = dot_setup(U.dtype, interp)
     for c in cfgs:
         for v in (c.block_m, c.block_n, c.block_k):
             if v < 16 or v & (v - 1):
