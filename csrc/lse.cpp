@@ -113,9 +113,11 @@ Kernels<T> kernels_for(const std::string& isa) {
 #undef ECIF_KERNELS
 }
 
-// OpenMP driver: tasks = (batch, row tile), dynamically scheduled. For batches larger than one row
-// tile, V is packed once (shared by the batch's tasks) and the columns accumulate in per-thread
-// (reference, sum) arrays, merged in a final parallel pass.
+// OpenMP driver: tasks = (batch, row tile), statically scheduled (round robin in chunks), so that
+// for a given thread count every per-thread column partial sees the same tasks in the same order
+// and the result is bitwise reproducible (the Gauss-Newton product builds on it). For batches
+// larger than one row tile, V is packed once (shared by the batch's tasks) and the columns
+// accumulate in per-thread (reference, sum) arrays, merged in a final parallel pass.
 template <class T>
 void lse_driver(const LseProblem<T>& p, const std::string& isa, int num_threads) {
     using i64 = std::int64_t;
@@ -216,7 +218,7 @@ void lse_driver(const LseProblem<T>& p, const std::string& isa, int num_threads)
             }
         }
         if (nbig > 0) {
-#pragma omp for schedule(dynamic, chunk)
+#pragma omp for schedule(static, chunk)
             for (i64 t = 0; t < ntasks; ++t) run(t, w, pM, pS);
 #pragma omp for schedule(static) nowait
             for (i64 q = 0; q < nbig; ++q) {
@@ -235,7 +237,7 @@ void lse_driver(const LseProblem<T>& p, const std::string& isa, int num_threads)
                 p.col[p.perm[bigpos[static_cast<size_t>(q)]]] = M + std::log(s);
             }
         } else {
-#pragma omp for schedule(dynamic, chunk) nowait
+#pragma omp for schedule(static, chunk) nowait
             for (i64 t = 0; t < ntasks; ++t) run(t, w, pM, pS);
         }
     }
