@@ -150,13 +150,13 @@ def _line_stats_kernel(
 @triton.jit
 def _line_pass2_kernel(
     A, B, dA, dB, perm, offsets, tile_start, tile_batch, scale_ptr, ds_ptr,
-    own_lse, own_rest, own_arg, oth_lse, oth_arg, out_m, out_mpos, out_e, out_x,
+    own_lse, own_rest, own_arg, oth_lse, oth_arg, out_m, out_e, out_x,
     d, Q, sa0, sa1, sb0, sb1, sda_q, sda0, sda1, sdb_q, sdb0, sdb1, out_q_stride,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_Q: tl.constexpr,
     SINGLE_K: tl.constexpr, IDENTITY: tl.constexpr, EXACT: tl.constexpr, HAS_DS: tl.constexpr,
     DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Per own line ``k`` and query ``q`` of the chunk: ``m``, ``m − δS_kk``, ``e`` (exact) and ``x``."""
+    """Per own line ``k`` and query ``q`` of the chunk: ``m``, ``e`` (exact) and ``x``."""
     pid = tl.program_id(0)
     q_lo = tl.program_id(1) * BLOCK_Q
     q_hi = tl.minimum(q_lo + BLOCK_Q, Q)
@@ -181,10 +181,9 @@ def _line_pass2_kernel(
     if EXACT:
         rest_i = tl.load(own_rest + rows, mask=mmask, other=0.0)
         arg_i = tl.load(own_arg + rows, mask=mmask, other=-1)
-    acc_m = tl.full([BLOCK_M, BLOCK_Q], 0.0, ACC_DTYPE)
-    acc_p = tl.full([BLOCK_M, BLOCK_Q], 0.0, ACC_DTYPE)
-    acc_e = tl.full([BLOCK_M, BLOCK_Q], 0.0, ACC_DTYPE)
-    acc_x = tl.full([BLOCK_M, BLOCK_Q], 0.0, ACC_DTYPE)
+    acc_m = tl.full([BLOCK_Q, BLOCK_M], 0.0, ACC_DTYPE)
+    acc_e = tl.full([BLOCK_Q, BLOCK_M], 0.0, ACC_DTYPE)
+    acc_x = tl.full([BLOCK_Q, BLOCK_M], 0.0, ACC_DTYPE)
     if SINGLE_K:
         kmask = offs_k < d
         a = tl.load(A + rows[:, None] * sa0 + offs_k[None, :] * sa1,
@@ -213,19 +212,18 @@ def _line_pass2_kernel(
                 s = tl.dot(ak, bk, s, input_precision=PRECISION, out_dtype=ACC_DTYPE)
         s = s * scale
         valid = mmask[:, None] & nmask[None, :]
-        diag = valid & (rid[:, None] == cid[None, :])
         # weights of the tile, shared by every query of the chunk
-        p = tl.where(valid, tl.exp(s - lse_i[:, None]), 0.0)
-        pd = tl.where(diag, p - 1.0, p)
+        p = tl.where(valid, tl.exp(tl.minimum(s - lse_i[:, None], 0.0)), 0.0)
         lse_j = tl.load(oth_lse + cols, mask=nmask, other=0.0)
-        qo = tl.exp(s - lse_j[None, :])
+        qo = tl.exp(tl.minimum(s - lse_j[None, :], 0.0))
         if EXACT:
             # off the other line's maximum q <= 1/2, so q/(1-q) is safe; the maximum is handled by e/c
             arg_j = tl.load(oth_arg + cols, mask=nmask, other=-1)
             keep = valid & (rid[:, None] != cid[None, :]) & (arg_j[None, :] != rid[:, None])
             w = tl.where(keep, qo / (1.0 - tl.minimum(qo, 0.5)), 0.0)
             # e weights: 1 at the own line's maximum, -r (softmax of the line without it) elsewhere
-            ew = tl.where(arg_i[:, None] == cid[None, :], 1.0, -tl.exp(s - rest_i[:, None]))
+            # (s <= rest off the maximum: the clamp only keeps the masked entries finite)
+            ew = tl.where(arg_i[:, None] == cid[None, :], 1.0, -tl.exp(tl.minimum(s - rest_i[:, None], 0.0)))
             ew = tl.where(valid, ew, 0.0)
         else:
             w = tl.where(valid & (rid[:, None] != cid[None, :]), qo, 0.0)
@@ -256,18 +254,16 @@ def _line_pass2_kernel(
             g = g * scale
             if HAS_DS:
                 g = g + tl.load(ds_ptr + q) * s
-            sel = (offs_q == q - q_lo)[None, :]
-            acc_m = tl.where(sel, acc_m + tl.reduce(p * g, 1, _sum_combine)[:, None], acc_m)
-            acc_p = tl.where(sel, acc_p + tl.reduce(pd * g, 1, _sum_combine)[:, None], acc_p)
-            acc_x = tl.where(sel, acc_x + tl.reduce(w * g, 1, _sum_combine)[:, None], acc_x)
+            sel = (offs_q == q - q_lo)[:, None]
+            acc_m = tl.where(sel, acc_m + tl.reduce(p * g, 1, _sum_combine)[None, :], acc_m)
+            acc_x = tl.where(sel, acc_x + tl.reduce(w * g, 1, _sum_combine)[None, :], acc_x)
             if EXACT:
-                acc_e = tl.where(sel, acc_e + tl.reduce(ew * g, 1, _sum_combine)[:, None], acc_e)
+                acc_e = tl.where(sel, acc_e + tl.reduce(ew * g, 1, _sum_combine)[None, :], acc_e)
 
     qq = q_lo + offs_q
-    optr = qq.to(tl.int64)[None, :] * out_q_stride + rows[:, None]
-    omask = mmask[:, None] & (qq < Q)[None, :]
+    optr = qq.to(tl.int64)[:, None] * out_q_stride + rows[None, :]
+    omask = mmask[None, :] & (qq < Q)[:, None]
     tl.store(out_m + optr, acc_m, mask=omask)
-    tl.store(out_mpos + optr, acc_p, mask=omask)
     tl.store(out_x + optr, acc_x, mask=omask)
     if EXACT:
         tl.store(out_e + optr, acc_e, mask=omask)
@@ -332,7 +328,7 @@ def _line_pass3_kernel(
         s = s * scale
         valid = mmask[:, None] & nmask[None, :]
         lse_j = tl.load(oth_lse + cols, mask=nmask, other=0.0)
-        qo = tl.exp(s - lse_j[None, :])
+        qo = tl.exp(tl.minimum(s - lse_j[None, :], 0.0))
         if EXACT:
             arg_j = tl.load(oth_arg + cols, mask=nmask, other=-1)
             off_diag = valid & (rid[:, None] != cid[None, :])
@@ -375,22 +371,23 @@ def _kernel(name: str, device_type: str):
 def _gpu_configs(dtype: torch.dtype, d: int) -> list:
     """Tile configurations for the GPU, first choice then smaller fall-backs.
 
-    Pass 2 holds ``S``, three weight tiles and one ``δS`` tile per query at a time (five
-    ``BLOCK_M × BLOCK_N`` accumulator-dtype tiles), so the tiles are smaller than :mod:`.lse`'s and
-    use 8 warps from d > 64 on. Chosen without a GPU at hand (compiled for sm_90 in the tests);
-    untuned.
+    Pass 2 keeps ``S``, three weight tiles and a ``δS`` tile per query live, plus the address tensors
+    of its four operand tiles; a wide ``BLOCK_K`` made sm_90 builds spill (ptxas, 255 registers), so
+    ``d`` is streamed in narrow blocks (16-bit: 32, float32: 16, float64: 16 columns). With these
+    first choices and ``BLOCK_Q <= 4`` the kernels compile for sm_90 without (or with a few bytes of)
+    spills, checked with ``cuobjdump -res-usage``; untuned (no GPU timings yet).
     """
-    if dtype in (torch.float16, torch.bfloat16, torch.float32):
-        if d <= 64:
-            cfgs = [_Cfg(64, 64, _p2(d), 4, 2)]
-        elif d <= 128 or (d <= 256 and dtype != torch.float32):
-            cfgs = [_Cfg(64, 64, _p2(d), 8, 2)]
-        else:
-            cfgs = [_Cfg(64, 64, 64, 8, 2)]
-        cfgs += [_Cfg(32, 32, 32, 4, 1)]
+    if dtype in (torch.float16, torch.bfloat16):
+        cfgs = [_Cfg(64, 64, 32 if d > 16 else 16, 8, 2)]
+    elif dtype == torch.float32:
+        cfgs = [_Cfg(64, 64, 16, 8, 2)]
     else:  # float64
-        cfgs = [_Cfg(32, 32, 32 if d > 16 else 16, 4, 1), _Cfg(16, 16, 16, 4, 1)]
+        cfgs = [_Cfg(32, 32, 16, 4, 1)]
+    cfgs += [_Cfg(16, 16, 16, 4, 1)]
     return cfgs
+
+
+_GPU_MAX_BLOCK_Q = 4  # larger query chunks spill registers in pass 2 on sm_90
 
 
 _GOOD_CFG: Dict[Tuple, int] = {}
@@ -537,9 +534,10 @@ def ecif_reductions(U: torch.Tensor, V: torch.Tensor, scale, plan: BatchPlan, dU
 
 
 def _query_chunk(Q: int, num_tiles: int, dev: torch.device, interp: bool) -> int:
-    """Queries per program: all of them (up to 16) unless the row tiles alone leave the GPU idle."""
+    """Queries per program: all of them (up to 16; 4 on the GPU), fewer when the row tiles alone leave the GPU idle."""
     bq = min(_p2(Q, 1), 16)
     if not interp:
+        bq = min(bq, _GPU_MAX_BLOCK_Q)
         want = 2 * _sm_count(dev)
         while bq > 1 and num_tiles * -(-Q // bq) < want:
             bq //= 2
@@ -566,7 +564,7 @@ def _run(U, V, dU, dV, scale_t, ds, has_ds, exact, tab, cfg, bq, precision, dot_
         return st
 
     def pass2(A, B, dA, dB, own: _Stats, oth: _Stats):
-        out = [torch.zeros(Q, n, dtype=acc, device=dev) for _ in range(4)]  # m, m − δS_kk, e, x
+        out = [torch.zeros(Q, n, dtype=acc, device=dev) for _ in range(3)]  # m, e, x
         _kernel("pass2", dev.type)[grid2](
             A, B, dA, dB, *plan_args, ds, own.lse, own.rest, own.arg, oth.lse, oth.arg, *out,
             d, Q, A.stride(0), A.stride(1), B.stride(0), B.stride(1), dA.stride(0), dA.stride(1), dA.stride(2),
@@ -583,8 +581,8 @@ def _run(U, V, dU, dV, scale_t, ds, has_ds, exact, tab, cfg, bq, precision, dot_
 
     rows = stats(U, V)
     cols = stats(V, U)
-    m_r, mpos_r, e_r, x_r = pass2(U, V, dU, dV, rows, cols)
-    m_c, mpos_c, e_c, x_c = pass2(V, U, dV, dU, cols, rows)
+    m_r, e_r, x_r = pass2(U, V, dU, dV, rows, cols)
+    m_c, e_c, x_c = pass2(V, U, dV, dU, cols, rows)
     if exact:  # line-maximum terms c = p_max·e, credited by pass 3 to the pair at the maximum
         c_r = torch.exp(rows.top - rows.lse) * e_r
         c_c = torch.exp(cols.top - cols.lse) * e_c
@@ -592,4 +590,13 @@ def _run(U, V, dU, dV, scale_t, ds, has_ds, exact, tab, cfg, bq, precision, dot_
         c_r = c_c = m_r  # unused (EXACT=False)
     z_r = pass3(U, V, cols, m_c, c_c)
     z_c = pass3(V, U, rows, m_r, c_r)
-    return mpos_r + mpos_c, x_r + x_c + z_r + z_c
+    # δS_kk = t(<δu_k, v_k> + <u_k, δv_k>) + δs·t<u_k, v_k>: (Q, n) dot products
+    diag = torch.einsum("qnd,nd->qn", dU.to(acc), V.to(acc)) + torch.einsum("nd,qnd->qn", U.to(acc), dV.to(acc))
+    diag = diag * scale_t
+    if has_ds:
+        diag = diag + ds[:, None] * (scale_t * (U.to(acc) * V.to(acc)).sum(1))
+    if not tab.identity:  # pairs in no batch (e.g. BatchPlan.without) have no δS_kk
+        covered = torch.zeros(n, dtype=torch.bool, device=dev)
+        covered[tab.perm.long()] = True
+        diag = diag * covered
+    return m_r + m_c - 2 * diag, x_r + x_c + z_r + z_c

@@ -1,0 +1,321 @@
+"""Triton ``ecif_reductions`` vs the torch twin (SPEC §4, §6.3), run on the CPU in Triton's interpreter
+(``TRITON_INTERPRET=1``, set per test with monkeypatch), plus ahead-of-time sm_90 compiles of the kernels.
+
+Triton is a dev dependency: when it does not import these tests fail, they do not skip.
+
+The interpreter costs about a millisecond per operation and program, so the issue's grid
+(n ∈ {1, 2, 7, 64, 300} × batches {"all", fixed size, ragged} × d ∈ {1, 3, 64, 130} × Q ∈ {1, 5} ×
+scale ∈ {0.01, 1, 100} × dtype × term × dlog_scale) is covered by a subset instead of the product:
+every n meets "all" and batch negatives, every d, Q, scale, dtype, term and dlog_scale choice
+appears several times, and small tiles (16, or 256 at n = 300) give several row and column tiles,
+partial tiles, blocked d (d = 130 over 64-wide blocks) and several query chunks. Adversarial
+inputs (one pair dominating rows and columns so that 1 − p rounds to 0, in other tiles and on the
+diagonal, and exact ties) run in float32 and float64, exact and taylor; a hypothesis test draws
+random shapes.
+
+Tolerances (against the twin on the same inputs; both accumulate in float32, float64 for float64):
+``16 · eps · T · (1 + L)`` where ``eps`` is the accumulation dtype's epsilon (float32 / float16 /
+bfloat16: 1.2e-7, float64: 2.2e-16), ``T`` bounds ``|δS|`` and ``L = |t|·max|u|·max|v|`` bounds the
+logits (a rounding error of ``L·eps`` in a logit moves the softmax weights by that much relative).
+The observed errors stay below ``2 · eps · T · (1 + L)`` on the grid. 16-bit inputs are compared with the twin fed the same
+16-bit values, so their own rounding does not enter.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ecif_fast.errors import BackendUnavailableError, ECIFInputError
+from ecif_fast.kernels import ops, registry, triton_backend
+from ecif_fast.kernels.batching import resolve_batches
+from ecif_fast.kernels.torch_ref.reductions import ecif_reductions as twin
+from kernel_cases import ragged_ids, unit
+
+
+def _tred(*args, **kwargs):
+    assert triton_backend.available(), f"triton backend unavailable: {triton_backend.unavailable_reason()}"
+    return triton_backend.ecif_reductions(*args, **kwargs)
+
+
+@pytest.fixture(autouse=True)
+def _interpret(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.delenv(registry.ENV_VAR, raising=False)
+    monkeypatch.delenv("ECIF_FAST_TRITON_FP32_DOT", raising=False)
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def directions(n, d, Q, gen, dtype, with_ds):
+    dU = torch.randn(Q, n, d, generator=gen, dtype=torch.float64).to(dtype)
+    dV = torch.randn(Q, n, d, generator=gen, dtype=torch.float64).to(dtype)
+    ds = torch.randn(Q, generator=gen, dtype=torch.float64) if with_ds else None
+    return dU, dV, ds
+
+
+def tolerance(U, V, dU, dV, ds, scale) -> float:
+    acc = torch.float64 if U.dtype == torch.float64 else torch.float32
+    eps = torch.finfo(acc).eps
+    nu, nv = U.double().norm(dim=-1).max(), V.double().norm(dim=-1).max()
+    L = abs(float(scale)) * float(nu * nv)
+    T = abs(float(scale)) * float(dU.double().norm(dim=-1).max() * nv + nu * dV.double().norm(dim=-1).max())
+    if ds is not None:
+        T += float(torch.as_tensor(ds).abs().max()) * L
+    return 16 * eps * (T + 1e-30) * (1 + L)
+
+
+def check(U, V, scale, plan, dU, dV, ds, term, tag, **kw):
+    pos, neg = _tred(U, V, scale, plan, dU, dV, ds, term, **kw)
+    acc = torch.float64 if U.dtype == torch.float64 else torch.float32
+    assert pos.dtype == neg.dtype == acc and pos.shape == neg.shape == dU.shape[:-1], tag
+    assert torch.isfinite(pos).all() and torch.isfinite(neg).all(), tag
+    rpos, rneg = twin(U, V, scale, plan, dU, dV, ds, term)
+    tol = tolerance(U, V, dU, dV, ds, scale)
+    for got, ref, what in ((pos, rpos, "positive"), (neg, rneg, "negative")):
+        err = float((got.double() - ref.double()).abs().max())
+        assert err <= tol, f"{what}, {tag}: max abs error {err:.3g} > tolerance {tol:.3g}"
+    return pos, neg
+
+
+def few_batches(n, gen, k=5):
+    """Ragged batch ids with a few batches of very different sizes (one of them a singleton)."""
+    w = torch.tensor([0.5, 0.25, 0.15, 0.07, 0.03])[:k]
+    ids = torch.multinomial(w / w.sum(), n, replacement=True, generator=gen)
+    ids[0] = k  # a singleton batch
+    return ids
+
+
+# (n, d, batches, Q, scale, dtype, term, with_ds, tiles); "ragged" = kernel_cases.ragged_ids (n < 300)
+# or a few batches of very different sizes (n = 300); tiles = (block_m, block_n, block_k)
+GRID = [
+    (1, 3, "all", 1, 1.0, torch.float32, "exact", False, (16, 16, None)),
+    (1, 1, "size", 5, 100.0, torch.float64, "taylor", True, (16, 16, None)),
+    (2, 1, "all", 5, 100.0, torch.float64, "exact", True, (16, 16, None)),
+    (2, 64, "ragged", 1, 0.01, torch.bfloat16, "taylor", False, (16, 16, None)),
+    (7, 3, "all", 5, 0.01, torch.float16, "exact", True, (16, 16, None)),
+    (7, 130, "ragged", 1, 100.0, torch.float32, "exact", False, (16, 16, 64)),
+    (7, 1, "size", 5, 1.0, torch.bfloat16, "exact", True, (16, 16, None)),
+    (40, 3, "all", 5, 100.0, torch.float32, "exact", True, (16, 16, None)),
+    (40, 64, "all", 1, 1.0, torch.bfloat16, "exact", False, (16, 16, None)),
+    (40, 1, "all", 1, 0.01, torch.float64, "taylor", True, (16, 16, None)),
+    (64, 130, "all", 1, 100.0, torch.float64, "exact", True, (32, 32, 64)),
+    (64, 3, "ragged", 5, 100.0, torch.float16, "exact", False, (16, 16, None)),
+    (64, 64, "size", 1, 1.0, torch.float32, "taylor", True, (16, 16, None)),
+    (300, 3, "all", 1, 100.0, torch.float32, "exact", True, (256, 256, None)),
+    (300, 64, "ragged", 5, 1.0, torch.float64, "exact", False, (256, 256, None)),
+    (300, 130, "size", 1, 0.01, torch.bfloat16, "taylor", False, (256, 256, 64)),
+]
+
+
+@pytest.mark.parametrize("n, d, batches, Q, scale, dtype, term, with_ds, tiles", GRID,
+                         ids=[f"n{c[0]}-d{c[1]}-{c[2]}-Q{c[3]}-t{c[4]}-{str(c[5])[6:]}-{c[6]}-ds{int(c[7])}"
+                              for c in GRID])
+def test_grid_vs_twin(n, d, batches, Q, scale, dtype, term, with_ds, tiles):
+    gen = torch.Generator().manual_seed(1000 * n + d)
+    if batches == "ragged":
+        b = few_batches(n, gen) if n >= 300 else ragged_ids(n, gen)
+    else:
+        b = {"all": None, "size": 100 if n >= 300 else 5}[batches]
+    plan = resolve_batches(b, n)
+    U, V = unit(n, d, gen, dtype), unit(n, d, gen, dtype)
+    dU, dV, ds = directions(n, d, Q, gen, dtype, with_ds)
+    bm, bn, bk = tiles
+    check(U, V, scale, plan, dU, dV, ds, term, f"n={n} d={d} {batches} Q={Q} t={scale} {dtype} {term}",
+          block_m=bm, block_n=bn, block_k=bk)
+
+
+def test_two_dimensional_directions_scalar_dlog_scale_and_query_chunks():
+    """(n, d) directions give (n,) outputs; Q = 5 in chunks of 2 (the last one partial) equals one chunk
+    and per-query calls; a scalar and a one-element dlog_scale are broadcast over the queries."""
+    gen = torch.Generator().manual_seed(5)
+    n, d, Q = 37, 5, 5
+    plan = resolve_batches(few_batches(n, gen, 2), n)
+    U, V = unit(n, d, gen, torch.float64), unit(n, d, gen, torch.float64)
+    dU, dV, ds = directions(n, d, Q, gen, torch.float64, True)
+    full = _tred(U, V, 7.0, plan, dU, dV, ds, block_m=16, block_n=16)
+    chunks = _tred(U, V, 7.0, plan, dU, dV, ds, block_m=16, block_n=16, block_q=2)
+    info = triton_backend.reductions_module.last_launch()
+    assert info["query_chunks"] == 3 and info["block_q"] == 2 and info["interpreted"] and not info["identity"]
+    for a, b in zip(full, chunks):
+        assert torch.allclose(a, b, rtol=1e-13, atol=1e-13)
+    pos, neg = _tred(U, V, 7.0, plan, dU[3], dV[3], float(ds[3]), block_m=16, block_n=16)
+    assert pos.shape == neg.shape == (n,)
+    assert torch.allclose(pos, full[0][3], rtol=1e-13, atol=1e-13)
+    assert torch.allclose(neg, full[1][3], rtol=1e-13, atol=1e-13)
+    one = _tred(U, V, 7.0, plan, dU[:2], dV[:2], ds[3:4], block_m=16, block_n=16)
+    ref = twin(U, V, 7.0, plan, dU[:2], dV[:2], ds[3:4])
+    for a, b in zip(one, ref):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+def adversarial(n, d, gen, dtype):
+    """Unit embeddings where pairs (i, π(i)) dominate their row and column at t = 100 (gap ≈ 60, so
+    1 − p rounds to 0 in float64 too): π moves most of them to other tiles, leaves two on the
+    diagonal; plus two columns with identical V (exact ties in every row)."""
+    U = unit(n, d, gen)
+    pi = torch.randperm(n, generator=gen)
+    i3, i10 = int((pi == 3).nonzero()), int((pi == 10).nonzero())
+    pi[i3], pi[i10] = pi[3], pi[10]
+    pi[3], pi[10] = 3, 10  # maxima on the diagonal: not "special" lines
+    V = unit(n, d, gen) * 0.1
+    V[pi] = V[pi] + 2 * U  # S = 200 at (i, π(i)), |S| <~ 130 elsewhere
+    V[20] = V[30]  # ties: columns 20 and 30 equal
+    return U.to(dtype), V.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("term", ["exact", "taylor"])
+def test_adversarial_p_to_one_across_tiles(dtype, term):
+    gen = torch.Generator().manual_seed(11)
+    n, d, Q = 40, 16, 2
+    U, V = adversarial(n, d, gen, dtype)
+    S = 100.0 * (U.double() @ V.double().T)
+    top2 = S.topk(2, dim=1).values
+    assert float((top2[:, 0] - top2[:, 1]).sort().values[n // 4]) > 40  # 1 − p = 0 in most rows, float64 too
+    dU, dV, ds = directions(n, d, Q, gen, dtype, True)
+    for b in (None, few_batches(n, gen, 3)):
+        plan = resolve_batches(b, n)
+        pos, neg = check(U, V, 100.0, plan, dU, dV, ds, term, f"adversarial {dtype} {term}",
+                         block_m=16, block_n=16)
+    if dtype == torch.float64 and term == "exact":  # the float32 kernel agrees with float64 to float32 accuracy
+        pos32, neg32 = _tred(U.float(), V.float(), 100.0, plan, dU.float(), dV.float(), ds, term,
+                             block_m=16, block_n=16)
+        scale = float(pos.abs().max() + neg.abs().max())
+        assert float((pos32.double() - pos).abs().max()) < 1e-3 * scale
+        assert float((neg32.double() - neg).abs().max()) < 1e-3 * scale
+
+
+def test_pairs_outside_every_batch_and_empty_plan():
+    """A plan after removals (``BatchPlan.without``): removed pairs get 0, the rest match the twin."""
+    gen = torch.Generator().manual_seed(12)
+    n, d = 30, 4
+    U, V = unit(n, d, gen, torch.float32), unit(n, d, gen, torch.float32)
+    dU, dV, ds = directions(n, d, 2, gen, torch.float32, False)
+    plan = resolve_batches(few_batches(n, gen, 3), n).without(torch.tensor([0, 4, 5, 17]))
+    pos, neg = check(U, V, 9.0, plan, dU, dV, ds, "exact", "without", block_m=16, block_n=16)
+    assert torch.equal(pos[:, [0, 4, 5, 17]], torch.zeros(2, 4))
+    empty = resolve_batches(None, n).without(torch.arange(n))
+    pos, neg = _tred(U, V, 9.0, empty, dU, dV)
+    assert torch.equal(pos, torch.zeros(2, n)) and torch.equal(neg, torch.zeros(2, n))
+
+
+@settings(max_examples=6, deadline=None)
+@given(n=st.integers(1, 30), d=st.integers(1, 9), bs=st.integers(2, 30), Q=st.integers(1, 3),
+       log_scale=st.floats(-4.6, 4.6), seed=st.integers(0, 10_000), exact=st.booleans(),
+       with_ds=st.booleans(), dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32,
+                                                     torch.float64]))
+def test_property_random_shapes(n, d, bs, Q, log_scale, seed, exact, with_ds, dtype):
+    gen = torch.Generator().manual_seed(seed)
+    U = torch.randn(n, d, generator=gen, dtype=torch.float64).to(dtype)
+    V = torch.randn(n, d, generator=gen, dtype=torch.float64).to(dtype)
+    dU, dV, ds = directions(n, d, Q, gen, dtype, with_ds)
+    plan = resolve_batches(bs, n)
+    check(U, V, math.exp(log_scale), plan, dU, dV, ds, "exact" if exact else "taylor",
+          f"n={n} d={d} bs={bs} Q={Q} {dtype}", block_m=16, block_n=16)
+
+
+def test_dispatch_through_ops_and_registry(monkeypatch):
+    gen = torch.Generator().manual_seed(13)
+    n, d = 24, 6
+    U, V = unit(n, d, gen, torch.float32), unit(n, d, gen, torch.float32)
+    dU, dV, ds = directions(n, d, 3, gen, torch.float32, True)
+    got = ops.ecif_reductions(U, V, 20.0, 8, dU, dV, ds, "taylor", backend="triton")
+    ref = ops.ecif_reductions(U, V, 20.0, 8, dU, dV, ds, "taylor", backend="torch")
+    for a, b in zip(got, ref):
+        assert a.shape == (3, n) and torch.allclose(a, b, rtol=1e-4, atol=1e-4)
+    # mixed dtypes are promoted (float16 + float64 directions -> float64 outputs)
+    pos, _ = ops.ecif_reductions(U.half(), V.half(), 20.0, 8, dU.double(), dV.double(), backend="triton")
+    assert pos.dtype == torch.float64
+    monkeypatch.setenv(registry.ENV_VAR, "triton")
+    assert registry.resolve("ecif_reductions", "cpu")[0] == "triton"
+    monkeypatch.delenv(registry.ENV_VAR)
+    assert registry.resolve("ecif_reductions", "cpu")[0] in ("cpp", "torch")
+    assert registry.resolve("ecif_reductions", "cuda:0")[0] == "triton"
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(BackendUnavailableError, match="TRITON_INTERPRET=1"):
+        _tred(U, V, 1.0, resolve_batches(None, n), dU, dV)
+
+
+def test_bad_inputs():
+    U = torch.randn(4, 3)
+    plan = resolve_batches(None, 4)
+    with pytest.raises(ECIFInputError, match="negative_term"):
+        _tred(U, U, 1.0, plan, U, U, None, "approx")
+    with pytest.raises(ECIFInputError, match="powers of two"):
+        _tred(U, U, 1.0, plan, U, U, block_m=24)
+    with pytest.raises(ECIFInputError, match="block_q"):
+        _tred(U, U, 1.0, plan, U, U, block_q=3)
+    with pytest.raises(ECIFInputError, match="covers"):
+        _tred(U, U, 1.0, resolve_batches(None, 5), U, U)
+    with pytest.raises(ECIFInputError, match="dlog_scale"):
+        _tred(U, U, 1.0, plan, U.expand(2, 4, 3), U.expand(2, 4, 3), torch.ones(3))
+    with pytest.raises(ECIFInputError, match=r"\(Q, n, d\)"):
+        _tred(U, U, 1.0, plan, U[:3], U[:3])
+    M = torch.empty(4, 3, device="meta")
+    with pytest.raises(ECIFInputError, match=r"backend 'triton'.*meta"):
+        _tred(M, M, 1.0, plan, M, M)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The GPU code path (native 16-bit tl.dot, tf32x3, float64 dot, blocked d) never runs here: compile the
+# first-choice config of each kernel ahead of time for sm_90 (triton ships ptxas), so a kernel the GPU
+# compiler rejects fails here and not only on a GPU machine.
+
+_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
+
+
+def _signature(kernel: str, dtype, d: int, identity: bool, exact: bool, has_ds: bool):
+    mod = triton_backend.reductions_module
+    cfg = mod._gpu_configs(dtype, d)[0]
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    ptr, accp = "*" + _NAMES[dtype], "*" + _NAMES[acc]
+    plan = {"perm": "*i32", "offsets": "*i32", "tile_start": "*i32", "tile_batch": "*i32", "scale_ptr": accp}
+    if kernel == "stats":
+        sig = {"A": ptr, "B": ptr, "top_out": accp, "arg_out": "*i32", "rest_out": accp, "lse_out": accp,
+               **plan, "d": "i32", "sa0": "i32", "sa1": "constexpr", "sb0": "i32", "sb1": "constexpr"}
+        consts = {"sa1": 1, "sb1": 1}
+    elif kernel == "pass2":
+        sig = {"A": ptr, "B": ptr, "dA": ptr, "dB": ptr, **plan, "ds_ptr": accp, "own_lse": accp,
+               "own_rest": accp, "own_arg": "*i32", "oth_lse": accp, "oth_arg": "*i32", "out_m": accp,
+               "out_e": accp, "out_x": accp, "d": "i32", "Q": "i32", "sa0": "i32", "sa1": "constexpr",
+               "sb0": "i32", "sb1": "constexpr", "sda_q": "i32", "sda0": "i32", "sda1": "constexpr",
+               "sdb_q": "i32", "sdb0": "i32", "sdb1": "constexpr", "out_q_stride": "i32"}
+        consts = {"sa1": 1, "sb1": 1, "sda1": 1, "sdb1": 1, "BLOCK_Q": mod._GPU_MAX_BLOCK_Q, "EXACT": exact,
+                  "HAS_DS": has_ds}
+    else:
+        sig = {"A": ptr, "B": ptr, **plan, "oth_lse": accp, "oth_arg": "*i32", "mean_o": accp, "c_o": accp,
+               "out_z": accp, "d": "i32", "Q": "i32", "sa0": "i32", "sa1": "constexpr", "sb0": "i32",
+               "sb1": "constexpr", "vec_q_stride": "i32"}
+        consts = {"sa1": 1, "sb1": 1, "BLOCK_Q": mod._GPU_MAX_BLOCK_Q, "EXACT": exact}
+    consts.update(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SINGLE_K=d <= cfg.block_k,
+                  IDENTITY=identity, DOT_DTYPE=mod._TL_DTYPES[dtype], ACC_DTYPE=mod._TL_DTYPES[acc],
+                  PRECISION={torch.float32: "tf32x3", torch.float64: "ieee"}.get(dtype, "tf32"))
+    sig.update({k: "constexpr" for k in consts if k not in sig})
+    return cfg, sig, consts
+
+
+@pytest.mark.parametrize("kernel, dtype, d, identity, exact, has_ds", [
+    ("pass2", torch.bfloat16, 512, False, True, True),   # blocked d, gathers, every optional term
+    ("pass2", torch.float32, 16, True, False, False),    # tf32x3, single d block, taylor
+    ("stats", torch.float16, 130, False, True, False),
+    ("pass3", torch.float64, 64, True, True, False),
+])
+def test_compiles_for_hopper_without_a_gpu(kernel, dtype, d, identity, exact, has_ds):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    mod = triton_backend.reductions_module
+    fn = mod._KERNELS[kernel]
+    if not isinstance(fn, triton.runtime.jit.JITFunction):
+        pytest.skip("triton was imported with TRITON_INTERPRET=1: its kernels are interpreted, not compiled")
+    cfg, sig, consts = _signature(kernel, dtype, d, identity, exact, has_ds)
+    compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+    assert compiled.metadata.shared <= 227 * 1024, "needs more shared memory than an H100 has"
