@@ -9,13 +9,13 @@ row and column tiles and partial ones. Plus adversarial logits, autograd of ``in
 hypothesis property test and an ahead-of-time sm_90 compile of the kernel.
 
 Tolerances (per dtype, from a float64 brute force on the inputs as the kernel sees them):
-  * ``δ = 4·eps·(t·max‖u‖·max‖v‖·√d + log B + 1)``: absolute error of a logit / log-sum-exp
+  * ``δ = 2·eps·(t·max‖u‖·max‖v‖·√d + log B + 1)``: absolute error of a logit / log-sum-exp
     (eps of the accumulation dtype: float32, float64 for float64 inputs);
   * ``η = δ + ε_G + eps·√B`` relative error of a ``G`` entry times a ``B`` row summed over ``B``
     columns; ``ε_G`` is the rounding of ``G`` in the ``G·B`` product: 2⁻¹⁶ (bfloat16, head +
     remainder split), 2⁻²² (float16), eps (float32 / float64);
-  * dU, dV: ``4·η·t·max_i Σ_j (P_ij + Qc_ij + 2δ_ij)·max|v|`` (``|G|`` bounded termwise);
-  * loss: ``4·B_total·δ``; dlog_scale: ``4·Σ_ij ((P+Qc+2I)·η·|S| + |G|·δ)``.
+  * dU, dV: ``2·η·t·max_i Σ_j (P_ij + Qc_ij + 2δ_ij)·max|v|`` (``|G|`` bounded termwise);
+  * loss: ``4·B_total·δ``; dlog_scale: ``2·Σ_ij ((P+Qc+2I)·η·|S| + |G|·δ)``.
 The twin (float32 for non-float64 inputs) is checked with twice these.
 """
 from __future__ import annotations
@@ -67,7 +67,7 @@ def brute(U, V, scale, plan):
     tol_g = tol_s = 0.0
     bmax = int(plan.sizes.max()) if plan.num_batches else 1
     L = t * float(U.norm(dim=1).max()) * float(V.norm(dim=1).max()) if n else 0.0
-    delta = 4 * eps * (abs(L) * math.sqrt(d) + math.log(bmax) + 1)
+    delta = 2 * eps * (abs(L) * math.sqrt(d) + math.log(bmax) + 1)
     eta = delta + G_EPS[dtype] + eps * math.sqrt(bmax)
     vmax = float(torch.maximum(U.abs().max(), V.abs().max())) if n else 0.0
     for idx in plan.groups():
@@ -81,8 +81,8 @@ def brute(U, V, scale, plan):
         dV[idx] = t * (G.T @ U[idx])
         ds += (G * S).sum()
         absG = P + Qc + 2 * eye
-        tol_g = max(tol_g, 4 * eta * abs(t) * vmax * float(torch.maximum(absG.sum(1).max(), absG.sum(0).max())))
-        tol_s += 4 * float((absG * eta * S.abs() + G.abs() * delta).sum())
+        tol_g = max(tol_g, 2 * eta * abs(t) * vmax * float(torch.maximum(absG.sum(1).max(), absG.sum(0).max())))
+        tol_s += 2 * float((absG * eta * S.abs() + G.abs() * delta).sum())
     tol_loss = 4 * plan.n * delta + 4 * eps * float(loss.abs())
     return (loss, dU, dV, ds), (tol_loss, tol_g, tol_g, tol_s + 4 * eps * float(ds.abs()))
 

@@ -5,8 +5,8 @@ Registered in :mod:`ecif_fast.kernels.registry` for CUDA devices. :func:`availab
 or ``ECIF_FAST_BACKEND=triton``) and ``TRITON_INTERPRET=1`` is set (Triton's interpreter, for tests):
 see :func:`supports_device`. Automatic choice never picks this backend for CPU tensors.
 
-Ops: ``lse``, ``infonce`` (float16/bfloat16/float32/float64; see :mod:`.lse` and :mod:`.infonce` for
-the kernel designs).
+Ops: ``lse``, ``infonce``, ``gauss_newton_product`` (float16/bfloat16/float32/float64; see :mod:`.lse`,
+:mod:`.infonce` and :mod:`.gauss_newton` for the kernel designs).
 """
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ else:
     from .reductions import ecif_reductions  # noqa: F401
     from . import infonce as infonce_module  # the submodule (the name ``infonce`` is the op)
     from .infonce import infonce  # noqa: F401
+    from .gauss_newton import gauss_newton_product  # noqa: F401
 
 
 def available() -> bool:
@@ -50,4 +51,5 @@ def supports_device(device_type: str) -> bool:
     return False
 
 
-__all__ = ["available", "unavailable_reason", "supports_device", "lse", "interpreting", "last_launch", "ecif_reductions", "infonce"]
+__all__ = ["available", "unavailable_reason", "supports_device", "lse", "interpreting", "last_launch", "ecif_reductions", "infonce",
+           "gauss_newton_product"]

@@ -1,0 +1,100 @@
+"""Triton ``gauss_newton_product`` op: the embedding-space Gauss–Newton product (SPEC §4).
+
+Per batch, with ``S = t·U Vᵀ``, ``P = exp(S − r)`` (row softmax), ``Qc = exp(S − c)`` (column softmax)
+and, per query ``q``, ``δS = t(δU Vᵀ + U δVᵀ) + δs·S``::
+
+    m_i = Σ_j P_ij δS_ij,   mc_j = Σ_i Qc_ij δS_ij,   G = P∘(δS − m) + Qc∘(δS − mc)
+    gU = t·G V,   gV = t·Gᵀ U,   gs = Σ_ij G_ij S_ij
+
+Passes (all through the row-tile kernel of :mod:`.infonce`, each launched twice with the roles of
+``U`` and ``V`` swapped; no atomics, deterministic):
+
+1. :func:`~.lse.lse`: ``r`` and ``c``.
+2. ``MODE=1``: ``m`` (row launch) and ``mc`` (swapped launch: the row means of ``δSᵀ`` under the row
+   softmax of ``Sᵀ``, i.e. the column means under ``Qc``).
+3. ``MODE=2``: ``gU`` (row launch) and ``gV`` (swapped launch, ``G`` of the swapped problem is ``Gᵀ``);
+   per-row ``Σ_j G_ij S_ij`` from the row launch, summed on the host.
+
+Queries are the third grid axis: each program keeps one ``BLOCK_M × BLOCK_D`` accumulator, as in
+``infonce``, whatever ``Q`` is, and ``Q`` multiplies the parallelism of small batches. The price is
+that ``S`` is recomputed per query (one ``B²d`` product next to the two of ``δS``).
+
+Outputs float32 (float64 for float64 inputs); pairs in no batch get zeros.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+
+from ...errors import ECIFInputError
+from ..batching import BatchPlan
+from .infonce import run_passes, scale_tensor
+from .lse import check_inputs, lse
+
+
+def gauss_newton_product(U: torch.Tensor, V: torch.Tensor, scale, plan: BatchPlan, dU: torch.Tensor,
+                         dV: torch.Tensor, dlog_scale=None, *, block_m: Optional[int] = None,
+                         block_n: Optional[int] = None, block_d: Optional[int] = None):
+    """Gauss–Newton product in embedding space; same contract as the torch twin.
+
+    Args:
+        U, V: ``(n, d)`` float16 / bfloat16 / float32 / float64 on a CUDA device (or the CPU with
+            ``TRITON_INTERPRET=1``). scale: ``t``. plan: the batches.
+        dU, dV: ``(Q, n, d)`` or ``(n, d)`` directions. dlog_scale: ``(Q,)`` / one-element / number, or None.
+        block_m, block_n, block_d: tile sizes (powers of two >= 16); testing/tuning knobs.
+    Returns:
+        ``(gU, gV, gs)``: ``gU, gV`` shaped like ``dU``, ``gs`` ``(Q,)`` (0-d for 2-D directions), zeros
+        when ``dlog_scale`` is None; float32 (float64 for float64 inputs) on U's device.
+    """
+    squeeze = dU.dim() == 2
+    U, V, dU, dV = check_inputs(U, V, plan, dU, dV)
+    if dU.shape != dV.shape:
+        raise ECIFInputError(f"dU and dV must have the same shape, got {tuple(dU.shape)} and {tuple(dV.shape)}")
+    if squeeze:
+        dU, dV = dU.unsqueeze(0), dV.unsqueeze(0)
+    dev = U.device
+    Q, n, d = dU.shape
+    acc = torch.float64 if U.dtype == torch.float64 else torch.float32
+    gU = torch.zeros((Q, n, d), dtype=acc, device=dev)
+    gV = torch.zeros((Q, n, d), dtype=acc, device=dev)
+    gs = torch.zeros(Q, dtype=acc, device=dev)
+    with_ds = dlog_scale is not None
+    if with_ds:
+        ds = torch.as_tensor(dlog_scale, dtype=acc, device=dev).detach().reshape(-1)
+        if ds.numel() not in (1, Q):
+            raise ECIFInputError(f"dlog_scale must hold 1 or Q = {Q} values, got {ds.numel()}")
+        ds = ds.expand(Q).contiguous()
+    if n and d and Q and plan.num_batches:
+        U, V, dU, dV = U.contiguous(), V.contiguous(), dU.contiguous(), dV.contiguous()
+        row, col = lse(U, V, scale, plan)
+        t = scale_tensor(scale, acc, dev)
+        m = torch.zeros((Q, n), dtype=acc, device=dev)
+        mc = torch.zeros((Q, n), dtype=acc, device=dev)
+        gs_rows = torch.zeros((Q, n), dtype=acc, device=dev)
+
+        def grid_means(cfg, ntiles):
+            return (ntiles, 1, Q)
+
+        def grid_product(cfg, ntiles):
+            return (ntiles, triton.cdiv(d, cfg.block_d), Q)
+
+        common = dict(ds_ptr=ds if with_ds else t, scale_ptr=t, n=n, d=d, WITH_DS=with_ds)
+        rows_side = dict(A=U, B=V, dA=dU, dB=dV, lse_a=row, lse_b=col)
+        cols_side = dict(A=V, B=U, dA=dV, dB=dU, lse_a=col, lse_b=row)
+        launches = [
+            (grid_means, dict(**rows_side, m_a=t, m_b=t, out=t, row_out=m, MODE=1, ROW_TERMS=True, **common)),
+            (grid_means, dict(**cols_side, m_a=t, m_b=t, out=t, row_out=mc, MODE=1, ROW_TERMS=True, **common)),
+            (grid_product, dict(**rows_side, m_a=m, m_b=mc, out=gU, row_out=gs_rows, MODE=2, ROW_TERMS=True,
+                                **common)),
+            (grid_product, dict(**cols_side, m_a=mc, m_b=m, out=gV, row_out=t, MODE=2, ROW_TERMS=False,
+                                **common)),
+        ]
+        run_passes("gauss_newton_product", U, d, plan, launches, mode_wide=True, block_m=block_m,
+                   block_n=block_n, block_d=block_d)
+        if with_ds:
+            gs = gs_rows.sum(1)
+    if squeeze:
+        return gU[0], gV[0], gs[0]
+    return gU, gV, gs
