@@ -103,7 +103,7 @@ class ECIF:
             U, V, s = self._embed_all(self.theta)
         self.U, self.V, self.log_scale = U, V, s.detach()
         self.curvature = Curvature(self.fm, self.theta, X, Y, self.plan, self.curvature_kind, self.hessian_batches,
-                                   backend=self.backend)
+                                   backend=self.backend, chunk_pairs=self.chunk_size)
         dense = self.curvature.dense() if self.solver_name == "exact" else None
         self.damping = resolve_damping(self.damping_arg, self.curvature, dense)
         if self.solver_name == "exact":

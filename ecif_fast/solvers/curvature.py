@@ -25,10 +25,12 @@ class Curvature:
         subsample: optional list of batch numbers to use (Hessian subsampling); the product is rescaled
             by ``num_batches / len(subsample)``.
         backend: kernel backend for the Gauss–Newton product (None: automatic, see ``ecif_fast.kernels.registry``).
+        chunk_pairs: consecutive batches are packed into chunks of about this many pairs; a product runs
+            one encoder forward (and one JVP / VJP for all columns at once) per chunk.
     """
 
     def __init__(self, fm: FunctionalModel, theta, X, Y, plan: BatchPlan, kind: str = "hessian", subsample=None,
-                 backend: str | None = None):
+                 backend: str | None = None, chunk_pairs: int = 4096):
         if kind not in CURVATURES:
             raise ValueError(f"curvature must be one of {CURVATURES}, got {kind!r}")
         self.fm, self.theta, self.X, self.Y, self.kind = fm, theta, X, Y, kind
@@ -44,6 +46,7 @@ class Curvature:
             groups = [groups[b] for b in sub]
         self.groups = groups
         self.size = theta.numel()
+        self.chunks = _pack(groups, chunk_pairs)
 
     def _batch_loss_fn(self, idx):
         X, Y = self.X[idx], self.Y[idx]
@@ -54,26 +57,33 @@ class Curvature:
 
         return f
 
-    def _matvec1(self, v: torch.Tensor) -> torch.Tensor:
+    def _hvp1(self, v: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(v)
         for idx in self.groups:
-            if self.kind == "hessian":
-                out += jvp(grad(self._batch_loss_fn(idx)), (self.theta,), (v,))[1]
-            else:
-                X, Y = self.X[idx], self.Y[idx]
-                (U, V, s), (dU, dV, ds) = self.fm.embed_jvp(self.theta, X, Y, v)
-                plan = BatchPlan(len(idx), torch.arange(len(idx)), torch.tensor([0, len(idx)]))
-                gU, gV, gs = ops.gauss_newton_product(U, V, s.exp(), plan, dU, dV,
-                                                      ds if self.fm.scale_trained else None, backend=self.backend)
-                _, pull = self.fm.embed_vjp(self.theta, X, Y)
-                out += pull(gU.to(U.dtype), gV.to(V.dtype), gs.to(s.dtype).reshape(s.shape))
+            out += jvp(grad(self._batch_loss_fn(idx)), (self.theta,), (v,))[1]
+        return out
+
+    def _gauss_newton(self, Vs: torch.Tensor) -> torch.Tensor:
+        """``J_Sᵀ H_S J_S`` applied to the ``Q`` columns of ``Vs (P, Q)``, chunk by chunk."""
+        out = torch.zeros_like(Vs)
+        H = Vs.T.contiguous()
+        for idx, plan in self.chunks:
+            X, Y = self.X[idx], self.Y[idx]
+            (U, V, s), pull = self.fm.embed_vjp(self.theta, X, Y)
+            dU, dV, ds = vmap(lambda h: self.fm.embed_jvp(self.theta, X, Y, h)[1])(H)
+            gU, gV, gs = ops.gauss_newton_product(U.detach(), V.detach(), s.detach().exp(), plan, dU, dV,
+                                                  ds if self.fm.scale_trained else None, backend=self.backend)
+            gs = gs.to(s.dtype).reshape(-1, *s.shape)
+            out += vmap(pull)(gU.to(U.dtype), gV.to(V.dtype), gs).T
         return out * self.factor
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         """``C v`` for ``v`` of shape ``(P,)`` or ``(P, Q)``."""
+        if self.kind == "gauss-newton":
+            return self._gauss_newton(v.reshape(v.shape[0], -1)).reshape(v.shape)
         if v.dim() == 1:
-            return self._matvec1(v)
-        return torch.stack([self._matvec1(v[:, q]) for q in range(v.shape[1])], dim=1)
+            return self._hvp1(v) * self.factor
+        return torch.stack([self._hvp1(v[:, q]) for q in range(v.shape[1])], dim=1) * self.factor
 
     def dense(self) -> torch.Tensor:
         """``(P, P)`` matrix (symmetrised)."""
@@ -108,3 +118,25 @@ class Curvature:
         g = torch.Generator().manual_seed(seed)
         Z = torch.randint(0, 2, (self.size, probes), generator=g).to(self.theta.dtype) * 2 - 1
         return float((Z * self.matvec(Z)).sum() / probes)
+
+
+def _pack(groups: list[torch.Tensor], chunk_pairs: int) -> list[tuple[torch.Tensor, BatchPlan]]:
+    """Consecutive batches packed into chunks of at most ``chunk_pairs`` pairs (a bigger batch is a chunk
+    of its own): ``[(pair indices, the chunk's BatchPlan over them), ...]``."""
+    out, cur, size = [], [], 0
+
+    def flush():
+        if cur:
+            sizes = torch.tensor([len(g) for g in cur], dtype=torch.int64)
+            offsets = torch.cat([torch.zeros(1, dtype=torch.int64), sizes.cumsum(0)])
+            total = int(offsets[-1])
+            out.append((torch.cat(cur), BatchPlan(total, torch.arange(total), offsets)))
+
+    for g in groups:
+        if cur and size + len(g) > chunk_pairs:
+            flush()
+            cur, size = [], 0
+        cur.append(g)
+        size += len(g)
+    flush()
+    return out

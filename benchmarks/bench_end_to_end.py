@@ -1,0 +1,172 @@
+"""End to end: ECIF influence of every training pair on one validation function, LinearHeads at scale.
+
+Setting (issue target: n = 262144 pairs, 512-d features, embed 256, batch 512, aim < 60 s on 2 cores):
+``LinearHeads(512, 512, 256, normalize=True)`` in float32 (P = 262144 parameters), fixed logit scale,
+batch negatives of 512, ``F`` = contrastive loss of 1024 validation pairs. Features share a 64-d latent
+factor (``x = zA + 0.5ε``), the heads are trained for a few hundred Adam steps (not timed), so the softmax
+is peaked as in a trained CLIP head.
+
+The solve uses what a user at this scale would: matrix-free CG on the Gauss–Newton curvature, subsampled
+to ``--hessian-batches`` random training batches (SPEC §4 "optional Hessian subsampling"), relative
+residual ``--cg-tol`` or ``--cg-maxiter`` iterations. ``--reference-batches K`` also solves with K batches
+(a tighter curvature) and reports the Pearson correlation of the two influence vectors, so the accuracy
+cost of the subsample is measured, not assumed.
+
+Stages (``time.perf_counter``, one run; the machine is shared, so also read the stage split):
+fit (embeddings at θ̂ + curvature set-up + damping), ∇F, CG solve, JVP pass over all n pairs,
+``ecif_reductions`` over all n pairs (one query), total.
+
+Run::
+
+    python benchmarks/bench_end_to_end.py                       # n = 262144, prints the table
+    python benchmarks/bench_end_to_end.py --n 32768 --reference-batches 64
+    python benchmarks/bench_end_to_end.py --write               # also rewrites its section of BENCHMARKS.md
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+
+import torch
+
+if __name__ == "__main__":  # script mode from a checkout without an editable install
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import ecif_fast as ef
+from ecif_fast.kernels import ops, registry
+
+SECTION = "## End to end: influence of every pair, LinearHeads, n = 262144"
+
+
+def make_problem(n: int, feat: int, embed: int, n_val: int, seed: int, train_steps: int, batch: int):
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(64, feat, generator=g) / 8
+    Bm = torch.randn(64, feat, generator=g) / 8
+    Z = torch.randn(n + n_val, 64, generator=g)
+    X = Z @ A + 0.5 * torch.randn(n + n_val, feat, generator=g) / feat ** 0.5
+    Y = Z @ Bm + 0.5 * torch.randn(n + n_val, feat, generator=g) / feat ** 0.5
+    torch.manual_seed(seed)
+    model = ef.LinearHeads(feat, feat, embed)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(train_steps):
+        idx = torch.randint(0, n, (batch,), generator=g)
+        u, v, s = model(X[idx], Y[idx])
+        loss = ef.contrastive_loss(u, v, s.exp(), None) / batch
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model, X[:n], Y[:n], X[n:], Y[n:]
+
+
+def run(args) -> dict:
+    torch.set_num_threads(args.threads)
+    model, X, Y, Xv, Yv = make_problem(args.n, args.feat, args.embed, args.val, args.seed, args.train_steps,
+                                       args.batch)
+    num_batches = -(-args.n // args.batch)
+    g = torch.Generator().manual_seed(args.seed + 1)
+
+    def engine(hb):
+        sub = torch.randperm(num_batches, generator=g)[:hb].sort().values.tolist() if hb < num_batches else None
+        return ef.ECIF(model, damping=args.damping, batches=args.batch, hessian="cg", curvature="gauss-newton",
+                       cg_tol=args.cg_tol, cg_maxiter=args.cg_maxiter, hessian_batches=sub, backend=args.backend)
+
+    times = {}
+    t0 = time.perf_counter()
+    eng = engine(args.hessian_batches).fit(X, Y)
+    times["fit"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    G = eng._test_gradients(Xv, Yv, None, False)
+    times["grad F"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    Hq = eng.solver.solve(G.T.contiguous())
+    times["CG solve"] = time.perf_counter() - t0
+    iters = eng.solver.last_iterations
+    t0 = time.perf_counter()
+    dU, dV, ds = eng._directions(Hq)
+    times["JVP pass"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    pos, neg = ops.ecif_reductions(eng.U, eng.V, eng.log_scale.exp(), eng.plan, dU, dV, ds, eng.negative_term,
+                                   backend=args.backend)
+    times["reductions"] = time.perf_counter() - t0
+    times["total"] = sum(times.values())
+    total = (pos + neg)[0]
+    out = {"times": times, "iterations": iters, "damping": eng.damping, "num_batches": num_batches,
+           "backend": registry.resolve("ecif_reductions", "cpu", args.backend)[0],
+           "gn_backend": registry.resolve("gauss_newton_product", "cpu", args.backend)[0]}
+    if args.reference_batches:
+        ref = engine(args.reference_batches).fit(X, Y).influence(Xv, Yv).total
+        a, b = total.double() - total.double().mean(), ref.double() - ref.double().mean()
+        out["reference_pearson"] = float((a * b).sum() / (a.norm() * b.norm()))
+    return out
+
+
+def table(args, res) -> str:
+    t = res["times"]
+    lines = ["| stage | time (s) | share |", "|---|---:|---:|"]
+    for k, v in t.items():
+        lines.append(f"| {k} | {v:.1f} | {100 * v / t['total']:.0f} % |" if k != "total"
+                     else f"| **total** | **{v:.1f}** | |")
+    return "\n".join(lines)
+
+
+def describe(args, res) -> str:
+    txt = (f"n = {args.n}, {args.feat}-d features, embed {args.embed}, batch {args.batch} "
+           f"({res['num_batches']} batches), float32, {args.threads} threads; curvature: Gauss–Newton on "
+           f"{args.hessian_batches} random batches, CG {res['iterations']} iterations (tol {args.cg_tol:g}, "
+           f"max {args.cg_maxiter}), damping {res['damping']:g}; reductions backend `{res['backend']}`, "
+           f"Gauss–Newton product backend `{res['gn_backend']}`.")
+    if "reference_pearson" in res:
+        txt += (f" Pearson of the influence vector against a solve with {args.reference_batches} batches: "
+                f"{res['reference_pearson']:.4f}.")
+    return txt
+
+
+def write(args, res, path="BENCHMARKS.md"):
+    body = (f"{SECTION}\n\n`python benchmarks/bench_end_to_end.py --write` ({platform.processor() or 'CPU'}, "
+            f"torch {torch.__version__}, {time.strftime('%Y-%m-%d')}).\n\n{describe(args, res)}\n\n"
+            f"{table(args, res)}\n")
+    text = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
+    if SECTION in text:
+        start = text.index(SECTION)
+        nxt = text.find("\n## ", start + len(SECTION))
+        text = text[:start] + body + ("" if nxt < 0 else text[nxt:])
+    else:
+        text = text.rstrip("\n") + "\n\n" + body
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--n", type=int, default=262144)
+    p.add_argument("--feat", type=int, default=512)
+    p.add_argument("--embed", type=int, default=256)
+    p.add_argument("--batch", type=int, default=512)
+    p.add_argument("--val", type=int, default=1024)
+    p.add_argument("--hessian-batches", type=int, default=16)
+    p.add_argument("--reference-batches", type=int, default=0)
+    p.add_argument("--cg-tol", type=float, default=1e-3)
+    p.add_argument("--cg-maxiter", type=int, default=50)
+    p.add_argument("--damping", default="auto")
+    p.add_argument("--train-steps", type=int, default=300)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--backend", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--write", action="store_true")
+    args = p.parse_args(argv)
+    if args.damping != "auto":
+        args.damping = float(args.damping)
+    res = run(args)
+    print(describe(args, res))
+    print(table(args, res))
+    if args.write:
+        write(args, res)
+
+
+if __name__ == "__main__":
+    main()
