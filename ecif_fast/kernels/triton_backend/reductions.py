@@ -14,7 +14,7 @@ Design (one "line" kernel family, no atomics, deterministic):
 * Stats kernel: per line the online "top-1 + rest" of :func:`torch_ref.softmax.stream_line_stats` —
   maximum ``top``, its pair index ``arg``, ``rest`` = log-sum-exp without ``arg`` (kept as its own
   running max and sum, so it stays exact when the rest is ~200 below the top) and ``lse``.
-* Pass 2 kernel, per own line ``k`` and query: ``m_k = Σ_j P_kj δS_kj``, ``m_k − δS_kk``, the cross sum
+* Pass 2 kernel, per own line ``k`` and query: ``m_k = Σ_j P_kj δS_kj``, the cross sum
   ``x_k = Σ_j W_kj δS_kj`` where ``W`` is the removal weight of the *other* side's line ``j``
   (``Wc_kj`` for rows, ``Wr_jk`` for columns: its ``lse``/``arg`` come in as vectors) and, exact only,
   ``e_k = δS_{k,arg_k} − Σ_{j≠arg_k} exp(S_kj − rest_k) δS_kj`` (the cancellation-free line-maximum
@@ -23,13 +23,15 @@ Design (one "line" kernel family, no atomics, deterministic):
   side's means ``mean_j`` (``m'`` for rows, ``m`` for columns) and line-maximum terms
   ``c_j = exp(top_j − lse_j)·e_j``: the mean part of the negative term and the crediting of every
   other line's maximum term to the pair at that maximum (a gather, so no ``index_add``/atomics).
-* Host: ``positive = (m − δS_kk)_rows + (m' − δS_kk)_cols``, ``negative = x_rows + x_cols + z_rows + z_cols``.
+* Host: ``positive = m_rows + m_cols − 2 δS_kk`` (the diagonal as ``(Q, n)`` dot products),
+  ``negative = x_rows + x_cols + z_rows + z_cols``.
 
 Queries: grid axis 1 holds chunks of up to ``BLOCK_Q`` queries, and a program loops over the queries
 of its chunk inside each tile. The loop shares the tile's ``S`` and every weight (``P``, ``W``, the
 rest softmax: three exponentials per entry) among the chunk's queries, so a query costs two
 ``tl.dot`` of the tile plus a few multiply-adds per entry; the grid axis bounds the per-program
-accumulators (``BLOCK_M × BLOCK_Q`` each) and adds parallelism when there are few row tiles (one
+accumulators (``BLOCK_Q × BLOCK_M`` each; at most 4 queries per program on the GPU, where
+larger chunks spilled registers) and adds parallelism when there are few row tiles (one
 "all" batch), at the price of recomputing ``S`` and the weights per chunk.
 Cost per batch of ``B`` pairs: ``2·(1 + (1 + 2Q) + 1)·B²d`` multiply-adds (stats, pass 2, pass 3;
 rows and columns) with one query chunk.
@@ -50,10 +52,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ...errors import BackendUnavailableError, ECIFInputError
+from ...errors import ECIFInputError
 from ..batching import BatchPlan
-from .lse import (INTERPRET_ENV, _TL_DTYPES, _Cfg, _fp32_precision, _max_combine, _p2, _plan_tables,
-                  _sm_count, _sum_combine, interpreting)
+from .lse import (_TL_DTYPES, _Cfg, _max_combine, _p2, _plan_tables, _sm_count, _sum_combine, check_inputs,
+                  dot_setup, kernel_for)
 
 # as in .lse: triton's own combine function, which the interpreter recognises (see lse.py)
 _min_combine = getattr(tl.standard, "_elementwise_min", None)
@@ -352,20 +354,11 @@ def _line_pass3_kernel(
 
 
 _KERNELS = {"stats": _line_stats_kernel, "pass2": _line_pass2_kernel, "pass3": _line_pass3_kernel}
-_INTERPRETED: Dict[str, object] = {}
 
 
 def _kernel(name: str, device_type: str):
     """The compiled kernel for CUDA; an interpreted one for CPU tensors under ``TRITON_INTERPRET=1``."""
-    k = _KERNELS[name]
-    if device_type == "cuda":
-        return k
-    hit = _INTERPRETED.get(name)
-    if hit is None:
-        from triton.runtime.interpreter import InterpretedFunction
-        hit = k if isinstance(k, InterpretedFunction) else InterpretedFunction(k.fn)
-        _INTERPRETED[name] = hit
-    return hit
+    return kernel_for(_KERNELS[name], "reductions_" + name, device_type)
 
 
 def _gpu_configs(dtype: torch.dtype, d: int) -> list:
@@ -406,35 +399,6 @@ class _Stats(NamedTuple):
     lse: torch.Tensor  # (n,) log-sum-exp of the line
 
 
-def _check_inputs(U, V, dU, dV):
-    dev = U.device
-    if dev.type == "cpu":
-        if not interpreting():
-            raise BackendUnavailableError(
-                "backend 'triton' got CPU tensors; Triton runs them only in its interpreter: set "
-                f"{INTERPRET_ENV}=1 (slow, meant for tests), move the tensors to a GPU, or use "
-                "backend='cpp' or backend='torch'")
-    elif dev.type != "cuda":
-        raise ECIFInputError(f"backend 'triton' runs on CUDA devices (or the CPU with {INTERPRET_ENV}=1), "
-                             f"but U is on device '{dev}'; move the tensors or use backend='torch'")
-    for name, x in (("V", V), ("dU", dU), ("dV", dV)):
-        if x.device != dev:
-            raise ECIFInputError(f"{name} must be on U's device {dev}, got {x.device}")
-    U, V, dU, dV = U.detach(), V.detach(), dU.detach(), dV.detach()
-    dt = U.dtype
-    for x in (V, dU, dV):
-        dt = torch.promote_types(dt, x.dtype)
-    if dt not in _TL_DTYPES:
-        raise ECIFInputError(f"backend 'triton' accepts float16, bfloat16, float32 or float64, got {dt}")
-    if U.dim() != 2 or U.shape != V.shape:
-        raise ECIFInputError(f"U and V must both be (n, d) with the same shape, got {tuple(U.shape)} "
-                             f"and {tuple(V.shape)}")
-    if dU.shape != dV.shape or dU.dim() not in (2, 3) or tuple(dU.shape[-2:]) != tuple(U.shape):
-        raise ECIFInputError(f"dU and dV must both be (Q, n, d) or (n, d) with (n, d) = {tuple(U.shape)}, "
-                             f"got {tuple(dU.shape)} and {tuple(dV.shape)}")
-    return U.to(dt), V.to(dt), dU.to(dt), dV.to(dt)
-
-
 def ecif_reductions(U: torch.Tensor, V: torch.Tensor, scale, plan: BatchPlan, dU: torch.Tensor,
                     dV: torch.Tensor, dlog_scale=None, negative_term: str = "exact", *,
                     block_m: Optional[int] = None, block_n: Optional[int] = None,
@@ -459,15 +423,15 @@ def ecif_reductions(U: torch.Tensor, V: torch.Tensor, scale, plan: BatchPlan, dU
     if negative_term not in ("exact", "taylor"):
         raise ECIFInputError(f"negative_term must be 'exact' or 'taylor', got {negative_term!r}")
     exact = negative_term == "exact"
-    U, V, dU, dV = _check_inputs(U, V, dU, dV)
+    U, V, dU, dV = check_inputs(U, V, plan, dU, dV)
+    if dU.shape != dV.shape:
+        raise ECIFInputError(f"dU and dV must have the same shape, got {tuple(dU.shape)} and {tuple(dV.shape)}")
     squeeze = dU.dim() == 2
     if squeeze:
         dU, dV = dU.unsqueeze(0), dV.unsqueeze(0)
     dev = U.device
     n, d = U.shape
     Q = dU.shape[0]
-    if n != plan.n:
-        raise ECIFInputError(f"the plan covers {plan.n} pairs but U has {n} rows")
     acc = torch.float64 if U.dtype == torch.float64 else torch.float32
     t = float(scale.detach().reshape(())) if torch.is_tensor(scale) else float(scale)
     scale_t = torch.tensor([t], dtype=acc, device=dev)
@@ -488,18 +452,13 @@ def ecif_reductions(U: torch.Tensor, V: torch.Tensor, scale, plan: BatchPlan, dU
     interp = dev.type == "cpu"
     if interp:
         cfgs = [_Cfg(block_m or 32, block_n or 32, block_k or min(_p2(d), 64), 4, 1)]
-        precision, dot_dt = "ieee", _TL_DTYPES[acc]
     else:
         cfgs = _gpu_configs(U.dtype, d)
         if block_m or block_n or block_k:
             c0 = cfgs[0]
             cfgs = [_Cfg(block_m or c0.block_m, block_n or c0.block_n, block_k or c0.block_k,
                          c0.num_warps, c0.num_stages)]
-        if U.dtype == torch.float32:
-            precision = _fp32_precision()
-        else:
-            precision = "ieee" if U.dtype == torch.float64 else "tf32"
-        dot_dt = _TL_DTYPES[U.dtype]
+    precision, dot_dt = dot_setup(U.dtype, interp)
     for c in cfgs:
         for v in (c.block_m, c.block_n, c.block_k):
             if v < 16 or v & (v - 1):
