@@ -23,6 +23,10 @@ The observed errors stay below ``2 · eps · T · (1 + L)`` on the grid. 16-bit 
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -229,6 +233,8 @@ def test_dispatch_through_ops_and_registry(monkeypatch):
     ref = ops.ecif_reductions(U, V, 20.0, 8, dU, dV, ds, "taylor", backend="torch")
     for a, b in zip(got, ref):
         assert a.shape == (3, n) and torch.allclose(a, b, rtol=1e-4, atol=1e-4)
+    again = ops.ecif_reductions(U, V, 20.0, 8, dU, dV, ds, "taylor", backend="triton")
+    assert all(torch.equal(a, b) for a, b in zip(got, again))  # no atomics: bitwise reproducible
     # mixed dtypes are promoted (float16 + float64 directions -> float64 outputs)
     pos, _ = ops.ecif_reductions(U.half(), V.half(), 20.0, 8, dU.double(), dV.double(), backend="triton")
     assert pos.dtype == torch.float64
@@ -260,6 +266,27 @@ def test_bad_inputs():
     M = torch.empty(4, 3, device="meta")
     with pytest.raises(ECIFInputError, match=r"backend 'triton'.*meta"):
         _tred(M, M, 1.0, plan, M, M)
+
+
+def test_interpreter_set_before_import_in_a_fresh_process():
+    """The usual way to run Triton on the CPU: TRITON_INTERPRET=1 before triton is imported, so
+    ``triton.jit`` itself returns interpreted kernels; dispatch through the public op."""
+    code = textwrap.dedent("""
+        import torch
+        from ecif_fast.kernels.ops import ecif_reductions
+        g = torch.Generator().manual_seed(0)
+        U, V = torch.randn(33, 5, generator=g), torch.randn(33, 5, generator=g)
+        dU, dV = torch.randn(2, 33, 5, generator=g), torch.randn(2, 33, 5, generator=g)
+        args = (U.bfloat16(), V.bfloat16(), 3.0, torch.arange(33) % 2, dU, dV, torch.ones(2))
+        a = ecif_reductions(*args, backend="triton")
+        b = ecif_reductions(*args, backend="torch")
+        assert all(torch.allclose(x, y, atol=1e-4, rtol=1e-4) for x, y in zip(a, b)), (a, b)
+        print("OK")
+    """)
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    env.pop(registry.ENV_VAR, None)
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "OK" in res.stdout, res.stdout + res.stderr
 
 
 # ---------------------------------------------------------------------------------------------------
