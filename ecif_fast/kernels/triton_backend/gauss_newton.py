@@ -91,7 +91,7 @@ def gauss_newton_product(U: torch.Tensor, V: torch.Tensor, scale, plan: BatchPla
             (grid_product, dict(**cols_side, m_a=mc, m_b=m, out=gV, row_out=t, MODE=2, ROW_TERMS=False,
                                 **common)),
         ]
-        run_passes("gauss_newton_product", U, d, plan, launches, mode_wide=True, block_m=block_m,
+        run_passes("gauss_newton_product", U, d, plan, launches, directions=True, block_m=block_m,
                    block_n=block_n, block_d=block_d)
         if with_ds:
             gs = gs_rows.sum(1)

@@ -201,27 +201,32 @@ class _Cfg(NamedTuple):
     num_stages: int
 
 
-def _gpu_configs(dtype: torch.dtype, d: int) -> List[_Cfg]:
+def _gpu_configs(dtype: torch.dtype, d: int, directions: bool = False) -> List[_Cfg]:
     """Tile configurations for the GPU, first choice then smaller fall-backs (like :mod:`.lse`).
 
     ``block_d`` is both the K step of ``S = A Bᵀ`` and the width of the slice of ``dA`` one program
-    accumulates; ``d > block_d`` recomputes ``S`` once per slice (grid axis 1). Register budget: one
-    ``BLOCK_M × BLOCK_D`` float32 accumulator plus a few ``BLOCK_M × BLOCK_N`` tiles.
+    accumulates; ``d > block_d`` recomputes ``S`` once per slice (grid axis 1). ``directions``: the
+    Gauss–Newton passes (``dA``, ``dB`` tiles too). Chosen without a GPU at hand, by compiling for
+    sm_90 as a launch specialises the kernel (``d`` a multiple of 16, aligned pointers) and reading
+    ptxas' spill report: the first choices do not spill, except float16 Gauss–Newton (a few dozen
+    bytes) and 16-bit Gauss–Newton at d > 128 (about 150 bytes). GPU timings are the place to tune them.
     """
     if dtype in (torch.float16, torch.bfloat16):
         if d <= 64:
             cfgs = [_Cfg(128, 64, _p2(d), 8, 2)]
+        elif d <= 128:
+            cfgs = [_Cfg(128, 32, 128, 8, 2)]
         else:
-            cfgs = [_Cfg(64, 32, 128, 8, 2)]
+            cfgs = [_Cfg(64, 32, 128, 4, 2)]
         cfgs += [_Cfg(64, 32, 64, 4, 1), _Cfg(32, 32, 32, 4, 1)]
     elif dtype == torch.float32:
         if d <= 64:
-            cfgs = [_Cfg(64, 32, _p2(d), 4, 1)]
+            cfgs = [_Cfg(64, 32, _p2(d), 4, 2)]
         else:
             cfgs = [_Cfg(64, 32, 64, 8, 2)]
         cfgs += [_Cfg(32, 32, 64, 4, 1), _Cfg(32, 16, 32, 4, 1)]
     else:  # float64
-        cfgs = [_Cfg(32, 32, min(_p2(d), 64), 4, 1), _Cfg(16, 16, 32, 4, 1)]
+        cfgs = [_Cfg(32, 32, min(_p2(d), 32 if directions else 64), 4, 1), _Cfg(16, 16, 32, 4, 1)]
     return cfgs
 
 
@@ -240,14 +245,15 @@ def scale_tensor(scale, acc: torch.dtype, device) -> torch.Tensor:
     return torch.tensor([t], dtype=acc, device=device)
 
 
-def run_passes(op: str, U: torch.Tensor, d: int, plan: BatchPlan, launches, *, mode_wide: bool = False,
+def run_passes(op: str, U: torch.Tensor, d: int, plan: BatchPlan, launches, *, directions: bool = False,
                block_m: Optional[int] = None, block_n: Optional[int] = None, block_d: Optional[int] = None):
     """Launch :func:`_grad_rows_kernel` once per entry of ``launches`` with the first tile config that
     compiles (GPU) or a small one (interpreter).
 
     ``launches``: list of ``(grid_fn, kwargs)``: ``grid_fn(cfg, num_tiles)`` gives the grid and
     ``kwargs`` the kernel arguments except the tile tables and the tile/dtype constants.
-    ``mode_wide``: G may exceed the float16 range (float16 inputs then widen ``B`` instead of splitting G).
+    ``directions``: the Gauss–Newton passes; their G may exceed the float16 range, so float16 inputs
+    widen ``B`` to float32 instead of splitting G.
     """
     dev = U.device
     interp = dev.type == "cpu"
@@ -256,7 +262,7 @@ def run_passes(op: str, U: torch.Tensor, d: int, plan: BatchPlan, launches, *, m
     if interp:
         cfgs = [_Cfg(block_m or 32, block_n or 32, block_d or min(_p2(d), 64), 4, 1)]
     else:
-        cfgs = _gpu_configs(dtype, d)
+        cfgs = _gpu_configs(dtype, d, directions=directions)
         if block_m or block_n or block_d:
             c0 = cfgs[0]
             cfgs = [_Cfg(block_m or c0.block_m, block_n or c0.block_n, block_d or c0.block_d,
@@ -267,7 +273,7 @@ def run_passes(op: str, U: torch.Tensor, d: int, plan: BatchPlan, launches, *, m
                 raise ECIFInputError(f"tile sizes must be powers of two >= 16, got {c[:3]}")
     precision, dot_dt = dot_setup(dtype, interp)
     low = dtype in (torch.float16, torch.bfloat16)
-    g_wide = low and mode_wide and dtype == torch.float16
+    g_wide = low and directions and dtype == torch.float16
     g_split = low and not g_wide
     consts = dict(G_SPLIT=g_split, G_WIDE=g_wide and not interp, DOT_DTYPE=dot_dt,
                   LOW_DTYPE=_TL_DTYPES[dtype] if low else _TL_DTYPES[acc], ACC_DTYPE=_TL_DTYPES[acc],
