@@ -5,7 +5,8 @@ The interpreter is slow (and this op runs ``2 + 4Q`` row-tile launches), so the 
 a subset rather than the full product: n ∈ {1, 2, 7, 30, 40, 48, 64} with "all", ragged and fixed-size
 batches, d rotating over {1, 3, 64, 130} (130: several d slices, a partial one), Q ∈ {1, 5} and 2-D
 directions, ``dlog_scale`` None / a number / a ``(Q,)`` tensor, every dtype at every scale
-∈ {0.01, 1, 100} somewhere; 16/32-row tiles give several row and column tiles and partial ones.
+∈ {0.01, 1, 100} somewhere; 16/32-row tiles give several row and column tiles and partial ones;
+n = 300 once with 64-wide tiles.
 Plus adversarial logits, the public dispatch, a hypothesis property test and ahead-of-time sm_90
 compiles of the two kernel modes this op adds.
 
@@ -173,6 +174,15 @@ def test_every_dtype_scale_query_combination_covered():
             kinds.add((dtype, (k + j) % 3))
     assert len(seen) == len(DTYPES) * len(SCALES) and qs == {None, 1, 5}
     assert len(kinds) == len(DTYPES) * 3
+
+
+def test_n300_with_large_tiles():
+    """The grid's largest n, batches of 100 (two 64-row tiles each, a partial one), Q = 1."""
+    gen = torch.Generator().manual_seed(301)
+    n, d = 300, 3
+    U, V = unit(n, d, gen, torch.float32), unit(n, d, gen, torch.float32)
+    dU, dV = _directions(n, d, 1, gen, torch.float32)
+    check(U, V, 100.0, resolve_batches(100, n), dU, dV, 0.25, "n=300 size=100", block_m=64, block_n=64)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])

@@ -5,8 +5,8 @@ The interpreter is slow, so the issue grid is covered by a subset rather than th
 n ∈ {1, 2, 7, 48, 64, 100} with "all" and batch (ragged, or fixed size 24) negatives, d rotating over
 {1, 3, 64, 130} (130 > the 64-wide d slice: several slices and a partial one), every dtype at every
 scale ∈ {0.01, 1, 100} somewhere, with and without ``dlog_scale``; 16/32-row tiles give several
-row and column tiles and partial ones. Plus adversarial logits, autograd of ``infonce_loss``, a
-hypothesis property test and an ahead-of-time sm_90 compile of the kernel.
+row and column tiles and partial ones; n = 300 once with 64-wide tiles. Plus adversarial logits,
+autograd of ``infonce_loss``, a hypothesis property test and ahead-of-time sm_90 compiles.
 
 Tolerances (per dtype, from a float64 brute force on the inputs as the kernel sees them):
   * ``δ = 2·eps·(t·max‖u‖·max‖v‖·√d + log B + 1)``: absolute error of a logit / log-sum-exp
@@ -142,6 +142,16 @@ def test_every_dtype_scale_pair_covered():
         for j, dtype in enumerate(DTYPES):
             seen.add((dtype, SCALES[(k + j) % 3]))
     assert len(seen) == len(DTYPES) * len(SCALES)
+
+
+def test_n300_with_large_tiles():
+    """The grid's largest n: "all" (5 × 5 tiles of 64, a partial one) and ragged batches."""
+    gen = torch.Generator().manual_seed(300)
+    n, d = 300, 64
+    U, V = unit(n, d, gen, torch.bfloat16), unit(n, d, gen, torch.bfloat16)
+    check(U, V, 100.0, resolve_batches(None, n), True, "n=300 all bf16", block_m=64, block_n=64)
+    U, V = unit(n, 3, gen, torch.float32), unit(n, 3, gen, torch.float32)
+    check(U, V, 1.0, resolve_batches(ragged_ids(n, gen), n), False, "n=300 ragged fp32", block_m=64, block_n=64)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
