@@ -36,6 +36,12 @@ larger chunks spilled registers) and adds parallelism when there are few row til
 Cost per batch of ``B`` pairs: ``2·(1 + (1 + 2Q) + 1)·B²d`` multiply-adds (stats, pass 2, pass 3;
 rows and columns) with one query chunk.
 
+Split columns (as in :mod:`.lse`): when row tiles × query chunks are too few to fill the GPU (one
+"all" batch of a few thousand pairs), grid axis 2 cuts each batch's column tiles into ``nsplit``
+contiguous chunks; every kernel writes one partial result per chunk into ``(nsplit, ...)`` buffers,
+merged on the host (the line statistics by "largest top wins, the other tops join the rest", the
+sums by adding) — deterministic, nothing recomputed.
+
 Dtypes: float16 / bfloat16 / float32 / float64 inputs (mixed inputs are promoted to one dtype);
 outputs float32 (float64 for float64 inputs), accumulation in the output dtype. Dot precision as
 in :mod:`.lse` (16-bit tiles as they are, float32 ``tf32x3`` by default, ``ieee`` float64; in the CPU
@@ -69,18 +75,25 @@ if _min_combine is None:  # pragma: no cover - other triton versions
 
 @triton.jit
 def _line_stats_kernel(
-    A, B, top_out, arg_out, rest_out, lse_out, perm, offsets, tile_start, tile_batch, scale_ptr,
-    d, sa0, sa1, sb0, sb1,
+    A, B, top_out, arg_out, rest_out, perm, offsets, tile_start, tile_batch, scale_ptr,
+    d, sa0, sa1, sb0, sb1, split_stride, nsplit,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SINGLE_K: tl.constexpr, IDENTITY: tl.constexpr,
     DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Per own line ``r`` of the tile: ``top``, ``arg`` (pair index), ``rest`` and ``lse`` of ``t·<A_r, B_c>``."""
+    """Per own line ``r`` of the tile: ``top``, ``arg`` (pair index) and ``rest`` of ``t·<A_r, B_c>`` over the
+    columns ``c`` of chunk ``s`` of its batch (``-inf`` for an empty chunk)."""
     pid = tl.program_id(0)
+    sid = tl.program_id(1)
     t0 = tl.load(tile_start + pid)
     b = tl.load(tile_batch + pid)
     b_lo = tl.load(offsets + b)
     b_hi = tl.load(offsets + b + 1)
+    # chunk ``sid`` of ``nsplit`` of this batch's column tiles (all of them when nsplit == 1)
+    n_ct = (b_hi - b_lo + BLOCK_N - 1) // BLOCK_N
+    per = (n_ct + nsplit - 1) // nsplit
+    c_lo = tl.minimum(b_lo + sid * per * BLOCK_N, b_hi)
+    c_hi = tl.minimum(c_lo + per * BLOCK_N, b_hi)
     scale = tl.load(scale_ptr)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -100,9 +113,9 @@ def _line_stats_kernel(
         kmask = offs_k < d
         a = tl.load(A + rows[:, None] * sa0 + offs_k[None, :] * sa1,
                     mask=mmask[:, None] & kmask[None, :], other=0.0).to(DOT_DTYPE)
-    for c0 in range(b_lo, b_hi, BLOCK_N):
+    for c0 in range(c_lo, c_hi, BLOCK_N):
         pos_n = c0 + offs_n
-        nmask = pos_n < b_hi
+        nmask = pos_n < c_hi
         if IDENTITY:
             cid = pos_n
         else:
@@ -142,30 +155,35 @@ def _line_stats_kernel(
 
     has_rest = rest_s > 0
     rest = tl.where(has_rest, rest_m + tl.log(tl.where(has_rest, rest_s, 1.0)), float("-inf"))
-    lse = top + tl.log(1.0 + tl.exp(rest - top))
-    tl.store(top_out + rows, top, mask=mmask)
-    tl.store(arg_out + rows, arg, mask=mmask)
-    tl.store(rest_out + rows, rest, mask=mmask)
-    tl.store(lse_out + rows, lse, mask=mmask)
+    out = sid.to(tl.int64) * split_stride + rows
+    tl.store(top_out + out, top, mask=mmask)
+    tl.store(arg_out + out, arg, mask=mmask)
+    tl.store(rest_out + out, rest, mask=mmask)
 
 
 @triton.jit
 def _line_pass2_kernel(
     A, B, dA, dB, perm, offsets, tile_start, tile_batch, scale_ptr, ds_ptr,
     own_lse, own_rest, own_arg, oth_lse, oth_arg, out_m, out_e, out_x,
-    d, Q, sa0, sa1, sb0, sb1, sda_q, sda0, sda1, sdb_q, sdb0, sdb1, out_q_stride,
+    d, Q, sa0, sa1, sb0, sb1, sda_q, sda0, sda1, sdb_q, sdb0, sdb1, out_q_stride, split_stride, nsplit,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_Q: tl.constexpr,
     SINGLE_K: tl.constexpr, IDENTITY: tl.constexpr, EXACT: tl.constexpr, HAS_DS: tl.constexpr,
     DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Per own line ``k`` and query ``q`` of the chunk: ``m``, ``e`` (exact) and ``x``."""
+    """Per own line ``k`` and query ``q`` of the query chunk: ``m``, ``e`` (exact) and ``x`` over column chunk ``s``."""
     pid = tl.program_id(0)
     q_lo = tl.program_id(1) * BLOCK_Q
+    sid = tl.program_id(2)
     q_hi = tl.minimum(q_lo + BLOCK_Q, Q)
     t0 = tl.load(tile_start + pid)
     b = tl.load(tile_batch + pid)
     b_lo = tl.load(offsets + b)
     b_hi = tl.load(offsets + b + 1)
+    # chunk ``sid`` of ``nsplit`` of this batch's column tiles (all of them when nsplit == 1)
+    n_ct = (b_hi - b_lo + BLOCK_N - 1) // BLOCK_N
+    per = (n_ct + nsplit - 1) // nsplit
+    c_lo = tl.minimum(b_lo + sid * per * BLOCK_N, b_hi)
+    c_hi = tl.minimum(c_lo + per * BLOCK_N, b_hi)
     scale = tl.load(scale_ptr)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -190,9 +208,9 @@ def _line_pass2_kernel(
         kmask = offs_k < d
         a = tl.load(A + rows[:, None] * sa0 + offs_k[None, :] * sa1,
                     mask=mmask[:, None] & kmask[None, :], other=0.0).to(DOT_DTYPE)
-    for c0 in range(b_lo, b_hi, BLOCK_N):
+    for c0 in range(c_lo, c_hi, BLOCK_N):
         pos_n = c0 + offs_n
-        nmask = pos_n < b_hi
+        nmask = pos_n < c_hi
         if IDENTITY:
             cid = pos_n
         else:
@@ -263,7 +281,7 @@ def _line_pass2_kernel(
                 acc_e = tl.where(sel, acc_e + tl.reduce(ew * g, 1, _sum_combine)[None, :], acc_e)
 
     qq = q_lo + offs_q
-    optr = qq.to(tl.int64)[:, None] * out_q_stride + rows[None, :]
+    optr = sid.to(tl.int64) * split_stride + qq.to(tl.int64)[:, None] * out_q_stride + rows[None, :]
     omask = mmask[None, :] & (qq < Q)[:, None]
     tl.store(out_m + optr, acc_m, mask=omask)
     tl.store(out_x + optr, acc_x, mask=omask)
@@ -274,19 +292,25 @@ def _line_pass2_kernel(
 @triton.jit
 def _line_pass3_kernel(
     A, B, perm, offsets, tile_start, tile_batch, scale_ptr, oth_lse, oth_arg, mean_o, c_o, out_z,
-    d, Q, sa0, sa1, sb0, sb1, vec_q_stride,
+    d, Q, sa0, sa1, sb0, sb1, vec_q_stride, split_stride, nsplit,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_Q: tl.constexpr,
     SINGLE_K: tl.constexpr, IDENTITY: tl.constexpr, EXACT: tl.constexpr,
     DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Per own line ``k`` and query ``q``: ``z = Σ_j [arg_j = k ≠ j] c_j − Σ_j W_kj mean_j``."""
+    """Per own line ``k`` and query ``q``: ``z = Σ_j [arg_j = k ≠ j] c_j − Σ_j W_kj mean_j`` over column chunk ``s``."""
     pid = tl.program_id(0)
     q_lo = tl.program_id(1) * BLOCK_Q
+    sid = tl.program_id(2)
     q_hi = tl.minimum(q_lo + BLOCK_Q, Q)
     t0 = tl.load(tile_start + pid)
     b = tl.load(tile_batch + pid)
     b_lo = tl.load(offsets + b)
     b_hi = tl.load(offsets + b + 1)
+    # chunk ``sid`` of ``nsplit`` of this batch's column tiles (all of them when nsplit == 1)
+    n_ct = (b_hi - b_lo + BLOCK_N - 1) // BLOCK_N
+    per = (n_ct + nsplit - 1) // nsplit
+    c_lo = tl.minimum(b_lo + sid * per * BLOCK_N, b_hi)
+    c_hi = tl.minimum(c_lo + per * BLOCK_N, b_hi)
     scale = tl.load(scale_ptr)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -305,9 +329,9 @@ def _line_pass3_kernel(
         kmask = offs_k < d
         a = tl.load(A + rows[:, None] * sa0 + offs_k[None, :] * sa1,
                     mask=mmask[:, None] & kmask[None, :], other=0.0).to(DOT_DTYPE)
-    for c0 in range(b_lo, b_hi, BLOCK_N):
+    for c0 in range(c_lo, c_hi, BLOCK_N):
         pos_n = c0 + offs_n
-        nmask = pos_n < b_hi
+        nmask = pos_n < c_hi
         if IDENTITY:
             cid = pos_n
         else:
@@ -349,7 +373,7 @@ def _line_pass3_kernel(
             acc_z = tl.where(sel, acc_z + z[:, None], acc_z)
 
     qq = q_lo + offs_q
-    optr = qq.to(tl.int64)[None, :] * vec_q_stride + rows[:, None]
+    optr = sid.to(tl.int64) * split_stride + qq.to(tl.int64)[None, :] * vec_q_stride + rows[:, None]
     tl.store(out_z + optr, acc_z, mask=mmask[:, None] & (qq < Q)[None, :])
 
 
@@ -402,7 +426,8 @@ class _Stats(NamedTuple):
 def ecif_reductions(U: torch.Tensor, V: torch.Tensor, scale, plan: BatchPlan, dU: torch.Tensor,
                     dV: torch.Tensor, dlog_scale=None, negative_term: str = "exact", *,
                     block_m: Optional[int] = None, block_n: Optional[int] = None,
-                    block_k: Optional[int] = None, block_q: Optional[int] = None):
+                    block_k: Optional[int] = None, block_q: Optional[int] = None,
+                    split: Optional[int] = None):
     """Positive and negative influence parts of every pair along ``Q`` query directions (SPEC §4).
 
     Same contract as the torch twin :func:`ecif_fast.kernels.torch_ref.reductions.ecif_reductions`.
@@ -415,7 +440,8 @@ def ecif_reductions(U: torch.Tensor, V: torch.Tensor, scale, plan: BatchPlan, dU
         dlog_scale: ``(Q,)`` (or scalar) derivative of ``s = log t`` along the query; None if fixed.
         negative_term: ``"exact"`` (``w = p/(1−p)``) or ``"taylor"`` (``w = p``).
         block_m, block_n, block_k: tile sizes (powers of two >= 16); block_q: queries per program
-            (a power of two); tuning/testing knobs, chosen automatically when None.
+            (a power of two); split: number of column chunks per row tile (partial results merged on
+            the host); tuning/testing knobs, chosen automatically when None.
     Returns:
         ``(positive, negative)``: ``(Q, n)`` (``(n,)`` for 2-D ``dU``), float32 (float64 for float64
         inputs), on U's device. Pairs in no batch get 0. Not differentiable.
@@ -472,9 +498,9 @@ def ecif_reductions(U: torch.Tensor, V: torch.Tensor, scale, plan: BatchPlan, dU
     for ci in range(start, len(cfgs)):
         cfg = cfgs[ci]
         tab = _plan_tables(plan, dev, cfg.block_m)
-        bq = block_q or _query_chunk(Q, tab.num_tiles, dev, interp)
+        bq, nsplit = _launch_shape(Q, n, tab, cfg, dev, interp, block_q, split)
         try:
-            pos, neg = _run(U, V, dU, dV, scale_t, ds, has_ds, exact, tab, cfg, bq, precision, dot_dt, acc, interp)
+            pos, neg = _run(U, V, dU, dV, scale_t, ds, has_ds, exact, tab, cfg, bq, nsplit, precision, dot_dt, acc)
         except Exception as e:  # compile-time failure (e.g. out of shared memory): try a smaller tile
             if interp or ci + 1 == len(cfgs):
                 raise
@@ -485,58 +511,78 @@ def ecif_reductions(U: torch.Tensor, V: torch.Tensor, scale, plan: BatchPlan, dU
         if len(cfgs) > 1:
             _GOOD_CFG[key] = ci
         _LAST_LAUNCH.clear()
-        _LAST_LAUNCH.update(config=cfg._asdict(), block_q=bq, query_chunks=-(-Q // bq), precision=precision,
+        _LAST_LAUNCH.update(config=cfg._asdict(), block_q=bq, query_chunks=-(-Q // bq), split=nsplit, precision=precision,
                             single_k=d <= cfg.block_k, identity=tab.identity, num_tiles=tab.num_tiles,
                             interpreted=interp)
         return (pos[0], neg[0]) if squeeze else (pos, neg)
     raise RuntimeError(f"triton ecif_reductions: no tile configuration worked: {last_err}")  # pragma: no cover
 
 
-def _query_chunk(Q: int, num_tiles: int, dev: torch.device, interp: bool) -> int:
-    """Queries per program: all of them (up to 16; 4 on the GPU), fewer when the row tiles alone leave the GPU idle."""
-    bq = min(_p2(Q, 1), 16)
-    if not interp:
-        bq = min(bq, _GPU_MAX_BLOCK_Q)
-        want = 2 * _sm_count(dev)
-        while bq > 1 and num_tiles * -(-Q // bq) < want:
-            bq //= 2
-    return bq
+def _launch_shape(Q: int, n: int, tab, cfg: _Cfg, dev: torch.device, interp: bool, block_q: Optional[int],
+                  split: Optional[int]) -> Tuple[int, int]:
+    """``(BLOCK_Q, nsplit)``: queries per program and column chunks per row tile.
+
+    All queries in one chunk (up to 16; 4 on the GPU, where larger chunks spill) and no split, unless
+    the row tiles times the query chunks leave the GPU idle: then the columns are split first (partial
+    sums only, nothing recomputed; bounded so that the partials stay under 2^24 elements per output),
+    then the query chunks shrink (each chunk recomputes ``S`` and the weights).
+    """
+    bq = block_q or min(_p2(Q, 1), 16 if interp else _GPU_MAX_BLOCK_Q)
+    if split is not None:
+        return bq, max(1, int(split))
+    if interp:
+        return bq, 1
+    want = 2 * _sm_count(dev)
+    col_tiles = -(-tab.largest_batch // cfg.block_n)
+    nsplit = -(-want // max(tab.num_tiles * -(-Q // bq), 1))
+    nsplit = max(1, min(nsplit, col_tiles // 2, 64, (1 << 24) // max(Q * n, 1)))
+    while block_q is None and bq > 1 and tab.num_tiles * -(-Q // bq) * nsplit < want:
+        bq //= 2
+    return bq, nsplit
 
 
-def _run(U, V, dU, dV, scale_t, ds, has_ds, exact, tab, cfg, bq, precision, dot_dt, acc, interp):
+def _run(U, V, dU, dV, scale_t, ds, has_ds, exact, tab, cfg, bq, nsplit, precision, dot_dt, acc):
     """Stats, pass 2 and pass 3 for rows and columns; returns ``(positive, negative)`` ``(Q, n)``."""
     dev = U.device
     Q, n, d = dU.shape
     single_k = d <= cfg.block_k
-    grid1 = (tab.num_tiles,)
-    grid2 = (tab.num_tiles, -(-Q // bq))
+    grid1 = (tab.num_tiles, nsplit)
+    grid2 = (tab.num_tiles, -(-Q // bq), nsplit)
     common = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SINGLE_K=single_k,
                   IDENTITY=tab.identity, DOT_DTYPE=dot_dt, ACC_DTYPE=_TL_DTYPES[acc], PRECISION=precision,
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     plan_args = (tab.perm, tab.offsets, tab.tile_start, tab.tile_batch, scale_t)
 
     def stats(A, B) -> _Stats:
-        st = _Stats(torch.zeros(n, dtype=acc, device=dev), torch.zeros(n, dtype=torch.int32, device=dev),
-                    torch.zeros(n, dtype=acc, device=dev), torch.zeros(n, dtype=acc, device=dev))
-        _kernel("stats", dev.type)[grid1](A, B, *st, *plan_args, d, A.stride(0), A.stride(1), B.stride(0),
-                                          B.stride(1), **common)
-        return st
+        top, rest = (torch.zeros(nsplit, n, dtype=acc, device=dev) for _ in range(2))
+        arg = torch.zeros(nsplit, n, dtype=torch.int32, device=dev)
+        _kernel("stats", dev.type)[grid1](A, B, top, arg, rest, *plan_args, d, A.stride(0), A.stride(1),
+                                          B.stride(0), B.stride(1), n, nsplit, **common)
+        if nsplit == 1:
+            top, arg, rest = top[0], arg[0], rest[0]
+        else:  # merge the chunks: the largest top wins (the first on ties), the other tops join the rest
+            top_s = top
+            top, win = top_s.max(0)
+            arg = arg.gather(0, win[None])[0]
+            losers = top_s.scatter(0, win[None], float("-inf"))
+            rest = torch.logsumexp(torch.cat([rest, losers]), 0)
+        return _Stats(top, arg, rest, torch.logaddexp(top, rest))
 
     def pass2(A, B, dA, dB, own: _Stats, oth: _Stats):
-        out = [torch.zeros(Q, n, dtype=acc, device=dev) for _ in range(3)]  # m, e, x
+        out = [torch.zeros(nsplit, Q, n, dtype=acc, device=dev) for _ in range(3)]  # m, e, x
         _kernel("pass2", dev.type)[grid2](
             A, B, dA, dB, *plan_args, ds, own.lse, own.rest, own.arg, oth.lse, oth.arg, *out,
             d, Q, A.stride(0), A.stride(1), B.stride(0), B.stride(1), dA.stride(0), dA.stride(1), dA.stride(2),
-            dB.stride(0), dB.stride(1), dB.stride(2), n,
+            dB.stride(0), dB.stride(1), dB.stride(2), n, Q * n, nsplit,
             BLOCK_Q=bq, EXACT=exact, HAS_DS=has_ds, **common)
-        return out
+        return [o[0] if nsplit == 1 else o.sum(0) for o in out]
 
     def pass3(A, B, oth: _Stats, mean_o, c_o):
-        z = torch.zeros(Q, n, dtype=acc, device=dev)
+        z = torch.zeros(nsplit, Q, n, dtype=acc, device=dev)
         _kernel("pass3", dev.type)[grid2](
             A, B, *plan_args, oth.lse, oth.arg, mean_o, c_o, z, d, Q, A.stride(0), A.stride(1), B.stride(0),
-            B.stride(1), n, BLOCK_Q=bq, EXACT=exact, **common)
-        return z
+            B.stride(1), n, Q * n, nsplit, BLOCK_Q=bq, EXACT=exact, **common)
+        return z[0] if nsplit == 1 else z.sum(0)
 
     rows = stats(U, V)
     cols = stats(V, U)
