@@ -251,6 +251,29 @@ def test_dispatch_through_ops_and_registry(monkeypatch):
         _tred(U, V, 1.0, resolve_batches(None, n), dU, dV)
 
 
+def test_gpu_launch_shape(monkeypatch):
+    """The GPU's choice of query chunk and column split (no GPU needed): split the columns first, then
+    shrink the query chunks, only while row tiles × query chunks × splits leave 132 SMs idle."""
+    from types import SimpleNamespace
+
+    mod = triton_backend.reductions_module
+    monkeypatch.setattr(mod, "_sm_count", lambda dev: 132)
+    cfg = mod._gpu_configs(torch.bfloat16, 64)[0]
+    cuda = torch.device("cuda")
+
+    def shape(Q, n, tiles, largest, **kw):
+        tab = SimpleNamespace(num_tiles=tiles, largest_batch=largest)
+        return mod._launch_shape(Q, n, tab, cfg, cuda, False, kw.get("block_q"), kw.get("split"))
+
+    assert shape(1, 4096, 64, 4096) == (1, 5)           # one "all" batch: 64 row tiles x 5 chunks
+    assert shape(100, 4096, 64, 4096) == (4, 1)         # 25 query chunks fill the GPU
+    assert shape(8, 100, 2, 100) == (1, 1)              # 2 column tiles: no split, one query per program
+    assert shape(3, 10 ** 6, 20000, 64) == (4, 1)       # many small batches
+    assert shape(2, 2048, 32, 2048) == (2, 9)           # both queries in one program, 9 column chunks
+    assert shape(5, 4096, 64, 4096, block_q=2, split=7) == (2, 7)
+    assert shape(5, 4096, 64, 4096, block_q=1) == (1, 1)
+
+
 def test_bad_inputs():
     U = torch.randn(4, 3)
     plan = resolve_batches(None, 4)

@@ -595,13 +595,25 @@ def _run(U, V, dU, dV, scale_t, ds, has_ds, exact, tab, cfg, bq, nsplit, precisi
         c_r = c_c = m_r  # unused (EXACT=False)
     z_r = pass3(U, V, cols, m_c, c_c)
     z_c = pass3(V, U, rows, m_r, c_r)
-    # δS_kk = t(<δu_k, v_k> + <u_k, δv_k>) + δs·t<u_k, v_k>: (Q, n) dot products
-    diag = torch.einsum("qnd,nd->qn", dU.to(acc), V.to(acc)) + torch.einsum("nd,qnd->qn", U.to(acc), dV.to(acc))
-    diag = diag * scale_t
-    if has_ds:
-        diag = diag + ds[:, None] * (scale_t * (U.to(acc) * V.to(acc)).sum(1))
+    diag = _diagonal(U, V, dU, dV, scale_t, ds if has_ds else None, acc)
     if not tab.identity:  # pairs in no batch (e.g. BatchPlan.without) have no δS_kk
         covered = torch.zeros(n, dtype=torch.bool, device=dev)
         covered[tab.perm.long()] = True
         diag = diag * covered
     return m_r + m_c - 2 * diag, x_r + x_c + z_r + z_c
+
+
+def _diagonal(U, V, dU, dV, scale_t, ds, acc) -> torch.Tensor:
+    """``δS_kk = t(<δu_k, v_k> + <u_k, δv_k>) + δs·t<u_k, v_k>``, ``(Q, n)`` in ``acc``; the directions are
+    upcast a few queries at a time (about 2^24 elements), never as a whole ``(Q, n, d)`` copy."""
+    Q, n, d = dU.shape
+    U, V = U.to(acc), V.to(acc)
+    out = torch.empty(Q, n, dtype=acc, device=U.device)
+    step = max(1, (1 << 24) // max(n * d, 1))
+    for q0 in range(0, Q, step):
+        q1 = min(Q, q0 + step)
+        out[q0:q1] = (dU[q0:q1].to(acc) * V).sum(-1) + (U * dV[q0:q1].to(acc)).sum(-1)
+    out *= scale_t
+    if ds is not None:
+        out += ds[:, None] * (scale_t * (U * V).sum(1))
+    return out
