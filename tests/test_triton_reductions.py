@@ -9,17 +9,16 @@ scale ∈ {0.01, 1, 100} × dtype × term × dlog_scale) is covered by a subset 
 every n meets "all" and batch negatives, every d, Q, scale, dtype, term and dlog_scale choice
 appears several times, and small tiles (16, or 256 at n = 300) give several row and column tiles,
 partial tiles, blocked d (d = 130 over 64-wide blocks), several query chunks and split column
-chunks. Adversarial
-inputs (one pair dominating rows and columns so that 1 − p rounds to 0, in other tiles and on the
-diagonal, and exact ties) run in float32 and float64, exact and taylor; a hypothesis test draws
-random shapes.
+chunks. Adversarial inputs (one pair dominating rows and columns so that 1 − p rounds to 0, in other
+tiles and on the diagonal, and exact ties) run in float32 and float64, exact and taylor; a
+hypothesis test draws random shapes.
 
 Tolerances (against the twin on the same inputs; both accumulate in float32, float64 for float64):
 ``16 · eps · T · (1 + L)`` where ``eps`` is the accumulation dtype's epsilon (float32 / float16 /
 bfloat16: 1.2e-7, float64: 2.2e-16), ``T`` bounds ``|δS|`` and ``L = |t|·max|u|·max|v|`` bounds the
 logits (a rounding error of ``L·eps`` in a logit moves the softmax weights by that much relative).
-The observed errors stay below ``2 · eps · T · (1 + L)`` on the grid. 16-bit inputs are compared with the twin fed the same
-16-bit values, so their own rounding does not enter.
+The observed errors stay below ``2 · eps · T · (1 + L)`` on the grid. 16-bit inputs are compared
+with the twin fed the same 16-bit values, so their own rounding does not enter.
 """
 from __future__ import annotations
 

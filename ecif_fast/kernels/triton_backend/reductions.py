@@ -72,7 +72,6 @@ if _min_combine is None:  # pragma: no cover - other triton versions
         return tl.minimum(a, b)
 
 
-
 @triton.jit
 def _line_stats_kernel(
     A, B, top_out, arg_out, rest_out, perm, offsets, tile_start, tile_batch, scale_ptr,
