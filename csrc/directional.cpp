@@ -11,12 +11,11 @@
 //                     3. G per query, gU += t G V, gV += t G^T U, gs += Σ G∘S               1 + 4Q
 // One infonce forward + backward is 4, so ecif_reductions with one query costs ~5/4 of it.
 //
-// Parallelisation as in infonce.cpp: tasks (batch, row tile) own their rows' results; column results
-// of a batch larger than one row tile go to per-thread partials (threads x K x Q x B, or
-// threads x Q x B x d for gV), summed in thread order. Tasks are scheduled statically (round robin),
-// so for a given thread count every partial sees the same tasks in the same order: results are
-// bitwise reproducible. The V / δV column tiles of such batches are packed once and shared by all
-// passes (B (Q + 1..2) d elements).
+// Parallelisation (see DirPlan): tasks (batch, row tile) own their rows' results. Column results
+// either stay with the thread that runs the whole batch (many batches: per-batch mode) or, for a
+// few big batches, go to per-thread partials (threads x K x Q x B, or threads x Q x B x d for gV)
+// summed in thread order. Work is shared statically (round robin), so for a given thread count
+// every partial sees the same tasks in the same order: results are bitwise reproducible.
 #include "directional.hpp"
 
 #include <algorithm>
@@ -31,6 +30,8 @@
 #endif
 
 namespace ecif {
+
+#define ECIF_RESTRICT_D __restrict__
 
 namespace {
 
@@ -63,7 +64,13 @@ DirKernels<T> dir_kernels_for(const std::string& isa) {
 #undef ECIF_DIR_KERNELS
 }
 
-// Task list, big-batch bookkeeping and the shared packed column tiles.
+// Task list and the two ways of sharing column results:
+//  * per-batch mode (many batches, none dominating the work, or one thread): a thread takes whole
+//    batches (static round robin), packs the batch's column tiles into its own buffer, runs all its
+//    row tiles and writes the column results directly: no partials, memory O(threads·B·(Q+2)·d);
+//  * partial mode (a few big batches, e.g. "all" negatives): tasks are (batch, row tile); column
+//    results of batches over one row tile go to per-thread partials merged in thread order, and the
+//    column tiles of those batches are packed once up front, shared by all passes.
 template <class T>
 struct DirPlan {
     std::vector<i64> task_b, task_rt;
@@ -71,8 +78,10 @@ struct DirPlan {
     std::vector<i64> bigpos;   // big-batch column index -> position in perm
     std::vector<i64> vpbase;   // per batch: first packed tile, -1 when none
     std::vector<i64> pack_b, pack_ct;
-    i64 nbig = 0, ntiles = 0;
+    std::vector<i64> batches;  // non-empty batches (per-batch mode)
+    i64 nbig = 0, ntiles = 0, maxB = 0;
     int nt = 1;
+    bool per_batch = false;
     std::unique_ptr<T[]> vpack;
     size_t tsz = 0;
 
@@ -80,11 +89,27 @@ struct DirPlan {
         const i64 nb = p.num_batches;
         bigbase.assign(static_cast<size_t>(nb > 0 ? nb : 0), -1);
         vpbase.assign(static_cast<size_t>(nb > 0 ? nb : 0), -1);
-        double work = 0.0;
+        double work = 0.0, sq = 0.0;
         for (i64 b = 0; b < nb; ++b) {
             const i64 B = p.offsets[b + 1] - p.offsets[b];
             if (B <= 0) continue;
-            work += double(B) * double(B) * double(flops_per_entry) * double(p.d + 32);
+            batches.push_back(b);
+            maxB = std::max(maxB, B);
+            sq += double(B) * double(B);
+        }
+        work = sq * double(flops_per_entry) * double(p.d + 32);
+#if defined(_OPENMP)
+        nt = num_threads > 0 ? num_threads : omp_get_max_threads();
+        if (work < 4.0e6) nt = 1;  // a parallel region costs more than it saves (see lse.cpp)
+        if (nt < 1) nt = 1;
+#else
+        (void)num_threads;
+#endif
+        per_batch = nt == 1 || double(maxB) * double(maxB) * 4.0 * nt <= sq;
+        tsz = size_t(dir_tile_elems(p.d, p.Q));
+        if (per_batch) return;
+        for (const i64 b : batches) {
+            const i64 B = p.offsets[b + 1] - p.offsets[b];
             const i64 nrt = (B + kDirRows - 1) / kDirRows;
             for (i64 rt = 0; rt < nrt; ++rt) {
                 task_b.push_back(b);
@@ -103,17 +128,10 @@ struct DirPlan {
                 ntiles += nct;
             }
         }
-#if defined(_OPENMP)
-        nt = num_threads > 0 ? num_threads : omp_get_max_threads();
-        if (work < 4.0e6) nt = 1;  // a parallel region costs more than it saves (see lse.cpp)
-        if (nt < 1) nt = 1;
-#else
-        (void)num_threads;
-#endif
-        tsz = size_t(dir_tile_elems(p.d, p.Q));
         vpack.reset(new T[size_t(ntiles) * tsz]);
     }
     i64 ntasks() const { return i64(task_b.size()); }
+    i64 max_tiles() const { return (maxB + kDirCols - 1) / kDirCols; }
     const T* vp(i64 b) const {
         const i64 v = vpbase[size_t(b)];
         return v >= 0 ? vpack.get() + size_t(v) * tsz : nullptr;
@@ -156,47 +174,89 @@ void pack_all(const DirProblem<T>& p, const DirKernels<T>& kern, DirPlan<T>& pl,
 // One pass over all tasks with per-thread column partials of `per_col` elements per (column, slice)
 // and `slices` slices; merged into outs[k][q * n + pair] (slice k * Q + q, per_col == 1) or, when
 // outs is null, into the gV rows (slice q, per_col == d).
+// Column result `c` (batch-local column j of batch b at offset off) of slice s, per_col elements:
+// destination outs[s / Q][q * n + pair] (outs given) or the gV row of query s (outs null).
+template <class T>
+inline T* col_dest(const DirProblem<T>& p, T* const* outs, int s, i64 pair) {
+    if (outs) return outs[s / int(p.Q)] + (s % p.Q) * p.n + pair;
+    return p.gV + (i64(s) * p.n + pair) * p.d;
+}
+
+// One pass over all tasks; `slices` column results of `per_col` elements per column, written to
+// outs[k][q * n + pair] (slice k * Q + q, per_col == 1) or, when outs is null, to the gV rows
+// (slice q, per_col == d). Adds the per-query Σ G∘S to gs_out when given.
 template <class T>
 void run_pass(const DirProblem<T>& p, const DirKernels<T>& kern, const DirPlan<T>& pl, int mode, int slices,
               i64 per_col, T* const* outs, double* gs_out) {
-    const i64 ntasks = pl.ntasks(), nbig = pl.nbig, Q = p.Q, n = p.n;
+    const i64 ntasks = pl.ntasks(), nbig = pl.nbig, Q = p.Q;
     const size_t wsz = size_t(dir_workspace_elems(p.d, Q));
-    const size_t psz = size_t(slices) * size_t(nbig) * size_t(per_col);  // per thread
     const int nt = pl.nt;
+    const bool rows = mode == kDirGn3;
     std::unique_ptr<T[]> ws(new T[size_t(nt) * wsz]);
-    std::unique_ptr<T[]> part(new T[size_t(nt) * psz]);
     std::vector<double> gsp(size_t(nt) * size_t(Q + 8), 0.0);
-    const i64 cstride = nbig * per_col;  // between slices
     int team = 1;
-    team = dir_parallel(nt, [&](int tid, int sz) {
-        T* mypart = part.get() + size_t(tid) * psz;
-        std::fill(mypart, mypart + psz, T(0));
-        T* w = ws.get() + size_t(tid) * wsz;
-        double* mygs = gsp.data() + size_t(tid) * size_t(Q + 8);
-        ECIF_FOR_SHARE(k, ntasks, tid, sz) {
-            const i64 b = pl.task_b[size_t(k)];
-            const i64 base = pl.bigbase[size_t(b)];
-            T* acc = base >= 0 ? mypart + size_t(base) * size_t(per_col) : nullptr;
-            kern.pass(p, mode, b, pl.task_rt[size_t(k)], w, acc, cstride, mygs, pl.vp(b));
-        }
-    });
-    if (nbig > 0) {
-        dir_parallel(nt, [&](int tid, int sz) {
-            ECIF_FOR_SHARE(c, nbig, tid, sz) {
-                const i64 k = p.perm[pl.bigpos[size_t(c)]];
-                for (int s = 0; s < slices; ++s) {
-                    const int kk = outs ? s / int(Q) : 0;
-                    const i64 q = outs ? s % Q : s;
-                    T* dst = outs ? outs[kk] + q * n + k : p.gV + (q * n + k) * p.d;
-                    const size_t o = (size_t(s) * size_t(nbig) + size_t(c)) * size_t(per_col);
-                    for (i64 e = 0; e < per_col; ++e) {
-                        T v = part[o + size_t(e)];
-                        for (int t = 1; t < team; ++t) v += part[size_t(t) * psz + o + size_t(e)];
-                        dst[e] = v;
-                    }
+    if (pl.per_batch) {
+        const size_t vsz = size_t(pl.max_tiles()) * pl.tsz;
+        const size_t csz = size_t(slices) * size_t(pl.maxB) * size_t(per_col);
+        std::unique_ptr<T[]> vbuf(new T[size_t(nt) * vsz]);
+        std::unique_ptr<T[]> cbuf(new T[size_t(nt) * csz]);
+        const i64 nbat = i64(pl.batches.size());
+        team = dir_parallel(nt, [&](int tid, int sz) {
+            T* w = ws.get() + size_t(tid) * wsz;
+            T* vb = vbuf.get() + size_t(tid) * vsz;
+            T* cb = cbuf.get() + size_t(tid) * csz;
+            double* mygs = gsp.data() + size_t(tid) * size_t(Q + 8);
+            ECIF_FOR_SHARE(k, nbat, tid, sz) {
+                const i64 b = pl.batches[size_t(k)], off = p.offsets[b], B = p.offsets[b + 1] - off;
+                if (B <= kDirRows) {  // one task: packs its tile, writes its columns
+                    kern.pass(p, mode, b, 0, w, nullptr, 0, mygs, nullptr);
+                    continue;
                 }
+                const i64 nct = (B + kDirCols - 1) / kDirCols, nrt = (B + kDirRows - 1) / kDirRows;
+                for (i64 ct = 0; ct < nct; ++ct) kern.pack(p, b, ct, rows, vb + size_t(ct) * pl.tsz);
+                const size_t used = size_t(slices) * size_t(B) * size_t(per_col);
+                std::fill(cb, cb + used, T(0));
+                for (i64 rt = 0; rt < nrt; ++rt) kern.pass(p, mode, b, rt, w, cb, B * per_col, mygs, vb);
+                for (int s = 0; s < slices; ++s)
+                    for (i64 j = 0; j < B; ++j) {
+                        T* dst = col_dest(p, outs, s, p.perm[off + j]);
+                        const T* src = cb + (size_t(s) * size_t(B) + size_t(j)) * size_t(per_col);
+                        for (i64 e = 0; e < per_col; ++e) dst[e] = src[e];
+                    }
             }
         });
+    } else {
+        const size_t psz = size_t(slices) * size_t(nbig) * size_t(per_col);  // per thread
+        std::unique_ptr<T[]> part(new T[size_t(nt) * psz]);
+        const i64 cstride = nbig * per_col;  // between slices
+        team = dir_parallel(nt, [&](int tid, int sz) {
+            T* mypart = part.get() + size_t(tid) * psz;
+            std::fill(mypart, mypart + psz, T(0));
+            T* w = ws.get() + size_t(tid) * wsz;
+            double* mygs = gsp.data() + size_t(tid) * size_t(Q + 8);
+            ECIF_FOR_SHARE(k, ntasks, tid, sz) {
+                const i64 b = pl.task_b[size_t(k)];
+                const i64 base = pl.bigbase[size_t(b)];
+                T* acc = base >= 0 ? mypart + size_t(base) * size_t(per_col) : nullptr;
+                kern.pass(p, mode, b, pl.task_rt[size_t(k)], w, acc, cstride, mygs, pl.vp(b));
+            }
+        });
+        if (nbig > 0) {
+            dir_parallel(nt, [&](int tid, int sz) {
+                ECIF_FOR_SHARE(c, nbig, tid, sz) {
+                    const i64 k = p.perm[pl.bigpos[size_t(c)]];
+                    for (int s = 0; s < slices; ++s) {
+                        T* dst = col_dest(p, outs, s, k);
+                        const size_t o = (size_t(s) * size_t(nbig) + size_t(c)) * size_t(per_col);
+                        for (i64 e = 0; e < per_col; ++e) {
+                            T v = part[o + size_t(e)];
+                            for (int t = 1; t < team; ++t) v += part[size_t(t) * psz + o + size_t(e)];
+                            dst[e] = v;
+                        }
+                    }
+                }
+            });
+        }
     }
     if (gs_out)
         for (int t = 0; t < team; ++t)
@@ -230,15 +290,58 @@ void line_merge_scalar(T& top, i64& arg, T& rM, T& rS, T a, i64 ja, T b2, T ts) 
     rS = s;
 }
 
+// Final line statistics of a column from its (top, arg, rest reference, rest sum) state.
+template <class T>
+void finish_col(const DirProblem<T>& p, i64 k, T top, i64 arg, T rM, T rS) {
+    const T ninf = -std::numeric_limits<T>::infinity();
+    const T rest = rS > T(0) ? rM + std::log(rS) : ninf;
+    p.ctop[k] = top;
+    p.crest[k] = rest;
+    p.clse[k] = rest > ninf ? top + std::log1p(std::exp(rest - top)) : top;
+    p.carg[k] = arg;
+}
+
 template <class T>
 void stats_pass(const DirProblem<T>& p, const DirKernels<T>& kern, const DirPlan<T>& pl) {
     const i64 ntasks = pl.ntasks(), nbig = pl.nbig;
     const int nt = pl.nt;
     const size_t wsz = size_t(dir_workspace_elems(p.d, p.Q));
     std::unique_ptr<T[]> ws(new T[size_t(nt) * wsz]);
+    const T ninf = -std::numeric_limits<T>::infinity();
+    if (pl.per_batch) {
+        const size_t vsz = size_t(pl.max_tiles()) * pl.tsz, csz = size_t(pl.maxB);
+        std::unique_ptr<T[]> vbuf(new T[size_t(nt) * vsz]);
+        std::unique_ptr<T[]> cT(new T[size_t(nt) * csz * 3]);
+        std::unique_ptr<i64[]> cA(new i64[size_t(nt) * csz]);
+        const i64 nbat = i64(pl.batches.size());
+        dir_parallel(nt, [&](int tid, int sz) {
+            T* w = ws.get() + size_t(tid) * wsz;
+            T* vb = vbuf.get() + size_t(tid) * vsz;
+            T* top = cT.get() + size_t(tid) * csz * 3;
+            T* rM = top + csz;
+            T* rS = rM + csz;
+            i64* arg = cA.get() + size_t(tid) * csz;
+            ECIF_FOR_SHARE(k, nbat, tid, sz) {
+                const i64 b = pl.batches[size_t(k)], off = p.offsets[b], B = p.offsets[b + 1] - off;
+                if (B <= kDirRows) {
+                    kern.stats(p, b, 0, w, nullptr, nullptr, nullptr, nullptr, nullptr);
+                    continue;
+                }
+                const i64 nct = (B + kDirCols - 1) / kDirCols, nrt = (B + kDirRows - 1) / kDirRows;
+                for (i64 ct = 0; ct < nct; ++ct) kern.pack(p, b, ct, false, vb + size_t(ct) * pl.tsz);
+                for (i64 j = 0; j < B; ++j) {
+                    top[j] = rM[j] = ninf;
+                    rS[j] = T(0);
+                    arg[j] = 0;
+                }
+                for (i64 rt = 0; rt < nrt; ++rt) kern.stats(p, b, rt, w, top, arg, rM, rS, vb);
+                for (i64 j = 0; j < B; ++j) finish_col(p, p.perm[off + j], top[j], arg[j], rM[j], rS[j]);
+            }
+        });
+        return;
+    }
     std::unique_ptr<T[]> pT(new T[size_t(nt) * size_t(nbig) * 3]);
     std::unique_ptr<i64[]> pA(new i64[size_t(nt) * size_t(nbig)]);
-    const T ninf = -std::numeric_limits<T>::infinity();
     const int team = dir_parallel(nt, [&](int tid, int sz) {
         T* top = pT.get() + size_t(tid) * size_t(nbig) * 3;
         T* rM = top + nbig;
@@ -269,22 +372,23 @@ void stats_pass(const DirProblem<T>& p, const DirKernels<T>& kern, const DirPlan
                 line_merge_scalar<T>(top, arg, rM, rS, tp[c], pA[size_t(t) * size_t(nbig) + size_t(c)],
                                      tp[nbig + c], tp[2 * nbig + c]);
             }
-            const i64 k = p.perm[pl.bigpos[size_t(c)]];
-            const T rest = rS > T(0) ? rM + std::log(rS) : ninf;
-            p.ctop[k] = top;
-            p.crest[k] = rest;
-            p.clse[k] = rest > ninf ? top + std::log1p(std::exp(rest - top)) : top;
-            p.carg[k] = arg;
+            finish_col(p, p.perm[pl.bigpos[size_t(c)]], top, arg, rM, rS);
         }
     });
 }
 
-// a·b + c·e in double (the single-entry δS values)
+// a·b + c·e in double (the single-entry δS values); independent partial sums keep the FMA
+// pipeline busy (a plain loop is one long dependency chain: no vectorisation of FP reductions).
 template <class T>
-double dot2(const T* a, const T* b, const T* c, const T* e, i64 d) {
-    double s = 0.0;
-    for (i64 k = 0; k < d; ++k) s += double(a[k]) * double(b[k]) + double(c[k]) * double(e[k]);
-    return s;
+double dot2(const T* ECIF_RESTRICT_D a, const T* ECIF_RESTRICT_D b, const T* ECIF_RESTRICT_D c,
+            const T* ECIF_RESTRICT_D e, i64 d) {
+    double s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    i64 k = 0;
+    for (; k + 8 <= d; k += 8)
+        for (int l = 0; l < 8; ++l)
+            s[l] += double(a[k + l]) * double(b[k + l]) + double(c[k + l]) * double(e[k + l]);
+    for (; k < d; ++k) s[0] += double(a[k]) * double(b[k]) + double(c[k]) * double(e[k]);
+    return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
 }
 
 template <class T>
@@ -322,9 +426,7 @@ void reductions_driver(const DirProblem<T>& p, T* positive, T* negative, const s
             const i64 k = p.perm[pos], o = bof[size_t(pos)], il = pos - o;
             const T* u = p.U + k * d;
             const T* v = p.V + k * d;
-            double skk = 0.0;
-            for (i64 c = 0; c < d; ++c) skk += double(u[c]) * double(v[c]);
-            skk *= double(t);
+            const double skk = double(t) * 0.5 * dot2(u, v, u, v, d);
             i64 ka = -1, kb = -1;
             if (exact) {
                 if (p.rarg[k] != il) ka = p.perm[o + p.rarg[k]];

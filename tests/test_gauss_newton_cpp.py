@@ -151,6 +151,25 @@ def test_every_isa_and_thread_count_deterministic(monkeypatch):
         cpp_backend.gauss_newton_product(U, V.to(dtype), 1.0, plans[0], dU, dV)
 
 
+def test_many_big_batches_two_threads():
+    """Many batches over one row tile and none dominating (10 x 110 pairs: the sum of B² is at least
+    4·threads·max B²): on two threads each batch is run whole by one thread (no per-thread partials);
+    must match the twin and repeat bitwise."""
+    gen = torch.Generator().manual_seed(7)
+    n, d = 1100, 20
+    U, V = unit(n, d, gen, torch.float32), unit(n, d, gen, torch.float32)
+    dU, dV, ds = directions(n, d, 2, gen, True)
+    dU, dV, ds = dU.float(), dV.float(), ds.float()
+    plan = resolve_batches(torch.randperm(n, generator=gen) % 10, n)
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        out = cpp_backend.gauss_newton_product(U, V, 10.0, plan, dU, dV, ds)
+        again = cpp_backend.gauss_newton_product(U, V, 10.0, plan, dU, dV, ds)
+        torch.set_num_threads(1)
+        assert all(torch.equal(a, b) for a, b in zip(out, again)), f"not deterministic, threads={threads}"
+        check(out, U, V, 10.0, plan, dU, dV, ds, torch.float32, f"threads={threads}")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_adversarial_p_to_one(dtype):
     """p → 1: one pair dominating each row at a random column, and the diagonal dominating; single-tile
