@@ -9,7 +9,8 @@ and, per query ``q``, ``δS = t(δU Vᵀ + U δVᵀ) + δs·S``::
 Passes (all through the row-tile kernel of :mod:`.infonce`, each launched twice with the roles of
 ``U`` and ``V`` swapped; no atomics, deterministic):
 
-1. :func:`~.lse.lse`: ``r`` and ``c``.
+1. ``MODE=3``: ``r`` and ``c`` with their rounding residuals (see :mod:`.infonce`: ``P`` and ``Qc``
+   must sum to 1 along every line, or ``δS − m`` picks up ``eps·|S|·m``).
 2. ``MODE=1``: ``m`` (row launch) and ``mc`` (swapped launch: the row means of ``δSᵀ`` under the row
    softmax of ``Sᵀ``, i.e. the column means under ``Qc``).
 3. ``MODE=2``: ``gU`` (row launch) and ``gV`` (swapped launch, ``G`` of the swapped problem is ``Gᵀ``);
@@ -30,8 +31,8 @@ import triton
 
 from ...errors import ECIFInputError
 from ..batching import BatchPlan
-from .infonce import run_passes, scale_tensor
-from .lse import check_inputs, lse
+from .infonce import run_passes, scale_tensor, stats_launches
+from .lse import check_inputs
 
 
 def gauss_newton_product(U: torch.Tensor, V: torch.Tensor, scale, plan: BatchPlan, dU: torch.Tensor,
@@ -68,8 +69,9 @@ def gauss_newton_product(U: torch.Tensor, V: torch.Tensor, scale, plan: BatchPla
         ds = ds.expand(Q).contiguous()
     if n and d and Q and plan.num_batches:
         U, V, dU, dV = U.contiguous(), V.contiguous(), dU.contiguous(), dV.contiguous()
-        row, col = lse(U, V, scale, plan)
         t = scale_tensor(scale, acc, dev)
+        rstats = torch.zeros((2, n), dtype=acc, device=dev)  # lse and its residual lo, rows of S
+        cstats = torch.zeros((2, n), dtype=acc, device=dev)  # the same for the columns
         m = torch.zeros((Q, n), dtype=acc, device=dev)
         mc = torch.zeros((Q, n), dtype=acc, device=dev)
         gs_rows = torch.zeros((Q, n), dtype=acc, device=dev)
@@ -81,9 +83,11 @@ def gauss_newton_product(U: torch.Tensor, V: torch.Tensor, scale, plan: BatchPla
             return (ntiles, triton.cdiv(d, cfg.block_d), Q)
 
         common = dict(ds_ptr=ds if with_ds else t, scale_ptr=t, n=n, d=d, WITH_DS=with_ds)
-        rows_side = dict(A=U, B=V, dA=dU, dB=dV, lse_a=row, lse_b=col)
-        cols_side = dict(A=V, B=U, dA=dV, dB=dU, lse_a=col, lse_b=row)
-        launches = [
+        rows_side = dict(A=U, B=V, dA=dU, dB=dV, lse_a=rstats[0], lo_a=rstats[1], lse_b=cstats[0],
+                         lo_b=cstats[1])
+        cols_side = dict(A=V, B=U, dA=dV, dB=dU, lse_a=cstats[0], lo_a=cstats[1], lse_b=rstats[0],
+                         lo_b=rstats[1])
+        launches = stats_launches(U, V, rstats, cstats, t, n, d) + [
             (grid_means, dict(**rows_side, m_a=t, m_b=t, out=t, row_out=m, MODE=1, ROW_TERMS=True, **common)),
             (grid_means, dict(**cols_side, m_a=t, m_b=t, out=t, row_out=mc, MODE=1, ROW_TERMS=True, **common)),
             (grid_product, dict(**rows_side, m_a=m, m_b=mc, out=gU, row_out=gs_rows, MODE=2, ROW_TERMS=True,

@@ -2,20 +2,24 @@
 
 Design (no atomics, deterministic; nothing bigger than a ``BLOCK_M × BLOCK_N`` tile of ``S`` exists):
 
-* Pass 1 is the :mod:`.lse` kernel: row LSE ``r`` and column LSE ``c`` of every batch.
-* Pass 2 is :func:`_grad_rows_kernel` (``MODE=0``) over the CSR row tiles of :mod:`.lse`: program
-  ``(i, k)`` loads its ``BLOCK_M`` rows of ``A``, streams over the column tiles of its batch,
-  recomputes ``S = t·A Bᵀ``, forms ``G = exp(S − r) + exp(S − c) − 2I`` and accumulates
-  ``dA = t·G B`` (the ``k``-th ``BLOCK_D`` slice of the columns of ``B``) in registers, plus per-row
-  ``r_i − S_ii`` (loss) and ``Σ_j G_ij S_ij`` (``∂loss/∂log t``). Launched with ``A = U, B = V`` it
-  gives ``dU``; launched with the roles swapped (``A = V, B = U``, ``r`` and ``c`` swapped) it gives
-  ``dV = t·Gᵀ U``, because the row softmax of ``Sᵀ`` is the column softmax of ``S``. The per-row
-  partial sums are added up on the host with torch (deterministic).
+* Everything runs through one row-tile kernel, :func:`_grad_rows_kernel`, over the CSR row tiles of
+  :mod:`.lse`: program ``(i, k)`` loads its ``BLOCK_M`` rows of ``A`` and streams over the column
+  tiles of its batch, recomputing ``S = t·A Bᵀ``. Launched with ``A = U, B = V`` it works on the rows
+  of ``S``; with the roles swapped (``A = V, B = U``) on the rows of ``Sᵀ``, i.e. the columns of ``S``
+  (the row softmax of ``Sᵀ`` is the column softmax of ``S``).
+* Pass 1 (``MODE=3``, both launches): online row / column log-sum-exp ``r``, ``c``, like the
+  :mod:`.lse` kernel, plus their rounding residuals (why: see the kernel's docstring). It is not the
+  :func:`~.lse.lse` op itself because the statistics must come from the very ``S`` values the next
+  pass recomputes.
+* Pass 2 (``MODE=0``): ``G = exp(S − r) + exp(S − c) − 2I`` and ``dA = t·G B`` (the ``k``-th
+  ``BLOCK_D`` slice of the columns of ``B``) accumulated in registers, plus per-row ``r_i − S_ii``
+  (loss) and ``Σ_j G_ij S_ij`` (``∂loss/∂log t``). The row launch gives ``dU``, the swapped one
+  ``dV = t·Gᵀ U``. The per-row partial sums are added up on the host with torch (deterministic).
 * The same kernel serves the Gauss–Newton product (:mod:`.gauss_newton`): ``MODE=1`` gives the row
   means ``m_i = Σ_j P_ij δS_ij`` (per query), ``MODE=2`` accumulates ``t·G B`` for
   ``G = P∘(δS − m) + Qc∘(δS − mc)``; queries are a grid axis there.
 
-Precision: ``S`` and ``δS`` come from ``tl.dot`` exactly as in :mod:`.lse` (16-bit operands as they
+Precision: ``S`` and ``δS`` come from ``tl.dot`` as in :mod:`.lse` (16-bit operands as they
 are with float32 accumulation, float32 with ``tf32x3`` by default, float64 in float64). ``G`` is a
 float32 tile; its product with a 16-bit ``B`` tile splits ``G`` into a 16-bit head plus a 16-bit
 remainder (two tensor-core products, about 16 significant bits for bfloat16 and 22 for float16)
@@ -36,13 +40,13 @@ import triton.language as tl
 
 from ...errors import ECIFInputError
 from ..batching import BatchPlan
-from .lse import (_TL_DTYPES, _p2, _plan_tables, _sum_combine, check_inputs, dot_setup, kernel_for,
-                  lse)
+from .lse import (_TL_DTYPES, _max_combine, _p2, _plan_tables, _sum_combine, check_inputs, dot_setup,
+                  kernel_for)
 
 
 @triton.jit
 def _grad_rows_kernel(
-    A, B, dA, dB, lse_a, lse_b, m_a, m_b, ds_ptr, out, row_out, scale_ptr,
+    A, B, dA, dB, lse_a, lse_b, lo_a, lo_b, m_a, m_b, ds_ptr, out, row_out, scale_ptr,
     perm, offsets, tile_start, tile_batch, n, d,
     MODE: tl.constexpr, WITH_DS: tl.constexpr, ROW_TERMS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -51,18 +55,30 @@ def _grad_rows_kernel(
 ):
     """Row-tile pass over ``S = t·A Bᵀ`` (per batch); all tensors contiguous.
 
-    ``A, B``: ``(n, d)``; ``dA, dB``: ``(Q, n, d)`` directions (MODE 1, 2); ``lse_a / lse_b``: ``(n,)``
-    LSE along the rows of ``S`` / of ``Sᵀ``; ``m_a / m_b``: ``(Q, n)`` means ``Σ P δS`` along the same
-    (MODE 2); ``ds_ptr``: ``(Q,)`` δs; ``scale_ptr``: ``(1,)`` t. Program ``(tile, k, q)``.
+    ``A, B``: ``(n, d)``; ``dA, dB``: ``(Q, n, d)`` directions (MODE 1, 2); ``lse_a + lo_a`` /
+    ``lse_b + lo_b``: ``(n,)`` log-sum-exp along the rows of ``S`` / of ``Sᵀ`` as written by MODE 3;
+    ``m_a / m_b``: ``(Q, n)`` means ``Σ P δS`` along the same (MODE 2); ``ds_ptr``: ``(Q,)`` δs;
+    ``scale_ptr``: ``(1,)`` t. Program ``(tile, k, q)``. ``P = exp(S − lse_a − lo_a)``,
+    ``Qc = exp(S − lse_b − lo_b)``, ``δS = t(dA Bᵀ + A dBᵀ) + δs·S`` (δs only WITH_DS).
 
-    * MODE 0 (infonce): ``out (n, d) = t·G B`` for ``G = exp(S − lse_a) + exp(S − lse_b) − 2I``;
-      ``row_out (2, n)``: ``lse_a_i − S_ii`` and (ROW_TERMS) ``Σ_j G_ij S_ij``.
-    * MODE 1 (means): ``row_out (Q, n) = Σ_j P_ij δS_ij`` with ``P = exp(S − lse_a)``.
-    * MODE 2 (Gauss–Newton): ``out (Q, n, d) = t·G B`` for ``G = P∘(δS − m_a) + Qc∘(δS − m_b)``,
-      ``Qc = exp(S − lse_b)``; ``row_out (Q, n)`` (ROW_TERMS and WITH_DS): ``Σ_j G_ij S_ij``.
+    * MODE 3 (line statistics): online log-sum-exp of every row; ``row_out (2, n)``: ``lse`` (rounded
+      to the accumulation dtype) and ``lo = log Σ_j exp(S_ij − lse_i)``, its rounding residual.
+    * MODE 0 (infonce): ``out (n, d) = t·G B`` for ``G = P + Qc − 2I``; ``row_out (2, n)``:
+      ``lse_a_i + lo_a_i − S_ii`` and (ROW_TERMS) ``Σ_j G_ij S_ij``.
+    * MODE 1 (means): ``row_out (Q, n) = Σ_j P_ij δS_ij``.
+    * MODE 2 (Gauss–Newton): ``out (Q, n, d) = t·G B`` for ``G = P∘(δS − m_a) + Qc∘(δS − m_b)``;
+      ``row_out (Q, n)`` (ROW_TERMS and WITH_DS): ``Σ_j G_ij S_ij``.
 
-    ``δS = t(dA Bᵀ + A dBᵀ) + δs·S`` (δs only WITH_DS). Only the ``k == 0`` programs write ``row_out``.
+    Why ``lo``: a float32 ``lse`` is rounded to about ``eps·|lse|``, so ``exp(S − lse)`` alone would sum
+    to ``1 ± eps·|S|`` along a line (a 1.6 % error at ``|S| = 2·10⁵``), while ``G`` needs the lines of
+    ``P`` to sum to 1 (``G_kk = p + q − 2`` when one pair dominates; ``δS − m`` in Gauss–Newton). The
+    statistics come from this kernel's own ``S`` (the same code computes it in every mode), and
+    ``(S − lse) − lo`` is evaluated in that order, so every line of ``P`` sums to 1 within a few eps,
+    as a softmax does.
+
+    Only the ``k == 0`` programs write ``row_out``.
     """
+    DIRS: tl.constexpr = MODE == 1 or MODE == 2
     pid = tl.program_id(0)
     kid = tl.program_id(1)
     q = tl.program_id(2).to(tl.int64)
@@ -85,22 +101,26 @@ def _grad_rows_kernel(
     od = kid * BLOCK_D + offs_d  # this program's slice of the embedding columns (MODE 0, 2)
     odmask = od < d
 
-    lse_r = tl.load(lse_a + rows, mask=mmask, other=0.0)
+    if MODE != 3:
+        lse_r = tl.load(lse_a + rows, mask=mmask, other=0.0)
+        lo_r = tl.load(lo_a + rows, mask=mmask, other=0.0)
     if MODE == 2:
         m_r = tl.load(m_a + q * n + rows, mask=mmask, other=0.0)
     if WITH_DS:
-        if MODE != 0:
+        if DIRS:
             dsq = tl.load(ds_ptr + q)
     if SINGLE_K:
         a = tl.load(A + rows[:, None] * d + offs_d[None, :],
                     mask=mmask[:, None] & odmask[None, :], other=0.0).to(DOT_DTYPE)
-        if MODE != 0:
+        if DIRS:
             da = tl.load(dA + qoff + rows[:, None] * d + offs_d[None, :],
                          mask=mmask[:, None] & odmask[None, :], other=0.0).to(DOT_DTYPE)
 
     acc = tl.full([BLOCK_M, BLOCK_D], 0.0, ACC_DTYPE)
-    row1 = tl.full([BLOCK_M], 0.0, ACC_DTYPE)
-    row2 = tl.full([BLOCK_M], 0.0, ACC_DTYPE)
+    row1 = tl.full([BLOCK_M], 0.0, ACC_DTYPE)  # MODE 3: running maximum
+    row2 = tl.full([BLOCK_M], 0.0, ACC_DTYPE)  # MODE 3: running sum of exp(S − maximum)
+    if MODE == 3:
+        row1 = tl.full([BLOCK_M], float("-inf"), ACC_DTYPE)
     for c0 in range(b_lo, b_hi, BLOCK_N):
         pos_n = c0 + offs_n
         nmask = pos_n < b_hi
@@ -113,14 +133,14 @@ def _grad_rows_kernel(
             bt = tl.load(B + cols[:, None] * d + offs_d[None, :],
                          mask=nmask[:, None] & odmask[None, :], other=0.0).to(DOT_DTYPE)
             s = tl.dot(a, tl.trans(bt), input_precision=PRECISION, out_dtype=ACC_DTYPE)
-            if MODE != 0:
+            if DIRS:
                 dbt = tl.load(dB + qoff + cols[:, None] * d + offs_d[None, :],
                               mask=nmask[:, None] & odmask[None, :], other=0.0).to(DOT_DTYPE)
                 e = tl.dot(da, tl.trans(bt), input_precision=PRECISION, out_dtype=ACC_DTYPE)
                 e = tl.dot(a, tl.trans(dbt), e, input_precision=PRECISION, out_dtype=ACC_DTYPE)
         else:
             s = tl.full([BLOCK_M, BLOCK_N], 0.0, ACC_DTYPE)
-            if MODE != 0:
+            if DIRS:
                 e = tl.full([BLOCK_M, BLOCK_N], 0.0, ACC_DTYPE)
             for k0 in range(0, d, BLOCK_D):
                 kk = k0 + offs_d
@@ -130,7 +150,7 @@ def _grad_rows_kernel(
                 bk = tl.load(B + cols[:, None] * d + kk[None, :],
                              mask=nmask[:, None] & km[None, :], other=0.0).to(DOT_DTYPE)
                 s = tl.dot(ak, tl.trans(bk), s, input_precision=PRECISION, out_dtype=ACC_DTYPE)
-                if MODE != 0:
+                if DIRS:
                     dak = tl.load(dA + qoff + rows[:, None] * d + kk[None, :],
                                   mask=mmask[:, None] & km[None, :], other=0.0).to(DOT_DTYPE)
                     dbk = tl.load(dB + qoff + cols[:, None] * d + kk[None, :],
@@ -138,52 +158,66 @@ def _grad_rows_kernel(
                     e = tl.dot(dak, tl.trans(bk), e, input_precision=PRECISION, out_dtype=ACC_DTYPE)
                     e = tl.dot(ak, tl.trans(dbk), e, input_precision=PRECISION, out_dtype=ACC_DTYPE)
         s = s * scale
-        valid = mmask[:, None] & nmask[None, :]
-        p = tl.where(valid, tl.exp(s - lse_r[:, None]), 0.0)
-        if MODE != 1:
-            lse_c = tl.load(lse_b + cols, mask=nmask, other=0.0)
-            qc = tl.where(valid, tl.exp(s - lse_c[None, :]), 0.0)
-        if MODE == 0:
-            diag = valid & (rows[:, None] == cols[None, :])
-            g = p + qc - tl.where(diag, 2.0, 0.0)
-            row1 += tl.reduce(tl.where(diag, s, 0.0), 1, _sum_combine)
-            if ROW_TERMS:
-                row2 += tl.reduce(g * s, 1, _sum_combine)
+        if MODE == 3:
+            s = tl.where(nmask[None, :], s, float("-inf"))
+            m_new = tl.maximum(row1, tl.reduce(s, 1, _max_combine))
+            row2 = row2 * tl.exp(row1 - m_new) + tl.reduce(tl.exp(s - m_new[:, None]), 1, _sum_combine)
+            row1 = m_new
         else:
-            dsm = e * scale
-            if WITH_DS:
-                dsm = dsm + dsq * s
-            if MODE == 1:
-                row1 += tl.reduce(p * dsm, 1, _sum_combine)
-            else:
-                m_c = tl.load(m_b + q * n + cols, mask=nmask, other=0.0)
-                g = p * (dsm - m_r[:, None]) + qc * (dsm - m_c[None, :])
+            valid = mmask[:, None] & nmask[None, :]
+            # (S − lse) − lo in this order: S − lse is exact near the line maximum, lo ~ eps stays whole
+            p = tl.where(valid, tl.exp((s - lse_r[:, None]) - lo_r[:, None]), 0.0)
+            if MODE != 1:
+                lse_c = tl.load(lse_b + cols, mask=nmask, other=0.0)
+                lo_c = tl.load(lo_b + cols, mask=nmask, other=0.0)
+                qc = tl.where(valid, tl.exp((s - lse_c[None, :]) - lo_c[None, :]), 0.0)
+            if MODE == 0:
+                diag = valid & (rows[:, None] == cols[None, :])
+                g = p + qc - tl.where(diag, 2.0, 0.0)
+                row1 += tl.reduce(tl.where(diag, s, 0.0), 1, _sum_combine)
                 if ROW_TERMS:
-                    if WITH_DS:
-                        row1 += tl.reduce(g * s, 1, _sum_combine)
-        if MODE != 1:
-            # acc += G · B[:, this slice]
-            if SINGLE_K:
-                bo = bt
+                    row2 += tl.reduce(g * s, 1, _sum_combine)
             else:
-                bo = tl.load(B + cols[:, None] * d + od[None, :],
-                             mask=nmask[:, None] & odmask[None, :], other=0.0).to(DOT_DTYPE)
-            if G_SPLIT:
-                g_hi = g.to(LOW_DTYPE)
-                g_lo = (g - g_hi.to(ACC_DTYPE)).to(LOW_DTYPE)
-                acc = tl.dot(g_hi.to(DOT_DTYPE), bo, acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
-                acc = tl.dot(g_lo.to(DOT_DTYPE), bo, acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
-            elif G_WIDE:  # float16 B widened to float32 (G may exceed the float16 range)
-                acc = tl.dot(g, bo.to(tl.float32), acc, input_precision="tf32x3", out_dtype=ACC_DTYPE)
-            else:
-                acc = tl.dot(g.to(DOT_DTYPE), bo, acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+                dsm = e * scale
+                if WITH_DS:
+                    dsm = dsm + dsq * s
+                if MODE == 1:
+                    row1 += tl.reduce(p * dsm, 1, _sum_combine)
+                else:
+                    m_c = tl.load(m_b + q * n + cols, mask=nmask, other=0.0)
+                    g = p * (dsm - m_r[:, None]) + qc * (dsm - m_c[None, :])
+                    if ROW_TERMS:
+                        if WITH_DS:
+                            row1 += tl.reduce(g * s, 1, _sum_combine)
+            if MODE != 1:
+                # acc += G · B[:, this slice]
+                if SINGLE_K:
+                    bo = bt
+                else:
+                    bo = tl.load(B + cols[:, None] * d + od[None, :],
+                                 mask=nmask[:, None] & odmask[None, :], other=0.0).to(DOT_DTYPE)
+                if G_SPLIT:
+                    g_hi = g.to(LOW_DTYPE)
+                    g_lo = (g - g_hi.to(ACC_DTYPE)).to(LOW_DTYPE)
+                    acc = tl.dot(g_hi.to(DOT_DTYPE), bo, acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+                    acc = tl.dot(g_lo.to(DOT_DTYPE), bo, acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+                elif G_WIDE:  # float16 B widened to float32 (G may exceed the float16 range)
+                    acc = tl.dot(g, bo.to(tl.float32), acc, input_precision="tf32x3", out_dtype=ACC_DTYPE)
+                else:
+                    acc = tl.dot(g.to(DOT_DTYPE), bo, acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
 
-    if MODE != 1:
+    if MODE == 0 or MODE == 2:
         tl.store(out + qoff + rows[:, None] * d + od[None, :], acc * scale,
                  mask=mmask[:, None] & odmask[None, :])
     if kid == 0:
-        if MODE == 0:
-            tl.store(row_out + rows, lse_r - row1, mask=mmask)
+        if MODE == 3:
+            lsum = tl.log(tl.where(mmask, row2, 1.0))
+            lse = row1 + lsum
+            tl.store(row_out + rows, lse, mask=mmask)
+            # lse − (max + log l), exactly: max − lse is exact near lse (Sterbenz), then add log l
+            tl.store(row_out + n + rows, (row1 - lse) + lsum, mask=mmask)
+        elif MODE == 0:
+            tl.store(row_out + rows, (lse_r + lo_r) - row1, mask=mmask)
             if ROW_TERMS:
                 tl.store(row_out + n + rows, row2, mask=mmask)
         elif MODE == 1:
@@ -208,8 +242,9 @@ def _gpu_configs(dtype: torch.dtype, d: int, directions: bool = False) -> List[_
     accumulates; ``d > block_d`` recomputes ``S`` once per slice (grid axis 1). ``directions``: the
     Gauss–Newton passes (``dA``, ``dB`` tiles too). Chosen without a GPU at hand, by compiling for
     sm_90 as a launch specialises the kernel (``d`` a multiple of 16, aligned pointers) and reading
-    ptxas' spill report: the first choices do not spill, except float16 Gauss–Newton (a few dozen
-    bytes) and 16-bit Gauss–Newton at d > 128 (about 150 bytes). GPU timings are the place to tune them.
+    ptxas' spill report: the first choices do not spill, except float16 and float64 Gauss–Newton (a
+    few dozen bytes) and 16-bit Gauss–Newton at d > 128 (about 150 bytes). GPU timings are the place
+    to tune them.
     """
     if dtype in (torch.float16, torch.bfloat16):
         if d <= 64:
@@ -243,6 +278,17 @@ def scale_tensor(scale, acc: torch.dtype, device) -> torch.Tensor:
     """``t`` as a ``(1,)`` tensor of the accumulation dtype."""
     t = float(scale.detach().reshape(())) if torch.is_tensor(scale) else float(scale)
     return torch.tensor([t], dtype=acc, device=device)
+
+
+def stats_launches(U, V, rstats, cstats, t, n, d) -> list:
+    """The two MODE 3 launches (rows of ``S``, rows of ``Sᵀ``) that fill ``rstats`` / ``cstats``
+    ``(2, n)`` with ``lse`` and ``lo``; they must run with the tile config of the passes that use them."""
+    def grid(cfg, ntiles):
+        return (ntiles, 1, 1)
+
+    kw = dict(dA=t, dB=t, lse_a=t, lse_b=t, lo_a=t, lo_b=t, m_a=t, m_b=t, ds_ptr=t, out=t, scale_ptr=t,
+              n=n, d=d, MODE=3, WITH_DS=False, ROW_TERMS=False)
+    return [(grid, dict(A=U, B=V, row_out=rstats, **kw)), (grid, dict(A=V, B=U, row_out=cstats, **kw))]
 
 
 def run_passes(op: str, U: torch.Tensor, d: int, plan: BatchPlan, launches, *, directions: bool = False,
@@ -333,21 +379,21 @@ def infonce(U: torch.Tensor, V: torch.Tensor, scale, plan: BatchPlan, with_scale
         ds = torch.zeros((), dtype=acc, device=dev) if with_scale else None
         return torch.zeros((), dtype=acc, device=dev), dU, dV, ds
     U, V = U.contiguous(), V.contiguous()
-    row, col = lse(U, V, scale, plan)
     t = scale_tensor(scale, acc, dev)
+    rstats = torch.zeros((2, n), dtype=acc, device=dev)  # lse and its residual lo, rows of S
+    cstats = torch.zeros((2, n), dtype=acc, device=dev)  # the same for the columns
     rterms = torch.zeros((2, n), dtype=acc, device=dev)
     cterms = torch.zeros((2, n), dtype=acc, device=dev)
-    dummy = t
 
     def grid(cfg, ntiles):
         return (ntiles, triton.cdiv(d, cfg.block_d), 1)
 
-    common = dict(dA=dummy, dB=dummy, m_a=dummy, m_b=dummy, ds_ptr=dummy, scale_ptr=t, n=n, d=d, MODE=0,
-                  WITH_DS=False)
-    launches = [(grid, dict(A=U, B=V, lse_a=row, lse_b=col, out=dU, row_out=rterms, ROW_TERMS=with_scale,
-                            **common)),
-                (grid, dict(A=V, B=U, lse_a=col, lse_b=row, out=dV, row_out=cterms, ROW_TERMS=False,
-                            **common))]
+    common = dict(dA=t, dB=t, m_a=t, m_b=t, ds_ptr=t, scale_ptr=t, n=n, d=d, WITH_DS=False)
+    rows_side = dict(A=U, B=V, lse_a=rstats[0], lo_a=rstats[1], lse_b=cstats[0], lo_b=cstats[1])
+    cols_side = dict(A=V, B=U, lse_a=cstats[0], lo_a=cstats[1], lse_b=rstats[0], lo_b=rstats[1])
+    launches = stats_launches(U, V, rstats, cstats, t, n, d) + [
+        (grid, dict(**rows_side, out=dU, row_out=rterms, MODE=0, ROW_TERMS=with_scale, **common)),
+        (grid, dict(**cols_side, out=dV, row_out=cterms, MODE=0, ROW_TERMS=False, **common))]
     run_passes("infonce", U, d, plan, launches, block_m=block_m, block_n=block_n, block_d=block_d)
     loss = rterms[0].sum() + cterms[0].sum()
     ds = rterms[1].sum() if with_scale else None
