@@ -30,8 +30,8 @@ Queries: grid axis 1 holds chunks of up to ``BLOCK_Q`` queries, and a program lo
 of its chunk inside each tile. The loop shares the tile's ``S`` and every weight (``P``, ``W``, the
 rest softmax: three exponentials per entry) among the chunk's queries, so a query costs two
 ``tl.dot`` of the tile plus a few multiply-adds per entry; the grid axis bounds the per-program
-accumulators (``BLOCK_Q × BLOCK_M`` each; at most 4 queries per program on the GPU, where
-larger chunks spilled registers) and adds parallelism when there are few row tiles (one
+accumulators (``BLOCK_Q × BLOCK_M`` each; at most 8 queries per program on the GPU) and adds
+parallelism when there are few row tiles (one
 "all" batch), at the price of recomputing ``S`` and the weights per chunk.
 Cost per batch of ``B`` pairs: ``2·(1 + (1 + 2Q) + 1)·B²d`` multiply-adds (stats, pass 2, pass 3;
 rows and columns) with one query chunk.
@@ -388,13 +388,18 @@ def _gpu_configs(dtype: torch.dtype, d: int) -> list:
     """Tile configurations for the GPU, first choice then smaller fall-backs.
 
     Pass 2 keeps ``S``, three weight tiles and a ``δS`` tile per query live, plus the address tensors
-    of its four operand tiles; a wide ``BLOCK_K`` made sm_90 builds spill (ptxas, 255 registers), so
-    ``d`` is streamed in narrow blocks (16-bit: 32, float32: 16, float64: 16 columns). With these
-    first choices and ``BLOCK_Q <= 4`` the kernels compile for sm_90 without (or with a few bytes of)
-    spills, checked with ``cuobjdump -res-usage``; untuned (no GPU timings yet).
+    of its four operand tiles, so ``d`` is streamed in narrower blocks than in :mod:`.lse` where a
+    wide block spilled. The first choices, with up to ``_GPU_MAX_BLOCK_Q`` queries per program,
+    compile for sm_90 without register spills (ptxas, kernels specialised as a launch with aligned
+    pointers and ``d`` a multiple of 16 does; float32 and float64 with ``d`` not a multiple of 16 spill
+    a few dozen bytes). Untuned: no GPU timings yet.
     """
     if dtype in (torch.float16, torch.bfloat16):
-        cfgs = [_Cfg(64, 64, 32 if d > 16 else 16, 8, 2)]
+        if d % 16:
+            bk = 32 if d > 16 else 16
+        else:
+            bk = max(16, _p2(d)) if d <= 128 else 64
+        cfgs = [_Cfg(64, 64, bk, 8, 2)]
     elif dtype == torch.float32:
         cfgs = [_Cfg(64, 64, 16, 8, 2)]
     else:  # float64
@@ -403,7 +408,7 @@ def _gpu_configs(dtype: torch.dtype, d: int) -> list:
     return cfgs
 
 
-_GPU_MAX_BLOCK_Q = 4  # larger query chunks spill registers in pass 2 on sm_90
+_GPU_MAX_BLOCK_Q = 8  # queries per program on the GPU (register pressure of pass 2)
 
 
 _GOOD_CFG: Dict[Tuple, int] = {}
@@ -521,7 +526,7 @@ def _launch_shape(Q: int, n: int, tab, cfg: _Cfg, dev: torch.device, interp: boo
                   split: Optional[int]) -> Tuple[int, int]:
     """``(BLOCK_Q, nsplit)``: queries per program and column chunks per row tile.
 
-    All queries in one chunk (up to 16; 4 on the GPU, where larger chunks spill) and no split, unless
+    All queries in one chunk (up to 16; ``_GPU_MAX_BLOCK_Q`` on the GPU) and no split, unless
     the row tiles times the query chunks leave the GPU idle: then the columns are split first (partial
     sums only, nothing recomputed; bounded so that the partials stay under 2^24 elements per output),
     then the query chunks shrink (each chunk recomputes ``S`` and the weights).
