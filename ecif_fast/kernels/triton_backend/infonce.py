@@ -31,6 +31,7 @@ Outputs float32 (float64 for float64 inputs). Pairs in no batch get zero gradien
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import Dict, List, NamedTuple, Optional, Tuple
 
@@ -333,12 +334,14 @@ def run_passes(op: str, U: torch.Tensor, d: int, plan: BatchPlan, launches, *, d
         tab = _plan_tables(plan, dev, cfg.block_m)
         single_k = d <= cfg.block_d
         try:
-            for grid_fn, kw in launches:
-                kernel[grid_fn(cfg, tab.num_tiles)](
-                    perm=tab.perm, offsets=tab.offsets, tile_start=tab.tile_start, tile_batch=tab.tile_batch,
-                    BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, SINGLE_K=single_k,
-                    IDENTITY=tab.identity, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                    **consts, **kw)
+            guard = torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()
+            with guard:  # launch on the tensors' GPU, not the current one
+                for grid_fn, kw in launches:
+                    kernel[grid_fn(cfg, tab.num_tiles)](
+                        perm=tab.perm, offsets=tab.offsets, tile_start=tab.tile_start,
+                        tile_batch=tab.tile_batch, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
+                        SINGLE_K=single_k, IDENTITY=tab.identity, num_warps=cfg.num_warps,
+                        num_stages=cfg.num_stages, **consts, **kw)
         except Exception as e:  # compile-time failure (e.g. out of shared memory): try a smaller tile
             if interp or ci + 1 == len(cfgs):
                 raise
