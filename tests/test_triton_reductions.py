@@ -136,7 +136,8 @@ def test_grid_vs_twin(n, d, batches, Q, scale, dtype, term, with_ds, tiles):
 
 def test_two_dimensional_directions_scalar_dlog_scale_and_query_chunks():
     """(n, d) directions give (n,) outputs; Q = 5 in chunks of 2 (the last one partial) with the columns
-    split in 2 chunks equals one chunk and per-query calls; a scalar and a one-element dlog_scale are broadcast over the queries."""
+    split in 2 chunks equals one chunk and per-query calls; a scalar and a one-element dlog_scale are
+    broadcast over the queries."""
     gen = torch.Generator().manual_seed(5)
     n, d, Q = 21, 5, 5
     plan = resolve_batches(few_batches(n, gen, 2), n)

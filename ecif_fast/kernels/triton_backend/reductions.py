@@ -169,7 +169,8 @@ def _line_pass2_kernel(
     SINGLE_K: tl.constexpr, IDENTITY: tl.constexpr, EXACT: tl.constexpr, HAS_DS: tl.constexpr,
     DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Per own line ``k`` and query ``q`` of the query chunk: ``m``, ``e`` (exact) and ``x`` over column chunk ``s``."""
+    """Per own line ``k`` and query ``q`` of the query chunk: ``m``, ``e`` (exact) and ``x`` over column
+    chunk ``s``."""
     pid = tl.program_id(0)
     q_lo = tl.program_id(1) * BLOCK_Q
     sid = tl.program_id(2)
@@ -296,7 +297,8 @@ def _line_pass3_kernel(
     SINGLE_K: tl.constexpr, IDENTITY: tl.constexpr, EXACT: tl.constexpr,
     DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Per own line ``k`` and query ``q``: ``z = Σ_j [arg_j = k ≠ j] c_j − Σ_j W_kj mean_j`` over column chunk ``s``."""
+    """Per own line ``k`` and query ``q`` of the query chunk: ``z = Σ_j [arg_j = k ≠ j] c_j − Σ_j W_kj mean_j``
+    over column chunk ``s``."""
     pid = tl.program_id(0)
     q_lo = tl.program_id(1) * BLOCK_Q
     sid = tl.program_id(2)
@@ -515,9 +517,9 @@ def ecif_reductions(U: torch.Tensor, V: torch.Tensor, scale, plan: BatchPlan, dU
         if len(cfgs) > 1:
             _GOOD_CFG[key] = ci
         _LAST_LAUNCH.clear()
-        _LAST_LAUNCH.update(config=cfg._asdict(), block_q=bq, query_chunks=-(-Q // bq), split=nsplit, precision=precision,
-                            single_k=d <= cfg.block_k, identity=tab.identity, num_tiles=tab.num_tiles,
-                            interpreted=interp)
+        _LAST_LAUNCH.update(config=cfg._asdict(), block_q=bq, query_chunks=-(-Q // bq), split=nsplit,
+                            precision=precision, single_k=d <= cfg.block_k, identity=tab.identity,
+                            num_tiles=tab.num_tiles, interpreted=interp)
         return (pos[0], neg[0]) if squeeze else (pos, neg)
     raise RuntimeError(f"triton ecif_reductions: no tile configuration worked: {last_err}")  # pragma: no cover
 
