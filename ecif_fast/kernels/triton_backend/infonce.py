@@ -167,11 +167,12 @@ def _grad_rows_kernel(
         else:
             valid = mmask[:, None] & nmask[None, :]
             # (S − lse) − lo in this order: S − lse is exact near the line maximum, lo ~ eps stays whole
-            p = tl.where(valid, tl.exp((s - lse_r[:, None]) - lo_r[:, None]), 0.0)
+            # (masked lanes go to exp(−inf) = 0 instead of overflowing)
+            p = tl.exp(tl.where(valid, (s - lse_r[:, None]) - lo_r[:, None], float("-inf")))
             if MODE != 1:
                 lse_c = tl.load(lse_b + cols, mask=nmask, other=0.0)
                 lo_c = tl.load(lo_b + cols, mask=nmask, other=0.0)
-                qc = tl.where(valid, tl.exp((s - lse_c[None, :]) - lo_c[None, :]), 0.0)
+                qc = tl.exp(tl.where(valid, (s - lse_c[None, :]) - lo_c[None, :], float("-inf")))
             if MODE == 0:
                 diag = valid & (rows[:, None] == cols[None, :])
                 g = p + qc - tl.where(diag, 2.0, 0.0)
