@@ -198,6 +198,26 @@ def test_adversarial_p_to_one_across_tiles(dtype, term):
         assert float((neg32.double() - neg).abs().max()) < 1e-3 * scale
 
 
+@pytest.mark.parametrize("scale", [1e2, 1e4])
+def test_constant_direction_has_no_influence_at_large_logits(scale):
+    """A constant ``δS`` (every ``v_j`` shares a component that only ``δu`` moves) changes no softmax, so
+    both parts are 0. With logits ~``scale`` in float32 this needs every line's weights to sum to 1
+    to ``eps``, not to ``eps·|S|``: the kernels use ``exp((S − top) − l)``, never a rounded ``lse``
+    (the float32 twin, which does, is off by 2e-3·|δS| at scale 1e4)."""
+    gen = torch.Generator().manual_seed(3)
+    n, d = 40, 8
+    U = torch.randn(n, d, generator=gen) * 1e-2
+    V = torch.randn(n, d, generator=gen) * 1e-2
+    U[:, 0] = V[:, 0] = 1.0  # S = scale·(1 + O(1e-4)): lines spread over ~scale·1e-3
+    dU = torch.zeros(2, n, d)
+    dU[0, :, 0], dU[1, :, 0] = 1.0, -2.0  # δS = scale and -2·scale everywhere
+    for b, split in ((None, 2), (few_batches(n, gen, 3), None)):
+        pos, neg = _tred(U, V, scale, resolve_batches(b, n), dU, torch.zeros_like(dU), None, "exact",
+                         block_m=16, block_n=16, split=split)
+        bound = 32 * torch.finfo(torch.float32).eps * 2 * scale
+        assert float(pos.abs().max()) <= bound and float(neg.abs().max()) <= bound, (pos.abs().max(), neg.abs().max())
+
+
 def test_pairs_outside_every_batch_and_empty_plan():
     """A plan after removals (``BatchPlan.without``): removed pairs get 0, the rest match the twin."""
     gen = torch.Generator().manual_seed(12)
@@ -332,23 +352,23 @@ def _signature(kernel: str, dtype, d: int, identity: bool, exact: bool, has_ds: 
     ptr, accp = "*" + _NAMES[dtype], "*" + _NAMES[acc]
     plan = {"perm": "*i32", "offsets": "*i32", "tile_start": "*i32", "tile_batch": "*i32", "scale_ptr": accp}
     if kernel == "stats":
-        sig = {"A": ptr, "B": ptr, "top_out": accp, "arg_out": "*i32", "rest_out": accp, **plan, "d": "i32",
-               "sa0": "i32", "sa1": "constexpr", "sb0": "i32", "sb1": "constexpr", "split_stride": "i32",
-               "nsplit": "i32"}
+        sig = {"A": ptr, "B": ptr, "top_out": accp, "arg_out": "*i32", "rest_m_out": accp,
+               "rest_s_out": accp, **plan, "d": "i32", "sa0": "i32", "sa1": "constexpr", "sb0": "i32",
+               "sb1": "constexpr", "split_stride": "i32", "nsplit": "i32"}
         consts = {"sa1": 1, "sb1": 1}
     elif kernel == "pass2":
-        sig = {"A": ptr, "B": ptr, "dA": ptr, "dB": ptr, **plan, "ds_ptr": accp, "own_lse": accp,
-               "own_rest": accp, "own_arg": "*i32", "oth_lse": accp, "oth_arg": "*i32", "out_m": accp,
-               "out_e": accp, "out_x": accp, "d": "i32", "Q": "i32", "sa0": "i32", "sa1": "constexpr",
-               "sb0": "i32", "sb1": "constexpr", "sda_q": "i32", "sda0": "i32", "sda1": "constexpr",
-               "sdb_q": "i32", "sdb0": "i32", "sdb1": "constexpr", "out_q_stride": "i32", "split_stride": "i32",
-               "nsplit": "i32"}
+        sig = {"A": ptr, "B": ptr, "dA": ptr, "dB": ptr, **plan, "ds_ptr": accp, "own_top": accp,
+               "own_l": accp, "own_rm": accp, "own_rl": accp, "own_arg": "*i32", "oth_top": accp,
+               "oth_l": accp, "oth_arg": "*i32", "out_m": accp, "out_e": accp, "out_x": accp, "d": "i32",
+               "Q": "i32", "sa0": "i32", "sa1": "constexpr", "sb0": "i32", "sb1": "constexpr", "sda_q": "i32",
+               "sda0": "i32", "sda1": "constexpr", "sdb_q": "i32", "sdb0": "i32", "sdb1": "constexpr",
+               "out_q_stride": "i32", "split_stride": "i32", "nsplit": "i32"}
         consts = {"sa1": 1, "sb1": 1, "sda1": 1, "sdb1": 1, "BLOCK_Q": mod._GPU_MAX_BLOCK_Q, "EXACT": exact,
                   "HAS_DS": has_ds}
     else:
-        sig = {"A": ptr, "B": ptr, **plan, "oth_lse": accp, "oth_arg": "*i32", "mean_o": accp, "c_o": accp,
-               "out_z": accp, "d": "i32", "Q": "i32", "sa0": "i32", "sa1": "constexpr", "sb0": "i32",
-               "sb1": "constexpr", "vec_q_stride": "i32", "split_stride": "i32", "nsplit": "i32"}
+        sig = {"A": ptr, "B": ptr, **plan, "oth_top": accp, "oth_l": accp, "oth_arg": "*i32", "mean_o": accp,
+               "c_o": accp, "out_z": accp, "d": "i32", "Q": "i32", "sa0": "i32", "sa1": "constexpr",
+               "sb0": "i32", "sb1": "constexpr", "vec_q_stride": "i32", "split_stride": "i32", "nsplit": "i32"}
         consts = {"sa1": 1, "sb1": 1, "BLOCK_Q": mod._GPU_MAX_BLOCK_Q, "EXACT": exact}
     consts.update(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SINGLE_K=d <= cfg.block_k,
                   IDENTITY=identity, DOT_DTYPE=mod._TL_DTYPES[dtype], ACC_DTYPE=mod._TL_DTYPES[acc],

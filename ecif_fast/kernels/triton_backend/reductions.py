@@ -12,16 +12,19 @@ Design (one "line" kernel family, no atomics, deterministic):
   lines of one batch (the CSR row tiles of :mod:`.lse`) and streams over the batch's column tiles,
   so each output element is written by exactly one program.
 * Stats kernel: per line the online "top-1 + rest" of :func:`torch_ref.softmax.stream_line_stats` —
-  maximum ``top``, its pair index ``arg``, ``rest`` = log-sum-exp without ``arg`` (kept as its own
-  running max and sum, so it stays exact when the rest is ~200 below the top) and ``lse``.
+  maximum ``top``, its pair index ``arg`` and the rest (the line without ``arg``) as its own running
+  maximum ``rest_m`` and sum ``Σ exp(S − rest_m)``, so it stays exact when the rest is ~200 below the
+  top. The host turns them into ``l = lse − top`` and ``rest − rest_m`` (both in ``[0, log B]``): the
+  kernels evaluate ``exp(S − lse)`` as ``exp((S − top) − l)``, where ``S − top`` is a difference of two
+  scores, so the rounding of a large ``lse`` (``eps·|S|``) never scales a whole line of weights.
 * Pass 2 kernel, per own line ``k`` and query: ``m_k = Σ_j P_kj δS_kj``, the cross sum
   ``x_k = Σ_j W_kj δS_kj`` where ``W`` is the removal weight of the *other* side's line ``j``
-  (``Wc_kj`` for rows, ``Wr_jk`` for columns: its ``lse``/``arg`` come in as vectors) and, exact only,
+  (``Wc_kj`` for rows, ``Wr_jk`` for columns: its ``top``/``l``/``arg`` come in as vectors) and, exact only,
   ``e_k = δS_{k,arg_k} − Σ_{j≠arg_k} exp(S_kj − rest_k) δS_kj`` (the cancellation-free line-maximum
   term of :mod:`torch_ref.softmax`, including the single δS entry at the maximum).
 * Pass 3 kernel, per own line ``k``: ``z_k = Σ_j [arg_j = k ≠ j] c_j − Σ_j W_kj mean_j`` with the other
   side's means ``mean_j`` (``m'`` for rows, ``m`` for columns) and line-maximum terms
-  ``c_j = exp(top_j − lse_j)·e_j``: the mean part of the negative term and the crediting of every
+  ``c_j = exp(−l_j)·e_j``: the mean part of the negative term and the crediting of every
   other line's maximum term to the pair at that maximum (a gather, so no ``index_add``/atomics).
 * Host: ``positive = m_rows + m_cols − 2 δS_kk`` (the diagonal as ``(Q, n)`` dot products),
   ``negative = x_rows + x_cols + z_rows + z_cols``.
@@ -74,14 +77,15 @@ if _min_combine is None:  # pragma: no cover - other triton versions
 
 @triton.jit
 def _line_stats_kernel(
-    A, B, top_out, arg_out, rest_out, perm, offsets, tile_start, tile_batch, scale_ptr,
+    A, B, top_out, arg_out, rest_m_out, rest_s_out, perm, offsets, tile_start, tile_batch, scale_ptr,
     d, sa0, sa1, sb0, sb1, split_stride, nsplit,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SINGLE_K: tl.constexpr, IDENTITY: tl.constexpr,
     DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Per own line ``r`` of the tile: ``top``, ``arg`` (pair index) and ``rest`` of ``t·<A_r, B_c>`` over the
-    columns ``c`` of chunk ``s`` of its batch (``-inf`` for an empty chunk)."""
+    """Per own line ``r`` of the tile: ``top``, ``arg`` (pair index) and the rest as ``(rest_m, rest_s)`` (its
+    largest entry and ``Σ exp(S − rest_m)``) of ``t·<A_r, B_c>`` over the columns ``c`` of chunk ``s`` of its
+    batch (``top = rest_m = -inf``, ``rest_s = 0`` where empty)."""
     pid = tl.program_id(0)
     sid = tl.program_id(1)
     t0 = tl.load(tile_start + pid)
@@ -152,18 +156,17 @@ def _line_stats_kernel(
         rest_s = rest_s * tl.exp(rest_m - base) + ts * tl.exp(t2 - base) + tl.exp(loser - base)
         rest_m = m_new
 
-    has_rest = rest_s > 0
-    rest = tl.where(has_rest, rest_m + tl.log(tl.where(has_rest, rest_s, 1.0)), float("-inf"))
     out = sid.to(tl.int64) * split_stride + rows
     tl.store(top_out + out, top, mask=mmask)
     tl.store(arg_out + out, arg, mask=mmask)
-    tl.store(rest_out + out, rest, mask=mmask)
+    tl.store(rest_m_out + out, rest_m, mask=mmask)
+    tl.store(rest_s_out + out, rest_s, mask=mmask)
 
 
 @triton.jit
 def _line_pass2_kernel(
     A, B, dA, dB, perm, offsets, tile_start, tile_batch, scale_ptr, ds_ptr,
-    own_lse, own_rest, own_arg, oth_lse, oth_arg, out_m, out_e, out_x,
+    own_top, own_l, own_rm, own_rl, own_arg, oth_top, oth_l, oth_arg, out_m, out_e, out_x,
     d, Q, sa0, sa1, sb0, sb1, sda_q, sda0, sda1, sdb_q, sdb0, sdb1, out_q_stride, split_stride, nsplit,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_Q: tl.constexpr,
     SINGLE_K: tl.constexpr, IDENTITY: tl.constexpr, EXACT: tl.constexpr, HAS_DS: tl.constexpr,
@@ -197,9 +200,11 @@ def _line_pass2_kernel(
         rid = tl.load(perm + pos_m, mask=mmask, other=0)
     rows = rid.to(tl.int64)
 
-    lse_i = tl.load(own_lse + rows, mask=mmask, other=0.0)
+    top_i = tl.load(own_top + rows, mask=mmask, other=0.0)
+    l_i = tl.load(own_l + rows, mask=mmask, other=0.0)
     if EXACT:
-        rest_i = tl.load(own_rest + rows, mask=mmask, other=0.0)
+        rm_i = tl.load(own_rm + rows, mask=mmask, other=0.0)
+        rl_i = tl.load(own_rl + rows, mask=mmask, other=0.0)
         arg_i = tl.load(own_arg + rows, mask=mmask, other=-1)
     acc_m = tl.full([BLOCK_Q, BLOCK_M], 0.0, ACC_DTYPE)
     acc_e = tl.full([BLOCK_Q, BLOCK_M], 0.0, ACC_DTYPE)
@@ -232,18 +237,21 @@ def _line_pass2_kernel(
                 s = tl.dot(ak, bk, s, input_precision=PRECISION, out_dtype=ACC_DTYPE)
         s = s * scale
         valid = mmask[:, None] & nmask[None, :]
-        # weights of the tile, shared by every query of the chunk
-        p = tl.where(valid, tl.exp(tl.minimum(s - lse_i[:, None], 0.0)), 0.0)
-        lse_j = tl.load(oth_lse + cols, mask=nmask, other=0.0)
-        qo = tl.exp(tl.minimum(s - lse_j[None, :], 0.0))
+        # weights of the tile, shared by every query of the chunk; exp(S − lse) as exp((S − top) − l) with
+        # l = lse − top kept apart, so the rounding of a large lse does not scale a whole line
+        p = tl.where(valid, tl.exp(tl.minimum((s - top_i[:, None]) - l_i[:, None], 0.0)), 0.0)
+        top_j = tl.load(oth_top + cols, mask=nmask, other=0.0)
+        l_j = tl.load(oth_l + cols, mask=nmask, other=0.0)
+        qo = tl.exp(tl.minimum((s - top_j[None, :]) - l_j[None, :], 0.0))
         if EXACT:
             # off the other line's maximum q <= 1/2, so q/(1-q) is safe; the maximum is handled by e/c
             arg_j = tl.load(oth_arg + cols, mask=nmask, other=-1)
             keep = valid & (rid[:, None] != cid[None, :]) & (arg_j[None, :] != rid[:, None])
             w = tl.where(keep, qo / (1.0 - tl.minimum(qo, 0.5)), 0.0)
             # e weights: 1 at the own line's maximum, -r (softmax of the line without it) elsewhere
-            # (s <= rest off the maximum: the clamp only keeps the masked entries finite)
-            ew = tl.where(arg_i[:, None] == cid[None, :], 1.0, -tl.exp(tl.minimum(s - rest_i[:, None], 0.0)))
+            # (S <= rest off the maximum: the clamp only keeps the masked entries finite)
+            r = tl.exp(tl.minimum((s - rm_i[:, None]) - rl_i[:, None], 0.0))
+            ew = tl.where(arg_i[:, None] == cid[None, :], 1.0, -r)
             ew = tl.where(valid, ew, 0.0)
         else:
             w = tl.where(valid & (rid[:, None] != cid[None, :]), qo, 0.0)
@@ -291,7 +299,7 @@ def _line_pass2_kernel(
 
 @triton.jit
 def _line_pass3_kernel(
-    A, B, perm, offsets, tile_start, tile_batch, scale_ptr, oth_lse, oth_arg, mean_o, c_o, out_z,
+    A, B, perm, offsets, tile_start, tile_batch, scale_ptr, oth_top, oth_l, oth_arg, mean_o, c_o, out_z,
     d, Q, sa0, sa1, sb0, sb1, vec_q_stride, split_stride, nsplit,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_Q: tl.constexpr,
     SINGLE_K: tl.constexpr, IDENTITY: tl.constexpr, EXACT: tl.constexpr,
@@ -354,8 +362,9 @@ def _line_pass3_kernel(
                 s = tl.dot(ak, bk, s, input_precision=PRECISION, out_dtype=ACC_DTYPE)
         s = s * scale
         valid = mmask[:, None] & nmask[None, :]
-        lse_j = tl.load(oth_lse + cols, mask=nmask, other=0.0)
-        qo = tl.exp(tl.minimum(s - lse_j[None, :], 0.0))
+        top_j = tl.load(oth_top + cols, mask=nmask, other=0.0)
+        l_j = tl.load(oth_l + cols, mask=nmask, other=0.0)
+        qo = tl.exp(tl.minimum((s - top_j[None, :]) - l_j[None, :], 0.0))
         if EXACT:
             arg_j = tl.load(oth_arg + cols, mask=nmask, other=-1)
             off_diag = valid & (rid[:, None] != cid[None, :])
@@ -423,10 +432,13 @@ def last_launch() -> Dict[str, object]:
 
 
 class _Stats(NamedTuple):
-    top: torch.Tensor  # (n,) line maximum
-    arg: torch.Tensor  # (n,) int32 pair index of the maximum
-    rest: torch.Tensor  # (n,) log-sum-exp of the line without the maximum (-inf for one entry)
-    lse: torch.Tensor  # (n,) log-sum-exp of the line
+    """Line statistics, ``(n,)`` each; large logarithms are kept as an exact score plus a small part."""
+
+    top: torch.Tensor  # line maximum (a score)
+    arg: torch.Tensor  # int32 pair index of the maximum
+    l: torch.Tensor  # lse − top = log(1 + Σ_{j≠arg} exp(S_j − top)), in [0, log B]
+    rest_m: torch.Tensor  # largest score without the maximum (-inf for a line of one entry)
+    rest_l: torch.Tensor  # rest − rest_m = log Σ_{j≠arg} exp(S_j − rest_m), in [0, log B] (0 for one entry)
 
 
 def ecif_reductions(U: torch.Tensor, V: torch.Tensor, scale, plan: BatchPlan, dU: torch.Tensor,
@@ -560,24 +572,32 @@ def _run(U, V, dU, dV, scale_t, ds, has_ds, exact, tab, cfg, bq, nsplit, precisi
     plan_args = (tab.perm, tab.offsets, tab.tile_start, tab.tile_batch, scale_t)
 
     def stats(A, B) -> _Stats:
-        top, rest = (torch.zeros(nsplit, n, dtype=acc, device=dev) for _ in range(2))
+        top, rest_m = (torch.full((nsplit, n), float("-inf"), dtype=acc, device=dev) for _ in range(2))
+        rest_s = torch.zeros(nsplit, n, dtype=acc, device=dev)
         arg = torch.zeros(nsplit, n, dtype=torch.int32, device=dev)
-        _kernel("stats", dev.type)[grid1](A, B, top, arg, rest, *plan_args, d, A.stride(0), A.stride(1),
+        _kernel("stats", dev.type)[grid1](A, B, top, arg, rest_m, rest_s, *plan_args, d, A.stride(0), A.stride(1),
                                           B.stride(0), B.stride(1), n, nsplit, **common)
         if nsplit == 1:
-            top, arg, rest = top[0], arg[0], rest[0]
+            top, arg, rest_m, rest_s = top[0], arg[0], rest_m[0], rest_s[0]
         else:  # merge the chunks: the largest top wins (the first on ties), the other tops join the rest
             top_s = top
             top, win = top_s.max(0)
             arg = arg.gather(0, win[None])[0]
-            losers = top_s.scatter(0, win[None], float("-inf"))
-            rest = torch.logsumexp(torch.cat([rest, losers]), 0)
-        return _Stats(top, arg, rest, torch.logaddexp(top, rest))
+            ms = torch.cat([rest_m, top_s.scatter(0, win[None], float("-inf"))])
+            ss = torch.cat([rest_s, torch.ones_like(top_s)])
+            rest_m = ms.max(0).values
+            base = torch.where(rest_m == float("-inf"), 0.0, rest_m)
+            rest_s = (ss * torch.exp(ms - base)).sum(0)
+        has_rest = rest_s > 0
+        rest_l = torch.where(has_rest, torch.log(torch.where(has_rest, rest_s, 1.0)), 0.0)
+        l = torch.log1p(rest_s * torch.exp(torch.where(has_rest, rest_m - top, 0.0)))
+        return _Stats(top, arg, l, rest_m, rest_l)
 
     def pass2(A, B, dA, dB, own: _Stats, oth: _Stats):
         out = [torch.zeros(nsplit, Q, n, dtype=acc, device=dev) for _ in range(3)]  # m, e, x
         _kernel("pass2", dev.type)[grid2](
-            A, B, dA, dB, *plan_args, ds, own.lse, own.rest, own.arg, oth.lse, oth.arg, *out,
+            A, B, dA, dB, *plan_args, ds, own.top, own.l, own.rest_m, own.rest_l, own.arg, oth.top, oth.l,
+            oth.arg, *out,
             d, Q, A.stride(0), A.stride(1), B.stride(0), B.stride(1), dA.stride(0), dA.stride(1), dA.stride(2),
             dB.stride(0), dB.stride(1), dB.stride(2), n, Q * n, nsplit,
             BLOCK_Q=bq, EXACT=exact, HAS_DS=has_ds, **common)
@@ -586,7 +606,7 @@ def _run(U, V, dU, dV, scale_t, ds, has_ds, exact, tab, cfg, bq, nsplit, precisi
     def pass3(A, B, oth: _Stats, mean_o, c_o):
         z = torch.zeros(nsplit, Q, n, dtype=acc, device=dev)
         _kernel("pass3", dev.type)[grid2](
-            A, B, *plan_args, oth.lse, oth.arg, mean_o, c_o, z, d, Q, A.stride(0), A.stride(1), B.stride(0),
+            A, B, *plan_args, oth.top, oth.l, oth.arg, mean_o, c_o, z, d, Q, A.stride(0), A.stride(1), B.stride(0),
             B.stride(1), n, Q * n, nsplit, BLOCK_Q=bq, EXACT=exact, **common)
         return z[0] if nsplit == 1 else z.sum(0)
 
@@ -595,8 +615,8 @@ def _run(U, V, dU, dV, scale_t, ds, has_ds, exact, tab, cfg, bq, nsplit, precisi
     m_r, e_r, x_r = pass2(U, V, dU, dV, rows, cols)
     m_c, e_c, x_c = pass2(V, U, dV, dU, cols, rows)
     if exact:  # line-maximum terms c = p_max·e, credited by pass 3 to the pair at the maximum
-        c_r = torch.exp(rows.top - rows.lse) * e_r
-        c_c = torch.exp(cols.top - cols.lse) * e_c
+        c_r = torch.exp(-rows.l) * e_r
+        c_c = torch.exp(-cols.l) * e_c
     else:
         c_r = c_c = m_r  # unused (EXACT=False)
     z_r = pass3(U, V, cols, m_c, c_c)
