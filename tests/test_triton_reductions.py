@@ -17,7 +17,7 @@ Tolerances (against the twin on the same inputs; both accumulate in float32, flo
 ``16 · eps · T · (1 + L)`` where ``eps`` is the accumulation dtype's epsilon (float32 / float16 /
 bfloat16: 1.2e-7, float64: 2.2e-16), ``T`` bounds ``|δS|`` and ``L = |t|·max|u|·max|v|`` bounds the
 logits (a rounding error of ``L·eps`` in a logit moves the softmax weights by that much relative).
-The observed errors stay below ``2 · eps · T · (1 + L)`` on the grid. 16-bit inputs are compared
+The largest difference observed on the grid is about ``2 · eps · T · (1 + L)``. 16-bit inputs are compared
 with the twin fed the same 16-bit values, so their own rounding does not enter.
 """
 from __future__ import annotations
