@@ -239,3 +239,13 @@ def test_compiles_for_hopper_without_a_gpu(dtype, d, identity):
                               target=GPUTarget("cuda", 90, 32),
                               options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
     assert compiled.metadata.shared <= 227 * 1024, "needs more shared memory than an H100 has"
+
+
+def test_gpu_tile_configs_are_valid_for_every_dtype_and_width():
+    """Every GPU config the launcher may try passes its own tile-size check (powers of two >= 16)."""
+    import importlib
+    mod = importlib.import_module("ecif_fast.kernels.triton_backend.lse")
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        for d in (1, 3, 8, 9, 16, 64, 130, 512, 1024):
+            for cfg in mod._gpu_configs(dtype, d):
+                assert all(v >= 16 and not v & (v - 1) for v in cfg[:3]), (dtype, d, cfg)

@@ -216,7 +216,7 @@ def _gpu_configs(dtype: torch.dtype, d: int) -> list:
             cfgs = [_Cfg(128, 64, 32, 8, 3)]
         cfgs += [_Cfg(64, 32, 32, 4, 2), _Cfg(32, 32, 16, 4, 1)]
     else:  # float64
-        cfgs = [_Cfg(32, 32, min(_p2(d, 8), 32), 4, 2), _Cfg(16, 16, 16, 4, 1)]
+        cfgs = [_Cfg(32, 32, min(_p2(d), 32), 4, 2), _Cfg(16, 16, 16, 4, 1)]
     return cfgs
 
 
