@@ -39,8 +39,8 @@ using i64 = std::int64_t;
 
 template <class T>
 struct DirKernels {
-    void (*stats)(const DirProblem<T>&, i64, i64, T*, T*, i64*, T*, T*, const T*);
-    void (*pass)(const DirProblem<T>&, int, i64, i64, T*, T*, i64, double*, const T*);
+    void (*stats)(const DirProblem<T>&, i64, i64, T*, T*, i64*, T*, T*, const T*, T*);
+    void (*pass)(const DirProblem<T>&, int, i64, i64, T*, T*, i64, double*, const T*, T*, int);
     void (*pack)(const DirProblem<T>&, i64, i64, bool, T*);
 };
 
@@ -48,10 +48,10 @@ template <class T>
 DirKernels<T> dir_kernels_for(const std::string& isa) {
 #define ECIF_DIR_KERNELS(NS)                                                                           \
     DirKernels<T> {                                                                                     \
-        static_cast<void (*)(const DirProblem<T>&, i64, i64, T*, T*, i64*, T*, T*, const T*)>(            \
+        static_cast<void (*)(const DirProblem<T>&, i64, i64, T*, T*, i64*, T*, T*, const T*, T*)>(       \
             &NS::dir_stats_task),                                                                       \
-            static_cast<void (*)(const DirProblem<T>&, int, i64, i64, T*, T*, i64, double*, const T*)>( \
-                &NS::dir_pass_task),                                                                    \
+            static_cast<void (*)(const DirProblem<T>&, int, i64, i64, T*, T*, i64, double*, const T*, T*,  \
+                                 int)>(&NS::dir_pass_task),                                             \
             static_cast<void (*)(const DirProblem<T>&, i64, i64, bool, T*)>(&NS::dir_pack_cols)         \
     }
 #if defined(ECIF_HAVE_AVX512)
@@ -182,7 +182,7 @@ inline T* col_dest(const DirProblem<T>& p, T* const* outs, int s, i64 pair) {
     return p.gV + (i64(s) * p.n + pair) * p.d;
 }
 
-// One pass over all tasks; `slices` column results of `per_col` elements per column, written to
+// Partial mode: one pass over all tasks; `slices` column results of `per_col` elements per column, written to
 // outs[k][q * n + pair] (slice k * Q + q, per_col == 1) or, when outs is null, to the gV rows
 // (slice q, per_col == d). Adds the per-query Σ G∘S to gs_out when given.
 template <class T>
@@ -195,37 +195,7 @@ void run_pass(const DirProblem<T>& p, const DirKernels<T>& kern, const DirPlan<T
     std::unique_ptr<T[]> ws(new T[size_t(nt) * wsz]);
     std::vector<double> gsp(size_t(nt) * size_t(Q + 8), 0.0);
     int team = 1;
-    if (pl.per_batch) {
-        const size_t vsz = size_t(pl.max_tiles()) * pl.tsz;
-        const size_t csz = size_t(slices) * size_t(pl.maxB) * size_t(per_col);
-        std::unique_ptr<T[]> vbuf(new T[size_t(nt) * vsz]);
-        std::unique_ptr<T[]> cbuf(new T[size_t(nt) * csz]);
-        const i64 nbat = i64(pl.batches.size());
-        team = dir_parallel(nt, [&](int tid, int sz) {
-            T* w = ws.get() + size_t(tid) * wsz;
-            T* vb = vbuf.get() + size_t(tid) * vsz;
-            T* cb = cbuf.get() + size_t(tid) * csz;
-            double* mygs = gsp.data() + size_t(tid) * size_t(Q + 8);
-            ECIF_FOR_SHARE(k, nbat, tid, sz) {
-                const i64 b = pl.batches[size_t(k)], off = p.offsets[b], B = p.offsets[b + 1] - off;
-                if (B <= kDirRows) {  // one task: packs its tile, writes its columns
-                    kern.pass(p, mode, b, 0, w, nullptr, 0, mygs, nullptr);
-                    continue;
-                }
-                const i64 nct = (B + kDirCols - 1) / kDirCols, nrt = (B + kDirRows - 1) / kDirRows;
-                for (i64 ct = 0; ct < nct; ++ct) kern.pack(p, b, ct, rows, vb + size_t(ct) * pl.tsz);
-                const size_t used = size_t(slices) * size_t(B) * size_t(per_col);
-                std::fill(cb, cb + used, T(0));
-                for (i64 rt = 0; rt < nrt; ++rt) kern.pass(p, mode, b, rt, w, cb, B * per_col, mygs, vb);
-                for (int s = 0; s < slices; ++s)
-                    for (i64 j = 0; j < B; ++j) {
-                        T* dst = col_dest(p, outs, s, p.perm[off + j]);
-                        const T* src = cb + (size_t(s) * size_t(B) + size_t(j)) * size_t(per_col);
-                        for (i64 e = 0; e < per_col; ++e) dst[e] = src[e];
-                    }
-            }
-        });
-    } else {
+    {
         const size_t psz = size_t(slices) * size_t(nbig) * size_t(per_col);  // per thread
         std::unique_ptr<T[]> part(new T[size_t(nt) * psz]);
         const i64 cstride = nbig * per_col;  // between slices
@@ -238,7 +208,7 @@ void run_pass(const DirProblem<T>& p, const DirKernels<T>& kern, const DirPlan<T
                 const i64 b = pl.task_b[size_t(k)];
                 const i64 base = pl.bigbase[size_t(b)];
                 T* acc = base >= 0 ? mypart + size_t(base) * size_t(per_col) : nullptr;
-                kern.pass(p, mode, b, pl.task_rt[size_t(k)], w, acc, cstride, mygs, pl.vp(b));
+                kern.pass(p, mode, b, pl.task_rt[size_t(k)], w, acc, cstride, mygs, pl.vp(b), nullptr, 0);
             }
         });
         if (nbig > 0) {
@@ -308,38 +278,6 @@ void stats_pass(const DirProblem<T>& p, const DirKernels<T>& kern, const DirPlan
     const size_t wsz = size_t(dir_workspace_elems(p.d, p.Q));
     std::unique_ptr<T[]> ws(new T[size_t(nt) * wsz]);
     const T ninf = -std::numeric_limits<T>::infinity();
-    if (pl.per_batch) {
-        const size_t vsz = size_t(pl.max_tiles()) * pl.tsz, csz = size_t(pl.maxB);
-        std::unique_ptr<T[]> vbuf(new T[size_t(nt) * vsz]);
-        std::unique_ptr<T[]> cT(new T[size_t(nt) * csz * 3]);
-        std::unique_ptr<i64[]> cA(new i64[size_t(nt) * csz]);
-        const i64 nbat = i64(pl.batches.size());
-        dir_parallel(nt, [&](int tid, int sz) {
-            T* w = ws.get() + size_t(tid) * wsz;
-            T* vb = vbuf.get() + size_t(tid) * vsz;
-            T* top = cT.get() + size_t(tid) * csz * 3;
-            T* rM = top + csz;
-            T* rS = rM + csz;
-            i64* arg = cA.get() + size_t(tid) * csz;
-            ECIF_FOR_SHARE(k, nbat, tid, sz) {
-                const i64 b = pl.batches[size_t(k)], off = p.offsets[b], B = p.offsets[b + 1] - off;
-                if (B <= kDirRows) {
-                    kern.stats(p, b, 0, w, nullptr, nullptr, nullptr, nullptr, nullptr);
-                    continue;
-                }
-                const i64 nct = (B + kDirCols - 1) / kDirCols, nrt = (B + kDirRows - 1) / kDirRows;
-                for (i64 ct = 0; ct < nct; ++ct) kern.pack(p, b, ct, false, vb + size_t(ct) * pl.tsz);
-                for (i64 j = 0; j < B; ++j) {
-                    top[j] = rM[j] = ninf;
-                    rS[j] = T(0);
-                    arg[j] = 0;
-                }
-                for (i64 rt = 0; rt < nrt; ++rt) kern.stats(p, b, rt, w, top, arg, rM, rS, vb);
-                for (i64 j = 0; j < B; ++j) finish_col(p, p.perm[off + j], top[j], arg[j], rM[j], rS[j]);
-            }
-        });
-        return;
-    }
     std::unique_ptr<T[]> pT(new T[size_t(nt) * size_t(nbig) * 3]);
     std::unique_ptr<i64[]> pA(new i64[size_t(nt) * size_t(nbig)]);
     const int team = dir_parallel(nt, [&](int tid, int sz) {
@@ -357,9 +295,10 @@ void stats_pass(const DirProblem<T>& p, const DirKernels<T>& kern, const DirPlan
             const i64 b = pl.task_b[size_t(k)];
             const i64 base = pl.bigbase[size_t(b)];
             if (base >= 0)
-                kern.stats(p, b, pl.task_rt[size_t(k)], w, top + base, arg + base, rM + base, rS + base, pl.vp(b));
+                kern.stats(p, b, pl.task_rt[size_t(k)], w, top + base, arg + base, rM + base, rS + base, pl.vp(b),
+                           nullptr);
             else
-                kern.stats(p, b, pl.task_rt[size_t(k)], w, nullptr, nullptr, nullptr, nullptr, nullptr);
+                kern.stats(p, b, pl.task_rt[size_t(k)], w, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr);
         }
     });
     if (nbig == 0) return;
@@ -375,6 +314,95 @@ void stats_pass(const DirProblem<T>& p, const DirKernels<T>& kern, const DirPlan
             finish_col(p, p.perm[pl.bigpos[size_t(c)]], top, arg, rM, rS);
         }
     });
+}
+
+// Per-batch mode: the thread that owns a batch runs the steps (passes) one after another on it,
+// so the column results of a step are complete before the next one reads them. A step is a pass
+// mode, or -1 for the line statistics. When it fits (kCacheBytes per thread), the batch's score tiles
+// (and, for the Gauss-Newton product, its δS tiles) are kept between the steps instead of being
+// recomputed: ecif_reductions then costs 1 + 2Q score-sized products per batch instead of 3 + 2Q,
+// the Gauss-Newton product 1 + 4Q instead of 3 + 6Q (plus the lse pass).
+template <class T>
+struct Step {
+    int mode;
+    int slices;
+    i64 per_col;
+    T* const* outs;
+    int cflags;
+};
+constexpr double kCacheBytes = 64.0 * 1024 * 1024;
+
+template <class T>
+void run_batches(const DirProblem<T>& p, const DirKernels<T>& kern, const DirPlan<T>& pl,
+                 const std::vector<Step<T>>& steps, bool rows, bool cache_d, double* gs_out) {
+    const i64 Q = p.Q, maxB = pl.maxB;
+    const int nt = pl.nt;
+    const T ninf = -std::numeric_limits<T>::infinity();
+    const size_t wsz = size_t(dir_workspace_elems(p.d, Q));
+    const size_t vsz = size_t(pl.max_tiles()) * pl.tsz;
+    size_t csz = 3 * size_t(maxB);
+    for (const auto& st : steps) csz = std::max(csz, size_t(st.slices) * size_t(maxB) * size_t(st.per_col));
+    const i64 mt = (maxB + kDirRows - 1) / kDirRows, mct = pl.max_tiles();
+    const size_t ksz = size_t(1 + (cache_d ? Q : 0)) * size_t(mt * mct) * size_t(kDirRows * kDirCols);
+    const bool use_cache = double(ksz) * sizeof(T) <= kCacheBytes;
+    std::unique_ptr<T[]> ws(new T[size_t(nt) * wsz]);
+    std::unique_ptr<T[]> vbuf(new T[size_t(nt) * vsz]);
+    std::unique_ptr<T[]> cbuf(new T[size_t(nt) * csz]);
+    std::unique_ptr<i64[]> abuf(new i64[size_t(nt) * size_t(maxB)]);
+    std::unique_ptr<T[]> kbuf(new T[use_cache ? size_t(nt) * ksz : 0]);
+    std::vector<double> gsp(size_t(nt) * size_t(Q + 8), 0.0);
+    const i64 nbat = i64(pl.batches.size());
+    const int team = dir_parallel(nt, [&](int tid, int sz) {
+        T* w = ws.get() + size_t(tid) * wsz;
+        T* vb = vbuf.get() + size_t(tid) * vsz;
+        T* cb = cbuf.get() + size_t(tid) * csz;
+        i64* ab = abuf.get() + size_t(tid) * size_t(maxB);
+        T* kb = use_cache ? kbuf.get() + size_t(tid) * ksz : nullptr;
+        double* mygs = gsp.data() + size_t(tid) * size_t(Q + 8);
+        ECIF_FOR_SHARE(k, nbat, tid, sz) {
+            const i64 b = pl.batches[size_t(k)], off = p.offsets[b], B = p.offsets[b + 1] - off;
+            const bool single = B <= kDirRows;  // one task: packs its tile, writes its columns
+            const i64 nct = (B + kDirCols - 1) / kDirCols, nrt = (B + kDirRows - 1) / kDirRows;
+            if (!single)
+                for (i64 ct = 0; ct < nct; ++ct) kern.pack(p, b, ct, rows, vb + size_t(ct) * pl.tsz);
+            for (const auto& st : steps) {
+                if (st.mode < 0) {
+                    if (single) {
+                        kern.stats(p, b, 0, w, nullptr, nullptr, nullptr, nullptr, nullptr, kb);
+                        continue;
+                    }
+                    T* top = cb;
+                    T* rM = cb + B;
+                    T* rS = cb + 2 * B;
+                    for (i64 j = 0; j < B; ++j) {
+                        top[j] = rM[j] = ninf;
+                        rS[j] = T(0);
+                        ab[j] = 0;
+                    }
+                    for (i64 rt = 0; rt < nrt; ++rt) kern.stats(p, b, rt, w, top, ab, rM, rS, vb, kb);
+                    for (i64 j = 0; j < B; ++j) finish_col(p, p.perm[off + j], top[j], ab[j], rM[j], rS[j]);
+                    continue;
+                }
+                if (single) {
+                    kern.pass(p, st.mode, b, 0, w, nullptr, 0, mygs, nullptr, kb, st.cflags);
+                    continue;
+                }
+                const size_t used = size_t(st.slices) * size_t(B) * size_t(st.per_col);
+                std::fill(cb, cb + used, T(0));
+                for (i64 rt = 0; rt < nrt; ++rt)
+                    kern.pass(p, st.mode, b, rt, w, cb, B * st.per_col, mygs, vb, kb, st.cflags);
+                for (int s = 0; s < st.slices; ++s)
+                    for (i64 j = 0; j < B; ++j) {
+                        T* dst = col_dest(p, st.outs, s, p.perm[off + j]);
+                        const T* src = cb + (size_t(s) * size_t(B) + size_t(j)) * size_t(st.per_col);
+                        for (i64 e = 0; e < st.per_col; ++e) dst[e] = src[e];
+                    }
+            }
+        }
+    });
+    if (gs_out)
+        for (int t = 0; t < team; ++t)
+            for (i64 q = 0; q < Q; ++q) gs_out[q] += gsp[size_t(t) * size_t(Q + 8) + size_t(q)];
 }
 
 // a·b + c·e in double (the single-entry δS values); independent partial sums keep the FMA
@@ -399,15 +427,20 @@ void reductions_driver(const DirProblem<T>& p, T* positive, T* negative, const s
     DirPlan<T> pl(p, num_threads, 4 + 2 * int(p.Q));
     const i64 n = p.n, d = p.d, Q = p.Q, nb = p.num_batches;
     const T t = p.scale;
-    pack_all(p, kern, pl, false);
-    stats_pass(p, kern, pl);
-    {
-        T* outs[3] = {p.mc, p.a1, p.rc};
-        run_pass(p, kern, pl, kDirRed2, 3 * int(Q), 1, outs, nullptr);
-    }
-    {
-        T* outs[1] = {p.mW};
-        run_pass(p, kern, pl, kDirRed3, int(Q), 1, outs, nullptr);
+    if (pl.per_batch) {
+        T* o2[3] = {p.mc, p.a1, p.rc};
+        T* o3[1] = {p.mW};
+        const std::vector<Step<T>> steps{{-1, 0, 0, nullptr, 0},
+                                         {kDirRed2, 3 * int(Q), 1, o2, kDirReadS},
+                                         {kDirRed3, int(Q), 1, o3, kDirReadS}};
+        run_batches(p, kern, pl, steps, false, false, nullptr);
+    } else {
+        pack_all(p, kern, pl, false);
+        stats_pass(p, kern, pl);
+        T* o2[3] = {p.mc, p.a1, p.rc};
+        run_pass(p, kern, pl, kDirRed2, 3 * int(Q), 1, o2, nullptr);
+        T* o3[1] = {p.mW};
+        run_pass(p, kern, pl, kDirRed3, int(Q), 1, o3, nullptr);
     }
     // Per pair: positive, the regular negative terms, and the two line-maximum terms (SPEC §4,
     // torch_ref/softmax.py): p_ia (δS_ia - Σ_{j≠a} r_ij δS_ij) credited to the row's max pair a and
@@ -474,12 +507,16 @@ void gn_driver(const DirProblem<T>& p, double* gs, const std::string& isa_in, in
     for (i64 q = 0; q < p.Q; ++q) gs[q] = 0.0;
     const LseProblem<T> lp{p.U, p.V, p.n, p.d, p.scale, p.perm, p.offsets, p.num_batches, p.rlse, p.clse};
     lse(lp, isa, num_threads);
-    pack_all(p, kern, pl, true);
-    {
-        T* outs[1] = {p.mc};
-        run_pass(p, kern, pl, kDirGn2, int(p.Q), 1, outs, nullptr);
+    T* o2[1] = {p.mc};
+    if (pl.per_batch) {
+        const std::vector<Step<T>> steps{{kDirGn2, int(p.Q), 1, o2, kDirFillD},
+                                         {kDirGn3, int(p.Q), p.d, nullptr, kDirReadS | kDirReadD}};
+        run_batches(p, kern, pl, steps, true, true, gs);
+    } else {
+        pack_all(p, kern, pl, true);
+        run_pass(p, kern, pl, kDirGn2, int(p.Q), 1, o2, nullptr);
+        run_pass<T>(p, kern, pl, kDirGn3, int(p.Q), p.d, nullptr, gs);
     }
-    run_pass<T>(p, kern, pl, kDirGn3, int(p.Q), p.d, nullptr, gs);
     if (!p.ds)
         for (i64 q = 0; q < p.Q; ++q) gs[q] = 0.0;
 }

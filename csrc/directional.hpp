@@ -78,6 +78,7 @@ void gauss_newton_product(const DirProblem<double>& p, double* gs, const std::st
 // dir_stats_task: row line stats of its rows (final) and column stats folded into (cTop, cArg, cRM,
 //   cRS) = (max, arg, reference and sum of the rest's log-sum-exp), batch-local arrays of one thread
 //   (null for a one-task batch: written to p.ctop/... directly).
+// Both take an optional batch cache (DirCache below).
 // dir_pass_task, by mode, reading the line stats:
 //   kDirRed2: rows -> p.m, p.c1, p.rr; columns (3 x Q x B at colacc, stride cstride between the
 //             (k, q) slices) -> mc, a1, rc;
@@ -89,6 +90,11 @@ constexpr std::int64_t kDirRows = 96;
 constexpr std::int64_t kDirCols = 96;
 constexpr std::int64_t kDirPad = 32;
 enum DirMode : int { kDirRed2 = 0, kDirRed3 = 1, kDirGn2 = 2, kDirGn3 = 3 };
+// Batch cache (per-batch mode, see directional.cpp): `cache` (or null) holds the batch's scaled score
+// tiles, tile (rt, ct) at (rt * nct + ct) * kDirRows * kDirCols, followed by Q blocks of δS tiles laid
+// out the same way. dir_stats_task and a pass without kDirReadS write S there; kDirReadS reads it
+// instead of recomputing; kDirFillD writes δS there, kDirReadD reads it (kDirGn3 then overwrites it).
+enum DirCache : int { kDirReadS = 1, kDirFillD = 2, kDirReadD = 4 };
 inline std::int64_t dir_padded_d(std::int64_t d) { return (d + kDirPad - 1) / kDirPad * kDirPad; }
 inline std::int64_t dir_tile_elems(std::int64_t d, std::int64_t Q) { return (Q + 2) * kDirCols * dir_padded_d(d); }
 inline std::int64_t dir_workspace_elems(std::int64_t d, std::int64_t Q) {
@@ -99,9 +105,9 @@ inline std::int64_t dir_workspace_elems(std::int64_t d, std::int64_t Q) {
 
 #define ECIF_DECLARE_DIR_TASK_T(T)                                                                          \
     void dir_stats_task(const DirProblem<T>& p, std::int64_t b, std::int64_t rt, T* ws, T* cTop,             \
-                        std::int64_t* cArg, T* cRM, T* cRS, const T* vpk);                                   \
+                        std::int64_t* cArg, T* cRM, T* cRS, const T* vpk, T* cache);                         \
     void dir_pass_task(const DirProblem<T>& p, int mode, std::int64_t b, std::int64_t rt, T* ws, T* colacc, \
-                       std::int64_t cstride, double* gs, const T* vpk);                                     \
+                       std::int64_t cstride, double* gs, const T* vpk, T* cache, int cflags);               \
     void dir_pack_cols(const DirProblem<T>& p, std::int64_t b, std::int64_t ct, bool rows, T* dst);
 #define ECIF_DECLARE_DIR_TASK(NS)   \
     namespace NS {                  \

@@ -139,7 +139,7 @@ DirPack<T> col_tile(const DirProblem<T>& p, const T* vpk, i64 ct, const i64* idx
 
 template <class T>
 void stats_task_impl(const DirProblem<T>& p, i64 b, i64 rt, T* ws, T* cTop, i64* cArg, T* cRM, T* cRS,
-                     const T* vpk) {
+                     const T* vpk, T* cache) {
     using Cf = DirCfg<T>;
     using V = typename Vec<T>::V;
     constexpr int W = Cf::W, MR = Cf::MR, TR = Cf::TR, TC = Cf::TC;
@@ -153,8 +153,8 @@ void stats_task_impl(const DirProblem<T>& p, i64 b, i64 rt, T* ws, T* cTop, i64*
 
     T* Up = ws;                          // [TR/MR][dp][MR]
     T* Vloc = Up + i64(TR) * dp;         // one packed column tile (one-task batches)
-    T* S = Vloc + dir_tile_elems(d, p.Q);  // [TR][TC]
-    T* rTop = S + TR * TC;               // [TR] row states
+    T* S0 = Vloc + dir_tile_elems(d, p.Q);  // [TR][TC]
+    T* rTop = S0 + TR * TC;              // [TR] row states
     T* rRM = rTop + TR;
     T* rRS = rRM + TR;
     T* cm = rRS + TR;   // [TC] tile column max
@@ -191,6 +191,7 @@ void stats_task_impl(const DirProblem<T>& p, i64 b, i64 rt, T* ws, T* cTop, i64*
         const i64 c0 = ct * TC;
         const int tc = int(tc_imin(TC, B - c0));
         const DirPack<T> pk = col_tile(p, vpk, ct, idx, tc, false, Vloc);
+        T* S = cache ? cache + (rt * nct + ct) * TR * TC : S0;  // the cached tile is kept for later passes
         dir_gemm<T>(Up, pk.Vp, npu, d, dp, S, false);
         // scale; columns past the batch -> -inf
         for (int i = 0; i < tr; ++i) {
@@ -245,6 +246,9 @@ void stats_task_impl(const DirProblem<T>& p, i64 b, i64 rt, T* ws, T* cTop, i64*
         for (int j = 0; j < tc; ++j)
             line_merge<T>(cTop[c0 + j], cArg[c0 + j], cRM[c0 + j], cRS[c0 + j], cm[j], r0 + i64(ci[j]), c2[j],
                           csum[j]);
+        if (cache)  // the passes expect finite (zero) scores past the batch
+            for (int i = 0; i < tr; ++i)
+                for (int j = tc; j < TC; ++j) S[i * TC + j] = T(0);
     }
     auto finish = [&](T top, T rM, T rS, i64 k, T* otop, T* orest, T* olse) {
         const T rest = rS > T(0) ? rM + std::log(rS) : -kInf<T>;
@@ -270,7 +274,7 @@ void stats_task_impl(const DirProblem<T>& p, i64 b, i64 rt, T* ws, T* cTop, i64*
 
 template <class T, int MODE>
 void pass_task_impl(const DirProblem<T>& p, i64 b, i64 rt, T* ws, T* colacc, i64 cstride, double* gs,
-                    const T* vpk) {
+                    const T* vpk, T* cache, int cflags) {
     using Cf = DirCfg<T>;
     using V = typename Vec<T>::V;
     constexpr int W = Cf::W, MR = Cf::MR, NR = Cf::NR, TR = Cf::TR, TC = Cf::TC;
@@ -294,9 +298,9 @@ void pass_task_impl(const DirProblem<T>& p, i64 b, i64 rt, T* ws, T* colacc, i64
     T* ECIF_RESTRICT gUa = dUp + Q * TR * dp;        // Q x [TR][dp]        (kDirGn3)
     T* ECIF_RESTRICT dVt = gUa + Q * TR * dp;        // [TC][dp]            (kDirGn3)
     T* ECIF_RESTRICT Vloc = dVt + i64(TC) * dp;      // one packed column tile
-    T* ECIF_RESTRICT S = Vloc + dir_tile_elems(d, Q);  // [TR][TC] scaled scores
-    T* ECIF_RESTRICT D = S + TR * TC;                // [TR][TC] δS, then t*G
-    T* ECIF_RESTRICT Pw = D + TR * TC;               // weight tiles
+    T* ECIF_RESTRICT S0 = Vloc + dir_tile_elems(d, Q);  // [TR][TC] scaled scores
+    T* ECIF_RESTRICT D0 = S0 + TR * TC;              // [TR][TC] δS, then t*G
+    T* ECIF_RESTRICT Pw = D0 + TR * TC;              // weight tiles
     T* ECIF_RESTRICT Qw = Pw + TR * TC;
     T* ECIF_RESTRICT Wr = Qw + TR * TC;
     T* ECIF_RESTRICT Wc = Wr + TR * TC;
@@ -355,10 +359,14 @@ void pass_task_impl(const DirProblem<T>& p, i64 b, i64 rt, T* ws, T* colacc, i64
                 for (i64 q = 0; q < Q; ++q) mcv[q * TC + j] = in ? p.mc[q * n + k] : T(0);
         }
 
-        // 1. scores
-        dir_gemm<T>(Up, pk.Vp, npu, d, dp, S, false);
-        for (int i = 0; i < tr; ++i)
-            for (int j = 0; j < TC; j += W) vstore(S + i * TC + j, vload(S + i * TC + j) * vt);
+        // 1. scores (from the batch cache when an earlier pass left them there)
+        const i64 nrt = (B + TR - 1) / TR, toff = (rt * nct + ct) * TR * TC;
+        T* ECIF_RESTRICT S = cache ? cache + toff : S0;
+        if (!(cache && (cflags & kDirReadS))) {
+            dir_gemm<T>(Up, pk.Vp, npu, d, dp, S, false);
+            for (int i = 0; i < tr; ++i)
+                for (int j = 0; j < TC; j += W) vstore(S + i * TC + j, vload(S + i * TC + j) * vt);
+        }
 
         // 2. weights (rows past the batch are never read)
         for (int i = 0; i < tr; ++i) {
@@ -394,7 +402,9 @@ void pass_task_impl(const DirProblem<T>& p, i64 b, i64 rt, T* ws, T* colacc, i64
 
         // 3. per query
         for (i64 q = 0; q < Q; ++q) {
-            if (kNeedD) {
+            const bool dcached = cache && (cflags & (kDirFillD | kDirReadD));
+            T* ECIF_RESTRICT D = dcached ? cache + (1 + q) * nrt * nct * TR * TC + toff : D0;
+            if (kNeedD && !(dcached && (cflags & kDirReadD))) {
                 dir_gemm<T>(dUp + q * TR * dp, pk.Vp, npu, d, dp, D, false);
                 dir_gemm<T>(Up, pk.dVp + q * TC * dp, npu, d, dp, D, true);
                 const V vds = vsplat(ds ? ds[q] : T(0));
@@ -539,12 +549,12 @@ void pass_task_impl(const DirProblem<T>& p, i64 b, i64 rt, T* ws, T* colacc, i64
 
 template <class T>
 void pass_task(const DirProblem<T>& p, int mode, i64 b, i64 rt, T* ws, T* colacc, i64 cstride, double* gs,
-               const T* vpk) {
+               const T* vpk, T* cache, int cflags) {
     switch (mode) {
-        case kDirRed2: pass_task_impl<T, kDirRed2>(p, b, rt, ws, colacc, cstride, gs, vpk); break;
-        case kDirRed3: pass_task_impl<T, kDirRed3>(p, b, rt, ws, colacc, cstride, gs, vpk); break;
-        case kDirGn2: pass_task_impl<T, kDirGn2>(p, b, rt, ws, colacc, cstride, gs, vpk); break;
-        default: pass_task_impl<T, kDirGn3>(p, b, rt, ws, colacc, cstride, gs, vpk); break;
+        case kDirRed2: pass_task_impl<T, kDirRed2>(p, b, rt, ws, colacc, cstride, gs, vpk, cache, cflags); break;
+        case kDirRed3: pass_task_impl<T, kDirRed3>(p, b, rt, ws, colacc, cstride, gs, vpk, cache, cflags); break;
+        case kDirGn2: pass_task_impl<T, kDirGn2>(p, b, rt, ws, colacc, cstride, gs, vpk, cache, cflags); break;
+        default: pass_task_impl<T, kDirGn3>(p, b, rt, ws, colacc, cstride, gs, vpk, cache, cflags); break;
     }
 }
 
@@ -559,12 +569,12 @@ void pack_cols_impl(const DirProblem<T>& p, i64 b, i64 ct, bool rows, T* dst) {
 
 #define ECIF_DEFINE_DIR_TASK_T(T)                                                                           \
     void dir_stats_task(const DirProblem<T>& p, std::int64_t b, std::int64_t rt, T* ws, T* cTop,             \
-                        std::int64_t* cArg, T* cRM, T* cRS, const T* vpk) {                                  \
-        stats_task_impl<T>(p, b, rt, ws, cTop, cArg, cRM, cRS, vpk);                                         \
+                        std::int64_t* cArg, T* cRM, T* cRS, const T* vpk, T* cache) {                        \
+        stats_task_impl<T>(p, b, rt, ws, cTop, cArg, cRM, cRS, vpk, cache);                                  \
     }                                                                                                        \
     void dir_pass_task(const DirProblem<T>& p, int mode, std::int64_t b, std::int64_t rt, T* ws, T* colacc, \
-                       std::int64_t cstride, double* gs, const T* vpk) {                                     \
-        pass_task<T>(p, mode, b, rt, ws, colacc, cstride, gs, vpk);                                          \
+                       std::int64_t cstride, double* gs, const T* vpk, T* cache, int cflags) {              \
+        pass_task<T>(p, mode, b, rt, ws, colacc, cstride, gs, vpk, cache, cflags);                           \
     }                                                                                                        \
     void dir_pack_cols(const DirProblem<T>& p, std::int64_t b, std::int64_t ct, bool rows, T* dst) {         \
         pack_cols_impl<T>(p, b, ct, rows, dst);                                                              \

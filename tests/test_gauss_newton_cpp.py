@@ -170,6 +170,20 @@ def test_many_big_batches_two_threads():
         check(out, U, V, 10.0, plan, dU, dV, ds, torch.float32, f"threads={threads}")
 
 
+def test_batch_too_big_for_the_batch_cache():
+    """One thread runs each batch whole and keeps its score and δS tiles between the passes when they
+    fit (64 MiB); this batch (2200 pairs, 5 queries, float64: ~120 MiB) does not, so they are
+    recomputed. Also the twin's streaming path (2200 > its chunk)."""
+    gen = torch.Generator().manual_seed(8)
+    n, d, Q = 2200, 3, 5
+    U = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    V = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    dU, dV, ds = directions(n, d, Q, gen, True)
+    plan = resolve_batches(None, n)
+    out = cpp_backend.gauss_newton_product(U, V, 2.0, plan, dU, dV, ds)
+    check(out, U, V, 2.0, plan, dU, dV, ds, torch.float64, "no batch cache")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_adversarial_p_to_one(dtype):
     """p → 1: one pair dominating each row at a random column, and the diagonal dominating; single-tile
