@@ -9,7 +9,9 @@
 //   gauss_newton      1. row / column log-sum-exp (the lse kernel)                          1
 //                     2. m, mc                                                              1 + 2Q
 //                     3. G per query, gU += t G V, gV += t G^T U, gs += Σ G∘S               1 + 4Q
-// One infonce forward + backward is 4, so ecif_reductions with one query costs ~5/4 of it.
+// One infonce forward + backward is 4, so ecif_reductions with one query costs ~5/4 of it. With
+// many batches each fitting the per-thread batch cache (run_batches), the score tiles are computed
+// once per batch: ecif_reductions 1 + 2Q, the Gauss-Newton product 1 (lse) + 1 + 4Q.
 //
 // Parallelisation (see DirPlan): tasks (batch, row tile) own their rows' results. Column results
 // either stay with the thread that runs the whole batch (many batches: per-batch mode) or, for a
