@@ -11,7 +11,8 @@
 //                     3. G per query, gU += t G V, gV += t G^T U, gs += Σ G∘S               1 + 4Q
 // One infonce forward + backward is 4, so ecif_reductions with one query costs ~5/4 of it. With
 // many batches each fitting the per-thread batch cache (run_batches), the score tiles are computed
-// once per batch: ecif_reductions 1 + 2Q, the Gauss-Newton product 1 (lse) + 1 + 4Q.
+// once per batch (their line statistics included): ecif_reductions 1 + 2Q, the Gauss-Newton
+// product 1 + 4Q.
 //
 // Parallelisation (see DirPlan): tasks (batch, row tile) own their rows' results. Column results
 // either stay with the thread that runs the whole batch (many batches: per-batch mode) or, for a
@@ -323,7 +324,7 @@ void stats_pass(const DirProblem<T>& p, const DirKernels<T>& kern, const DirPlan
 // mode, or -1 for the line statistics. When it fits (kCacheBytes per thread), the batch's score tiles
 // (and, for the Gauss-Newton product, its δS tiles) are kept between the steps instead of being
 // recomputed: ecif_reductions then costs 1 + 2Q score-sized products per batch instead of 3 + 2Q,
-// the Gauss-Newton product 1 + 4Q instead of 3 + 6Q (plus the lse pass).
+// the Gauss-Newton product 1 + 4Q instead of 3 + 6Q (its log-sum-exps come from the statistics step).
 template <class T>
 struct Step {
     int mode;
@@ -507,14 +508,15 @@ void gn_driver(const DirProblem<T>& p, double* gs, const std::string& isa_in, in
     const DirKernels<T> kern = dir_kernels_for<T>(isa);
     DirPlan<T> pl(p, num_threads, 3 + 6 * int(p.Q));
     for (i64 q = 0; q < p.Q; ++q) gs[q] = 0.0;
-    const LseProblem<T> lp{p.U, p.V, p.n, p.d, p.scale, p.perm, p.offsets, p.num_batches, p.rlse, p.clse};
-    lse(lp, isa, num_threads);
     T* o2[1] = {p.mc};
-    if (pl.per_batch) {
-        const std::vector<Step<T>> steps{{kDirGn2, int(p.Q), 1, o2, kDirFillD},
+    if (pl.per_batch) {  // line statistics (lse) from the cached score tiles, no extra product
+        const std::vector<Step<T>> steps{{-1, 0, 0, nullptr, 0},
+                                         {kDirGn2, int(p.Q), 1, o2, kDirReadS | kDirFillD},
                                          {kDirGn3, int(p.Q), p.d, nullptr, kDirReadS | kDirReadD}};
         run_batches(p, kern, pl, steps, true, true, gs);
     } else {
+        const LseProblem<T> lp{p.U, p.V, p.n, p.d, p.scale, p.perm, p.offsets, p.num_batches, p.rlse, p.clse};
+        lse(lp, isa, num_threads);
         pack_all(p, kern, pl, true);
         run_pass(p, kern, pl, kDirGn2, int(p.Q), 1, o2, nullptr);
         run_pass<T>(p, kern, pl, kDirGn3, int(p.Q), p.d, nullptr, gs);

@@ -198,7 +198,7 @@ def gauss_newton_product(U: torch.Tensor, V: torch.Tensor, scale, plan: BatchPla
 
     Three streaming passes over 96×96 tiles: row / column log-sum-exp, the means ``m, m'`` from ``δS``,
     then ``G = P∘(δS − m) + Q∘(δS − m')`` per query mapped back by the micro-kernel (``gU += t·G V``,
-    ``gV += t·Gᵀ U``). About ``(3 + 6Q)·B²d`` multiply-adds per batch; ``(2 + 4Q)·B²d`` with many
+    ``gV += t·Gᵀ U``). About ``(3 + 6Q)·B²d`` multiply-adds per batch; ``(1 + 4Q)·B²d`` with many
     batches whose score and ``δS`` tiles fit the 64 MiB per-thread batch cache. Extra memory for a few
     big batches: O(threads·Q·B·d + (Q + 2)·B·d). Bitwise reproducible for a given thread count.
     """
