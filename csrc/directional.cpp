@@ -321,7 +321,8 @@ void stats_pass(const DirProblem<T>& p, const DirKernels<T>& kern, const DirPlan
 
 // Per-batch mode: the thread that owns a batch runs the steps (passes) one after another on it,
 // so the column results of a step are complete before the next one reads them. A step is a pass
-// mode, or -1 for the line statistics. When it fits (kCacheBytes per thread), the batch's score tiles
+// mode, or -1 for the line statistics. When it fits (kCacheBytes per thread, at most kCacheTotal in
+// all), the batch's score tiles
 // (and, for the Gauss-Newton product, its δS tiles) are kept between the steps instead of being
 // recomputed: ecif_reductions then costs 1 + 2Q score-sized products per batch instead of 3 + 2Q,
 // the Gauss-Newton product 1 + 4Q instead of 3 + 6Q (its log-sum-exps come from the statistics step).
@@ -334,6 +335,7 @@ struct Step {
     int cflags;
 };
 constexpr double kCacheBytes = 64.0 * 1024 * 1024;
+constexpr double kCacheTotal = 512.0 * 1024 * 1024;
 
 template <class T>
 void run_batches(const DirProblem<T>& p, const DirKernels<T>& kern, const DirPlan<T>& pl,
@@ -347,7 +349,7 @@ void run_batches(const DirProblem<T>& p, const DirKernels<T>& kern, const DirPla
     for (const auto& st : steps) csz = std::max(csz, size_t(st.slices) * size_t(maxB) * size_t(st.per_col));
     const i64 mt = (maxB + kDirRows - 1) / kDirRows, mct = pl.max_tiles();
     const size_t ksz = size_t(1 + (cache_d ? Q : 0)) * size_t(mt * mct) * size_t(kDirRows * kDirCols);
-    const bool use_cache = double(ksz) * sizeof(T) <= kCacheBytes;
+    const bool use_cache = double(ksz) * sizeof(T) <= std::min(kCacheBytes, kCacheTotal / nt);
     std::unique_ptr<T[]> ws(new T[size_t(nt) * wsz]);
     std::unique_ptr<T[]> vbuf(new T[size_t(nt) * vsz]);
     std::unique_ptr<T[]> cbuf(new T[size_t(nt) * csz]);

@@ -172,9 +172,9 @@ def ecif_reductions(U: torch.Tensor, V: torch.Tensor, scale, plan: BatchPlan, dU
     ``δS`` are formed from packed panels (96×96); three passes (line statistics; the softmax-weighted
     sums of ``δS``; the sums of the means), about ``(3 + 2Q)·B²d`` multiply-adds per batch. With many
     batches, each thread runs whole batches and keeps a batch's score tiles between the passes when
-    they fit in 64 MiB (``(1 + 2Q)·B²d``); a few big batches ("all" negatives) are shared by all threads
-    and never stored (extra memory O(threads·Q·B + (Q + 1)·B·d)). Bitwise reproducible for a given
-    thread count.
+    they fit (64 MiB per thread, 512 MiB in all): ``(1 + 2Q)·B²d``. A few big batches ("all"
+    negatives) are shared by all threads and never stored (extra memory O(threads·Q·B + (Q + 1)·B·d)).
+    Bitwise reproducible for a given thread count.
     """
     if negative_term not in ("exact", "taylor"):
         raise ValueError(f"ecif_reductions: negative_term must be 'exact' or 'taylor', got {negative_term!r}")
@@ -199,8 +199,9 @@ def gauss_newton_product(U: torch.Tensor, V: torch.Tensor, scale, plan: BatchPla
     Three streaming passes over 96×96 tiles: row / column log-sum-exp, the means ``m, m'`` from ``δS``,
     then ``G = P∘(δS − m) + Q∘(δS − m')`` per query mapped back by the micro-kernel (``gU += t·G V``,
     ``gV += t·Gᵀ U``). About ``(3 + 6Q)·B²d`` multiply-adds per batch; ``(1 + 4Q)·B²d`` with many
-    batches whose score and ``δS`` tiles fit the 64 MiB per-thread batch cache. Extra memory for a few
-    big batches: O(threads·Q·B·d + (Q + 2)·B·d). Bitwise reproducible for a given thread count.
+    batches whose score and ``δS`` tiles fit the batch cache (64 MiB per thread, 512 MiB in all).
+    Extra memory for a few big batches: O(threads·Q·B·d + (Q + 2)·B·d). Bitwise reproducible for a
+    given thread count.
     """
     C, dt, squeeze, t, a = _directions("gauss_newton_product", U, V, scale, plan, dU, dV, dlog_scale)
     gU, gV, gs = C.gauss_newton_product(*a, isa=_isa(), num_threads=torch.get_num_threads())
