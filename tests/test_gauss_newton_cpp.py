@@ -7,18 +7,20 @@ Oracle: ``torch_ref.gauss_newton.gauss_newton_product`` in float64 on the inputs
 Tolerances (per query q, max abs error): tol = c·eps·(1 + L)·R with L = t·max‖u‖·max‖v‖ the largest
 logit, eps the float64 epsilon for float64 inputs and the float32 epsilon for float32 and
 float16/bfloat16 (computed in float32 after an exact upcast), c = 8, and R the size of the terms:
-M_q = t·(max‖δu_q‖·max‖v‖ + max‖u‖·max‖δv_q‖) + |δs_q|·L bounds |δS|, so |G_ij| <= 2 M_q (p_ij + q_ij);
-with N = t·max(max‖u‖, max‖v‖) and B the largest batch, R = max|reference_q| + N·M_q for gU and gV and
-R = |reference_q| + B·M_q·L for gs (a sum of B² terms G∘S). The absolute error of a logit is ~eps·L
-and exp() turns it into a relative error of every softmax weight. (Measured worst case over the
-grid: c ≈ 2, so the margin is ~4x.)
+M_q = t·(max‖δu_q‖·max‖v‖ + max‖u‖·max‖δv_q‖) + |δs_q|·L bounds |δS|, so
+|G_ij| <= 2 M_q (p_ij + q_ij); with N = t·max(max‖u‖, max‖v‖) and B the largest batch,
+R = max|reference_q| + N·M_q for gU and gV and R = |reference_q| + B·M_q·L for gs (a sum of B² terms
+G∘S). The absolute error of a logit is ~eps·L and exp() turns it into a relative error of every
+softmax weight. (Measured worst case over the grid: c ≈ 2, so the margin is ~4x.)
 
 Grid (the issue's test standard): n ∈ {1, 2, 7, 64, 300} × d ∈ {1, 3, 64, 130} × {"all", ragged,
-batches of 5}, each over all four dtypes × scales {0.01, 1, 100}. The remaining axes (Q ∈ {1, 5}, with /
-without dlog_scale) rotate through those 12 cases per grid point instead of multiplying them (a covering subset that keeps the module fast), so every grid point
-sees several combinations and every combination appears at every (n, batches). Separate tests cover
-every compiled ISA on 1 and 2 threads (bitwise determinism for a thread count), adversarial p → 1
-logits, the twin's streaming path, hypothesis random shapes, and the raw binding's errors.
+batches of 5}, each over all four dtypes × scales {0.01, 1, 100}. The remaining axes (Q ∈ {1, 5},
+with / without dlog_scale) rotate through those 12 cases per grid point instead of multiplying them
+(a covering subset that keeps the module fast), so every grid point sees several combinations and
+every combination appears at every (n, batches). Separate tests cover every compiled ISA on 1 and 2
+threads (bitwise determinism for a thread count), many big batches on two threads, a batch too big
+for the batch cache, adversarial p → 1 logits, the twin's streaming path, hypothesis random shapes,
+and the raw binding's errors.
 """
 from __future__ import annotations
 

@@ -17,8 +17,9 @@ batches of 5}, each over all four dtypes × scales {0.01, 1, 100}. The remaining
 exact / taylor, Q ∈ {1, 5}, with / without dlog_scale) rotate through those 12 cases per grid point
 instead of multiplying them (a covering subset that keeps the module fast), so every grid point
 sees several combinations and every combination appears at every (n, batches). Separate tests cover
-every compiled ISA on 1 and 2 threads (bitwise determinism for a thread count), adversarial p → 1
-logits, the twin's streaming path, hypothesis random shapes, and the raw binding's errors.
+every compiled ISA on 1 and 2 threads (bitwise determinism for a thread count), many big batches on
+two threads, adversarial p → 1 logits, the twin's streaming path, hypothesis random shapes, the raw
+binding's errors, and that the automatic backend choice on CPU is now cpp.
 """
 from __future__ import annotations
 
