@@ -15,7 +15,8 @@
 //      then the mode's row sums (kept for the whole sweep) and column sums (added per tile to the
 //      caller's column accumulator).
 // Row sums run along the contiguous tile rows (vector accumulators, one horizontal sum per row);
-// column sums are vector accumulators indexed by column.
+// column sums are vector accumulators indexed by column. With a batch cache (directional.hpp,
+// DirCache) steps 1 and 3's products are replaced by reads of tiles an earlier pass stored.
 #include <cmath>
 #include <cstdint>
 #include <limits>
