@@ -10,12 +10,14 @@ Methods: every backend that serves the device (``cpp`` and the ``torch`` twin on
 CUDA) and, for ``infonce``, ``naive`` — what a user writes: ``S = t·U@V.T`` (``bmm`` per batch), ``log_softmax``
 over rows and columns, autograd backward (materialises the score matrices; not run where they would not fit).
 
-Inputs: unit-norm random embeddings, ``t = 20``, query directions ``dU, dV ~ N(0, 1/d)``, fp32.
+"same result": the method's first output (loss, or Σ|positive|, or Σ|gU|) agrees with the fastest backend's to
+1e-3 relative. Inputs: unit-norm random embeddings, ``t = 20``, query directions ``dU, dV ~ N(0, 1/d)``, fp32.
 Each (op, case, method) runs in its own subprocess, so a peak-memory figure belongs to one method:
 CPU: growth of ``ru_maxrss`` over the footprint after the inputs exist (one call, outputs included);
 CUDA: ``torch.cuda.max_memory_allocated`` growth. Times are minima of ``--reps`` calls, and every worker
 also times the score GEMM of its case (``torch.mm`` of (n×d)·(d×n), or ``bmm`` over the batches) interleaved
-with its own calls: the **GEMM limit** of SPEC §5 is 3 × that time. Ratios between methods compare
+with its own calls (for "all" above n = 8192 on column blocks of 8192, without an n×n output): the
+**GEMM limit** of SPEC §5 is 3 × that time. Ratios between methods compare
 GEMM-normalised times, ``(t/gemm)_a / (t/gemm)_b``, so a load change between workers cancels out.
 
 Run::
@@ -89,11 +91,24 @@ def method_fn(op, method, U, V, dU, dV, plan, B):
     return lambda: fn(U, V, SCALE, plan, dU, dV, None)
 
 
+GEMM_BLOCK = 8192  # "all" cases above this time the score GEMM on column blocks (no n x n output)
+
+
 def gemm_fn(U, V, B):
+    """The score GEMM of the case: ``U @ V.T`` ("all") or ``bmm`` over the batches (same FLOPs)."""
     n, d = U.shape
     if B == n:
         Vt = V.T.contiguous()
-        return lambda: torch.mm(U, Vt)
+        if n <= GEMM_BLOCK:
+            return lambda: torch.mm(U, Vt)
+        out = U.new_empty(n, GEMM_BLOCK)
+
+        def blocked():
+            for c in range(0, n, GEMM_BLOCK):
+                torch.mm(U, Vt[:, c:c + GEMM_BLOCK], out=out[:, :min(GEMM_BLOCK, n - c)])
+            return out
+
+        return blocked
     Ub = U.view(n // B, B, d)
     Vt = V.view(n // B, B, d).transpose(1, 2).contiguous()
     return lambda: torch.bmm(Ub, Vt)
@@ -115,6 +130,15 @@ def checksum(out) -> float:
     return float(first.double().abs().sum()) if torch.is_tensor(first) else float(first)
 
 
+def _timed(fn, device) -> float:
+    t0 = time.perf_counter()
+    out = fn()
+    _sync(device)
+    elapsed = time.perf_counter() - t0
+    del out
+    return elapsed
+
+
 def worker(op, method, case, device, threads, reps) -> dict:
     torch.set_num_threads(threads)
     from ecif_fast.kernels.batching import resolve_batches
@@ -127,23 +151,18 @@ def worker(op, method, case, device, threads, reps) -> dict:
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     base = _mem_mib(device)
-    out = fn()  # warm-up and the peak-memory measurement
+    t0 = time.perf_counter()
+    out = fn()  # the peak-memory measurement; a warm-up when reps > 1, the timed call when reps == 1
     _sync(device)
+    t_first = time.perf_counter() - t0
     peak = _mem_mib(device) - base
     check = checksum(out)
     del out
-    t_method = t_mm = float("inf")
-    for _ in range(reps):  # interleaved, so that both see the same machine load
-        t0 = time.perf_counter()
-        out = fn()
-        _sync(device)
-        t_method = min(t_method, time.perf_counter() - t0)
-        del out
-        t0 = time.perf_counter()
-        S = mm()
-        _sync(device)
-        t_mm = min(t_mm, time.perf_counter() - t0)
-        del S
+    t_mm = _timed(mm, device)
+    t_method = t_first if reps == 1 else float("inf")
+    for _ in range(reps if reps > 1 else 0):  # interleaved, so that both see the same machine load
+        t_method = min(t_method, _timed(fn, device))
+        t_mm = min(t_mm, _timed(mm, device))
     return {"op": op, "method": method, "case": case, "time": t_method, "mm": t_mm, "peak_mib": peak,
             "check": check}
 
@@ -168,20 +187,22 @@ def methods_for(op, device) -> list[str]:
 def render(results, device, threads) -> str:
     fastest = [m for m in ("triton", "cpp") if any(r.get("method") == m for r in results)]
     ours = fastest[0] if fastest else "torch"
-    lines = [f"| op | case | method | time (s) | / GEMM limit | vs {ours} | extra memory (MiB) |",
-             "|---|---|---|---:|---:|---:|---:|"]
+    lines = [f"| op | case | method | time (s) | / GEMM limit | vs {ours} | extra memory (MiB) | same result |",
+             "|---|---|---|---:|---:|---:|---:|---|"]
     by = {(r["op"], r["case"], r["method"]): r for r in results}
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['op']} | {r['case']} | {r['method']} | failed: {r['error']} | | | |")
+            lines.append(f"| {r['op']} | {r['case']} | {r['method']} | failed: {r['error']} | | | | |")
             continue
         if r.get("skipped"):
-            lines.append(f"| {r['op']} | {r['case']} | {r['method']} | not run: {r['skipped']} | | | |")
+            lines.append(f"| {r['op']} | {r['case']} | {r['method']} | not run: {r['skipped']} | | | | |")
             continue
         ref = by.get((r["op"], r["case"], ours))
         rel = ((r["time"] / r["mm"]) / (ref["time"] / ref["mm"])) if ref and "time" in ref else float("nan")
+        same = "-" if not ref or "check" not in ref else (
+            "yes" if abs(r["check"] - ref["check"]) <= 1e-3 * abs(ref["check"]) else f"NO ({r['check']:.6g})")
         lines.append(f"| {r['op']} | {r['case']} | {r['method']} | {r['time']:.3f} | {r['time'] / (3 * r['mm']):.2f} "
-                     f"| {rel:.2f}× | {r['peak_mib']:.0f} |")
+                     f"| {rel:.2f}× | {r['peak_mib']:.0f} | {same} |")
     # target 3: ecif_reductions (one query) vs one infonce fwd+bwd, same backend and case
     extra = []
     for (op, case, m), r in by.items():
@@ -220,6 +241,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", nargs="+", default=list(DEFAULT_CASES))
     ap.add_argument("--ops", nargs="+", default=list(OPS), choices=OPS)
+    ap.add_argument("--methods", nargs="+", help="only these methods (backend names or 'naive'); default all")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--reps", type=int, default=3)
@@ -235,6 +257,8 @@ def main(argv=None):
         reps = a.reps if n * B * d <= 16384 * 16384 * 256 else 1
         for op in a.ops:
             for m in methods_for(op, a.device):
+                if a.methods and m not in a.methods:
+                    continue
                 if m == "naive" and 4 * n * B > NAIVE_MAX_BYTES:
                     results.append({"op": op, "method": m, "case": case,
                                     "skipped": f"one score matrix alone needs {4 * n * B / 2 ** 30:.0f} GiB"})
@@ -244,7 +268,7 @@ def main(argv=None):
     table = render(results, a.device, a.threads)
     head = (f"{SECTION}\n\n`python benchmarks/bench_ops.py {' '.join(argv or sys.argv[1:])}` — "
             f"{machine(a.device, a.threads)}, {time.strftime('%Y-%m-%d')}. Minimum of {a.reps} calls "
-            f"(1 call for cases above n·B·d = 16384²·256); GEMM limit = 3 × the score GEMM of the case timed in the "
+            f"(a single call for cases above n·B·d = 16384²·256); GEMM limit = 3 × the score GEMM of the case timed in the "
             f"same process; extra memory = peak growth over the inputs for one call, outputs included.\n\n")
     print(table)
     if a.write:
