@@ -86,6 +86,28 @@ def _plan_numpy(plan: BatchPlan):
             plan.offsets.to("cpu", torch.int64).contiguous().numpy())
 
 
+def _covered(plan: BatchPlan) -> Optional[torch.Tensor]:
+    """The pairs ``plan`` covers when it leaves some out (a ``BatchPlan.without`` plan), else None.
+
+    The kernels take plans that cover every row; such a plan is run on the covered rows with a compact
+    plan (:func:`_compact`) and the results are put back with :func:`_expand`.
+    """
+    covered = int(plan.offsets[-1])
+    return None if covered == plan.n else plan.perm[:covered].to(torch.int64)
+
+
+def _compact(plan: BatchPlan) -> BatchPlan:
+    m = int(plan.offsets[-1])
+    return BatchPlan(m, torch.arange(m, dtype=torch.int64), plan.offsets.to(torch.int64))
+
+
+def _expand(x: torch.Tensor, idx: torch.Tensor, n: int, axis: int, fill: float = 0.0) -> torch.Tensor:
+    """``x`` (results of the covered pairs along ``axis``) placed at ``idx`` in a length-``n`` axis."""
+    shape = list(x.shape)
+    shape[axis] = n
+    return x.new_full(shape, fill).index_copy_(axis % x.dim(), idx, x)
+
+
 def lse(U: torch.Tensor, V: torch.Tensor, scale, plan: BatchPlan) -> tuple[torch.Tensor, torch.Tensor]:
     """Row and column log-sum-exp of every batch's ``S = t·U_b V_bᵀ``; same contract as the torch twin.
 
@@ -95,6 +117,12 @@ def lse(U: torch.Tensor, V: torch.Tensor, scale, plan: BatchPlan) -> tuple[torch
     C = _require()
     _check_cpu(U=U, V=V)
     dt = torch.float64 if U.dtype == torch.float64 else torch.float32
+    idx = _covered(plan)
+    if idx is not None:  # pairs in no batch: log of an empty sum
+        if idx.numel() == 0:
+            return (torch.full((plan.n,), float("-inf"), dtype=dt),) * 2
+        row, col = lse(U[idx], V[idx], scale, _compact(plan))
+        return _expand(row, idx, plan.n, 0, float("-inf")), _expand(col, idx, plan.n, 0, float("-inf"))
     perm, offsets = _plan_numpy(plan)
     row, col = C.lse(_to_numpy(U, dt), _to_numpy(V, dt), float(scale), perm, offsets,
                      isa=_isa(), num_threads=torch.get_num_threads())
@@ -118,6 +146,13 @@ def infonce(U: torch.Tensor, V: torch.Tensor, scale, plan: BatchPlan, with_scale
         raise ValueError(f"infonce: the batch plan covers {plan.n} pairs but U has {U.shape[0]} rows")
     dt = torch.float64 if U.dtype == torch.float64 else torch.float32
     t = float(scale.detach().reshape(())) if torch.is_tensor(scale) else float(scale)
+    idx = _covered(plan)
+    if idx is not None:  # pairs in no batch: no loss term, zero gradient
+        if idx.numel() == 0:
+            zero = torch.zeros((), dtype=dt)
+            return zero, torch.zeros(U.shape, dtype=dt), torch.zeros(U.shape, dtype=dt), (zero if with_scale else None)
+        loss, gU, gV, ds = infonce(U[idx], V[idx], scale, _compact(plan), with_scale)
+        return loss, _expand(gU, idx, plan.n, 0), _expand(gV, idx, plan.n, 0), ds
     perm, offsets = _plan_numpy(plan)
     loss, dU, dV, ds = C.infonce(_to_numpy(U, dt), _to_numpy(V, dt), t, perm, offsets, bool(with_scale),
                                  isa=_isa(), num_threads=torch.get_num_threads())
@@ -149,7 +184,9 @@ def _directions(name: str, U: torch.Tensor, V: torch.Tensor, scale, plan: BatchP
     if dlog_scale is not None:
         if torch.is_tensor(dlog_scale):
             _check_cpu(dlog_scale=dlog_scale)
-        ds = torch.as_tensor(dlog_scale).detach().to("cpu", dt).reshape(-1).expand(dU.shape[0]).contiguous().numpy()
+        # a Python number goes straight to the accumulation dtype (torch.as_tensor(0.3) would round it to float32)
+        ds = (dlog_scale.detach().to("cpu", dt) if torch.is_tensor(dlog_scale) else torch.tensor(float(dlog_scale), dtype=dt))
+        ds = ds.reshape(-1).expand(dU.shape[0]).contiguous().numpy()
     perm, offsets = _plan_numpy(plan)
     return C, dt, squeeze, t, (_to_numpy(U, dt), _to_numpy(V, dt), t, perm, offsets, _to_numpy(dU, dt),
                                _to_numpy(dV, dt), ds)
@@ -178,6 +215,15 @@ def ecif_reductions(U: torch.Tensor, V: torch.Tensor, scale, plan: BatchPlan, dU
     """
     if negative_term not in ("exact", "taylor"):
         raise ValueError(f"ecif_reductions: negative_term must be 'exact' or 'taylor', got {negative_term!r}")
+    idx = _covered(plan)
+    if idx is not None and idx.numel() > 0:  # pairs in no batch have no influence here: 0
+        pos, neg = ecif_reductions(U[idx], V[idx], scale, _compact(plan), dU.index_select(-2, idx),
+                                   dV.index_select(-2, idx), dlog_scale, negative_term)
+        return _expand(pos, idx, plan.n, -1), _expand(neg, idx, plan.n, -1)
+    if idx is not None:
+        dt = torch.float64 if U.dtype == torch.float64 else torch.float32
+        z = torch.zeros(dU.shape[:-1], dtype=dt)
+        return z, z.clone()
     C, dt, squeeze, t, a = _directions("ecif_reductions", U, V, scale, plan, dU, dV, dlog_scale)
     pos, neg = C.ecif_reductions(*a, negative_term == "exact", isa=_isa(), num_threads=torch.get_num_threads())
     pos, neg = torch.from_numpy(pos), torch.from_numpy(neg)
@@ -203,6 +249,15 @@ def gauss_newton_product(U: torch.Tensor, V: torch.Tensor, scale, plan: BatchPla
     Extra memory for a few big batches: O(threads·Q·B·d + (Q + 2)·B·d). Bitwise reproducible for a
     given thread count.
     """
+    idx = _covered(plan)
+    if idx is not None and idx.numel() > 0:  # pairs in no batch: no curvature, zero product
+        gU, gV, gs = gauss_newton_product(U[idx], V[idx], scale, _compact(plan), dU.index_select(-2, idx),
+                                          dV.index_select(-2, idx), dlog_scale)
+        return _expand(gU, idx, plan.n, -2), _expand(gV, idx, plan.n, -2), gs
+    if idx is not None:
+        dt = torch.float64 if U.dtype == torch.float64 else torch.float32
+        return (torch.zeros(dU.shape, dtype=dt), torch.zeros(dV.shape, dtype=dt),
+                torch.zeros(dU.shape[:-2], dtype=dt))
     C, dt, squeeze, t, a = _directions("gauss_newton_product", U, V, scale, plan, dU, dV, dlog_scale)
     gU, gV, gs = C.gauss_newton_product(*a, isa=_isa(), num_threads=torch.get_num_threads())
     gU, gV, gs = torch.from_numpy(gU), torch.from_numpy(gV), torch.from_numpy(gs)

@@ -366,7 +366,8 @@ def lse(U: torch.Tensor, V: torch.Tensor, scale, plan: BatchPlan, *, block_m: Op
     n, d = U.shape
     acc = torch.float64 if U.dtype == torch.float64 else torch.float32
     if n == 0 or plan.num_batches == 0:
-        return torch.empty(n, dtype=acc, device=dev), torch.empty(n, dtype=acc, device=dev)
+        ninf = torch.full((n,), float("-inf"), dtype=acc, device=dev)  # pairs in no batch: log of an empty sum
+        return ninf, ninf.clone()
 
     interp = dev.type == "cpu"
     if interp:
@@ -407,7 +408,8 @@ def lse(U: torch.Tensor, V: torch.Tensor, scale, plan: BatchPlan, *, block_m: Op
         outs = []
         try:
             for A, B in ((U, V), (V, U)):
-                buf = torch.empty((nsplit, n), dtype=acc, device=dev)
+                # -inf where no program writes: the pairs a plan leaves out (BatchPlan.without)
+                buf = torch.full((nsplit, n), float("-inf"), dtype=acc, device=dev)
                 kernel[(ntiles, nsplit)](
                     A, B, buf, tab.perm, tab.offsets, tab.tile_start, tab.tile_batch, scale_t,
                     d, A.stride(0), A.stride(1), B.stride(0), B.stride(1), n, nsplit,
