@@ -14,6 +14,11 @@
 // all row tiles of the batch; packing per row tile cost ~0.5 GEMM-equivalents). At n = 65536,
 // d = 256 on two threads that is 128 MiB of float32 partials + 64 MiB of packed V, inside the
 // < 256 MiB budget of the issue.
+//
+// That is the "few big batches" mode (e.g. "all" negatives). With many batches (the directional ops'
+// rule: maxB^2 * 4 * threads <= sum B^2, or one thread) the driver runs the per-batch mode instead
+// (infonce_per_batch below): whole batches per thread, score tiles cached, no partials, bitwise
+// reproducible, memory O(threads * (B * d + cache)).
 #include "infonce.hpp"
 
 #include <algorithm>
@@ -38,15 +43,22 @@ template <class T>
 using PackFn = void (*)(const InfonceProblem<T>&, std::int64_t, std::int64_t, T*);
 
 template <class T>
+using BatchFn = void (*)(const InfonceProblem<T>&, std::int64_t, T*, T*, bool, double*);
+
+template <class T>
 struct IfKernels {
     TaskFn<T> task;
     PackFn<T> pack;
+    BatchFn<T> batch;
 };
 
 template <class T>
 IfKernels<T> infonce_kernels_for(const std::string& isa) {
 #define ECIF_IF_KERNELS(NS) \
-    IfKernels<T> { static_cast<TaskFn<T>>(&NS::infonce_task), static_cast<PackFn<T>>(&NS::infonce_pack_cols) }
+    IfKernels<T> {                                                                                  \
+        static_cast<TaskFn<T>>(&NS::infonce_task), static_cast<PackFn<T>>(&NS::infonce_pack_cols),  \
+            static_cast<BatchFn<T>>(&NS::infonce_batch)                                              \
+    }
 #if defined(ECIF_HAVE_AVX512)
     if (isa == "avx512") return ECIF_IF_KERNELS(avx512);
 #endif
@@ -57,6 +69,100 @@ IfKernels<T> infonce_kernels_for(const std::string& isa) {
 #undef ECIF_IF_KERNELS
 }
 
+// Per-batch mode (many batches): thread tid runs batches tid, tid + team, ... (static round robin)
+// whole, so nothing is shared between threads and, for a given thread count, every result is
+// bitwise reproducible. A batch whose score tiles fit the cache (kCacheBytes per thread, at most
+// kCacheTotal in all; float32 B <~ 4000) runs infonce_batch: 3 score-sized products (S once, dU,
+// dV) instead of the 4 of the streaming path. A bigger one runs the streaming pieces on its thread:
+// its log-sum-exps by the lse kernel (one thread), its V columns packed once, then the pass-2 row
+// tiles with the thread's batch buffer as dV destination. Extra memory per thread: the batch
+// workspace (~3·B·d: packed V twice and the dV accumulator) plus the cache of the largest fitting
+// batch, and, only when some batch does not fit, packed V + dV of the largest such batch (~2·B·d).
+constexpr double kCacheBytes = 64.0 * 1024 * 1024;
+constexpr double kCacheTotal = 512.0 * 1024 * 1024;
+
+template <class T>
+InfonceScalars infonce_per_batch(const InfonceProblem<T>& p, const IfKernels<T>& kern, const std::string& isa,
+                                 int nt, bool with_scale, const std::vector<std::int64_t>& batches) {
+    using i64 = std::int64_t;
+    const i64 d = p.d;
+    const double climit = std::min(kCacheBytes, kCacheTotal / nt);
+    auto fits = [&](i64 B) { return double(infonce_cache_elems(B)) * sizeof(T) <= climit; };
+    i64 maxFit = 0, maxBig = 0;
+    for (const i64 b : batches) {
+        const i64 B = p.offsets[b + 1] - p.offsets[b];
+        if (fits(B))
+            maxFit = std::max(maxFit, B);
+        else
+            maxBig = std::max(maxBig, B);
+    }
+    const size_t wsz = maxFit > 0 ? size_t(infonce_batch_ws_elems(d, maxFit)) : 0;
+    const size_t ksz = maxFit > 0 ? size_t(infonce_cache_elems(maxFit)) : 0;
+    const size_t vtile = size_t(kIfCols * infonce_padded_d(d));
+    const size_t fvsz = maxBig > 0 ? size_t((maxBig + kIfCols - 1) / kIfCols) * vtile : 0;
+    const size_t fdsz = size_t(maxBig) * size_t(d);
+    const size_t fwsz = maxBig > 0 ? size_t(infonce_workspace_elems(d)) : 0;
+    const size_t per = wsz + ksz + fvsz + fdsz + fwsz;
+    std::unique_ptr<T[]> buf(new T[size_t(nt) * per]);
+    std::vector<double> acc(size_t(nt) * 8, 0.0);  // [0]: dlog_scale, [1]: loss; one cache line per thread
+    const i64 nbat = i64(batches.size());
+    const i64 npairs = p.offsets[p.num_batches];
+    int team = 1;
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        int tid = 0, sz = 1;
+#if defined(_OPENMP)
+        tid = omp_get_thread_num();
+        sz = omp_get_num_threads();
+#pragma omp single nowait
+        team = sz;  // read after the region
+#endif
+        T* w = buf.get() + size_t(tid) * per;
+        T* kb = w + wsz;
+        T* fv = kb + ksz;
+        T* fdv = fv + fvsz;
+        T* fw = fdv + fdsz;
+        double* my = acc.data() + size_t(tid) * 8;
+        for (i64 k = tid; k < nbat; k += sz) {
+            const i64 b = batches[size_t(k)], off = p.offsets[b], B = p.offsets[b + 1] - off;
+            if (fits(B)) {
+                kern.batch(p, b, w, kb, with_scale, my);
+                continue;
+            }
+            const i64 sub_off[2] = {0, B};
+            const LseProblem<T> lp{p.U, p.V, p.n, d, p.scale, p.perm + off, sub_off, 1, p.row, p.col};
+            lse(lp, isa, 1);
+            const i64 nct = (B + kIfCols - 1) / kIfCols, nrt = (B + kIfRows - 1) / kIfRows;
+            for (i64 ct = 0; ct < nct; ++ct) kern.pack(p, b, ct, fv + size_t(ct) * vtile);
+            std::fill(fdv, fdv + size_t(B) * size_t(d), T(0));
+            for (i64 rt = 0; rt < nrt; ++rt) kern.task(p, b, rt, fw, fdv, with_scale, my, fv);
+            for (i64 j = 0; j < B; ++j) {
+                T* dst = p.dV + p.perm[off + j] * d;
+                const T* src = fdv + size_t(j) * size_t(d);
+                for (i64 c = 0; c < d; ++c) dst[c] = src[c];
+            }
+        }
+#pragma omp barrier
+        // Loss: sum over pairs of row + col - 2 t <u_k, v_k> (dot products in double), static share.
+        double loss = 0.0;
+        for (i64 q = tid; q < npairs; q += sz) {
+            const i64 k = p.perm[q];
+            const T* u = p.U + k * d;
+            const T* v = p.V + k * d;
+            double dot = 0.0;
+            for (i64 c = 0; c < d; ++c) dot += double(u[c]) * double(v[c]);
+            loss += double(p.row[k]) + double(p.col[k]) - 2.0 * double(p.scale) * dot;
+        }
+        my[1] = loss;
+    }
+    InfonceScalars out{0.0, 0.0};
+    for (int t = 0; t < team; ++t) {  // thread order: deterministic
+        out.dlog_scale += acc[size_t(t) * 8];
+        out.loss += acc[size_t(t) * 8 + 1];
+    }
+    return out;
+}
+
 template <class T>
 InfonceScalars infonce_driver(const InfonceProblem<T>& p, const std::string& isa_in, int num_threads,
                               bool with_scale) {
@@ -65,6 +171,30 @@ InfonceScalars infonce_driver(const InfonceProblem<T>& p, const std::string& isa
     const IfKernels<T> kern = infonce_kernels_for<T>(isa);
     const i64 nb = p.num_batches, n = p.n, d = p.d;
     InfonceScalars out{0.0, 0.0};
+
+    // Mode choice: the rule of the directional ops (directional.cpp, DirPlan): per-batch mode when
+    // one thread runs everything or no batch dominates the work (maxB^2 * 4 * threads <= sum B^2).
+    {
+        std::vector<i64> batches;
+        i64 maxB = 0;
+        double sq = 0.0;
+        for (i64 b = 0; b < nb; ++b) {
+            const i64 B = p.offsets[b + 1] - p.offsets[b];
+            if (B <= 0) continue;
+            batches.push_back(b);
+            maxB = std::max(maxB, B);
+            sq += double(B) * double(B);
+        }
+        int nt1 = 1;
+#if defined(_OPENMP)
+        nt1 = num_threads > 0 ? num_threads : omp_get_max_threads();
+        if (sq * double(d + 32) < 4.0e6) nt1 = 1;  // as below
+        if (nt1 < 1) nt1 = 1;
+#endif
+        if (batches.empty()) return out;
+        if (nt1 == 1 || double(maxB) * double(maxB) * 4.0 * nt1 <= sq)
+            return infonce_per_batch(p, kern, isa, nt1, with_scale, batches);
+    }
 
     // Pass 1: row and column log-sum-exps of every batch (streamed, the lse kernel).
     const LseProblem<T> lp{p.U, p.V, n, d, p.scale, p.perm, p.offsets, nb, p.row, p.col};

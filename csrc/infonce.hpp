@@ -60,10 +60,28 @@ inline std::int64_t infonce_workspace_elems(std::int64_t d) {
     return 3 * (kIfRows + kIfCols) * dp + kIfRows * kIfCols + 4 * (kIfRows + kIfCols) + 64;
 }
 
+// Per-batch mode (many batches, see infonce.cpp): infonce_batch runs the whole batch b on the
+// calling thread. Pass 1 computes every scaled score tile once into `cache` (tile (rt, ct) at
+// (rt * nct + ct) * kIfRows * kIfCols, infonce_cache_elems(B) elements) and folds the row and column
+// log-sum-exps from it (written to p.row / p.col); pass 2 forms t*G in each cached tile and
+// accumulates dU (written per row tile) and dV (in the workspace, written at the end): nothing is
+// shared with other threads. `ws`: infonce_batch_ws_elems(d, B) elements (any B' >= B works).
+inline std::int64_t infonce_cache_elems(std::int64_t B) {
+    const std::int64_t nrt = (B + kIfRows - 1) / kIfRows, nct = (B + kIfCols - 1) / kIfCols;
+    return nrt * nct * kIfRows * kIfCols;
+}
+inline std::int64_t infonce_batch_ws_elems(std::int64_t d, std::int64_t B) {
+    const std::int64_t dp = infonce_padded_d(d);
+    const std::int64_t Bp = (B + kIfCols - 1) / kIfCols * kIfCols;
+    const std::int64_t Rp = (B + kIfRows - 1) / kIfRows * kIfRows;
+    return 3 * (Bp + kIfRows) * dp + 3 * Bp + Rp + 3 * kIfRows + 2 * kIfCols + 64;
+}
+
 #define ECIF_DECLARE_INFONCE_TASK_T(T)                                                                 \
     void infonce_task(const InfonceProblem<T>& p, std::int64_t b, std::int64_t rt, T* ws, T* dVdst, \
                       bool with_scale, double* dls, const T* vpacked);                              \
-    void infonce_pack_cols(const InfonceProblem<T>& p, std::int64_t b, std::int64_t ct, T* dst);
+    void infonce_pack_cols(const InfonceProblem<T>& p, std::int64_t b, std::int64_t ct, T* dst);     \
+    void infonce_batch(const InfonceProblem<T>& p, std::int64_t b, T* ws, T* cache, bool with_scale, double* dls);
 #define ECIF_DECLARE_INFONCE_TASK(NS) \
     namespace NS {                    \
     ECIF_DECLARE_INFONCE_TASK_T(float)  \

@@ -20,8 +20,14 @@
 // The same micro-kernel serves all three products: its A operand is read through compile-time
 // strides (RS between micro-tile rows, KS along the inner dimension), so G is never repacked: the
 // dU product reads G's rows (RS = TC, KS = 1) and the dV product its columns (RS = 1, KS = TC).
+//
+// infonce_batch (per-batch mode) runs a whole batch with the same pieces: V packed once per batch in
+// both layouts, every scaled score tile computed once into the batch cache with the row / column
+// log-sum-exps folded from it (running max and sum), then steps 2-4 on the cached tiles, dV
+// accumulated for the whole batch in the workspace (no partials, no second score product).
 #include <cmath>
 #include <cstdint>
+#include <limits>
 
 #include "infonce.hpp"
 #include "tile_common.hpp"
@@ -238,6 +244,227 @@ void infonce_task_impl(const InfonceProblem<T>& p, i64 b, i64 rt, T* ws, T* dVds
     if (with_scale) *dls += dls_local;
 }
 
+// ---- Per-batch mode: a whole batch on one thread, its score tiles cached ---------------------------
+
+// Row i of a tile: fold the scores s[0..TC) (columns with vm == 0 excluded) into the running
+// (max, sum of exp(x - max)) state (M, Ssum).
+template <class T>
+ECIF_INLINE void if_row_fold(const T* ECIF_RESTRICT s, const T* ECIF_RESTRICT vm, T& M, T& Ssum) {
+    using V = typename Vec<T>::V;
+    constexpr int W = Vec<T>::W, TC = IfCfg<T>::TC;
+    const V vninf = vsplat(-std::numeric_limits<T>::infinity()), vzero = V{};
+    V mx = vninf;
+    for (int j = 0; j < TC; j += W) mx = vmax(mx, vselect(vload(vm + j) > vzero, vload(s + j), vninf));
+    const T a = hmax<T>(mx);
+    const T Mn = a > M ? a : M;
+    if (!(Mn > -std::numeric_limits<T>::infinity())) return;  // nothing finite yet
+    const V vM = vsplat(Mn);
+    V acc = V{};
+    for (int j = 0; j < TC; j += W) acc += vexp<true>(vload(s + j) - vM) * vload(vm + j);
+    Ssum = (Ssum != T(0) ? Ssum * std::exp(M - Mn) : T(0)) + hsum<T>(acc);
+    M = Mn;
+}
+
+template <class T>
+void infonce_batch_impl(const InfonceProblem<T>& p, i64 b, T* ws, T* cache, bool with_scale, double* dls) {
+    using C = IfCfg<T>;
+    using V = typename Vec<T>::V;
+    constexpr int W = C::W, MR = C::MR, NR = C::NR, TR = C::TR, TC = C::TC, KC = C::KC;
+    constexpr T kInfT = std::numeric_limits<T>::infinity();
+    const i64 d = p.d;
+    const i64 dp = infonce_padded_d(d);
+    const i64 off = p.offsets[b];
+    const i64 B = p.offsets[b + 1] - off;
+    const i64* ECIF_RESTRICT idx = p.perm + off;
+    const i64 nrt = (B + TR - 1) / TR, nct = (B + TC - 1) / TC;
+    const i64 Bp = nct * TC;
+    const T t = p.scale;
+    const V vt = vsplat(t);
+
+    T* ECIF_RESTRICT Vp = ws;                  // nct x [TC/NR][dp][NR]  (B operand of S)
+    T* ECIF_RESTRICT Vq = Vp + Bp * dp;        // nct x [dp/NR][TC][NR]  (B operand of dU)
+    T* ECIF_RESTRICT dVa = Vq + Bp * dp;       // [Bp][dp] dV accumulator of the batch
+    T* ECIF_RESTRICT Up = dVa + Bp * dp;       // [TR/MR][dp][MR]        (A operand of S)
+    T* ECIF_RESTRICT Uq = Up + i64(TR) * dp;   // [dp/NR][TR][NR]        (B operand of dV)
+    T* ECIF_RESTRICT dUa = Uq + i64(TR) * dp;  // [TR][dp] dU accumulator of a row tile
+    T* ECIF_RESTRICT cM = dUa + i64(TR) * dp;  // [Bp] running column max
+    T* ECIF_RESTRICT cS = cM + Bp;             // [Bp] running column sum of exp(s - cM)
+    T* ECIF_RESTRICT clB = cS + Bp;            // [Bp] column log-sum-exps (+inf past the batch)
+    T* ECIF_RESTRICT rlB = clB + Bp;           // [nrt*TR] row log-sum-exps
+    T* ECIF_RESTRICT Ar = rlB + nrt * TR;      // [TR] exp(r_i - m)
+    T* ECIF_RESTRICT Bc = Ar + TR;             // [TC] exp(m - c_j) (0 past the batch)
+    T* ECIF_RESTRICT vm = Bc + TC;             // [TC] 1 for columns in the batch, 0 past it
+    T* ECIF_RESTRICT rM = vm + TC;             // [TR] running row max
+    T* ECIF_RESTRICT rS = rM + TR;             // [TR] running row sum
+
+    for (i64 ct = 0; ct < nct; ++ct) {
+        const int tc = int(if_imin(TC, B - ct * TC));
+        if_pack_panels<T, NR>(p.V, idx + ct * TC, tc, TC, d, dp, Vp + ct * TC * dp);
+        if_pack_rows<T>(p.V, idx + ct * TC, tc, TC, d, dp, Vq + ct * TC * dp);
+    }
+    for (i64 j = 0; j < Bp; ++j) {
+        cM[j] = -kInfT;
+        cS[j] = T(0);
+    }
+    for (i64 q = 0; q < Bp * dp; ++q) dVa[q] = T(0);
+
+    // Pass 1: every scaled score tile once (kept in the cache), row and column log-sum-exps.
+    for (i64 rt = 0; rt < nrt; ++rt) {
+        const i64 r0 = rt * TR;
+        const int tr = int(if_imin(TR, B - r0));
+        const int npu = (tr + MR - 1) / MR;
+        if_pack_panels<T, MR>(p.U, idx + r0, tr, TR, d, dp, Up);
+        for (int i = 0; i < TR; ++i) {
+            rM[i] = -kInfT;
+            rS[i] = T(0);
+        }
+        for (i64 ct = 0; ct < nct; ++ct) {
+            const i64 c0 = ct * TC;
+            const int tc = int(if_imin(TC, B - c0));
+            T* ECIF_RESTRICT S = cache + (rt * nct + ct) * TR * TC;
+            const T* Vt = Vp + ct * TC * dp;
+            if (d == 0)
+                for (int q = 0; q < TR * TC; ++q) S[q] = T(0);
+            for (i64 k0 = 0; k0 < d; k0 += KC) {
+                const int kc = int(if_imin(KC, d - k0));
+                for (int q = 0; q < TC / NR; ++q) {
+                    const T* bp = Vt + (i64(q) * dp + k0) * NR;
+                    for (int pu = 0; pu < npu; ++pu)
+                        if_micro<T, 1, MR>(Up + (i64(pu) * dp + k0) * MR, bp, kc, S + pu * MR * TC + q * NR, TC,
+                                           k0 > 0);
+                }
+            }
+            // Rows [tr, npu*MR) are zero (zero panels); rows past npu*MR are never read. Columns past
+            // the batch are zero (finite) and masked out of the statistics.
+            for (int i = 0; i < tr; ++i)
+                for (int j = 0; j < TC; j += W) vstore(S + i * TC + j, vload(S + i * TC + j) * vt);
+            for (int j = 0; j < TC; ++j) vm[j] = j < tc ? T(1) : T(0);
+            for (int i = 0; i < tr; ++i) if_row_fold<T>(S + i * TC, vm, rM[i], rS[i]);
+            for (int j = 0; j < TC; j += W) {  // columns, vectorised along j
+                V mx = vload(cM + c0 + j);
+                for (int i = 0; i < tr; ++i) mx = vmax(mx, vload(S + i * TC + j));
+                V acc = V{};
+                for (int i = 0; i < tr; ++i) acc += vexp<true>(vload(S + i * TC + j) - mx);
+                // old sum rescaled; exp(-inf - finite) = 0 (vexp<true> flushes underflow)
+                vstore(cS + c0 + j, vload(cS + c0 + j) * vexp<true>(vload(cM + c0 + j) - mx) + acc);
+                vstore(cM + c0 + j, mx);
+            }
+        }
+        for (int i = 0; i < tr; ++i) {
+            const T r = rM[i] + std::log(rS[i]);
+            rlB[r0 + i] = r;
+            p.row[idx[r0 + i]] = r;
+        }
+    }
+    for (i64 j = 0; j < Bp; ++j) {
+        if (j < B) {
+            const T c = cM[j] + std::log(cS[j]);
+            clB[j] = c;
+            p.col[idx[j]] = c;
+        } else {
+            clB[j] = kInfT;
+        }
+    }
+
+    // Pass 2: G in each cached tile, dU = t G V (per row tile), dV = t G^T U (whole batch).
+    double dls_local = 0.0;
+    for (i64 rt = 0; rt < nrt; ++rt) {
+        const i64 r0 = rt * TR;
+        const int tr = int(if_imin(TR, B - r0));
+        const int npu = (tr + MR - 1) / MR;
+        if_pack_rows<T>(p.U, idx + r0, tr, TR, d, dp, Uq);
+        for (i64 q = 0; q < i64(TR) * dp; ++q) dUa[q] = T(0);
+        const T* rl = rlB + r0;
+        T rmax = -kInfT, rmin = kInfT;
+        for (int i = 0; i < tr; ++i) {
+            rmax = rl[i] > rmax ? rl[i] : rmax;
+            rmin = rl[i] < rmin ? rl[i] : rmin;
+        }
+        const bool rows_ok = (rmax - rmin <= IfLim<T>::reuse) && std::isfinite(rmax) && std::isfinite(rmin);
+        if (rows_ok)
+            for (int i = 0; i < TR; ++i) Ar[i] = i < tr ? std::exp(rl[i] - rmax) : T(0);
+
+        for (i64 ct = 0; ct < nct; ++ct) {
+            const i64 c0 = ct * TC;
+            const int tc = int(if_imin(TC, B - c0));
+            const int npc = (tc + MR - 1) / MR;
+            const T* ECIF_RESTRICT cl = clB + c0;
+            T* ECIF_RESTRICT S = cache + (rt * nct + ct) * TR * TC;
+            T cmin = kInfT;
+            bool cfin = true;
+            for (int j = 0; j < TC; ++j) {
+                vm[j] = j < tc ? T(1) : T(0);
+                if (j < tc) {
+                    cmin = cl[j] < cmin ? cl[j] : cmin;
+                    cfin = cfin && std::isfinite(cl[j]);
+                }
+            }
+            const bool reuse = rows_ok && cfin && (rmax - cmin <= IfLim<T>::reuse);
+            if (reuse)
+                for (int j = 0; j < TC; ++j) Bc[j] = j < tc ? std::exp(rmax - cl[j]) : T(0);
+
+            // t * G in place (the tile holds scaled scores; rows past the batch stay zero).
+            const i64 jd0 = r0 - c0;
+            V vdls = V{};
+            for (int i = 0; i < tr; ++i) {
+                T* ECIF_RESTRICT s = S + i * TC;
+                const i64 jd = i + jd0;
+                const bool has_diag = jd >= 0 && jd < tc;
+                const T sdiag = has_diag ? s[jd] : T(0);
+                const V va = vsplat(rl[i]);
+                if (reuse) {
+                    const V vA = vsplat(Ar[i]);
+                    for (int j = 0; j < TC; j += W) {
+                        const V sv = vload(s + j);
+                        const V e = vexp<true>(sv - va);
+                        const V g = e * (vload(vm + j) + vA * vload(Bc + j));
+                        vdls += g * sv;
+                        vstore(s + j, g * vt);
+                    }
+                } else {
+                    for (int j = 0; j < TC; j += W) {
+                        const V sv = vload(s + j);
+                        const V g = vexp<true>(sv - va) * vload(vm + j) + vexp<true>(sv - vload(cl + j));
+                        vdls += g * sv;
+                        vstore(s + j, g * vt);
+                    }
+                }
+                if (has_diag) {
+                    s[jd] -= T(2) * t;
+                    dls_local -= 2.0 * double(sdiag);
+                }
+            }
+            if (with_scale) dls_local += double(hsum<T>(vdls));
+
+            // dU_tile += (tG) V_tile
+            const T* Vr = Vq + ct * TC * dp;
+            for (i64 q = 0; q < dp / NR; ++q) {
+                const T* bp = Vr + q * TC * NR;
+                for (int pu = 0; pu < npu; ++pu)
+                    if_micro<T, TC, 1>(S + pu * MR * TC, bp, tc, dUa + pu * MR * dp + q * NR, dp, true);
+            }
+            // dV_tile += (tG)^T U_tile, straight into the batch accumulator
+            T* dVt = dVa + c0 * dp;
+            for (i64 q = 0; q < dp / NR; ++q) {
+                const T* bp = Uq + q * TR * NR;
+                for (int pc = 0; pc < npc; ++pc)
+                    if_micro<T, 1, TC>(S + pc * MR, bp, tr, dVt + pc * MR * dp + q * NR, dp, true);
+            }
+        }
+        for (int i = 0; i < tr; ++i) {
+            T* ECIF_RESTRICT dst = p.dU + idx[r0 + i] * d;
+            const T* ECIF_RESTRICT src = dUa + i * dp;
+            for (i64 k = 0; k < d; ++k) dst[k] = src[k];
+        }
+    }
+    for (i64 j = 0; j < B; ++j) {
+        T* ECIF_RESTRICT dst = p.dV + idx[j] * d;
+        const T* ECIF_RESTRICT src = dVa + j * dp;
+        for (i64 k = 0; k < d; ++k) dst[k] = src[k];
+    }
+    if (with_scale) *dls += dls_local;
+}
+
 }  // namespace
 
 void infonce_task(const InfonceProblem<float>& p, std::int64_t b, std::int64_t rt, float* ws, float* dVdst,
@@ -257,6 +484,15 @@ void infonce_pack_cols(const InfonceProblem<double>& p, std::int64_t b, std::int
     const i64 off = p.offsets[b], B = p.offsets[b + 1] - off;
     if_pack_panels<double, IfCfg<double>::NR>(p.V, p.perm + off + ct * kIfCols, int(if_imin(kIfCols, B - ct * kIfCols)),
                                               int(kIfCols), p.d, infonce_padded_d(p.d), dst);
+}
+
+void infonce_batch(const InfonceProblem<float>& p, std::int64_t b, float* ws, float* cache, bool with_scale,
+                   double* dls) {
+    infonce_batch_impl<float>(p, b, ws, cache, with_scale, dls);
+}
+void infonce_batch(const InfonceProblem<double>& p, std::int64_t b, double* ws, double* cache, bool with_scale,
+                   double* dls) {
+    infonce_batch_impl<double>(p, b, ws, cache, with_scale, dls);
 }
 
 }  // namespace ECIF_ISA_NS

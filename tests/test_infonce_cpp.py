@@ -191,6 +191,133 @@ def test_threaded_result_is_deterministic_up_to_rounding():
             assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
 
 
+# ---- many batches: the per-batch mode (one thread runs each batch whole, score tiles cached) ---------
+
+MANY_SIZES = [200, 193, 190, 180, 180, 170, 160, 160, 150, 150, 150, 140, 140, 130, 120, 120, 110, 100, 97, 97,
+              96, 96, 95, 64, 33, 5, 2, 1]
+
+
+def many_batch_plan(sizes, gen):
+    """A plan with the given batch sizes, pairs shuffled across batches (ragged, singletons)."""
+    ids = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    n = int(ids.numel())
+    return resolve_batches(ids[torch.randperm(n, generator=gen)], n)
+
+
+def per_batch_mode(plan, threads, d):
+    """The driver's mode rule (csrc/infonce.cpp, the directional ops' rule): whole batches per thread
+    when one thread runs everything or no batch dominates: maxB² · 4 · threads <= Σ B²."""
+    sq = float((plan.sizes.double() ** 2).sum())
+    if threads == 1 or sq * (d + 32) < 4.0e6:
+        return True
+    return float(plan.sizes.max()) ** 2 * 4 * threads <= sq
+
+
+def logit_cases(U, V, gen):
+    """(name, V, scale): moderate logits, one logit dominating each row (softmax one-hot, the tiles'
+    log-sum-exps far apart: the two-exponential path), the positive pair dominating (p_kk -> 1)."""
+    n = U.shape[0]
+    Vrow = V.clone()
+    Vrow[torch.randperm(n, generator=gen)] += 30.0 * U
+    Vdiag = U + 0.01 * V
+    return [("moderate", V, 30.0), ("row-dominant", Vrow, 50.0), ("diag-dominant", Vdiag, 100.0)]
+
+
+def test_many_batches_every_isa_and_thread_count(monkeypatch):
+    """Many ragged batches (1 to 200 pairs: singletons, one-tile batches, batches just over one
+    96-pair tile, multi-tile ones), so that 2 threads run whole batches each (per-batch mode, asserted
+    via the driver's rule and enough work for the threads), on every compiled ISA this CPU runs, 1 and
+    2 threads, float32 / float64, d not a multiple of the panel width and d > 256, adversarial logits."""
+    from ecif_fast import _C
+    gen = torch.Generator().manual_seed(21)
+    plan = many_batch_plan(MANY_SIZES, gen)
+    n = plan.n
+    old = torch.get_num_threads()
+    try:
+        for d in (37, 300):
+            assert per_batch_mode(plan, 2, d) and float((plan.sizes.double() ** 2).sum()) * (d + 32) >= 4.0e6
+            U, V = unit(n, d, gen), unit(n, d, gen)
+            for name, Vc0, scale in logit_cases(U, V, gen):
+                for dtype in (torch.float32, torch.float64):
+                    Uc, Vc = U.to(dtype), Vc0.to(dtype)
+                    ref = reference(Uc, Vc, scale, plan)
+                    for isa in _C.supported_isas():
+                        monkeypatch.setenv(cpp_backend.ISA_ENV_VAR, isa)
+                        for threads in (1, 2):
+                            torch.set_num_threads(threads)
+                            out = cpp_backend.infonce(Uc, Vc, scale, plan, True)
+                            torch.set_num_threads(1)
+                            assert all(torch.isfinite(x).all() for x in out)
+                            check(out, ref, Uc, Vc, scale, plan, dtype,
+                                  f"isa={isa} threads={threads} d={d} {dtype} {name} scale={scale}")
+    finally:
+        torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_many_batches_bitwise_reproducible(dtype):
+    """Per-batch mode: static schedule, no shared partials. For a fixed thread count every output is
+    bitwise repeatable; dU and dV do not even depend on the thread count (each batch is computed whole
+    by one thread with the same code), only the loss / d log_scale sums are ordered by thread."""
+    gen = torch.Generator().manual_seed(22)
+    plan = many_batch_plan(MANY_SIZES, gen)
+    n, d = plan.n, 130
+    U, V = unit(n, d, gen, dtype), unit(n, d, gen, dtype)
+    old = torch.get_num_threads()
+    try:
+        outs = {}
+        for threads in (1, 2, 3):
+            assert per_batch_mode(plan, threads, d)
+            torch.set_num_threads(threads)
+            a = cpp_backend.infonce(U, V, 20.0, plan, True)
+            b = cpp_backend.infonce(U, V, 20.0, plan, True)
+            assert all(torch.equal(x, y) for x, y in zip(a, b)), f"not bitwise repeatable, threads={threads}"
+            outs[threads] = a
+    finally:
+        torch.set_num_threads(old)
+    for threads in (2, 3):
+        assert torch.equal(outs[1][1], outs[threads][1]) and torch.equal(outs[1][2], outs[threads][2])
+        for i in (0, 3):
+            assert torch.allclose(outs[1][i], outs[threads][i], rtol=1e-5 if dtype == torch.float32 else 1e-12)
+    check(outs[2], reference(U, V, 20.0, plan), U, V, 20.0, plan, dtype, "threads=2")
+
+
+def test_many_batches_larger_than_the_cache():
+    """A batch's score tiles are cached when they fit (64 MiB per thread: float64 B <= 2880). A
+    2900-pair float64 batch does not: it is streamed on its thread (lse kernel, then pass-2 row tiles)
+    next to cached small batches. One thread checked against autograd; two threads (nine such batches,
+    so per-batch mode applies) give bitwise the same dU / dV as one thread."""
+    gen = torch.Generator().manual_seed(23)
+    d = 3
+    plan = many_batch_plan([2900] + [150, 97, 60, 1, 2], gen)
+    U, V = unit(plan.n, d, gen), unit(plan.n, d, gen)
+    out = cpp_backend.infonce(U, V, 5.0, plan, True)  # one thread (autouse fixture)
+    check(out, reference(U, V, 5.0, plan), U, V, 5.0, plan, torch.float64, "batch over the cache, 1 thread")
+
+    plan = many_batch_plan([2900] * 8 + [3000, 150, 97, 1], gen)
+    assert per_batch_mode(plan, 2, d)
+    U, V = unit(plan.n, d, gen), unit(plan.n, d, gen)
+    one = cpp_backend.infonce(U, V, 5.0, plan, True)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        two = cpp_backend.infonce(U, V, 5.0, plan, True)
+        again = cpp_backend.infonce(U, V, 5.0, plan, True)
+    finally:
+        torch.set_num_threads(old)
+    assert all(torch.equal(x, y) for x, y in zip(two, again))
+    assert torch.equal(one[1], two[1]) and torch.equal(one[2], two[2])
+    for i in (0, 3):
+        assert torch.allclose(one[i], two[i], rtol=1e-12)
+    # spot check of the streamed batches against autograd on one of them alone
+    big = plan.groups()[0]
+    sub = resolve_batches(None, int(big.numel()))
+    ref = reference(U[big], V[big], 5.0, sub)
+    got = cpp_backend.infonce(U[big], V[big], 5.0, sub, True)
+    check(got, ref, U[big], V[big], 5.0, sub, torch.float64, "one streamed batch")
+    assert torch.equal(got[1], two[1][big]) and torch.equal(got[2], two[2][big])
+
+
 def test_zero_dim_embeddings_and_strided_inputs():
     plan = resolve_batches(3, 7)
     U = torch.zeros(7, 0)

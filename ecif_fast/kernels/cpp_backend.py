@@ -133,10 +133,23 @@ def infonce(U: torch.Tensor, V: torch.Tensor, scale, plan: BatchPlan, with_scale
     """Fused contrastive loss forward + backward (SPEC §2, §4); same contract as the torch twin.
 
     Returns ``(loss 0-d, dU (n, d), dV (n, d), dlog_scale 0-d or None)``: float32 (float64 for
-    float64 ``U``) CPU tensors. ``scale`` is ``t`` (a number or a 0-d tensor, not tracked). Two
-    streaming passes over 96×96 tiles of ``S = t·U_b V_bᵀ`` (log-sum-exps, then the gradients); never
-    stores a batch's score matrix. Extra memory: ``num_threads·B·d`` elements of per-thread dV
-    partials for every batch larger than 96 pairs. Not differentiable (see ``InfoNCE``).
+    float64 ``U``) CPU tensors. ``scale`` is ``t`` (a number or a 0-d tensor, not tracked). Not
+    differentiable (see ``InfoNCE``). Two modes over 96×96 tiles of ``S = t·U_b V_bᵀ``, chosen like
+    the directional ops (``csrc/infonce.cpp``):
+
+    * **per-batch** (many batches, e.g. "batch" negatives; ``max B² · 4 · threads <= Σ B²``, or one
+      thread): each thread runs whole batches (static round robin). A batch whose score tiles fit
+      the cache (64 MiB per thread, 512 MiB in all: float32 ``B <~ 4000``, float64 ``B <~ 2880``)
+      computes them once, takes the row / column log-sum-exps from them, then forms G in place and
+      accumulates ``dU = t·G V`` and ``dV = t·Gᵀ U``: 3 score-sized products per batch. A bigger batch
+      is streamed on its thread (log-sum-exps, then recomputed tiles: 4 products). Extra memory
+      ``O(threads·(B·d + cache))`` (about ``3·B·d`` elements plus ``B²`` for the cache, per thread);
+      no shared partials, so every output is bitwise reproducible for a given thread count (dU and
+      dV for any thread count).
+    * **few big batches** (e.g. "all" negatives): tasks are (batch, row tile) sharing the threads
+      dynamically; two streaming passes (log-sum-exps, then the gradients, 4 products), never storing
+      a batch's score matrix. Extra memory: ``num_threads·B·d`` elements of per-thread dV partials for
+      every batch larger than 96 pairs plus ``B·d`` of packed V; equal up to rounding across runs.
     """
     C = _require()
     _check_cpu(U=U, V=V)
