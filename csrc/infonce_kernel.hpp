@@ -323,21 +323,26 @@ void infonce_batch_impl(const InfonceProblem<T>& p, i64 b, T* ws, T* cache, bool
             const int tc = int(if_imin(TC, B - c0));
             T* ECIF_RESTRICT S = cache + (rt * nct + ct) * TR * TC;
             const T* Vt = Vp + ct * TC * dp;
+            const int nq = (tc + NR - 1) / NR;  // column panels holding batch columns
             if (d == 0)
                 for (int q = 0; q < TR * TC; ++q) S[q] = T(0);
             for (i64 k0 = 0; k0 < d; k0 += KC) {
                 const int kc = int(if_imin(KC, d - k0));
-                for (int q = 0; q < TC / NR; ++q) {
+                for (int q = 0; q < nq; ++q) {
                     const T* bp = Vt + (i64(q) * dp + k0) * NR;
                     for (int pu = 0; pu < npu; ++pu)
                         if_micro<T, 1, MR>(Up + (i64(pu) * dp + k0) * MR, bp, kc, S + pu * MR * TC + q * NR, TC,
                                            k0 > 0);
                 }
             }
-            // Rows [tr, npu*MR) are zero (zero panels); rows past npu*MR are never read. Columns past
-            // the batch are zero (finite) and masked out of the statistics.
-            for (int i = 0; i < tr; ++i)
-                for (int j = 0; j < TC; j += W) vstore(S + i * TC + j, vload(S + i * TC + j) * vt);
+            // Rows [tr, npu*MR) are zero (zero panels) up to column nq*NR; rows past tr are only read
+            // there (the dU product's inner dimension is tc); rows past npu*MR are never read. Columns
+            // past the batch are zero (finite; those past nq*NR zeroed here) and masked out of the
+            // statistics.
+            for (int i = 0; i < tr; ++i) {
+                for (int j = 0; j < nq * NR; j += W) vstore(S + i * TC + j, vload(S + i * TC + j) * vt);
+                for (int j = nq * NR; j < TC; ++j) S[i * TC + j] = T(0);
+            }
             for (int j = 0; j < TC; ++j) vm[j] = j < tc ? T(1) : T(0);
             for (int i = 0; i < tr; ++i) if_row_fold<T>(S + i * TC, vm, rM[i], rS[i]);
             for (int j = 0; j < TC; j += W) {  // columns, vectorised along j
