@@ -145,7 +145,8 @@ def infonce(U: torch.Tensor, V: torch.Tensor, scale, plan: BatchPlan, with_scale
       is streamed on its thread (log-sum-exps, then recomputed tiles: 4 products). Extra memory
       ``O(threads·(B·d + cache))`` (about ``3·B·d`` elements plus ``B²`` for the cache, per thread);
       no shared partials, so every output is bitwise reproducible for a given thread count (dU and
-      dV for any thread count).
+      dV are even the same across thread counts while the mode and the cache choice are: up to 8
+      threads; only the loss and d log_scale sums are ordered by thread).
     * **few big batches** (e.g. "all" negatives): tasks are (batch, row tile) sharing the threads
       dynamically; two streaming passes (log-sum-exps, then the gradients, 4 products), never storing
       a batch's score matrix. Extra memory: ``num_threads·B·d`` elements of per-thread dV partials for
