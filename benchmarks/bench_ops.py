@@ -246,10 +246,32 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--write", action="store_true", help="rewrite this benchmark's section of BENCHMARKS.md")
+    ap.add_argument("--log", help="append every result as a JSON line to this file")
+    ap.add_argument("--load", nargs="+", help="render (and --write) results from JSON-line logs of earlier runs "
+                    "instead of running; a later line replaces an earlier one for the same op, case and method")
     ap.add_argument("--worker", nargs=3, metavar=("OP", "METHOD", "CASE"), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.worker:
         print(json.dumps(worker(*a.worker, a.device, a.threads, a.reps)))
+        return
+    if a.load:
+        latest = {}
+        for path in a.load:
+            for line in open(path):
+                if line.startswith("{"):
+                    r = json.loads(line)
+                    latest[(r["op"], r["case"], r["method"])] = r
+        order = {op: i for i, op in enumerate(OPS)}
+        results = sorted(latest.values(), key=lambda r: (parse_case(r["case"])[0] != "all", parse_case(r["case"])[1],
+                                                          order[r["op"]]))
+        table = render(results, a.device, a.threads)
+        print(table)
+        if a.write:
+            head = (f"{SECTION}\n\n`python benchmarks/bench_ops.py ...` runs, collected with `--load` — "
+                    f"{machine(a.device, a.threads)}, {time.strftime('%Y-%m-%d')}. Each row: minimum of its run's "
+                    "calls; GEMM limit = 3 × the score GEMM of the case timed in the same process; extra memory = peak "
+                    "growth over the inputs for one call, outputs included.\n\n")
+            write_section(head + table + "\n")
         return
     results = []
     for case in a.cases:
@@ -265,6 +287,9 @@ def main(argv=None):
                 else:
                     results.append(run_worker(op, m, case, a.device, a.threads, reps))
                 print(json.dumps(results[-1]), flush=True)
+                if a.log:
+                    with open(a.log, "a") as f:
+                        f.write(json.dumps(results[-1]) + "\n")
     table = render(results, a.device, a.threads)
     head = (f"{SECTION}\n\n`python benchmarks/bench_ops.py {' '.join(argv or sys.argv[1:])}` — "
             f"{machine(a.device, a.threads)}, {time.strftime('%Y-%m-%d')}. Minimum of {a.reps} calls "

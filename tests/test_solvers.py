@@ -287,6 +287,20 @@ def test_auto_damping_matrix_free():
     assert cg.damping == pytest.approx(exact.damping, rel=0.3)  # Hutchinson estimate of the same trace
 
 
+@pytest.mark.parametrize("train_scale", [False, True])
+def test_gauss_newton_trace_estimate_is_the_parameter_space_hutchinson_sum(train_scale):
+    """The Gauss–Newton trace estimate works in embedding space ((Jz)ᵀ H_S (Jz)); it must equal the
+    parameter-space Hutchinson sum zᵀ(Cz) with the same probes, and chunking must not change it."""
+    model, X, Y, _, _ = _problem(True, train_scale=train_scale)
+    for chunk in (3, 1000):
+        eng = ef.ECIF(model, damping=1.0, batches=BATCH, curvature="gauss-newton", hessian="cg",
+                      chunk_size=chunk).fit(X, Y)
+        C = eng.curvature
+        Z = torch.randint(0, 2, (C.size, 32), generator=torch.Generator().manual_seed(0)).to(torch.float64) * 2 - 1
+        assert C.trace_estimate() == pytest.approx(float((Z * C.matvec(Z)).sum() / 32), rel=1e-12)
+        assert C.trace_estimate(probes=4096, seed=3) == pytest.approx(float(torch.diagonal(C.dense()).sum()), rel=0.05)
+
+
 def test_auto_damping_rejects_non_positive_trace():
     with pytest.raises(ECIFInputError, match="'auto' damping failed"):
         resolve_damping("auto", _Matrix(-torch.eye(3, dtype=torch.float64)), -torch.eye(3, dtype=torch.float64))

@@ -117,7 +117,21 @@ class Curvature:
         """Hutchinson estimate of ``tr(C)`` with Rademacher probes (deterministic under ``seed``)."""
         g = torch.Generator().manual_seed(seed)
         Z = torch.randint(0, 2, (self.size, probes), generator=g).to(self.theta.dtype) * 2 - 1
-        return float((Z * self.matvec(Z)).sum() / probes)
+        if self.kind == "hessian":
+            return float((Z * self.matvec(Z)).sum() / probes)
+        # Gauss–Newton: zᵀCz = (Jz)ᵀ H_S (Jz) is a quadratic form in embedding space, so no VJP is needed
+        total = 0.0
+        H = Z.T.contiguous()
+        for idx, plan in self.chunks:
+            X, Y = self.X[idx], self.Y[idx]
+            (U, V, s), (dU, dV, ds) = vmap(lambda h: self.fm.embed_jvp(self.theta, X, Y, h), out_dims=(None, 0))(H)
+            ds = ds if self.fm.scale_trained else None
+            gU, gV, gs = ops.gauss_newton_product(U, V, s.exp(), plan, dU, dV, ds, backend=self.backend)
+            quad = (dU * gU.to(dU.dtype)).sum() + (dV * gV.to(dV.dtype)).sum()
+            if ds is not None:
+                quad = quad + (ds.reshape(-1) * gs.to(ds.dtype)).sum()
+            total += float(quad)
+        return total * self.factor / probes
 
 
 def _pack(groups: list[torch.Tensor], chunk_pairs: int) -> list[tuple[torch.Tensor, BatchPlan]]:
