@@ -206,7 +206,9 @@ def many_batch_plan(sizes, gen):
 
 def per_batch_mode(plan, threads, d):
     """The driver's mode rule (csrc/infonce.cpp, the directional ops' rule): whole batches per thread
-    when one thread runs everything or no batch dominates: maxB² · 4 · threads <= Σ B²."""
+    when one thread runs everything or no batch dominates: maxB² · 4 · threads <= Σ B² (plans with
+    more than one batch; one thread with a single batch too big for the cache streams instead)."""
+    assert plan.num_batches > 1
     sq = float((plan.sizes.double() ** 2).sum())
     if threads == 1 or sq * (d + 32) < 4.0e6:
         return True
@@ -309,7 +311,8 @@ def test_many_batches_larger_than_the_cache():
     assert torch.equal(one[1], two[1]) and torch.equal(one[2], two[2])
     for i in (0, 3):
         assert torch.allclose(one[i], two[i], rtol=1e-12)
-    # spot check of the streamed batches against autograd on one of them alone
+    # spot check of the streamed batches against autograd on one of them alone (a lone batch too big
+    # for the cache on one thread takes the streaming path: same log-sum-exps and row tiles, same bits)
     big = plan.groups()[0]
     sub = resolve_batches(None, int(big.numel()))
     ref = reference(U[big], V[big], 5.0, sub)

@@ -138,7 +138,7 @@ def infonce(U: torch.Tensor, V: torch.Tensor, scale, plan: BatchPlan, with_scale
     the directional ops (``csrc/infonce.cpp``):
 
     * **per-batch** (many batches, e.g. "batch" negatives; ``max B² · 4 · threads <= Σ B²``, or one
-      thread): each thread runs whole batches (static round robin). A batch whose score tiles fit
+      thread unless the plan is a single batch too big for the cache): each thread runs whole batches (static round robin). A batch whose score tiles fit
       the cache (64 MiB per thread, 512 MiB in all: float32 ``B <~ 4000``, float64 ``B <~ 2880``)
       computes them once, takes the row / column log-sum-exps from them, then forms G in place and
       accumulates ``dU = t·G V`` and ``dV = t·Gᵀ U``: 3 score-sized products per batch. A bigger batch
