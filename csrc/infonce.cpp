@@ -3,17 +3,20 @@
 //
 // Parallelisation of pass 2 (why per-thread dV partials): a task owns a row tile of a batch, so its
 // dU rows are written by nobody else, but its dV contribution touches every column of the batch.
-// The alternatives were (a) per-thread partial dV buffers merged at the end, or (b) a second
+// The alternatives were (a) per-thread partial dV buffers merged in thread order, or (b) a second
 // parallel sweep over column tiles for dV. (b) recomputes every score tile and its exponentials a
 // second time: 4 GEMM-sized products in pass 2 instead of 3 (plus pass 1's one), i.e. ~5/4 of (a)'s
-// arithmetic, which alone would eat most of the 1.5x-of-the-GEMM-limit budget. (a) costs
-// num_threads * B * d extra elements for each batch larger than one row tile (B > 96; smaller
-// batches are handled by one task that writes dV directly) and one O(num_threads * n * d) merge,
-// which is memory-bound and negligible next to the O(B^2 d) products. Big batches also get their V
-// columns packed once into the score product's transposed panel layout (B * dp elements, shared by
-// all row tiles of the batch; packing per row tile cost ~0.5 GEMM-equivalents). At n = 65536,
-// d = 256 on two threads that is 128 MiB of float32 partials + 64 MiB of packed V, inside the
-// < 256 MiB budget of the issue.
+// arithmetic. (a) as first written cost num_threads * B * d partial elements (128 MiB at n = 65536,
+// d = 256, two threads; 322 MiB peak growth in all). So pass 2 runs in column chunks ("phases",
+// chunk_tiles below: ~8 MiB of partials in all, >= 768 columns): in each phase every row tile of a
+// batch is computed against the phase's columns only, its dU row sums carried over between phases
+// through p.dU (exact: stored and reloaded floats), and the phase's dV partials merged after it.
+// No arithmetic is added (only U row tiles are repacked once per phase: ~TR*d per task and phase).
+// The tasks of a phase are split statically among the threads, so each thread's partial sums are
+// fixed for a given thread count: every output is bitwise reproducible. Batches <= one row tile are
+// one task that writes dV directly. Big batches also get their V columns packed once into the score
+// product's transposed panel layout (B * dp elements, shared by all row tiles of the batch; packing
+// per row tile cost ~0.5 GEMM-equivalents): 64 MiB at n = 65536, d = 256 (202 MiB peak measured).
 //
 // That is the "few big batches" mode (e.g. "all" negatives). With many batches (the directional ops'
 // rule: maxB^2 * 4 * threads <= sum B^2, or one thread) the driver runs the per-batch mode instead
@@ -23,6 +26,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 #include <memory>
 #include <stdexcept>
@@ -38,7 +42,8 @@ namespace ecif {
 namespace {
 
 template <class T>
-using TaskFn = void (*)(const InfonceProblem<T>&, std::int64_t, std::int64_t, T*, T*, bool, double*, const T*);
+using TaskFn = void (*)(const InfonceProblem<T>&, std::int64_t, std::int64_t, T*, T*, bool, double*, const T*,
+                        std::int64_t, std::int64_t);
 template <class T>
 using PackFn = void (*)(const InfonceProblem<T>&, std::int64_t, std::int64_t, T*);
 
@@ -135,7 +140,7 @@ InfonceScalars infonce_per_batch(const InfonceProblem<T>& p, const IfKernels<T>&
             const i64 nct = (B + kIfCols - 1) / kIfCols, nrt = (B + kIfRows - 1) / kIfRows;
             for (i64 ct = 0; ct < nct; ++ct) kern.pack(p, b, ct, fv + size_t(ct) * vtile);
             std::fill(fdv, fdv + size_t(B) * size_t(d), T(0));
-            for (i64 rt = 0; rt < nrt; ++rt) kern.task(p, b, rt, fw, fdv, with_scale, my, fv);
+            for (i64 rt = 0; rt < nrt; ++rt) kern.task(p, b, rt, fw, fdv, with_scale, my, fv, 0, nct);
             for (i64 j = 0; j < B; ++j) {
                 T* dst = p.dV + p.perm[off + j] * d;
                 const T* src = fdv + size_t(j) * size_t(d);
@@ -161,6 +166,31 @@ InfonceScalars infonce_per_batch(const InfonceProblem<T>& p, const IfKernels<T>&
         out.loss += acc[size_t(t) * 8 + 1];
     }
     return out;
+}
+
+template <class T>
+double work_of(const InfonceProblem<T>& p) {
+    double work = 0.0;
+    for (std::int64_t b = 0; b < p.num_batches; ++b) {
+        const std::int64_t B = p.offsets[b + 1] - p.offsets[b];
+        if (B > 0) work += double(B) * double(B) * double(p.d + 32);
+    }
+    return work;
+}
+
+// Column tiles per phase of the streaming mode: per-thread dV partials of about kChunkBytes in all
+// (threads * chunk * d elements), but at least kChunkMinTiles tiles (768 columns) so that the phase
+// barriers and the per-chunk repacking of each row tile's U stay negligible. Test hook: the
+// environment variable ECIF_INFONCE_CHUNK_TILES (> 0) overrides it.
+constexpr double kChunkBytes = 8.0 * 1024 * 1024;
+constexpr std::int64_t kChunkMinTiles = 8;
+std::int64_t chunk_tiles(std::int64_t d, size_t elem, int nt) {
+    if (const char* e = std::getenv("ECIF_INFONCE_CHUNK_TILES")) {
+        const long long v = std::atoll(e);
+        if (v > 0) return std::int64_t(v);
+    }
+    const double per_tile = double(nt) * double(kIfCols) * double(std::max<std::int64_t>(d, 1)) * double(elem);
+    return std::max<std::int64_t>(kChunkMinTiles, std::int64_t(kChunkBytes / per_tile));
 }
 
 template <class T>
@@ -204,59 +234,87 @@ InfonceScalars infonce_driver(const InfonceProblem<T>& p, const std::string& isa
     const LseProblem<T> lp{p.U, p.V, n, d, p.scale, p.perm, p.offsets, nb, p.row, p.col};
     lse(lp, isa, num_threads);
 
-    std::vector<i64> task_b, task_rt;
-    std::vector<i64> bigbase(static_cast<size_t>(nb > 0 ? nb : 0), -1);
-    std::vector<i64> bigpos;  // index in the big-batch row space -> position in perm
-    std::vector<i64> vpbase(static_cast<size_t>(nb > 0 ? nb : 0), -1);  // first prepacked V tile
-    std::vector<i64> pack_b, pack_ct;
-    i64 nbig = 0, nvtiles = 0;
-    double work = 0.0;
-    for (i64 b = 0; b < nb; ++b) {
-        const i64 B = p.offsets[b + 1] - p.offsets[b];
-        if (B <= 0) continue;
-        work += double(B) * double(B) * double(d + 32);
-        const i64 nrt = (B + kIfRows - 1) / kIfRows;
-        for (i64 rt = 0; rt < nrt; ++rt) {
-            task_b.push_back(b);
-            task_rt.push_back(rt);
-        }
-        if (B > kIfRows) {
-            bigbase[static_cast<size_t>(b)] = nbig;
-            for (i64 j = 0; j < B; ++j) bigpos.push_back(p.offsets[b] + j);
-            nbig += B;
-            vpbase[static_cast<size_t>(b)] = nvtiles;
-            const i64 nct = (B + kIfCols - 1) / kIfCols;
-            for (i64 ct = 0; ct < nct; ++ct) {
-                pack_b.push_back(b);
-                pack_ct.push_back(ct);
-            }
-            nvtiles += nct;
-        }
-    }
-    const i64 ntasks = static_cast<i64>(task_b.size());
-    const i64 npairs = nb > 0 ? p.offsets[nb] : 0;
-
     int nt = 1;
 #if defined(_OPENMP)
     nt = num_threads > 0 ? num_threads : omp_get_max_threads();
-    if (work < 4.0e6) nt = 1;  // a parallel region costs more than it saves (see lse.cpp)
+    if (work_of(p) < 4.0e6) nt = 1;  // a parallel region costs more than it saves (see lse.cpp)
     if (nt < 1) nt = 1;
 #else
     (void)num_threads;
 #endif
+
+    // Column chunks ("phases"): the big batches' column tiles, in batch order, cut into phases of at
+    // most capT tiles (a batch may straddle two or more phases; a phase holds at most one column
+    // segment of each batch). Phase k runs every row tile of every batch with a segment in it against
+    // that segment only; dV of the phase's columns goes to per-thread partials of capT * kIfCols rows,
+    // merged in thread order after the phase. Batches of <= kIfRows pairs (one task each, dV written
+    // directly) run in phase 0.
+    const i64 capT = chunk_tiles(d, sizeof(T), nt);
+    struct Seg { i64 b, ct0, ct1, base; };  // base: first partial row of the segment in its phase
+    std::vector<Seg> segs;
+    std::vector<i64> phase_seg{0};          // segments of phase k: [phase_seg[k], phase_seg[k+1])
+    std::vector<i64> small;                 // batches of <= kIfRows pairs
+    std::vector<i64> vpbase(static_cast<size_t>(nb > 0 ? nb : 0), -1);  // first prepacked V tile
+    std::vector<i64> pack_b, pack_ct;
+    i64 nvtiles = 0, fill = 0;
+    for (i64 b = 0; b < nb; ++b) {
+        const i64 B = p.offsets[b + 1] - p.offsets[b];
+        if (B <= 0) continue;
+        if (B <= kIfRows) {
+            small.push_back(b);
+            continue;
+        }
+        const i64 nct = (B + kIfCols - 1) / kIfCols;
+        vpbase[static_cast<size_t>(b)] = nvtiles;
+        for (i64 ct = 0; ct < nct; ++ct) {
+            pack_b.push_back(b);
+            pack_ct.push_back(ct);
+        }
+        nvtiles += nct;
+        for (i64 ct = 0; ct < nct;) {
+            if (fill == capT) {
+                phase_seg.push_back(static_cast<i64>(segs.size()));
+                fill = 0;
+            }
+            const i64 take = std::min(nct - ct, capT - fill);
+            segs.push_back(Seg{b, ct, ct + take, fill * kIfCols});
+            fill += take;
+            ct += take;
+        }
+    }
+    phase_seg.push_back(static_cast<i64>(segs.size()));
+    const i64 nphase = static_cast<i64>(phase_seg.size()) - 1;  // >= 1 (phase 0 may hold only small batches)
+    // Tasks of each phase: (segment, row tile), plus the small batches in phase 0.
+    std::vector<i64> task_seg, task_rt, phase_task{0};
+    for (i64 k = 0; k < nphase; ++k) {
+        if (k == 0)
+            for (const i64 b : small) {
+                task_seg.push_back(-1 - b);
+                task_rt.push_back(0);
+            }
+        for (i64 s = phase_seg[static_cast<size_t>(k)]; s < phase_seg[static_cast<size_t>(k) + 1]; ++s) {
+            const Seg& g = segs[static_cast<size_t>(s)];
+            const i64 B = p.offsets[g.b + 1] - p.offsets[g.b];
+            const i64 nrt = (B + kIfRows - 1) / kIfRows;
+            for (i64 rt = 0; rt < nrt; ++rt) {
+                task_seg.push_back(s);
+                task_rt.push_back(rt);
+            }
+        }
+        phase_task.push_back(static_cast<i64>(task_seg.size()));
+    }
+    const i64 npairs = nb > 0 ? p.offsets[nb] : 0;
+
     const size_t wsz = static_cast<size_t>(infonce_workspace_elems(d));
-    const size_t bigsz = static_cast<size_t>(nbig) * static_cast<size_t>(d);
+    const size_t chsz = segs.empty() ? 0 : static_cast<size_t>(capT * kIfCols) * static_cast<size_t>(d);
     // Uninitialised (no serial zero-fill by the calling thread): every thread zeroes its own partial
-    // slice (first touch) and every packed tile / workspace entry is written before it is read.
+    // slice before each phase and every packed tile / workspace entry is written before it is read.
     std::unique_ptr<T[]> ws(new T[static_cast<size_t>(nt) * wsz]);
-    std::unique_ptr<T[]> part(new T[static_cast<size_t>(nt) * bigsz]);
+    std::unique_ptr<T[]> part(new T[static_cast<size_t>(nt) * chsz]);
     const size_t vtile = static_cast<size_t>(kIfCols * infonce_padded_d(d));
     std::unique_ptr<T[]> vpack(new T[static_cast<size_t>(nvtiles) * vtile]);
     const i64 npack = static_cast<i64>(pack_b.size());
     std::vector<double> dls(static_cast<size_t>(nt) * 8, 0.0);  // one cache line per thread
-    const i64 tsz = ntasks / (static_cast<i64>(nt) * 16);
-    const i64 chunk = std::max<i64>(1, std::min<i64>(16, tsz));
-    (void)chunk;
     double loss = 0.0;
     int team = 1;
 
@@ -266,10 +324,9 @@ InfonceScalars infonce_driver(const InfonceProblem<T>& p, const std::string& isa
 #if defined(_OPENMP)
         tid = omp_get_thread_num();
 #pragma omp single nowait
-        team = omp_get_num_threads();  // read only after a barrier (the one ending the task loop)
+        team = omp_get_num_threads();  // read only after a barrier (the one ending the pack loop)
 #endif
-        T* mypart = part.get() + static_cast<size_t>(tid) * bigsz;
-        std::fill(mypart, mypart + bigsz, T(0));  // own slice: first touch, no barrier needed
+        T* mypart = part.get() + static_cast<size_t>(tid) * chsz;
         T* w = ws.get() + static_cast<size_t>(tid) * wsz;
         double* mydls = dls.data() + static_cast<size_t>(tid) * 8;
 
@@ -284,35 +341,58 @@ InfonceScalars infonce_driver(const InfonceProblem<T>& p, const std::string& isa
             loss += double(p.row[k]) + double(p.col[k]) - 2.0 * double(p.scale) * dot;
         }
 
-        if (npack > 0) {  // (implicit barrier: the packed tiles are complete before the tasks)
+        // (implicit barrier: the packed tiles are complete before the tasks)
 #pragma omp for schedule(dynamic, 1)
-            for (i64 k = 0; k < npack; ++k) {
-                const i64 b = pack_b[static_cast<size_t>(k)], ct = pack_ct[static_cast<size_t>(k)];
-                kern.pack(p, b, ct, vpack.get() + static_cast<size_t>(vpbase[static_cast<size_t>(b)] + ct) * vtile);
+        for (i64 k = 0; k < npack; ++k) {
+            const i64 b = pack_b[static_cast<size_t>(k)], ct = pack_ct[static_cast<size_t>(k)];
+            kern.pack(p, b, ct, vpack.get() + static_cast<size_t>(vpbase[static_cast<size_t>(b)] + ct) * vtile);
+        }
+
+        for (i64 ph = 0; ph < nphase; ++ph) {
+            const i64 s0 = phase_seg[static_cast<size_t>(ph)], s1 = phase_seg[static_cast<size_t>(ph) + 1];
+            i64 rows = 0;  // partial rows used by this phase
+            if (s1 > s0) {
+                const Seg& last = segs[static_cast<size_t>(s1 - 1)];
+                const i64 Bl = p.offsets[last.b + 1] - p.offsets[last.b];
+                rows = last.base + std::min(last.ct1 * kIfCols, Bl) - last.ct0 * kIfCols;
             }
-        }
-
-#pragma omp for schedule(dynamic, chunk)
-        for (i64 q = 0; q < ntasks; ++q) {
-            const i64 b = task_b[static_cast<size_t>(q)];
-            const i64 base = bigbase[static_cast<size_t>(b)];
-            T* dst = base >= 0 ? mypart + static_cast<size_t>(base) * static_cast<size_t>(d) : nullptr;
-            const i64 vb = vpbase[static_cast<size_t>(b)];
-            const T* vp = vb >= 0 ? vpack.get() + static_cast<size_t>(vb) * vtile : nullptr;
-            kern.task(p, b, task_rt[static_cast<size_t>(q)], w, dst, with_scale, mydls, vp);
-        }
-        // (implicit barrier: every partial is complete)
-
-        if (nbig > 0) {
+            std::fill(mypart, mypart + static_cast<size_t>(rows) * static_cast<size_t>(d), T(0));
+            // Static schedule: which thread adds which task into which partial is fixed by the thread
+            // count, so dU, dV and d log_scale are bitwise reproducible for a given count.
 #pragma omp for schedule(static)
-            for (i64 q = 0; q < nbig; ++q) {
-                T* dst = p.dV + p.perm[bigpos[static_cast<size_t>(q)]] * d;
-                const T* src0 = part.get() + static_cast<size_t>(q) * static_cast<size_t>(d);
-                for (i64 c = 0; c < d; ++c) dst[c] = src0[c];
-                for (int t = 1; t < team; ++t) {
-                    const T* src = part.get() + static_cast<size_t>(t) * bigsz + static_cast<size_t>(q) * static_cast<size_t>(d);
-                    for (i64 c = 0; c < d; ++c) dst[c] += src[c];
+            for (i64 q = phase_task[static_cast<size_t>(ph)]; q < phase_task[static_cast<size_t>(ph) + 1]; ++q) {
+                const i64 sg = task_seg[static_cast<size_t>(q)];
+                if (sg < 0) {
+                    const i64 b = -1 - sg;
+                    const i64 B = p.offsets[b + 1] - p.offsets[b];
+                    kern.task(p, b, 0, w, nullptr, with_scale, mydls, nullptr, 0, (B + kIfCols - 1) / kIfCols);
+                    continue;
                 }
+                const Seg& g = segs[static_cast<size_t>(sg)];
+                T* dst = mypart + static_cast<size_t>(g.base) * static_cast<size_t>(d);
+                const T* vp = vpack.get() + static_cast<size_t>(vpbase[static_cast<size_t>(g.b)]) * vtile;
+                kern.task(p, g.b, task_rt[static_cast<size_t>(q)], w, dst, with_scale, mydls, vp, g.ct0, g.ct1);
+            }
+            // (implicit barrier: every partial of the phase is complete)
+            if (rows > 0) {
+                // Merge: partial row r of the phase -> its pair's dV row, threads in order.
+#pragma omp for schedule(static)
+                for (i64 r = 0; r < rows; ++r) {
+                    // the segment holding partial row r (few segments per phase: linear scan)
+                    i64 s = s0;
+                    while (s + 1 < s1 && segs[static_cast<size_t>(s) + 1].base <= r) ++s;
+                    const Seg& g = segs[static_cast<size_t>(s)];
+                    const i64 j = g.ct0 * kIfCols + (r - g.base);  // column within batch g.b
+                    if (j >= p.offsets[g.b + 1] - p.offsets[g.b]) continue;  // gap after a batch's last tile
+                    T* dst = p.dV + p.perm[p.offsets[g.b] + j] * d;
+                    const T* src0 = part.get() + static_cast<size_t>(r) * static_cast<size_t>(d);
+                    for (i64 c = 0; c < d; ++c) dst[c] = src0[c];
+                    for (int t = 1; t < team; ++t) {
+                        const T* src = part.get() + static_cast<size_t>(t) * chsz + static_cast<size_t>(r) * static_cast<size_t>(d);
+                        for (i64 c = 0; c < d; ++c) dst[c] += src[c];
+                    }
+                }
+                // (implicit barrier: the partials are free for the next phase)
             }
         }
     }

@@ -43,11 +43,14 @@ InfonceScalars infonce(const InfonceProblem<double>& p, const std::string& isa, 
 
 // ---- Per-ISA task kernels (infonce_kernel.hpp compiled once per instruction set) ------------------
 //
-// Pass 2 task = (batch b, row tile rt): rows [rt*kIfRows, (rt+1)*kIfRows) of batch b against all of
-// the batch's columns, given the final row/col log-sum-exps. It writes the final dU of its rows. The
-// dV contribution of column tile ct goes to dVdst + (ct*kIfCols + j)*d (a per-thread partial buffer
-// of the batch, length B*d) when dVdst is not null, else (a batch with <= kIfRows pairs: one task sees
-// every row) straight to p.dV[perm[...]]. Adds sum G o S of its rows to *dls (when with_scale).
+// Pass 2 task = (batch b, row tile rt, column tiles [ct0, ct1)): rows [rt*kIfRows, (rt+1)*kIfRows) of
+// batch b against the batch's columns [ct0*kIfCols, min(ct1*kIfCols, B)), given the final row/col
+// log-sum-exps. It writes dU of its rows summed over column tiles 0 .. ct1-1: with ct0 > 0 it first
+// reloads the sum of tiles 0 .. ct0-1 from p.dU (written by the task of the previous column chunk;
+// float values stored and reloaded exactly, so chunking does not change dU by a bit). The dV
+// contribution of column tile ct goes to dVdst + ((ct-ct0)*kIfCols + j)*d (a per-thread partial
+// buffer of the chunk) when dVdst is not null, else (a batch with <= kIfRows pairs: one task sees
+// every row; ct0 = 0, ct1 = all tiles) straight to p.dV[perm[...]]. Adds sum G o S of its rows to *dls (when with_scale).
 // `ws` is scratch of infonce_workspace_elems(d) elements. `vpacked` is null (the task packs V itself)
 // or the batch's V columns prepacked by infonce_pack_cols, column tile ct at vpacked + ct*kIfCols*dp
 // (dp = infonce_padded_d(d)); prepacking once per batch spares every row tile the strided transpose.
@@ -79,7 +82,7 @@ inline std::int64_t infonce_batch_ws_elems(std::int64_t d, std::int64_t B) {
 
 #define ECIF_DECLARE_INFONCE_TASK_T(T)                                                                 \
     void infonce_task(const InfonceProblem<T>& p, std::int64_t b, std::int64_t rt, T* ws, T* dVdst, \
-                      bool with_scale, double* dls, const T* vpacked);                              \
+                      bool with_scale, double* dls, const T* vpacked, std::int64_t ct0, std::int64_t ct1); \
     void infonce_pack_cols(const InfonceProblem<T>& p, std::int64_t b, std::int64_t ct, T* dst);     \
     void infonce_batch(const InfonceProblem<T>& p, std::int64_t b, T* ws, T* cache, bool with_scale, double* dls);
 #define ECIF_DECLARE_INFONCE_TASK(NS) \

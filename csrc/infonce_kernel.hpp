@@ -93,7 +93,7 @@ void if_pack_rows(const T* ECIF_RESTRICT src, const i64* ECIF_RESTRICT idx, int 
 
 template <class T>
 void infonce_task_impl(const InfonceProblem<T>& p, i64 b, i64 rt, T* ws, T* dVdst, bool with_scale,
-                       double* dls, const T* vpacked) {
+                       double* dls, const T* vpacked, i64 ct0, i64 ct1) {
     using C = IfCfg<T>;
     using V = typename Vec<T>::V;
     constexpr int W = C::W, MR = C::MR, NR = C::NR, TR = C::TR, TC = C::TC, KC = C::KC;
@@ -124,7 +124,20 @@ void infonce_task_impl(const InfonceProblem<T>& p, i64 b, i64 rt, T* ws, T* dVds
     if_pack_panels<T, MR>(p.U, idx + r0, tr, TR, d, dp, Up);
     if_pack_rows<T>(p.U, idx + r0, tr, TR, d, dp, Uq);
     for (int i = 0; i < TR; ++i) rl[i] = i < tr ? p.row[idx[r0 + i]] : T(0);
-    for (i64 q = 0; q < i64(TR) * dp; ++q) dUa[q] = T(0);
+    if (ct0 == 0) {
+        for (i64 q = 0; q < i64(TR) * dp; ++q) dUa[q] = T(0);
+    } else {  // continue the row tile's dU sum from the previous column chunk (stored exactly in p.dU)
+        for (int i = 0; i < TR; ++i) {
+            T* ECIF_RESTRICT a = dUa + i64(i) * dp;
+            if (i < tr) {
+                const T* ECIF_RESTRICT src = p.dU + idx[r0 + i] * d;
+                for (i64 k = 0; k < d; ++k) a[k] = src[k];
+                for (i64 k = d; k < dp; ++k) a[k] = T(0);
+            } else {
+                for (i64 k = 0; k < dp; ++k) a[k] = T(0);
+            }
+        }
+    }
     T rmax = -std::numeric_limits<T>::infinity(), rmin = std::numeric_limits<T>::infinity();
     for (int i = 0; i < tr; ++i) {
         rmax = rl[i] > rmax ? rl[i] : rmax;
@@ -135,8 +148,7 @@ void infonce_task_impl(const InfonceProblem<T>& p, i64 b, i64 rt, T* ws, T* dVds
         for (int i = 0; i < TR; ++i) Ar[i] = i < tr ? std::exp(rl[i] - rmax) : T(0);
     double dls_local = 0.0;
 
-    const i64 nct = (B + TC - 1) / TC;
-    for (i64 ct = 0; ct < nct; ++ct) {
+    for (i64 ct = ct0; ct < ct1; ++ct) {
         const i64 c0 = ct * TC;
         const int tc = int(if_imin(TC, B - c0));
         const int npc = (tc + MR - 1) / MR;
@@ -223,7 +235,7 @@ void infonce_task_impl(const InfonceProblem<T>& p, i64 b, i64 rt, T* ws, T* dVds
         }
         if (dVdst) {
             for (int j = 0; j < tc; ++j) {
-                T* ECIF_RESTRICT dst = dVdst + (c0 + j) * d;
+                T* ECIF_RESTRICT dst = dVdst + (c0 - ct0 * TC + j) * d;
                 const T* ECIF_RESTRICT src = dVt + j * dp;
                 for (i64 k = 0; k < d; ++k) dst[k] += src[k];
             }
@@ -473,12 +485,13 @@ void infonce_batch_impl(const InfonceProblem<T>& p, i64 b, T* ws, T* cache, bool
 }  // namespace
 
 void infonce_task(const InfonceProblem<float>& p, std::int64_t b, std::int64_t rt, float* ws, float* dVdst,
-                  bool with_scale, double* dls, const float* vpacked) {
-    infonce_task_impl<float>(p, b, rt, ws, dVdst, with_scale, dls, vpacked);
+                  bool with_scale, double* dls, const float* vpacked, std::int64_t ct0, std::int64_t ct1) {
+    infonce_task_impl<float>(p, b, rt, ws, dVdst, with_scale, dls, vpacked, ct0, ct1);
 }
 void infonce_task(const InfonceProblem<double>& p, std::int64_t b, std::int64_t rt, double* ws,
-                  double* dVdst, bool with_scale, double* dls, const double* vpacked) {
-    infonce_task_impl<double>(p, b, rt, ws, dVdst, with_scale, dls, vpacked);
+                  double* dVdst, bool with_scale, double* dls, const double* vpacked, std::int64_t ct0,
+                  std::int64_t ct1) {
+    infonce_task_impl<double>(p, b, rt, ws, dVdst, with_scale, dls, vpacked, ct0, ct1);
 }
 void infonce_pack_cols(const InfonceProblem<float>& p, std::int64_t b, std::int64_t ct, float* dst) {
     const i64 off = p.offsets[b], B = p.offsets[b + 1] - off;

@@ -384,3 +384,34 @@ class TestExtensionValidation:
     def test_rejects(self, kwargs, match):
         with pytest.raises(ValueError, match=match):
             self.call(**kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_streaming_column_chunks(monkeypatch, dtype):
+    """Few-big-batches mode with its column range cut into several chunks (phases; forced small via the
+    ECIF_INFONCE_CHUNK_TILES test hook): "all" negatives (one 1000-pair batch, 11 column tiles, 2 tiles
+    per chunk) and a mixed plan (700 + 300 + small batches: chunks holding the end of one batch and the
+    start of the next, small batches written directly). Matches autograd on 2 threads, is bitwise
+    repeatable there, and dU equals the unchunked run bitwise (its row sums carry across chunks exactly)."""
+    gen = torch.Generator().manual_seed(31)
+    n, d = 1000, 40
+    U, V = unit(n, d, gen, dtype), unit(n, d, gen, dtype)
+    plans = {"all": resolve_batches(None, n), "mixed": many_batch_plan([600, 300, 64, 33, 2, 1], gen)}
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        for name, plan in plans.items():
+            assert plan.num_batches == 1 or not per_batch_mode(plan, 2, d), name  # one batch: streaming
+            Un, Vn = U[:plan.n], V[:plan.n]
+            monkeypatch.delenv("ECIF_INFONCE_CHUNK_TILES", raising=False)
+            whole = cpp_backend.infonce(Un, Vn, 20.0, plan, True)
+            for tiles in ("2", "3"):
+                monkeypatch.setenv("ECIF_INFONCE_CHUNK_TILES", tiles)
+                a = cpp_backend.infonce(Un, Vn, 20.0, plan, True)
+                b = cpp_backend.infonce(Un, Vn, 20.0, plan, True)
+                tag = f"{name} chunk={tiles} tiles {dtype}"
+                assert all(torch.equal(x, y) for x, y in zip(a, b)), f"not bitwise repeatable, {tag}"
+                assert torch.equal(a[1], whole[1]), tag
+                check(a, reference(Un, Vn, 20.0, plan), Un, Vn, 20.0, plan, dtype, tag)
+    finally:
+        torch.set_num_threads(old)
