@@ -63,18 +63,25 @@ class Curvature:
             out += jvp(grad(self._batch_loss_fn(idx)), (self.theta,), (v,))[1]
         return out
 
+    def _chunk_products(self, H: torch.Tensor):
+        """Per chunk of batches, the directions ``J·h`` for the rows of ``H (Q, P)`` and their
+        embedding-space Gauss–Newton product. Yields ``(X, Y, s, (dU, dV, ds), (gU, gV, gs))`` with
+        ``ds`` None when the scale is not trained."""
+        for idx, plan in self.chunks:
+            X, Y = self.X[idx], self.Y[idx]
+            (U, V, s), (dU, dV, ds) = vmap(lambda h: self.fm.embed_jvp(self.theta, X, Y, h), out_dims=(None, 0))(H)
+            ds = ds if self.fm.scale_trained else None
+            g = ops.gauss_newton_product(U.detach(), V.detach(), s.detach().exp(), plan, dU, dV, ds,
+                                         backend=self.backend)
+            yield X, Y, s, (dU, dV, ds), g
+
     def _gauss_newton(self, Vs: torch.Tensor) -> torch.Tensor:
         """``J_Sᵀ H_S J_S`` applied to the ``Q`` columns of ``Vs (P, Q)``, chunk by chunk."""
         out = torch.zeros_like(Vs)
-        H = Vs.T.contiguous()
-        for idx, plan in self.chunks:
-            X, Y = self.X[idx], self.Y[idx]
-            (U, V, s), pull = self.fm.embed_vjp(self.theta, X, Y)
-            dU, dV, ds = vmap(lambda h: self.fm.embed_jvp(self.theta, X, Y, h)[1])(H)
-            gU, gV, gs = ops.gauss_newton_product(U.detach(), V.detach(), s.detach().exp(), plan, dU, dV,
-                                                  ds if self.fm.scale_trained else None, backend=self.backend)
+        for X, Y, s, (dU, dV, _), (gU, gV, gs) in self._chunk_products(Vs.T.contiguous()):
+            _, pull = self.fm.embed_vjp(self.theta, X, Y)
             gs = gs.to(s.dtype).reshape(-1, *s.shape)
-            out += vmap(pull)(gU.to(U.dtype), gV.to(V.dtype), gs).T
+            out += vmap(pull)(gU.to(dU.dtype), gV.to(dV.dtype), gs).T
         return out * self.factor
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
@@ -121,12 +128,7 @@ class Curvature:
             return float((Z * self.matvec(Z)).sum() / probes)
         # Gauss–Newton: zᵀCz = (Jz)ᵀ H_S (Jz) is a quadratic form in embedding space, so no VJP is needed
         total = 0.0
-        H = Z.T.contiguous()
-        for idx, plan in self.chunks:
-            X, Y = self.X[idx], self.Y[idx]
-            (U, V, s), (dU, dV, ds) = vmap(lambda h: self.fm.embed_jvp(self.theta, X, Y, h), out_dims=(None, 0))(H)
-            ds = ds if self.fm.scale_trained else None
-            gU, gV, gs = ops.gauss_newton_product(U, V, s.exp(), plan, dU, dV, ds, backend=self.backend)
+        for _, _, _, (dU, dV, ds), (gU, gV, gs) in self._chunk_products(Z.T.contiguous()):
             quad = (dU * gU.to(dU.dtype)).sum() + (dV * gV.to(dV.dtype)).sum()
             if ds is not None:
                 quad = quad + (ds.reshape(-1) * gs.to(ds.dtype)).sum()
