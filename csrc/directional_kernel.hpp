@@ -39,18 +39,7 @@ namespace {
 using i64 = std::int64_t;
 
 template <class T>
-struct DirCfg {
-    static constexpr int W = Vec<T>::W;
-    static constexpr int MR = ECIF_MR;
-    static constexpr int NV = 2;
-    static constexpr int NR = NV * W;
-    static constexpr int TR = int(kDirRows);
-    static constexpr int TC = int(kDirCols);
-    static constexpr int KC = 256;
-    static_assert(TR % MR == 0 && TC % MR == 0, "tiles must be multiples of MR");
-    static_assert(TR % NR == 0 && TC % NR == 0, "tiles must be multiples of NR");
-    static_assert(kDirPad % NR == 0, "the d padding must be a multiple of NR");
-};
+using DirCfg = TileCfg<T, ECIF_MR, kDirRows, kDirCols, kDirPad>;
 
 template <class T>
 constexpr T kInf = std::numeric_limits<T>::infinity();

@@ -47,19 +47,7 @@ namespace {
 using i64 = std::int64_t;
 
 template <class T>
-struct IfCfg {
-    static constexpr int W = Vec<T>::W;
-    static constexpr int MR = ECIF_MR;
-    static constexpr int NV = 2;
-    static constexpr int NR = NV * W;
-    static constexpr int TR = int(kIfRows);
-    static constexpr int TC = int(kIfCols);
-    static constexpr int KC = 256;
-    static_assert(TR % MR == 0 && TC % MR == 0, "tiles must be multiples of MR");
-    static_assert(TR % NR == 0 && TC % NR == 0, "tiles must be multiples of NR");
-    static_assert(kIfPad % NR == 0, "the d padding must be a multiple of NR");
-    static_assert(TC % W == 0, "kIfCols must be a multiple of the vector width");
-};
+using IfCfg = TileCfg<T, ECIF_MR, kIfRows, kIfCols, kIfPad>;  // TC % NR == 0 also gives TC % W == 0
 
 template <class T>
 struct IfLim;

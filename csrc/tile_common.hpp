@@ -23,6 +23,23 @@ using tc_i64 = std::int64_t;
 
 ECIF_INLINE tc_i64 tc_imin(tc_i64 a, tc_i64 b) { return a < b ? a : b; }
 
+// Geometry of the square-tile kernels (infonce, directional): MR x NR micro-tiles (NR = NV vectors),
+// TR x TC score tiles, d padded to a multiple of PAD in the packed panels, KC-blocked inner dimension.
+// Both tile sides serve as either operand, so each must be a multiple of MR and of NR.
+template <class T, int MR_, tc_i64 TR_, tc_i64 TC_, tc_i64 PAD>
+struct TileCfg {
+    static constexpr int W = Vec<T>::W;
+    static constexpr int MR = MR_;
+    static constexpr int NV = 2;
+    static constexpr int NR = NV * W;
+    static constexpr int TR = int(TR_);
+    static constexpr int TC = int(TC_);
+    static constexpr int KC = 256;
+    static_assert(TR % MR == 0 && TC % MR == 0, "tiles must be multiples of MR");
+    static_assert(TR % NR == 0 && TC % NR == 0, "tiles must be multiples of NR");
+    static_assert(PAD % NR == 0, "the d padding must be a multiple of NR");
+};
+
 // c[MR x NV*W] (row stride ldc) (+)= sum_k a[k*KS + r*RS] * b[k*NR + v], NR = NV*W.
 // The A operand is read through compile-time strides: RS between micro-tile rows, KS along the
 // inner dimension, so a row-major tile G serves as A (RS = ld, KS = 1) and so does its transpose
