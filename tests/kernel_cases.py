@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ecif_fast.kernels.batching import BatchPlan
+from ecif_fast.kernels.batching import BatchPlan, resolve_batches
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 SCALES = [0.01, 1.0, 100.0]
@@ -33,3 +33,19 @@ def ragged_ids(n, gen):
     if n >= 3:
         ids[0] = k + 7  # a singleton batch
     return ids
+
+
+def directions(n, d, Q, gen, with_ds):
+    """Random float64 query directions ``dU, dV (Q, n, d)`` and ``ds (Q,)`` (None unless ``with_ds``)."""
+    dU = torch.randn(Q, n, d, generator=gen, dtype=torch.float64)
+    dV = torch.randn(Q, n, d, generator=gen, dtype=torch.float64)
+    ds = torch.randn(Q, generator=gen, dtype=torch.float64) if with_ds else None
+    return dU, dV, ds
+
+
+def mixed_plan(n, gen):
+    """n ≥ 308 pairs: one multi-tile batch (per-thread partials in the C++ kernels), one just over a 96-pair
+    tile, and many small ones, in random order."""
+    ids = torch.cat([torch.zeros(210, dtype=torch.int64), torch.ones(97, dtype=torch.int64),
+                     torch.arange(2, 2 + n - 307)])
+    return resolve_batches(ids[torch.randperm(n, generator=gen)], n)

@@ -35,7 +35,7 @@ from hypothesis import strategies as st
 from ecif_fast.kernels import cpp_backend, registry
 from ecif_fast.kernels.batching import resolve_batches
 from ecif_fast.kernels.torch_ref.gauss_newton import gauss_newton_product as twin
-from kernel_cases import DTYPES, SCALES, ragged_ids, unit
+from kernel_cases import DTYPES, SCALES, directions, mixed_plan, ragged_ids, unit
 
 pytestmark = pytest.mark.skipif(not cpp_backend.available(),
                                 reason=f"C++ extension not built: {cpp_backend.unavailable_reason()}")
@@ -49,13 +49,6 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
-
-
-def directions(n, d, Q, gen, with_ds):
-    dU = torch.randn(Q, n, d, generator=gen, dtype=torch.float64)
-    dV = torch.randn(Q, n, d, generator=gen, dtype=torch.float64)
-    ds = torch.randn(Q, generator=gen, dtype=torch.float64) if with_ds else None
-    return dU, dV, ds
 
 
 def check(out, U, V, scale, plan, dU, dV, ds, dtype, tag, c=8.0):
@@ -113,13 +106,6 @@ def test_grid_vs_twin(n, d, batches):
         out = cpp_backend.gauss_newton_product(U, V, scale, plan, dU, dV, ds)
         check(out, U, V, scale, plan, dU, dV, ds, dtype,
               f"n={n} d={d} batches={batches} {dtype} scale={scale} Q={Q} ds={with_ds}")
-
-
-def mixed_plan(n, gen):
-    """One multi-tile batch (per-thread gV partials), one just over a tile, many small ones."""
-    ids = torch.cat([torch.zeros(210, dtype=torch.int64), torch.ones(97, dtype=torch.int64),
-                     torch.arange(2, 2 + n - 307)])
-    return resolve_batches(ids[torch.randperm(n, generator=gen)], n)
 
 
 def test_every_isa_and_thread_count_deterministic(monkeypatch):
