@@ -18,10 +18,13 @@ class ExactSolver:
         L, info = torch.linalg.cholesky_ex(H)
         if int(info) != 0:
             lam = float(torch.linalg.eigvalsh(H)[0])
+            # Gauss–Newton is PSD in exact arithmetic: failing there means rounding swamped a huge curvature
+            hint = ("the curvature is ill-conditioned (an embedding close to zero norm?); rescale the model or "
+                    "check it is at an optimum" if curvature.kind == "gauss-newton" else
+                    "use curvature='gauss-newton' (positive semi-definite), or check the model is at an optimum")
             raise NotPositiveDefiniteError(
                 f"damped {curvature.kind} matrix is not positive definite: smallest eigenvalue {lam:.4e} "
-                f"with damping {damping:.4e}; increase damping above {damping - lam:.4e}, or use "
-                "curvature='gauss-newton' (positive semi-definite), or check the model is at an optimum")
+                f"with damping {damping:.4e}; increase damping above {damping - lam:.4e}, or {hint}")
         self.L = L
         self.damping = damping
 
