@@ -1,0 +1,172 @@
+"""The application layer (valuation, detection, trace-back, cleaning) against independent oracles:
+scikit-learn's ranking metrics, the engine's own quantities computed directly, brute-force losses and
+retraining without the removed pairs."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+import ecif_fast as ef
+from ecif_fast.apps import (PairInfo, clean, detect_misaligned, detection_metrics, precision_at_k, trace_back,
+                            value_data, zero_shot_logits, zero_shot_losses)
+from ecif_fast.apps.metrics import auroc, average_precision
+from problems import heads, paired_features
+
+N, B, DAMP = 96, 24, 1.0
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    X, Y = paired_features(N + 40, seed=3)
+    X, Y, Xv, Yv = X[:N], Y[:N].clone(), X[N:], Y[N:]
+    g = torch.Generator().manual_seed(5)
+    bad = torch.randperm(N, generator=g)[:14]
+    Y[bad] = Y[bad.roll(1)]  # misaligned captions
+    labels = torch.zeros(N, dtype=torch.bool)
+    labels[bad] = True
+    model, ref = heads(False)
+    ef.train(model, X, Y, batches=B, damping=DAMP, theta_ref=ref)
+    ecif = ef.ECIF(model, damping=DAMP, batches=B).fit(X, Y)
+    return ecif, X, Y, Xv, Yv, labels, ref
+
+
+def test_metrics_match_sklearn():
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        y = rng.random(200) < 0.2
+        s = rng.normal(size=200) + y + np.round(rng.normal(size=200), 1) * 0  # ties via rounding below
+        s = np.round(s, 1)
+        assert auroc(s, y) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+        # sklearn's AP treats tied scores as one threshold; compare on untied scores
+        u = s + 1e-9 * rng.normal(size=200)
+        assert average_precision(u, y) == pytest.approx(average_precision_score(y, u), abs=1e-12)
+    y = np.array([1, 0, 1, 0, 0], dtype=bool)
+    assert precision_at_k([5, 4, 3, 2, 1], y, 2) == 0.5
+    m = detection_metrics([5, 4, 3, 2, 1], y)
+    assert m["k"] == 2 and m["precision_at_k"] == 0.5
+    with pytest.raises(ValueError, match="same length"):
+        auroc([1, 2], [True])
+    with pytest.raises(ValueError, match="NaN"):
+        auroc([1, float("nan")], [True, False])
+
+
+def test_value_data_is_the_influence_with_metadata(fitted):
+    ecif, X, Y, Xv, Yv, labels, _ = fitted
+    caps = [f"caption {i}" for i in range(N)]
+    table = value_data(ecif, Xv, Yv, info=PairInfo(pair_ids=np.arange(N) + 1000, captions=caps,
+                                                   extra={"flag": labels}))
+    res = ecif.influence(Xv, Yv)
+    assert list(table.columns) == ["pair_id", "caption", "flag", "total", "positive", "negative"]
+    np.testing.assert_array_equal(table["total"].to_numpy(), res.total.numpy())
+    np.testing.assert_array_equal(table["negative"].to_numpy(), res.negative.numpy())
+    assert table["pair_id"].iloc[7] == 1007 and table["caption"].iloc[7] == "caption 7"
+    with pytest.raises(ef.ECIFInputError, match="one entry per training pair"):
+        value_data(ecif, Xv, Yv, info=PairInfo(captions=caps[:-1]))
+
+
+def _brute_pair_loss(ecif):
+    """ℓ_k of every pair straight from SPEC §2 (row + column cross-entropy inside its batch)."""
+    out = torch.empty(ecif.n, dtype=torch.float64)
+    t = ecif.log_scale.exp()
+    for g in ecif.plan.groups():
+        S = t * (ecif.U[g] @ ecif.V[g].T)
+        target = torch.arange(len(g))
+        out[g] = (torch.nn.functional.cross_entropy(S, target, reduction="none")
+                  + torch.nn.functional.cross_entropy(S.T, target, reduction="none"))
+    return out
+
+
+def test_detection_scores_and_metrics(fitted):
+    ecif, X, Y, Xv, Yv, labels, _ = fitted
+    det = detect_misaligned(ecif, Xv, Yv, scoring=["validation", "self", "combined"], labels=labels)
+    res = ecif.influence(Xv, Yv)
+    self_inf = ecif.self_influence()
+    np.testing.assert_allclose(det.scores["ecif"], -res.total.numpy())
+    np.testing.assert_allclose(det.scores["positive_only"], -res.positive.numpy())
+    np.testing.assert_allclose(det.scores["ecif_self"], self_inf.numpy())
+    cos = torch.nn.functional.cosine_similarity(ecif.U, ecif.V)
+    np.testing.assert_allclose(det.scores["clip_score"], -cos.numpy(), rtol=1e-12)
+    np.testing.assert_allclose(det.scores["loss"], _brute_pair_loss(ecif).numpy(), rtol=1e-10)
+    # the combined score is the mean percentile rank: its order agrees with the sum of the two ranks
+    r1 = det.scores["ecif"].argsort().argsort()
+    r2 = det.scores["ecif_self"].argsort().argsort()
+    np.testing.assert_allclose(det.scores["ecif_combined"], (r1 + r2) / (2 * (N - 1)))
+    for m, s in det.scores.items():
+        assert det.metrics[m]["auroc"] == pytest.approx(roc_auc_score(labels.numpy(), s))
+    assert det.metrics["ecif"]["auroc"] > 0.7  # well above chance; the demo test checks real detection quality
+    top = det.top(5)
+    assert list(top["rank"]) == [1, 2, 3, 4, 5]
+    assert list(top.index) == list(np.argsort(-det.scores["ecif"], kind="stable")[:5])
+    assert "misaligned" in det.table and det.table["misaligned"].sum() == 14
+
+
+def test_detection_without_validation_data(fitted):
+    ecif = fitted[0]
+    det = detect_misaligned(ecif, scoring="self")
+    assert det.metrics is None and "total" not in det.table
+    np.testing.assert_array_equal(det.table["score"].to_numpy(), det.scores["ecif_self"])
+    with pytest.raises(ef.ECIFInputError, match="validation pairs"):
+        detect_misaligned(ecif)
+    with pytest.raises(ef.ECIFInputError, match="scoring must be one of"):
+        detect_misaligned(ecif, scoring="nope")
+
+
+def test_trace_back_of_test_pairs_is_relative_influence(fitted):
+    ecif, X, Y, Xv, Yv, labels, _ = fitted
+    k = 4
+    table = trace_back(ecif, Xv[:3], Yv[:3], k=k)
+    rel = ecif.relative_influence(Xv[:3], Yv[:3], per_test=True)
+    assert len(table) == 3 * k
+    for j in range(3):
+        rows = table[table["test_id"] == j]
+        expect = torch.argsort(rel[j], stable=True)[:k].numpy()
+        np.testing.assert_array_equal(rows["train_index"].to_numpy(), expect)
+        np.testing.assert_allclose(rows["relative_influence"].to_numpy(), rel[j, expect].numpy(), rtol=1e-10)
+        assert (np.diff(rows["relative_influence"].to_numpy()) >= 0).all()  # most responsible first
+
+
+def test_zero_shot_trace_back(fitted):
+    ecif, X, Y, Xv, Yv, labels, _ = fitted
+    classes = Yv[:3]
+    fns = zero_shot_losses(Xv[:2], [2, 0], classes)
+    model = ecif.model
+    logits = model.logit_scale.exp() * (model.encode_image(Xv[:2]) @ model.encode_text(classes).T)
+    assert torch.allclose(zero_shot_logits(model, Xv[:2], classes), logits)
+    ce = torch.nn.functional.cross_entropy(logits, torch.tensor([2, 0]), reduction="none")
+    assert torch.allclose(torch.stack([f(model) for f in fns]), ce)
+    table = trace_back(ecif, fn=fns, k=3, test_ids=["a", "b"])
+    assert list(table["test_id"]) == ["a"] * 3 + ["b"] * 3
+    direct = ecif.influence(fn=fns).total
+    idx = table["train_index"].to_numpy()[:3].copy()
+    np.testing.assert_allclose(table["influence"].to_numpy()[:3], direct[0, idx].numpy(), rtol=1e-10)
+    with pytest.raises(ef.ECIFInputError, match="one entry per test image"):
+        zero_shot_losses(Xv[:2], [0], classes)
+    with pytest.raises(ef.ECIFInputError, match=r"labels must lie in \[0, 3\)"):
+        zero_shot_losses(Xv[:2], [0, 3], classes)
+
+
+def test_clean_matches_removal_update_and_retraining(fitted):
+    ecif, X, Y, Xv, Yv, labels, ref = fitted
+    remove = (~labels).nonzero().flatten()[:2]
+
+    def evaluate(m):
+        U, V = m.encode_image(Xv), m.encode_text(Yv)
+        return {"val_loss": float(ef.contrastive_loss(U, V, m.logit_scale.exp()))}
+
+    res = clean(ecif, remove, retrain=True, train_kwargs={"theta_ref": ref}, evaluate=evaluate)
+    state = ecif.removal_update(remove)
+    for name, p in res.model.named_parameters():
+        assert torch.equal(p.detach(), state[name])
+    assert list(res.table["setting"]) == ["no removal", "ECIF update", "retrain"]
+    # oracle: retraining without the pairs from scratch of the warm start reaches the reduced optimum
+    keep = torch.ones(N, dtype=torch.bool)
+    keep[remove] = False
+    theta0 = ecif.theta
+    new = ecif.space.flat(res.model) - theta0
+    true = ecif.space.flat(res.retrained) - theta0
+    assert float((new - true).norm() / true.norm()) < 0.1  # one Newton step vs the actual retrained change
+    losses = res.table["val_loss"].to_numpy()
+    assert abs(losses[1] - losses[2]) < 0.25 * abs(losses[2] - losses[0])  # predicted vs actual change
+    assert torch.equal(ecif.space.flat(ecif.model), theta0)  # the original model is untouched
