@@ -1,0 +1,14 @@
+"""Self-contained HTML reports: plots (inline SVG), thumbnails (data URIs), tables, summary.json.
+
+Needs matplotlib and pandas (``pip install "ecif-fast[report]"``); pyarrow for Parquet tables. They
+are imported only when a report is rendered, so importing this package needs neither.
+"""
+from __future__ import annotations
+
+from .html import render_report, write_report
+from .images import to_png_data_uri
+from .output import atomic_output_dir, write_table
+from .plots import influence_histogram, precision_at_k, precision_at_k_plot, roc_curve, roc_plot
+
+__all__ = ["atomic_output_dir", "influence_histogram", "precision_at_k", "precision_at_k_plot",
+           "render_report", "roc_curve", "roc_plot", "to_png_data_uri", "write_report", "write_table"]
