@@ -1,0 +1,599 @@
+"""One function per ``ecif-fast`` subcommand. Each takes the parsed arguments and a :class:`Console` and
+returns ``{"command", "summary", "out", "files", "text"}`` (``text``: lines for the terminal), or None
+when the command printed its own output (``demo``).
+
+The analysis commands (value, detect, trace, clean) load every input first, so that a bad file fails
+before any computation, fit :class:`~ecif_fast.ECIF` with the checkpoint's batches and damping (the
+curvature of the objective the heads were trained on), and write their folder atomically.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .. import ECIF, LinearHeads, contrastive_loss, train as train_heads
+from ..apps import clean as clean_pairs, detect_misaligned, trace_back, value_data, zero_shot_logits, zero_shot_losses
+from ..report import atomic_output_dir, write_report
+from .checkpoint import load_checkpoint, model_config, save_checkpoint, trained_vector
+from .data_files import (DataFileError, PairsData, check_width, ids_to_indices, load_classes, load_ids,
+                         load_pairs)
+
+EXACT_MAX_PARAMS = 4096   # default solver: dense Cholesky up to this many parameters, else CG
+DEFAULT_BATCH = 256       # train: pairs per batch when neither --batch-size nor a batch_ids column is given
+GALLERY = 24              # detect: flagged pairs shown in the report
+PANELS = 30               # trace: test examples shown in the report
+
+
+class UsageError(ValueError):
+    """An option value or combination that cannot work; one line with the fix."""
+
+
+@dataclass
+class Console:
+    """Where messages go: results on stdout (by ``main``), warnings and progress bars on stderr."""
+
+    quiet: bool = False
+    json: bool = False
+
+    @property
+    def progress(self) -> bool:
+        return not (self.quiet or self.json)
+
+    def warn(self, message: str) -> None:
+        print(f"ecif-fast: warning: {message}", file=sys.stderr)
+
+    def steps(self, total: int) -> "Steps":
+        return Steps(total, self.progress)
+
+
+class Steps:
+    """A tqdm bar over the steps of a command (``step("fitting")`` starts the next one)."""
+
+    def __init__(self, total: int, enabled: bool):
+        # disable=None: shown on a terminal only, so logs and pipes get no control characters
+        self.bar = tqdm(total=total, file=sys.stderr, disable=None if enabled else True, leave=False,
+                        bar_format="{desc}: step {n_fmt}/{total_fmt} [{elapsed}]")
+        self.started = False
+
+    def __call__(self, name: str) -> None:
+        if self.started:
+            self.bar.update()
+        self.started = True
+        self.bar.set_description_str(name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.bar.close()
+
+
+# ============================================================================================ shared
+
+def check_out(path, force: bool, *, is_file: bool = False) -> None:
+    """Refuse to overwrite a non-empty ``--out`` (a file for ``train``) unless ``--force``."""
+    p = Path(path)
+    if is_file and p.is_dir():
+        raise UsageError(f"{path}: is a folder; give a checkpoint file name for --out, e.g. heads.pt")
+    if force or not (p.exists() or p.is_symlink()):
+        return
+    if is_file:
+        raise UsageError(f"{path}: exists; pass --force to overwrite it, or choose another --out")
+    if not p.is_dir() or any(p.iterdir()):
+        raise UsageError(f"output folder {path} exists and is not empty; pass --force to replace it, or "
+                         "choose another --out")
+
+
+@dataclass
+class Setup:
+    """Checkpoint, training pairs and the curvature settings of an analysis command."""
+
+    args: object
+    model: LinearHeads
+    training: dict
+    train: PairsData
+    batches: object
+    damping: float
+    solver: str
+    settings: dict = field(default_factory=dict)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.image_proj.weight.dtype
+
+    def t(self, x: torch.Tensor | None) -> torch.Tensor | None:
+        """Features in the model's dtype."""
+        return None if x is None else x.to(self.dtype)
+
+    def pairs(self, path, *, need_texts: bool = True, hint: str = "") -> PairsData:
+        """Load another pairs file and check its widths against the checkpoint."""
+        data = load_pairs(path, need_texts=need_texts, hint=hint)
+        check_width(data.images, self.model.image_proj.in_features, "image_features", path)
+        check_width(data.texts, self.model.text_proj.in_features, "text_features", path)
+        return data
+
+    def classes(self, path) -> PairsData:
+        data = load_classes(path)
+        check_width(data.texts, self.model.text_proj.in_features, "text_features", path)
+        return data
+
+    def fit(self, con: Console) -> ECIF:
+        torch.manual_seed(self.args.seed)
+        ecif = ECIF(self.model, damping=self.damping, batches=self.batches, hessian=self.solver,
+                    curvature=self.args.curvature, backend=self.args.backend, progress=con.progress,
+                    seed=self.args.seed)
+        return ecif.fit(self.t(self.train.images), self.t(self.train.texts))
+
+
+def setup(args, con: Console) -> Setup:
+    """Check ``--out``, load the checkpoint and the training file, pick batches, damping and solver."""
+    check_out(args.out, args.force)
+    model, training = load_checkpoint(args.model)
+    data = load_pairs(args.train)
+    check_width(data.images, model.image_proj.in_features, "image_features", args.train)
+    check_width(data.texts, model.text_proj.in_features, "text_features", args.train)
+    if training.get("fingerprint") not in (None, data.fingerprint()):
+        con.warn(f"{args.train} is not the file {args.model} was trained on (its features differ); influence "
+                 "assumes the heads are at the optimum for these pairs: retrain with `ecif-fast train`")
+    batches, desc = _checkpoint_batches(args, training, data, con)
+    damping = float(training["damping"])
+    if args.damping is not None and args.damping != damping:
+        con.warn(f"--damping {args.damping:g} overrides the checkpoint's {damping:g}; H is no longer the "
+                 "curvature of the training objective")
+        damping = float(args.damping)
+    n_params = int(trained_vector(model).numel())
+    solver = args.solver or ("exact" if n_params <= EXACT_MAX_PARAMS else "cg")
+    settings = {"train": str(args.train), "model": str(args.model), "n_train": data.n, "parameters": n_params,
+                "damping": damping, "batches": desc, "solver": solver, "curvature": args.curvature,
+                "backend": args.backend or "auto", "dtype": model_config(model)["dtype"], "seed": args.seed}
+    return Setup(args, model, training, data, batches, damping, solver, settings)
+
+
+def _checkpoint_batches(args, training: dict, data: PairsData, con: Console):
+    """The training batches (batch ids or size) and a description; ``--batch-size`` overrides with a warning."""
+    if args.batch_size is not None:
+        con.warn(f"--batch-size {args.batch_size} overrides the checkpoint's batches; H is no longer the "
+                 "curvature of the training objective")
+        return _batch_arg(args.batch_size), f"size {args.batch_size}"
+    if training.get("batch_ids") is not None:
+        ids = torch.as_tensor(training["batch_ids"]).to(torch.int64)
+        if ids.numel() != data.n:
+            raise DataFileError(f"{args.train}: has {data.n} pairs but {args.model} was trained on {ids.numel()}; "
+                                "pass the training file of this checkpoint")
+        return ids, f"{int(ids.unique().numel())} batches (batch_ids)"
+    size = training.get("batch_size")
+    return size, ("all (one batch)" if size is None else f"size {size}")
+
+
+def _batch_arg(value: str):
+    return None if value == "all" else int(value)
+
+
+def pairs_loss(model, images, texts) -> float:
+    """SPEC §2 loss of the pairs as one batch (summed over pairs), as the validation ``F`` of value/detect."""
+    with torch.no_grad():
+        return float(contrastive_loss(model.encode_image(images), model.encode_text(texts), model.logit_scale.exp()))
+
+
+def image_ref(path, data_file) -> str | None:
+    """An image path as given, or relative to the data file's folder when that is where it exists."""
+    if path is None or path == "":
+        return None
+    p = Path(path)
+    if p.is_absolute() or p.exists():
+        return str(p)
+    beside = Path(data_file).parent / p
+    return str(beside) if beside.exists() else str(p)
+
+
+def write_outputs(args, report: dict, tables: dict, extra: dict | None = None) -> dict[str, str]:
+    """Write ``--out`` atomically: the report, summary.json, the tables, and ``extra`` files
+    (``name -> writer(path)``). Returns ``{file name: absolute path}``."""
+    out = Path(os.path.abspath(args.out))
+    with atomic_output_dir(out, overwrite=args.force) as tmp:
+        write_report(tmp, report, tables)
+        for name, writer in (extra or {}).items():
+            writer(tmp / name)
+        names = sorted(p.name for p in tmp.iterdir())
+    return {name: str(out / name) for name in names}
+
+
+def _result(command: str, args, summary: dict, files: dict, text: list[str]) -> dict:
+    out = str(Path(os.path.abspath(args.out)))
+    return {"command": command, "out": out, "files": files, "summary": summary,
+            "text": text + [f"wrote {out}/ ({', '.join(files)})"]}
+
+
+def _ids(values) -> list:
+    return [v.item() if hasattr(v, "item") else v for v in values]
+
+
+# ============================================================================================== demo
+
+def demo(args, con: Console):
+    """Forward to :func:`ecif_fast.demo.run_demo` (embedded real digits + MiniLM captions, report folder)."""
+    check_out(args.out, args.force)
+    from ..demo import run_demo
+
+    run_demo(out=args.out, seed=args.seed, backend=args.backend, quick=args.quick, progress=con.progress,
+             json_out=args.json, overwrite=args.force)
+    return None
+
+
+# ============================================================================================= train
+
+def train(args, con: Console) -> dict:
+    """Fit LinearHeads on a training file; write the checkpoint."""
+    check_out(args.out, args.force, is_file=True)
+    data = load_pairs(args.train)
+    dtype = torch.float32 if args.float32 else torch.float64
+    di, dt = data.images.shape[1], data.texts.shape[1]
+    embed = args.embed_dim or min(64, di, dt)
+    if args.batch_size is not None:
+        if data.batch_ids is not None:
+            con.warn(f"--batch-size {args.batch_size} is used; the batch_ids column of {args.train} is ignored")
+        batches, record = _batch_arg(args.batch_size), {"batch_size": _batch_arg(args.batch_size)}
+        desc = f"size {args.batch_size}"
+    elif data.batch_ids is not None:
+        batches = torch.from_numpy(data.batch_ids)
+        record, desc = {"batch_ids": batches}, f"{len(np.unique(data.batch_ids))} batches (batch_ids)"
+    else:
+        batches, record, desc = DEFAULT_BATCH, {"batch_size": DEFAULT_BATCH}, f"size {DEFAULT_BATCH}"
+    torch.manual_seed(args.seed)
+    model = LinearHeads(di, dt, embed, normalize=not args.no_normalize, logit_scale=args.logit_scale,
+                        train_scale=args.train_scale).to(dtype)
+    theta_ref = trained_vector(model).clone()    # weight decay pulls towards the initialisation
+    with con.steps(1) as step:
+        step(f"training ({args.method})")
+        t0 = time.perf_counter()
+        res = train_heads(model, data.images.to(dtype), data.texts.to(dtype), batches=batches,
+                          damping=args.damping, theta_ref=theta_ref, method=args.method, max_iter=args.max_iter)
+        secs = time.perf_counter() - t0
+    training = {"damping": float(args.damping), **record, "theta_ref": theta_ref, "loss": res.loss,
+                "grad_norm": res.grad_norm, "iterations": res.iterations, "method": args.method,
+                "max_iter": args.max_iter, "n_train": data.n, "fingerprint": data.fingerprint()}
+    path = save_checkpoint(args.out, model, training)
+    tol = 1e-2 if args.float32 else 1e-5
+    if res.grad_norm > tol:
+        con.warn(f"training stopped with max|grad R| = {res.grad_norm:.3g} after {res.iterations} iterations, "
+                 "not at the optimum the influence formulas assume; raise --max-iter or use --method newton")
+    summary = {"checkpoint": str(path), "n_train": data.n, "image_dim": di, "text_dim": dt, "embed_dim": embed,
+               "parameters": int(theta_ref.numel()), "batches": desc, "damping": float(args.damping),
+               "method": args.method, "loss": res.loss, "grad_norm": res.grad_norm, "iterations": res.iterations,
+               "dtype": str(dtype).replace("torch.", ""), "seconds": secs}
+    text = [f"trained LinearHeads {di}+{dt} -> {embed} on {data.n} pairs ({desc}): loss {res.loss:.6g}, "
+            f"max|grad| {res.grad_norm:.3g}, {res.iterations} iterations, {secs:.1f} s",
+            f"wrote {path}"]
+    return {"command": "train", "out": str(path), "files": {path.name: str(path)}, "summary": summary, "text": text}
+
+
+# ============================================================================================= value
+
+def value(args, con: Console) -> dict:
+    """Influence of every training pair on the validation loss, split into its two roles."""
+    with con.steps(3) as step:
+        step("loading")
+        s = setup(args, con)
+        val = s.pairs(args.val)
+        step("fitting ECIF")
+        ecif = s.fit(con)
+        step("influence")
+        table = value_data(ecif, s.t(val.images), s.t(val.texts), info=s.train.info())
+    order = np.argsort(table["total"].to_numpy(), kind="stable")
+    harmful = int((table["total"] < 0).sum())
+    summary = {"command": "value", "val": str(args.val), "n_val": val.n,
+               "validation_loss": pairs_loss(s.model, s.t(val.images), s.t(val.texts)),
+               "harmful_pairs": harmful, "most_harmful": _ids(table["pair_id"].to_numpy()[order[:10]]),
+               "most_valuable": _ids(table["pair_id"].to_numpy()[order[::-1][:10]]), "settings": s.settings}
+    report = {"title": "ecif-fast value: data valuation", "summary": summary,
+              "subtitle": f"{s.train.n} training pairs scored against {val.n} validation pairs ({args.val})",
+              "headline": [("training pairs", s.train.n), ("harmful (total < 0)", harmful),
+                           ("validation loss F", summary["validation_loss"])],
+              "notes": ["total = predicted change of the validation loss F when the pair is removed: > 0 the "
+                        "pair is valuable, < 0 harmful. positive = its own loss term, negative = its role as a "
+                        "negative in other anchors' softmax."],
+              "tables": {"Most harmful pairs": table.iloc[order[:20]],
+                         "Most valuable pairs": table.iloc[order[::-1][:20]]}}
+    files = write_outputs(args, report, {"scores": table})
+    return _result("value", args, summary, files,
+                   [f"{harmful} of {s.train.n} pairs are harmful (removing them lowers the validation loss)"])
+
+
+# ============================================================================================ detect
+
+METHOD = {"validation": "ecif", "self": "ecif_self", "combined": "ecif_combined"}
+
+
+def detect(args, con: Console) -> dict:
+    """Rank training pairs by how likely they are misaligned; metrics when a ``misaligned`` column exists."""
+    scoring = args.scoring or ("validation" if args.val else "self")
+    if scoring != "self" and not args.val:
+        raise UsageError(f"--scoring {scoring} needs trusted validation pairs: pass --val FILE, or use "
+                         "--scoring self")
+    with con.steps(3) as step:
+        step("loading")
+        s = setup(args, con)
+        val = s.pairs(args.val) if args.val and scoring != "self" else None
+        if args.val and val is None:
+            con.warn("--val is not used by --scoring self")
+        step("fitting ECIF")
+        ecif = s.fit(con)
+        step(f"scoring ({scoring})")
+        det = detect_misaligned(ecif, s.t(val.images) if val else None, s.t(val.texts) if val else None,
+                                scoring=scoring, labels=s.train.misaligned, info=s.train.info(with_misaligned=False))
+    labels = s.train.misaligned
+    primary = METHOD[scoring]
+    top = det.top(GALLERY)
+    summary = {"command": "detect", "scoring": scoring, "val": str(args.val) if val else None,
+               "top_flagged": _ids(top["pair_id"].to_numpy()[:10]), "metrics": det.metrics, "settings": s.settings}
+    headline = [("training pairs", s.train.n), ("scoring", scoring)]
+    section = {"gallery": _gallery(top, s.train, labels is not None)}
+    tables = {"scores": det.table}
+    text = [f"scored {s.train.n} pairs ({scoring}); most suspicious: {summary['top_flagged'][:5]}"]
+    if det.metrics is not None:
+        import pandas as pd
+
+        metrics = pd.DataFrame.from_dict(det.metrics, orient="index")
+        metrics.index.name = "method"
+        tables["metrics"] = metrics
+        section.update(curves={m: (v, labels) for m, v in det.scores.items()}, metrics=metrics, labels=labels)
+        m = det.metrics[primary]
+        summary.update(auroc=m["auroc"], average_precision=m["average_precision"],
+                       precision_at_k=m["precision_at_k"], k=m["k"])
+        headline += [("AUROC", m["auroc"]), ("average precision", m["average_precision"]),
+                     (f"precision@{m['k']}", m["precision_at_k"])]
+        text.append(f"misaligned column: AUROC {m['auroc']:.3f}, AP {m['average_precision']:.3f}, "
+                    f"precision@{m['k']} {m['precision_at_k']:.3f}")
+    if "positive" in det.table:
+        section.update(positive=det.table["positive"].to_numpy(), negative=det.table["negative"].to_numpy())
+    report = {"title": "ecif-fast detect: misaligned pairs", "summary": summary, "headline": headline,
+              "subtitle": f"{s.train.n} training pairs ({args.train}), scoring {scoring}",
+              "notes": ["score: higher = more suspicious. validation: minus the influence on the validation "
+                        "loss; self: self-influence g'H^-1 g; combined: mean percentile rank of both."],
+              "detection": {f"{scoring} scoring": section}}
+    files = write_outputs(args, report, tables)
+    return _result("detect", args, summary, files, text)
+
+
+def _gallery(top, data: PairsData, with_labels: bool) -> list[dict]:
+    items = []
+    for row in top.to_dict("records"):
+        scores = {k: row[k] for k in ("score", "positive", "negative") if k in row}
+        items.append({"pair_id": row["pair_id"], "caption": row.get("caption"),
+                      "image": image_ref(row.get("image_path"), data.path),
+                      "misaligned": bool(row["misaligned"]) if with_labels else None, "scores": scores})
+    return items
+
+
+# ============================================================================================= trace
+
+def trace(args, con: Console) -> dict:
+    """Top-k training pairs behind each test pair's loss, or behind each zero-shot prediction."""
+    if args.only_wrong and not args.classes:
+        raise UsageError("--only-wrong needs zero-shot trace-back: pass --classes FILE")
+    zero_shot = args.classes is not None
+    with con.steps(3) as step:
+        step("loading")
+        s = setup(args, con)
+        test = s.pairs(args.test, need_texts=not zero_shot,
+                       hint="; or give --classes FILE to trace zero-shot predictions of the test images")
+        extra, test_names = {}, None
+        if zero_shot:
+            classes = s.classes(args.classes)
+            fns, keep, extra, summary_zs, test_names = _zero_shot(s, test, classes, args)
+        step("fitting ECIF")
+        ecif = s.fit(con)
+        step("trace-back")
+        ids = test.ids()
+        if zero_shot:
+            table = (trace_back(ecif, fn=fns, k=args.k, info=s.train.info(), test_ids=ids[keep]) if keep.size
+                     else None)
+        else:
+            keep = np.arange(test.n)
+            table = trace_back(ecif, s.t(test.images), s.t(test.texts), k=args.k, info=s.train.info(),
+                               test_ids=ids)
+    k = min(args.k, s.train.n)
+    if table is None:
+        import pandas as pd
+
+        table = pd.DataFrame(columns=["test_id", "rank", "train_index", "pair_id", "relative_influence",
+                                      "influence", "positive", "negative"])
+    if test.captions is not None:
+        extra = {"test_caption": test.captions[keep], **extra}
+    for pos, (name, values) in enumerate(extra.items()):
+        table.insert(1 + pos, name, np.repeat(values, k))
+    summary = {"command": "trace", "mode": "zero-shot" if zero_shot else "pairs", "test": str(args.test),
+               "n_test": test.n, "traced": int(keep.size), "k": k, "settings": s.settings}
+    text = [f"traced {keep.size} test {'images' if zero_shot else 'pairs'} to their top {k} training pairs"]
+    if zero_shot:
+        summary.update(summary_zs)
+        text.insert(0, f"zero-shot accuracy {summary_zs['accuracy']:.3f} on {test.n} test images")
+    panels = [_panel(j, table.iloc[j * k:(j + 1) * k], test, keep[j], test_names, s.train)
+              for j in range(min(keep.size, PANELS))]
+    notes = ["relative_influence = influence / sqrt(self-influence) (RelatIF); the most negative are the pairs "
+             "whose removal lowers the test loss most, i.e. those most responsible for it."]
+    if keep.size > PANELS:
+        notes.append(f"The report shows the first {PANELS} of {keep.size} traced test examples; "
+                     "traceback.csv has all of them.")
+    if zero_shot and keep.size == 0:
+        notes.append("Every test image is predicted correctly: nothing to trace with --only-wrong.")
+    report = {"title": "ecif-fast trace: training pairs behind test predictions", "summary": summary,
+              "subtitle": f"{keep.size} test examples from {args.test}, top {k} training pairs each",
+              "headline": [("traced test examples", int(keep.size)), ("pairs per test", k)]
+              + ([("zero-shot accuracy", summary["accuracy"])] if zero_shot else []),
+              "notes": notes, "traceback": panels}
+    files = write_outputs(args, report, {"traceback": table})
+    return _result("trace", args, summary, files, text)
+
+
+def _zero_shot(s: Setup, test: PairsData, classes: PairsData, args):
+    """Test functions for the zero-shot losses of the (mispredicted) test images, and display columns."""
+    if test.labels is None:
+        raise DataFileError(f"{args.test}: no 'labels' array; zero-shot trace-back needs the class index of "
+                            "each test image")
+    n_classes = classes.texts.shape[0]
+    if (test.labels >= n_classes).any():
+        raise DataFileError(f"{args.test}: labels go up to {int(test.labels.max())} but {args.classes} has "
+                            f"{n_classes} classes; labels must index its rows")
+    names = classes.class_names
+    if names is None and test.class_names is not None and test.class_names.shape[0] == n_classes:
+        names = test.class_names
+    if names is None:
+        names = np.array([f"class {c}" for c in range(n_classes)])
+    images, prompts = s.t(test.images), s.t(classes.texts)
+    with torch.no_grad():
+        pred = zero_shot_logits(s.model, images, prompts).argmax(1).numpy()
+    correct = pred == test.labels
+    keep = np.flatnonzero(~correct) if args.only_wrong else np.arange(test.n)
+    fns = zero_shot_losses(images[keep], torch.from_numpy(test.labels[keep]), prompts) if keep.size else []
+    extra = {"test_label": names[test.labels[keep]], "test_predicted": names[pred[keep]]}
+    summary = {"classes": str(args.classes), "n_classes": n_classes, "accuracy": float(correct.mean()),
+               "only_wrong": bool(args.only_wrong)}
+    return fns, keep, extra, summary, (names[test.labels], names[pred])
+
+
+def _panel(j: int, rows, test: PairsData, index: int, test_names, train: PairsData) -> dict:
+    tid = test.ids()[index]
+    if test_names is not None:
+        true, pred = test_names[0][index], test_names[1][index]
+        title = f"test image {tid}: true {true}, predicted {pred}" + ("" if true == pred else " (wrong)")
+    else:
+        title = f"test pair {tid}"
+    top = []
+    for r in rows.to_dict("records"):
+        top.append({"pair_id": r["pair_id"], "caption": r.get("caption"),
+                    "image": image_ref(r.get("image_path"), train.path),
+                    "misaligned": r.get("misaligned"), "relative_influence": r["relative_influence"],
+                    "influence": r["influence"]})
+    path = test.image_paths[index] if test.image_paths is not None else None
+    return {"title": title, "image": image_ref(path, test.path),
+            "caption": test.captions[index] if test.captions is not None else None, "top": top}
+
+
+# ============================================================================================= clean
+
+def clean(args, con: Console) -> dict:
+    """Remove training pairs (listed, or the most harmful by validation influence) by the ECIF update."""
+    if args.top_harmful is not None:
+        if not 0 < args.top_harmful < 1:
+            raise UsageError(f"--top-harmful must lie in (0, 1) (a fraction of the training pairs), got "
+                             f"{args.top_harmful:g}")
+        if not args.val:
+            raise UsageError("--top-harmful needs trusted validation pairs to rank the pairs: pass --val FILE")
+    with con.steps(4 + bool(args.retrain)) as step:
+        step("loading")
+        s = setup(args, con)
+        val = s.pairs(args.val) if args.val else None
+        ev = s.pairs(args.eval) if args.eval else val
+        classes = s.classes(args.classes) if args.classes else None
+        if classes is not None and (ev is None or ev.labels is None):
+            con.warn("--classes is used only with an --eval (or --val) file that has a labels column; "
+                     "no zero-shot accuracy is reported")
+            classes = None
+        if classes is not None and (ev.labels >= classes.texts.shape[0]).any():
+            raise DataFileError(f"{ev.path}: labels go up to {int(ev.labels.max())} but {args.classes} has "
+                                f"{classes.texts.shape[0]} classes; labels must index its rows")
+        removed = ids_to_indices(load_ids(args.remove), s.train, args.remove) if args.remove else None
+        step("fitting ECIF")
+        ecif = s.fit(con)
+        removed_table = _removal(s, ecif, val, removed, args)
+        removed = removed_table["train_index"].to_numpy()
+        step("ECIF update" + (" and retraining" if args.retrain else ""))
+        kwargs = {"theta_ref": s.training["theta_ref"], "method": s.training.get("method", "auto"),
+                  "max_iter": int(s.training.get("max_iter", 200))}
+        result = clean_pairs(ecif, torch.tensor(removed), retrain=args.retrain, train_kwargs=kwargs,
+                             evaluate=_evaluator(s, ev, classes) if ev is not None else None)
+        step("writing")
+        keep = np.ones(s.train.n, dtype=bool)
+        keep[removed] = False
+        records = {"cleaned.pt": _record(s, ecif, result.model, keep, removed_table, 0)}
+        if result.retrained is not None:
+            records["retrained.pt"] = _record(s, ecif, result.retrained, keep, removed_table, None)
+    models = {"cleaned.pt": result.model, "retrained.pt": result.retrained}
+    extra = {name: (lambda path, n=name: save_checkpoint(path, models[n], records[n])) for name in records}
+    summary = {"command": "clean", "removed": int(removed.size), "n_train": s.train.n,
+               "remaining": int(keep.sum()), "selection": (f"top {args.top_harmful:g} most harmful by --val"
+                                                             if args.remove is None else str(args.remove)),
+               "removed_pair_ids": _ids(removed_table["pair_id"].to_numpy()),
+               "eval": str(args.eval or args.val) if ev is not None else None,
+               "cleaning": {r.pop("setting"): r for r in result.table.to_dict("records")},
+               "timings_s": result.timings_s,
+               "objective": {n: {"loss": r["loss"], "grad_norm": r["grad_norm"]} for n, r in records.items()},
+               "settings": s.settings}
+    report = {"title": "ecif-fast clean: removing training pairs", "summary": summary,
+              "subtitle": f"{removed.size} of {s.train.n} training pairs removed ({summary['selection']})",
+              "headline": [("removed pairs", int(removed.size)), ("ECIF update (s)", result.timings_s["ecif_update"])]
+              + ([("retrain (s)", result.timings_s["retrain"])] if args.retrain else []),
+              "notes": ["ECIF update = the Newton step theta + H^-1 g(removed) (no retraining), saved as "
+                        "cleaned.pt" + ("; retrain = warm-started retraining without the pairs, saved as "
+                                        "retrained.pt." if args.retrain else ".")
+                        + " Their training record lists the remaining pairs' batch ids: use them with the "
+                        "training file minus the removed pairs."],
+              "tables": {"Cleaning": result.table, "Removed pairs": removed_table}}
+    files = write_outputs(args, report, {"cleaning": result.table, "removed": removed_table}, extra)
+    text = [f"removed {removed.size} of {s.train.n} pairs"] + [
+        f"  {setting}: " + ", ".join(f"{k} {v:.6g}" for k, v in row.items())
+        for setting, row in summary["cleaning"].items()]
+    return _result("clean", args, summary, files, text)
+
+
+def _removal(s: Setup, ecif: ECIF, val, removed, args):
+    """The pairs to remove as a table (``train_index``, metadata, validation influence when ranked by it)."""
+    import pandas as pd
+
+    cols = {}
+    if removed is None:
+        res = ecif.influence(s.t(val.images), s.t(val.texts))
+        total = res.total.double().numpy()
+        count = max(1, int(round(args.top_harmful * s.train.n)))
+        count = min(count, s.train.n - 1)
+        removed = np.argsort(total, kind="stable")[:count]
+        cols["influence"] = total[removed]
+    info = s.train.info().columns(s.train.n)
+    table = pd.DataFrame({"train_index": removed, **{k: v[removed] for k, v in info.items()}, **cols})
+    return table
+
+
+def _evaluator(s: Setup, ev: PairsData, classes: PairsData | None):
+    images, texts = s.t(ev.images), s.t(ev.texts)
+    prompts = s.t(classes.texts) if classes is not None else None
+    labels = torch.from_numpy(ev.labels) if classes is not None else None
+
+    def evaluate(model) -> dict:
+        out = {"eval_loss": pairs_loss(model, images, texts)}
+        if prompts is not None:
+            pred = zero_shot_logits(model, images, prompts).argmax(1)
+            out["zero_shot_accuracy"] = float((pred == labels).double().mean())
+        return out
+
+    return evaluate
+
+
+def _record(s: Setup, ecif: ECIF, model, keep: np.ndarray, removed_table, iterations) -> dict:
+    """Training record of a cleaned model: the remaining pairs' batches, the same damping and θ_ref."""
+    kept = torch.from_numpy(keep)
+    batch_ids = ecif.plan.batch_ids()[kept]
+    X, Y = s.t(s.train.images[kept]), s.t(s.train.texts[kept])
+    ref = torch.as_tensor(s.training["theta_ref"]).to(s.dtype)
+    params = [p for p in model.parameters() if p.requires_grad]
+    with torch.enable_grad():
+        theta = torch.cat([p.reshape(-1) for p in params])
+        R = (contrastive_loss(model.encode_image(X), model.encode_text(Y), model.logit_scale.exp(), batch_ids)
+             + 0.5 * ecif.damping * ((theta - ref) ** 2).sum())
+        grads = torch.autograd.grad(R, params)
+    subset = PairsData(s.train.path, s.train.images[kept], s.train.texts[kept])
+    return {"damping": float(ecif.damping), "batch_ids": batch_ids, "theta_ref": ref, "loss": float(R.detach()),
+            "grad_norm": float(max(g.abs().max() for g in grads)), "iterations": iterations,
+            "method": s.training.get("method", "auto"), "max_iter": s.training.get("max_iter", 200),
+            "n_train": int(keep.sum()), "fingerprint": subset.fingerprint(),
+            "removed_pair_ids": [str(v) for v in removed_table["pair_id"].tolist()]}
+
+
+COMMANDS = {"demo": demo, "train": train, "value": value, "detect": detect, "trace": trace, "clean": clean}

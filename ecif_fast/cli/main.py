@@ -1,0 +1,197 @@
+"""``ecif-fast``: influence functions for CLIP-style heads on your own feature files.
+
+    ecif-fast train  --train train.npz --out heads.pt
+    ecif-fast value  --train train.npz --model heads.pt --val val.npz --out value/
+    ecif-fast detect --train train.npz --model heads.pt [--val val.npz] --out detect/
+    ecif-fast trace  --train train.npz --model heads.pt --test test.npz [--classes classes.npy] --out trace/
+    ecif-fast clean  --train train.npz --model heads.pt (--remove ids.csv | --top-harmful 0.05 --val val.npz)
+                     [--retrain] [--eval eval.npz] --out clean/
+    ecif-fast demo   [--out ecif-demo-report]
+
+Feature files: .npz (or .parquet, or a structured .npy) with image_features (n, Di), text_features (n, Dt)
+and optional captions, image_paths, batch_ids, pair_ids, misaligned, labels, class_names.
+Errors in the inputs or options exit with status 2 and one line on stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import warnings
+
+from ..errors import BackendUnavailableError, ECIFInputError, NotPositiveDefiniteError
+from .checkpoint import CheckpointError
+from .commands import COMMANDS, Console, UsageError
+from .data_files import DataFileError
+
+USER_ERRORS = (DataFileError, CheckpointError, UsageError, FileExistsError, PermissionError, ECIFInputError,
+               NotPositiveDefiniteError, BackendUnavailableError)
+BACKENDS = ("torch", "cpp", "triton")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (status 2), like the rest of the command line."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _batch_size(text: str) -> str:
+    return "all" if text == "all" else str(_positive_int(text))
+
+
+def _output_flags(p, *, out_help: str, out_default=None) -> None:
+    p.add_argument("--out", required=out_default is None, default=out_default, help=out_help)
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object (result summary and output paths) on stdout, nothing else")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bars and no result lines")
+
+
+def _analysis(sub, name: str, help: str) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help, description=help)
+    p.add_argument("--train", required=True, metavar="FILE", help="the training pairs the model was trained on")
+    p.add_argument("--model", required=True, metavar="CKPT", help="checkpoint written by `ecif-fast train`")
+    _output_flags(p, out_help="output folder (written atomically)")
+    p.add_argument("--backend", choices=BACKENDS, help="kernel backend (default: fastest available)")
+    p.add_argument("--solver", choices=("exact", "cg", "lowrank"),
+                   help="inverse-curvature solver (default: exact up to 4096 parameters, else cg)")
+    p.add_argument("--curvature", choices=("hessian", "gauss-newton"), default="gauss-newton",
+                   help="curvature matrix H (default gauss-newton)")
+    p.add_argument("--damping", type=_positive_float,
+                   help="damping delta of H (default: the checkpoint's training damping)")
+    p.add_argument("--batch-size", type=_batch_size, metavar="N|all",
+                   help="override the checkpoint's training batches (not recommended)")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = _Parser(prog="ecif-fast", description=__doc__.splitlines()[0],
+                 epilog="Run `ecif-fast COMMAND --help` for the options of each command.")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="synthetic end-to-end run with an HTML report")
+    _output_flags(p, out_help="report folder (default ecif-demo-report)", out_default="ecif-demo-report")
+    p.add_argument("--backend", choices=BACKENDS, help="kernel backend (default: fastest available)")
+    p.add_argument("--quick", action="store_true", help="smaller problem, a few seconds")
+
+    p = sub.add_parser("train", help="fit CLIP-style linear heads on a training feature file",
+                       description="Fit LinearHeads by minimising sum(loss) + damping/2 |theta - theta_init|^2.")
+    p.add_argument("--train", required=True, metavar="FILE", help="training pairs")
+    _output_flags(p, out_help="checkpoint file (default heads.pt)", out_default="heads.pt")
+    p.add_argument("--embed-dim", type=_positive_int, help="embedding size (default min(64, Di, Dt))")
+    p.add_argument("--batch-size", type=_batch_size, metavar="N|all",
+                   help="pairs per batch, consecutive chunks (default: the file's batch_ids column, else 256)")
+    p.add_argument("--damping", type=_positive_float, default=1.0,
+                   help="weight decay towards the initialisation (default 1.0)")
+    p.add_argument("--logit-scale", type=float, default=math.log(1 / 0.07),
+                   help="log of the softmax temperature multiplier (default log(1/0.07))")
+    p.add_argument("--train-scale", action="store_true", help="also train the logit scale")
+    p.add_argument("--no-normalize", action="store_true", help="do not L2-normalise the embeddings")
+    p.add_argument("--method", choices=("auto", "newton", "lbfgs"), default="auto",
+                   help="optimiser (default auto: Newton up to 3000 parameters, else L-BFGS)")
+    p.add_argument("--max-iter", type=_positive_int, default=200, help="optimiser iterations (default 200)")
+    p.add_argument("--float32", action="store_true", help="train in float32 (default float64)")
+
+    p = _analysis(sub, "value", "influence of every training pair on the validation loss")
+    p.add_argument("--val", required=True, metavar="FILE", help="trusted validation pairs")
+
+    p = _analysis(sub, "detect", "rank training pairs by how likely they are misaligned")
+    p.add_argument("--val", metavar="FILE", help="trusted validation pairs")
+    p.add_argument("--scoring", choices=("validation", "self", "combined"),
+                   help="ECIF score (default: validation with --val, else self)")
+
+    p = _analysis(sub, "trace", "training pairs responsible for test predictions")
+    p.add_argument("--test", required=True, metavar="FILE",
+                   help="test pairs, or (with --classes) test images with a labels column")
+    p.add_argument("--classes", metavar="FILE", help="zero-shot: one text feature row per class")
+    p.add_argument("--k", type=_positive_int, default=10, help="training pairs per test example (default 10)")
+    p.add_argument("--only-wrong", action="store_true", help="zero-shot: trace only mispredicted images")
+
+    p = _analysis(sub, "clean", "remove training pairs by the ECIF update (and optionally retrain)")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--remove", metavar="FILE", help="pair ids to remove (.csv column pair_id, .txt, .npy)")
+    what.add_argument("--top-harmful", type=float, metavar="FRACTION",
+                      help="remove this fraction of pairs, the most harmful by --val influence")
+    p.add_argument("--val", metavar="FILE", help="trusted validation pairs (ranking and default --eval)")
+    p.add_argument("--retrain", action="store_true", help="also retrain without the pairs, for comparison")
+    p.add_argument("--eval", metavar="FILE", help="pairs to evaluate the models on (default --val)")
+    p.add_argument("--classes", metavar="FILE", help="class prompts: zero-shot accuracy on --eval's labels")
+    return ap
+
+
+def to_json(value):
+    """``value`` with numpy / torch numbers as plain Python and NaN / ±inf as None."""
+    if isinstance(value, dict):
+        return {str(k): to_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_json(v) for v in value]
+    if hasattr(value, "tolist"):
+        return to_json(value.tolist())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """Library warnings (e.g. a CG solve that stopped early) as one line, like the CLI's own."""
+    print(f"ecif-fast: warning: {' '.join(str(message).split())}", file=sys.stderr)
+
+
+def main(argv=None) -> int:
+    """Run ``ecif-fast`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 0 if e.code is None else 2
+    con = Console(quiet=args.quiet, json=args.json)
+    try:
+        with warnings.catch_warnings():          # restores showwarning afterwards
+            warnings.showwarning = _show_warning
+            result = COMMANDS[args.command](args, con)
+    except USER_ERRORS as e:
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"ecif-fast: error: {message}", file=sys.stderr)
+        return 2
+    except ImportError as e:
+        if "pip install" not in str(e):     # a missing optional dependency names its fix; others are bugs
+            raise
+        print(f"ecif-fast: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ecif-fast: interrupted", file=sys.stderr)
+        return 130
+    if result is None or isinstance(result, int):
+        return result or 0
+    text = result.pop("text", [])
+    if args.json:
+        print(json.dumps(to_json(result), allow_nan=False))
+    elif not args.quiet:
+        print("\n".join(text))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
