@@ -8,211 +8,21 @@ curvature of the objective the heads were trained on), and write their folder at
 """
 from __future__ import annotations
 
-import os
-import sys
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from .. import ECIF, LinearHeads, contrastive_loss, train as train_heads
 from ..apps import clean as clean_pairs, detect_misaligned, trace_back, value_data, zero_shot_logits, zero_shot_losses
-from ..report import atomic_output_dir, write_report
-from .checkpoint import load_checkpoint, model_config, save_checkpoint, trained_vector
-from .data_files import (DataFileError, PairsData, check_width, ids_to_indices, load_classes, load_ids,
-                         load_pairs)
+from .checkpoint import save_checkpoint, trained_vector
+from .data_files import DataFileError, PairsData, ids_to_indices, load_ids, load_pairs
+from .session import (Console, Setup, UsageError, batch_arg, plain_ids, command_result, check_out, image_ref, pairs_loss,
+                      setup, write_outputs)
 
-EXACT_MAX_PARAMS = 4096   # default solver: dense Cholesky up to this many parameters, else CG
 DEFAULT_BATCH = 256       # train: pairs per batch when neither --batch-size nor a batch_ids column is given
 GALLERY = 24              # detect: flagged pairs shown in the report
 PANELS = 30               # trace: test examples shown in the report
-
-
-class UsageError(ValueError):
-    """An option value or combination that cannot work; one line with the fix."""
-
-
-@dataclass
-class Console:
-    """Where messages go: results on stdout (by ``main``), warnings and progress bars on stderr."""
-
-    quiet: bool = False
-    json: bool = False
-
-    @property
-    def progress(self) -> bool:
-        return not (self.quiet or self.json)
-
-    def warn(self, message: str) -> None:
-        print(f"ecif-fast: warning: {message}", file=sys.stderr)
-
-    def steps(self, total: int) -> "Steps":
-        return Steps(total, self.progress)
-
-
-class Steps:
-    """A tqdm bar over the steps of a command (``step("fitting")`` starts the next one)."""
-
-    def __init__(self, total: int, enabled: bool):
-        # disable=None: shown on a terminal only, so logs and pipes get no control characters
-        self.bar = tqdm(total=total, file=sys.stderr, disable=None if enabled else True, leave=False,
-                        bar_format="{desc}: step {n_fmt}/{total_fmt} [{elapsed}]")
-        self.started = False
-
-    def __call__(self, name: str) -> None:
-        if self.started:
-            self.bar.update()
-        self.started = True
-        self.bar.set_description_str(name)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.bar.close()
-
-
-# ============================================================================================ shared
-
-def check_out(path, force: bool, *, is_file: bool = False) -> None:
-    """Refuse to overwrite a non-empty ``--out`` (a file for ``train``) unless ``--force``."""
-    p = Path(path)
-    if is_file and p.is_dir():
-        raise UsageError(f"{path}: is a folder; give a checkpoint file name for --out, e.g. heads.pt")
-    if force or not (p.exists() or p.is_symlink()):
-        return
-    if is_file:
-        raise UsageError(f"{path}: exists; pass --force to overwrite it, or choose another --out")
-    if not p.is_dir() or any(p.iterdir()):
-        raise UsageError(f"output folder {path} exists and is not empty; pass --force to replace it, or "
-                         "choose another --out")
-
-
-@dataclass
-class Setup:
-    """Checkpoint, training pairs and the curvature settings of an analysis command."""
-
-    args: object
-    model: LinearHeads
-    training: dict
-    train: PairsData
-    batches: object
-    damping: float
-    solver: str
-    settings: dict = field(default_factory=dict)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.model.image_proj.weight.dtype
-
-    def t(self, x: torch.Tensor | None) -> torch.Tensor | None:
-        """Features in the model's dtype."""
-        return None if x is None else x.to(self.dtype)
-
-    def pairs(self, path, *, need_texts: bool = True, hint: str = "") -> PairsData:
-        """Load another pairs file and check its widths against the checkpoint."""
-        data = load_pairs(path, need_texts=need_texts, hint=hint)
-        check_width(data.images, self.model.image_proj.in_features, "image_features", path)
-        check_width(data.texts, self.model.text_proj.in_features, "text_features", path)
-        return data
-
-    def classes(self, path) -> PairsData:
-        data = load_classes(path)
-        check_width(data.texts, self.model.text_proj.in_features, "text_features", path)
-        return data
-
-    def fit(self, con: Console) -> ECIF:
-        torch.manual_seed(self.args.seed)
-        ecif = ECIF(self.model, damping=self.damping, batches=self.batches, hessian=self.solver,
-                    curvature=self.args.curvature, backend=self.args.backend, progress=con.progress,
-                    seed=self.args.seed)
-        return ecif.fit(self.t(self.train.images), self.t(self.train.texts))
-
-
-def setup(args, con: Console) -> Setup:
-    """Check ``--out``, load the checkpoint and the training file, pick batches, damping and solver."""
-    check_out(args.out, args.force)
-    model, training = load_checkpoint(args.model)
-    data = load_pairs(args.train)
-    check_width(data.images, model.image_proj.in_features, "image_features", args.train)
-    check_width(data.texts, model.text_proj.in_features, "text_features", args.train)
-    if training.get("fingerprint") not in (None, data.fingerprint()):
-        con.warn(f"{args.train} is not the file {args.model} was trained on (its features differ); influence "
-                 "assumes the heads are at the optimum for these pairs: retrain with `ecif-fast train`")
-    batches, desc = _checkpoint_batches(args, training, data, con)
-    damping = float(training["damping"])
-    if args.damping is not None and args.damping != damping:
-        con.warn(f"--damping {args.damping:g} overrides the checkpoint's {damping:g}; H is no longer the "
-                 "curvature of the training objective")
-        damping = float(args.damping)
-    n_params = int(trained_vector(model).numel())
-    solver = args.solver or ("exact" if n_params <= EXACT_MAX_PARAMS else "cg")
-    settings = {"train": str(args.train), "model": str(args.model), "n_train": data.n, "parameters": n_params,
-                "damping": damping, "batches": desc, "solver": solver, "curvature": args.curvature,
-                "backend": args.backend or "auto", "dtype": model_config(model)["dtype"], "seed": args.seed}
-    return Setup(args, model, training, data, batches, damping, solver, settings)
-
-
-def _checkpoint_batches(args, training: dict, data: PairsData, con: Console):
-    """The training batches (batch ids or size) and a description; ``--batch-size`` overrides with a warning."""
-    if args.batch_size is not None:
-        con.warn(f"--batch-size {args.batch_size} overrides the checkpoint's batches; H is no longer the "
-                 "curvature of the training objective")
-        return _batch_arg(args.batch_size), f"size {args.batch_size}"
-    if training.get("batch_ids") is not None:
-        ids = torch.as_tensor(training["batch_ids"]).to(torch.int64)
-        if ids.numel() != data.n:
-            raise DataFileError(f"{args.train}: has {data.n} pairs but {args.model} was trained on {ids.numel()}; "
-                                "pass the training file of this checkpoint")
-        return ids, f"{int(ids.unique().numel())} batches (batch_ids)"
-    size = training.get("batch_size")
-    return size, ("all (one batch)" if size is None else f"size {size}")
-
-
-def _batch_arg(value: str):
-    return None if value == "all" else int(value)
-
-
-def pairs_loss(model, images, texts) -> float:
-    """SPEC §2 loss of the pairs as one batch (summed over pairs), as the validation ``F`` of value/detect."""
-    with torch.no_grad():
-        return float(contrastive_loss(model.encode_image(images), model.encode_text(texts), model.logit_scale.exp()))
-
-
-def image_ref(path, data_file) -> str | None:
-    """An image path as given, or relative to the data file's folder when that is where it exists."""
-    if path is None or path == "":
-        return None
-    p = Path(path)
-    if p.is_absolute() or p.exists():
-        return str(p)
-    beside = Path(data_file).parent / p
-    return str(beside) if beside.exists() else str(p)
-
-
-def write_outputs(args, report: dict, tables: dict, extra: dict | None = None) -> dict[str, str]:
-    """Write ``--out`` atomically: the report, summary.json, the tables, and ``extra`` files
-    (``name -> writer(path)``). Returns ``{file name: absolute path}``."""
-    out = Path(os.path.abspath(args.out))
-    with atomic_output_dir(out, overwrite=args.force) as tmp:
-        write_report(tmp, report, tables)
-        for name, writer in (extra or {}).items():
-            writer(tmp / name)
-        names = sorted(p.name for p in tmp.iterdir())
-    return {name: str(out / name) for name in names}
-
-
-def _result(command: str, args, summary: dict, files: dict, text: list[str]) -> dict:
-    out = str(Path(os.path.abspath(args.out)))
-    return {"command": command, "out": out, "files": files, "summary": summary,
-            "text": text + [f"wrote {out}/ ({', '.join(files)})"]}
-
-
-def _ids(values) -> list:
-    return [v.item() if hasattr(v, "item") else v for v in values]
 
 
 # ============================================================================================== demo
@@ -239,7 +49,7 @@ def train(args, con: Console) -> dict:
     if args.batch_size is not None:
         if data.batch_ids is not None:
             con.warn(f"--batch-size {args.batch_size} is used; the batch_ids column of {args.train} is ignored")
-        batches, record = _batch_arg(args.batch_size), {"batch_size": _batch_arg(args.batch_size)}
+        batches, record = batch_arg(args.batch_size), {"batch_size": batch_arg(args.batch_size)}
         desc = f"size {args.batch_size}"
     elif data.batch_ids is not None:
         batches = torch.from_numpy(data.batch_ids)
@@ -290,8 +100,8 @@ def value(args, con: Console) -> dict:
     harmful = int((table["total"] < 0).sum())
     summary = {"command": "value", "val": str(args.val), "n_val": val.n,
                "validation_loss": pairs_loss(s.model, s.t(val.images), s.t(val.texts)),
-               "harmful_pairs": harmful, "most_harmful": _ids(table["pair_id"].to_numpy()[order[:10]]),
-               "most_valuable": _ids(table["pair_id"].to_numpy()[order[::-1][:10]]), "settings": s.settings}
+               "harmful_pairs": harmful, "most_harmful": plain_ids(table["pair_id"].to_numpy()[order[:10]]),
+               "most_valuable": plain_ids(table["pair_id"].to_numpy()[order[::-1][:10]]), "settings": s.settings}
     report = {"title": "ecif-fast value: data valuation", "summary": summary,
               "subtitle": f"{s.train.n} training pairs scored against {val.n} validation pairs ({args.val})",
               "headline": [("training pairs", s.train.n), ("harmful (total < 0)", harmful),
@@ -302,7 +112,7 @@ def value(args, con: Console) -> dict:
               "tables": {"Most harmful pairs": table.iloc[order[:20]],
                          "Most valuable pairs": table.iloc[order[::-1][:20]]}}
     files = write_outputs(args, report, {"scores": table})
-    return _result("value", args, summary, files,
+    return command_result("value", args, summary, files,
                    [f"{harmful} of {s.train.n} pairs are harmful (removing them lowers the validation loss)"])
 
 
@@ -332,7 +142,7 @@ def detect(args, con: Console) -> dict:
     primary = METHOD[scoring]
     top = det.top(GALLERY)
     summary = {"command": "detect", "scoring": scoring, "val": str(args.val) if val else None,
-               "top_flagged": _ids(top["pair_id"].to_numpy()[:10]), "metrics": det.metrics, "settings": s.settings}
+               "top_flagged": plain_ids(top["pair_id"].to_numpy()[:10]), "metrics": det.metrics, "settings": s.settings}
     headline = [("training pairs", s.train.n), ("scoring", scoring)]
     section = {"gallery": _gallery(top, s.train, labels is not None)}
     tables = {"scores": det.table}
@@ -359,7 +169,7 @@ def detect(args, con: Console) -> dict:
                         "loss; self: self-influence g'H^-1 g; combined: mean percentile rank of both."],
               "detection": {f"{scoring} scoring": section}}
     files = write_outputs(args, report, tables)
-    return _result("detect", args, summary, files, text)
+    return command_result("detect", args, summary, files, text)
 
 
 def _gallery(top, data: PairsData, with_labels: bool) -> list[dict]:
@@ -430,7 +240,7 @@ def trace(args, con: Console) -> dict:
               + ([("zero-shot accuracy", summary["accuracy"])] if zero_shot else []),
               "notes": notes, "traceback": panels}
     files = write_outputs(args, report, {"traceback": table})
-    return _result("trace", args, summary, files, text)
+    return command_result("trace", args, summary, files, text)
 
 
 def _zero_shot(s: Setup, test: PairsData, classes: PairsData, args):
@@ -521,7 +331,7 @@ def clean(args, con: Console) -> dict:
     summary = {"command": "clean", "removed": int(removed.size), "n_train": s.train.n,
                "remaining": int(keep.sum()), "selection": (f"top {args.top_harmful:g} most harmful by --val"
                                                              if args.remove is None else str(args.remove)),
-               "removed_pair_ids": _ids(removed_table["pair_id"].to_numpy()),
+               "removed_pair_ids": plain_ids(removed_table["pair_id"].to_numpy()),
                "eval": str(args.eval or args.val) if ev is not None else None,
                "cleaning": {r.pop("setting"): r for r in result.table.to_dict("records")},
                "timings_s": result.timings_s,
@@ -541,7 +351,7 @@ def clean(args, con: Console) -> dict:
     text = [f"removed {removed.size} of {s.train.n} pairs"] + [
         f"  {setting}: " + ", ".join(f"{k} {v:.6g}" for k, v in row.items())
         for setting, row in summary["cleaning"].items()]
-    return _result("clean", args, summary, files, text)
+    return command_result("clean", args, summary, files, text)
 
 
 def _removal(s: Setup, ecif: ECIF, val, removed, args):

@@ -22,7 +22,8 @@ import warnings
 
 from ..errors import BackendUnavailableError, ECIFInputError, NotPositiveDefiniteError
 from .checkpoint import CheckpointError
-from .commands import COMMANDS, Console, UsageError
+from .commands import COMMANDS
+from .session import Console, UsageError
 from .data_files import DataFileError
 
 USER_ERRORS = (DataFileError, CheckpointError, UsageError, FileExistsError, PermissionError, ECIFInputError,
