@@ -304,3 +304,21 @@ def test_report_in_headless_chromium(tmp_path):
     assert len(np.unique(px.reshape(-1, 3), axis=0)) > 50
     if os.environ.get("ECIF_REPORT_SHOT"):                                  # keep a copy to look at
         shutil.copy(shot, os.environ["ECIF_REPORT_SHOT"])
+
+
+def test_write_report_extra_files_are_atomic_and_linked(tmp_path):
+    out = tmp_path / "run"
+    rep = {"title": "t", "summary": {"a": 1}}
+    write_report(out, rep, extra_files={"model.pt": lambda p: p.write_bytes(b"weights")})
+    assert (out / "model.pt").read_bytes() == b"weights"
+    assert 'href="model.pt"' in (out / "report.html").read_text(encoding="utf-8")
+
+    def boom(path):
+        path.write_bytes(b"half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        write_report(tmp_path / "failed", rep, extra_files={"model.pt": boom})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]            # nothing half-written left
+    with pytest.raises(ValueError, match="extra file name"):
+        write_report(tmp_path / "bad", rep, extra_files={"../x.pt": boom})

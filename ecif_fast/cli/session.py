@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import ECIF, LinearHeads, contrastive_loss
-from ..report import atomic_output_dir, write_report
+from ..report import write_report
 from .checkpoint import load_checkpoint, model_config, trained_vector
 from .data_files import DataFileError, PairsData, check_width, load_classes, load_pairs
 
@@ -186,12 +186,8 @@ def write_outputs(args, report: dict, tables: dict, extra: dict | None = None) -
     """Write ``--out`` atomically: the report, summary.json, the tables, and ``extra`` files
     (``name -> writer(path)``). Returns ``{file name: absolute path}``."""
     out = Path(os.path.abspath(args.out))
-    with atomic_output_dir(out, overwrite=args.force) as tmp:
-        write_report(tmp, report, tables)
-        for name, writer in (extra or {}).items():
-            writer(tmp / name)
-        names = sorted(p.name for p in tmp.iterdir())
-    return {name: str(out / name) for name in names}
+    write_report(out, report, tables, overwrite=args.force, extra_files=extra)
+    return {p.name: str(out / p.name) for p in sorted(out.iterdir())}
 
 
 def command_result(command: str, args, summary: dict, files: dict, text: list[str]) -> dict:

@@ -148,25 +148,31 @@ def render_report(report: dict, *, files: list[str] | None = None) -> str:
             + f"\n<footer>{foot}</footer>\n</main>\n</body>\n</html>\n")
 
 
-def write_report(out_dir, report: dict, tables: dict | None = None, *, overwrite: bool = True) -> Path:
+def write_report(out_dir, report: dict, tables: dict | None = None, *, overwrite: bool = True,
+                 extra_files: dict | None = None) -> Path:
     """Write ``out_dir/`` = report.html, summary.json and ``name.csv`` / ``name.parquet`` per table.
 
     The folder appears complete or not at all (:func:`~ecif_fast.report.output.atomic_output_dir`);
     ``overwrite=False`` refuses an existing non-empty ``out_dir``. ``summary.json`` is
     ``report["summary"]`` with indent 2, NaN / ±inf as null, numpy values as plain numbers.
     ``tables``: ``{name: DataFrame}``, ``name`` a plain file stem (letters, digits, ``._-``).
-    Returns the path of report.html.
+    ``extra_files``: ``{file name: writer(path)}`` for further files (e.g. checkpoints), written inside the
+    same atomic folder and linked from the page. Returns the path of report.html.
     """
-    tables = dict(tables or {})
-    for name in tables:
-        if not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*", str(name)):
-            raise ValueError(f"table name {name!r} is not a plain file stem (letters, digits, '._-')")
+    tables, extra_files = dict(tables or {}), dict(extra_files or {})
+    for kind, names in (("table", tables), ("extra file", extra_files)):
+        for name in names:
+            if not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*", str(name)):
+                raise ValueError(f"{kind} name {name!r} is not a plain file stem (letters, digits, '._-')")
     summary = json.dumps(_jsonable(report.get("summary", {}), "summary"), indent=2, allow_nan=False)
     out_dir = Path(out_dir)
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
         written = []
         for name, df in tables.items():
             written += [p.name for p in write_table(df, tmp, str(name))]
+        for name, writer in extra_files.items():
+            writer(tmp / name)
+            written.append(str(name))
         (tmp / "summary.json").write_text(summary + "\n", encoding="utf-8")
         html = render_report(report, files=["summary.json", *written])
         (tmp / "report.html").write_text(html, encoding="utf-8")
