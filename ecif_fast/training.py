@@ -77,7 +77,7 @@ def train(model: nn.Module, images, texts, *, batches: BatchesArg = None, dampin
         it = int(opt.state[th].get("n_iter", 0))
     else:
         eye = torch.eye(space.size, dtype=theta.dtype)
-        hess_R = torch.func.hessian(R)
+        hess_R = torch.func.jacfwd(grad_R)  # not torch.func.hessian: see Curvature.dense (layer_norm)
         for _ in range(max_iter):
             g = grad_R(theta)
             if float(g.abs().max()) < tol:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import torch
-from torch.func import grad, hessian, jvp, vmap
+from torch.func import grad, jacfwd, jvp, vmap
 
 from ..errors import ECIFInputError
 from ..kernels.batching import BatchPlan
@@ -97,7 +97,9 @@ class Curvature:
         if self.kind == "hessian":
             C = torch.zeros(self.size, self.size, dtype=self.theta.dtype)
             for idx in self.groups:
-                C += hessian(self._batch_loss_fn(idx))(self.theta)
+                # jacfwd(grad), not torch.func.hessian (= jacfwd(jacrev)): the vmapped backward of layer_norm
+                # is wrong when both its input and its weight depend on θ (pytorch/functorch#534)
+                C += jacfwd(grad(self._batch_loss_fn(idx)))(self.theta)
             C *= self.factor
         else:
             C = self._dense_gauss_newton()
