@@ -12,6 +12,7 @@ from .errors import BackendUnavailableError, ECIFInputError, NotPositiveDefinite
 from .kernels.batching import BatchPlan, resolve_batches
 from .models.linear_heads import LinearHeads
 from .models.protocol import ContrastiveModel
+from .models.wrap import wrap
 from .results import InfluenceResult
 from .training import train
 
@@ -48,5 +49,5 @@ def backends() -> dict:
 
 
 __all__ = ["ECIF", "LinearHeads", "ContrastiveModel", "InfluenceResult", "BatchPlan", "contrastive_loss",
-           "resolve_batches", "train", "backends", "ECIFInputError", "NotPositiveDefiniteError",
+           "resolve_batches", "train", "wrap", "backends", "ECIFInputError", "NotPositiveDefiniteError",
            "BackendUnavailableError"]
