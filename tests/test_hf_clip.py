@@ -72,3 +72,41 @@ def test_influence_equals_the_brute_force_oracle(params, damping, batches):
     scale = total.abs().max()
     assert float((res.total - total).abs().max() / scale) < 1e-8
     assert float((res.positive - positive).abs().max() / positive.abs().max()) < 1e-8
+
+
+def lora_clip(seed=0):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    # init_lora_weights=False: random B as well as A (a fresh LoRA has B = 0, so ∇F vanishes on A)
+    return get_peft_model(tiny_clip(seed), LoraConfig(r=2, target_modules=["q_proj", "v_proj"],
+                                                      init_lora_weights=False)).double()
+
+
+def test_lora_influence_and_cleaned_copy():
+    """peft LoRA: the default selection is the trained LoRA weights; influence equals the oracle, and the
+    cleaned model is a copy whose LoRA weights (only) carry the removal update."""
+    clip = lora_clip()
+    model = ef.wrap(clip)
+    ecif = ef.ECIF(model, damping=5e3, batches=4, hessian="exact")
+    assert ecif.space.names and all("lora_" in n for n in ecif.space.names)
+    px, ids = pairs(12)
+    tpx, tids = pairs(4, seed=1)
+    ecif.fit(px, ids)
+    res = ecif.influence(tpx, tids)
+
+    def F(mm):
+        return ef.contrastive_loss(mm.encode_image(tpx), mm.encode_text(tids), mm.logit_scale.exp())
+
+    gF = torch.func.grad(lambda th: ecif.fm.call(th, F))(ecif.theta)
+    total, _ = oracle.brute_force_influence(model, px, ids, gF, batches=4, damping=5e3)
+    assert float((res.total - total).abs().max() / total.abs().max()) < 1e-8
+
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cleaned = ecif.cleaned_model([0, 5])
+    after = cleaned.state_dict()
+    expect = ecif.theta + ecif.solver.solve(ecif.group_gradient([0, 5]))
+    assert torch.equal(ecif.space.flat(cleaned), expect)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all("lora_" in k for k in changed)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # original untouched
