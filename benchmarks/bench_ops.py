@@ -1,7 +1,7 @@
 """Embedding-space ops, every backend side by side: time, GEMM-limit ratio and peak memory.
 
 Ops: ``infonce`` (fused loss forward+backward), ``ecif_reductions`` (one query, exact weights) and
-``gauss_newton_product`` (one query). Cases (issue 3):
+``gauss_newton_product`` (one query). Cases:
 
 * ``all``: "all" negatives (one batch of n pairs), n ∈ {4096, 16384, 65536}, d = 256;
 * ``batch``: batch negatives, n = 262144, B = 512, d = 512.

@@ -117,7 +117,7 @@ def test_group_gradient_matches_retraining_gradient_difference(data):
     assert abs(float(engine.group_influence(removed, Xt, Yt).total) - expected) < 1e-10 * abs(expected)
 
 
-# Every kernel backend on the same oracle (issue 3: "the engine's LOO and oracle tests pass on every backend").
+# Every kernel backend on the same oracle: the engine's LOO and oracle checks hold on every backend.
 # The exact solver does not call a kernel; the Gauss–Newton CG solve does, so both paths are covered.
 BACKENDS = ["torch", "cpp", "triton"]
 
