@@ -20,6 +20,7 @@
 // summed in thread order. Work is shared statically (round robin), so for a given thread count
 // every partial sees the same tasks in the same order: results are bitwise reproducible.
 #include "directional.hpp"
+#include "parallel.hpp"
 
 #include <algorithm>
 #include <cmath>
@@ -141,32 +142,11 @@ struct DirPlan {
     }
 };
 
-// Run `body(tid, team)` on nt threads (inline when nt == 1); returns the team size.
-template <class F>
-int dir_parallel(int nt, F body) {
-    int team = 1;
-#pragma omp parallel num_threads(nt) if (nt > 1)
-    {
-        int tid = 0, sz = 1;
-#if defined(_OPENMP)
-        tid = omp_get_thread_num();
-        sz = omp_get_num_threads();
-#pragma omp single nowait
-        team = sz;
-#endif
-        body(tid, sz);
-    }
-    return team;
-}
-
-// Static round-robin share of [0, count) for thread tid of a team of sz (deterministic).
-#define ECIF_FOR_SHARE(var, count, tid, sz) for (i64 var = (tid); var < (count); var += (sz))
-
 template <class T>
 void pack_all(const DirProblem<T>& p, const DirKernels<T>& kern, DirPlan<T>& pl, bool rows) {
     const i64 npack = i64(pl.pack_b.size());
     if (npack == 0) return;
-    dir_parallel(pl.nt, [&](int tid, int sz) {
+    run_team(pl.nt, [&](int tid, int sz) {
         ECIF_FOR_SHARE(k, npack, tid, sz) {
             const i64 b = pl.pack_b[size_t(k)], ct = pl.pack_ct[size_t(k)];
             kern.pack(p, b, ct, rows, pl.vpack.get() + size_t(pl.vpbase[size_t(b)] + ct) * pl.tsz);
@@ -202,7 +182,7 @@ void run_pass(const DirProblem<T>& p, const DirKernels<T>& kern, const DirPlan<T
         const size_t psz = size_t(slices) * size_t(nbig) * size_t(per_col);  // per thread
         std::unique_ptr<T[]> part(new T[size_t(nt) * psz]);
         const i64 cstride = nbig * per_col;  // between slices
-        team = dir_parallel(nt, [&](int tid, int sz) {
+        team = run_team(nt, [&](int tid, int sz) {
             T* mypart = part.get() + size_t(tid) * psz;
             std::fill(mypart, mypart + psz, T(0));
             T* w = ws.get() + size_t(tid) * wsz;
@@ -215,7 +195,7 @@ void run_pass(const DirProblem<T>& p, const DirKernels<T>& kern, const DirPlan<T
             }
         });
         if (nbig > 0) {
-            dir_parallel(nt, [&](int tid, int sz) {
+            run_team(nt, [&](int tid, int sz) {
                 ECIF_FOR_SHARE(c, nbig, tid, sz) {
                     const i64 k = p.perm[pl.bigpos[size_t(c)]];
                     for (int s = 0; s < slices; ++s) {
@@ -283,7 +263,7 @@ void stats_pass(const DirProblem<T>& p, const DirKernels<T>& kern, const DirPlan
     const T ninf = -std::numeric_limits<T>::infinity();
     std::unique_ptr<T[]> pT(new T[size_t(nt) * size_t(nbig) * 3]);
     std::unique_ptr<i64[]> pA(new i64[size_t(nt) * size_t(nbig)]);
-    const int team = dir_parallel(nt, [&](int tid, int sz) {
+    const int team = run_team(nt, [&](int tid, int sz) {
         T* top = pT.get() + size_t(tid) * size_t(nbig) * 3;
         T* rM = top + nbig;
         T* rS = rM + nbig;
@@ -305,7 +285,7 @@ void stats_pass(const DirProblem<T>& p, const DirKernels<T>& kern, const DirPlan
         }
     });
     if (nbig == 0) return;
-    dir_parallel(nt, [&](int tid, int sz) {
+    run_team(nt, [&](int tid, int sz) {
         ECIF_FOR_SHARE(c, nbig, tid, sz) {
             T top = ninf, rM = ninf, rS = T(0);
             i64 arg = 0;
@@ -357,7 +337,7 @@ void run_batches(const DirProblem<T>& p, const DirKernels<T>& kern, const DirPla
     std::unique_ptr<T[]> kbuf(new T[use_cache ? size_t(nt) * ksz : 0]);
     std::vector<double> gsp(size_t(nt) * size_t(Q + 8), 0.0);
     const i64 nbat = i64(pl.batches.size());
-    const int team = dir_parallel(nt, [&](int tid, int sz) {
+    const int team = run_team(nt, [&](int tid, int sz) {
         T* w = ws.get() + size_t(tid) * wsz;
         T* vb = vbuf.get() + size_t(tid) * vsz;
         T* cb = cbuf.get() + size_t(tid) * csz;
@@ -459,7 +439,7 @@ void reductions_driver(const DirProblem<T>& p, T* positive, T* negative, const s
     std::vector<i64> tgR(exact ? size_t(npairs) : 0), tgC(exact ? size_t(npairs) : 0);
     int nt = pl.nt;
     if (double(npairs) * double(Q) * double(d + 8) < 1.0e5) nt = 1;
-    dir_parallel(nt, [&](int tid, int sz) {
+    run_team(nt, [&](int tid, int sz) {
         ECIF_FOR_SHARE(pos, npairs, tid, sz) {
             const i64 k = p.perm[pos], o = bof[size_t(pos)], il = pos - o;
             const T* u = p.U + k * d;

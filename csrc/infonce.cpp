@@ -23,6 +23,7 @@
 // (infonce_per_batch below): whole batches per thread, score tiles cached, no partials, bitwise
 // reproducible, memory O(threads * (B * d + cache)).
 #include "infonce.hpp"
+#include "parallel.hpp"
 
 #include <algorithm>
 #include <cmath>
@@ -86,6 +87,16 @@ IfKernels<T> infonce_kernels_for(const std::string& isa) {
 constexpr double kCacheBytes = 64.0 * 1024 * 1024;
 constexpr double kCacheTotal = 512.0 * 1024 * 1024;
 
+// Loss term of pair k: row LSE + column LSE - 2 t <u_k, v_k> (dot product in double).
+template <class T>
+double pair_loss(const InfonceProblem<T>& p, std::int64_t k) {
+    const T* u = p.U + k * p.d;
+    const T* v = p.V + k * p.d;
+    double dot = 0.0;
+    for (std::int64_t c = 0; c < p.d; ++c) dot += double(u[c]) * double(v[c]);
+    return double(p.row[k]) + double(p.col[k]) - 2.0 * double(p.scale) * dot;
+}
+
 template <class T>
 InfonceScalars infonce_per_batch(const InfonceProblem<T>& p, const IfKernels<T>& kern, const std::string& isa,
                                  int nt, bool with_scale, const std::vector<std::int64_t>& batches) {
@@ -112,16 +123,7 @@ InfonceScalars infonce_per_batch(const InfonceProblem<T>& p, const IfKernels<T>&
     std::vector<double> acc(size_t(nt) * 8, 0.0);  // [0]: dlog_scale, [1]: loss; one cache line per thread
     const i64 nbat = i64(batches.size());
     const i64 npairs = p.offsets[p.num_batches];
-    int team = 1;
-#pragma omp parallel num_threads(nt) if (nt > 1)
-    {
-        int tid = 0, sz = 1;
-#if defined(_OPENMP)
-        tid = omp_get_thread_num();
-        sz = omp_get_num_threads();
-#pragma omp single nowait
-        team = sz;  // read after the region
-#endif
+    const int team = run_team(nt, [&](int tid, int sz) {
         T* w = buf.get() + size_t(tid) * per;
         T* kb = w + wsz;
         T* fv = kb + ksz;
@@ -150,16 +152,9 @@ InfonceScalars infonce_per_batch(const InfonceProblem<T>& p, const IfKernels<T>&
 #pragma omp barrier
         // Loss: sum over pairs of row + col - 2 t <u_k, v_k> (dot products in double), static share.
         double loss = 0.0;
-        for (i64 q = tid; q < npairs; q += sz) {
-            const i64 k = p.perm[q];
-            const T* u = p.U + k * d;
-            const T* v = p.V + k * d;
-            double dot = 0.0;
-            for (i64 c = 0; c < d; ++c) dot += double(u[c]) * double(v[c]);
-            loss += double(p.row[k]) + double(p.col[k]) - 2.0 * double(p.scale) * dot;
-        }
+        ECIF_FOR_SHARE(q, npairs, tid, sz) loss += pair_loss(p, p.perm[q]);
         my[1] = loss;
-    }
+    });
     InfonceScalars out{0.0, 0.0};
     for (int t = 0; t < team; ++t) {  // thread order: deterministic
         out.dlog_scale += acc[size_t(t) * 8];
@@ -332,14 +327,7 @@ InfonceScalars infonce_driver(const InfonceProblem<T>& p, const std::string& isa
 
         // Loss: sum over pairs of row + col - 2 t <u_k, v_k> (dot products in double).
 #pragma omp for schedule(static) reduction(+ : loss) nowait
-        for (i64 q = 0; q < npairs; ++q) {
-            const i64 k = p.perm[q];
-            const T* u = p.U + k * d;
-            const T* v = p.V + k * d;
-            double dot = 0.0;
-            for (i64 c = 0; c < d; ++c) dot += double(u[c]) * double(v[c]);
-            loss += double(p.row[k]) + double(p.col[k]) - 2.0 * double(p.scale) * dot;
-        }
+        for (i64 q = 0; q < npairs; ++q) loss += pair_loss(p, p.perm[q]);
 
         // (implicit barrier: the packed tiles are complete before the tasks)
 #pragma omp for schedule(dynamic, 1)
