@@ -49,3 +49,18 @@ def mixed_plan(n, gen):
     ids = torch.cat([torch.zeros(210, dtype=torch.int64), torch.ones(97, dtype=torch.int64),
                      torch.arange(2, 2 + n - 307)])
     return resolve_batches(ids[torch.randperm(n, generator=gen)], n)
+
+
+def on_every_isa_and_thread_count(monkeypatch, call, repeats: int = 1):
+    """Run ``call()`` ``repeats`` times under every compiled C++ ISA (``ECIF_FAST_CPU_ISA``) on 1 and 2 torch
+    threads. Yields ``(tag, [outputs])``; the thread count is back to 1 before each yield."""
+    from ecif_fast import _C
+    from ecif_fast.kernels import cpp_backend
+
+    for isa in _C.supported_isas():
+        monkeypatch.setenv(cpp_backend.ISA_ENV_VAR, isa)
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            outs = [call() for _ in range(repeats)]
+            torch.set_num_threads(1)
+            yield f"isa={isa} threads={threads}", outs

@@ -24,7 +24,7 @@ from ecif_fast.errors import ECIFInputError
 from ecif_fast.kernels import cpp_backend
 from ecif_fast.kernels.batching import BatchPlan, resolve_batches
 from ecif_fast.kernels.torch_ref.loss import contrastive_loss
-from kernel_cases import DTYPES, SCALES, ragged_ids, unit
+from kernel_cases import DTYPES, SCALES, ragged_ids, unit, on_every_isa_and_thread_count
 
 pytestmark = pytest.mark.skipif(not cpp_backend.available(),
                                 reason=f"C++ extension not built: {cpp_backend.unavailable_reason()}")
@@ -139,7 +139,6 @@ def test_every_isa_and_thread_count(monkeypatch):
     """Each compiled instruction-set variant that this CPU runs, on 1 and 2 threads: one multi-tile
     batch (per-thread dV partials), mixed big/small/singleton batches, d not a multiple of the panel
     width and d > 256 (blocked inner dimension), moderate and adversarial logits."""
-    from ecif_fast import _C
     gen = torch.Generator().manual_seed(11)
     n = 400
     ids = torch.cat([torch.zeros(210, dtype=torch.int64), torch.ones(97, dtype=torch.int64),
@@ -157,15 +156,10 @@ def test_every_isa_and_thread_count(monkeypatch):
                     Uc, Vc = U.to(dtype), Vc.to(dtype)
                     for plan in plans:
                         ref = reference(Uc, Vc, scale, plan)
-                        for isa in _C.supported_isas():
-                            monkeypatch.setenv(cpp_backend.ISA_ENV_VAR, isa)
-                            for threads in (1, 2):
-                                torch.set_num_threads(threads)
-                                out = cpp_backend.infonce(Uc, Vc, scale, plan, True)
-                                torch.set_num_threads(1)
-                                check(out, ref, Uc, Vc, scale, plan, dtype,
-                                      f"isa={isa} threads={threads} d={d} {dtype} scale={scale} "
-                                      f"batches={plan.num_batches}")
+                        for tag, (out,) in on_every_isa_and_thread_count(
+                                monkeypatch, lambda: cpp_backend.infonce(Uc, Vc, scale, plan, True)):
+                            check(out, ref, Uc, Vc, scale, plan, dtype,
+                                  f"{tag} d={d} {dtype} scale={scale} batches={plan.num_batches}")
     finally:
         torch.set_num_threads(old)
     monkeypatch.setenv(cpp_backend.ISA_ENV_VAR, "no-such-isa")
@@ -230,7 +224,6 @@ def test_many_batches_every_isa_and_thread_count(monkeypatch):
     96-pair tile, multi-tile ones), so that 2 threads run whole batches each (per-batch mode, asserted
     via the driver's rule and enough work for the threads), on every compiled ISA this CPU runs, 1 and
     2 threads, float32 / float64, d not a multiple of the panel width and d > 256, adversarial logits."""
-    from ecif_fast import _C
     gen = torch.Generator().manual_seed(21)
     plan = many_batch_plan(MANY_SIZES, gen)
     n = plan.n
@@ -243,15 +236,10 @@ def test_many_batches_every_isa_and_thread_count(monkeypatch):
                 for dtype in (torch.float32, torch.float64):
                     Uc, Vc = U.to(dtype), Vc0.to(dtype)
                     ref = reference(Uc, Vc, scale, plan)
-                    for isa in _C.supported_isas():
-                        monkeypatch.setenv(cpp_backend.ISA_ENV_VAR, isa)
-                        for threads in (1, 2):
-                            torch.set_num_threads(threads)
-                            out = cpp_backend.infonce(Uc, Vc, scale, plan, True)
-                            torch.set_num_threads(1)
-                            assert all(torch.isfinite(x).all() for x in out)
-                            check(out, ref, Uc, Vc, scale, plan, dtype,
-                                  f"isa={isa} threads={threads} d={d} {dtype} {name} scale={scale}")
+                    for tag, (out,) in on_every_isa_and_thread_count(
+                            monkeypatch, lambda: cpp_backend.infonce(Uc, Vc, scale, plan, True)):
+                        assert all(torch.isfinite(x).all() for x in out)
+                        check(out, ref, Uc, Vc, scale, plan, dtype, f"{tag} d={d} {dtype} {name} scale={scale}")
     finally:
         torch.set_num_threads(old)
 

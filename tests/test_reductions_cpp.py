@@ -34,7 +34,7 @@ from hypothesis import strategies as st
 from ecif_fast.kernels import cpp_backend, registry
 from ecif_fast.kernels.batching import resolve_batches
 from ecif_fast.kernels.torch_ref.reductions import ecif_reductions as twin
-from kernel_cases import DTYPES, SCALES, directions, mixed_plan, ragged_ids, unit
+from kernel_cases import DTYPES, SCALES, directions, mixed_plan, ragged_ids, unit, on_every_isa_and_thread_count
 
 pytestmark = pytest.mark.skipif(not cpp_backend.available(),
                                 reason=f"C++ extension not built: {cpp_backend.unavailable_reason()}")
@@ -104,7 +104,6 @@ def test_every_isa_and_thread_count_deterministic(monkeypatch):
     """Every compiled instruction-set variant this CPU runs, on 1 and 2 threads: one multi-tile batch,
     mixed batch sizes, d not a multiple of the panel width and d > 256 (blocked inner dimension),
     moderate and adversarial logits. The same thread count gives bitwise the same result."""
-    from ecif_fast import _C
     gen = torch.Generator().manual_seed(11)
     n = 400
     plans = [resolve_batches(None, n), mixed_plan(n, gen)]
@@ -116,16 +115,11 @@ def test_every_isa_and_thread_count_deterministic(monkeypatch):
         U, dU, dV, ds = U.to(dtype), dU.to(dtype), dV.to(dtype), ds.to(dtype)
         for Vc, scale in ((V.to(dtype), 30.0), (Vhuge.to(dtype), 50.0)):
             for plan, term in zip(plans, ("exact", "taylor")):
-                for isa in _C.supported_isas():
-                    monkeypatch.setenv(cpp_backend.ISA_ENV_VAR, isa)
-                    for threads in (1, 2):
-                        torch.set_num_threads(threads)
-                        out = cpp_backend.ecif_reductions(U, Vc, scale, plan, dU, dV, ds, term)
-                        again = cpp_backend.ecif_reductions(U, Vc, scale, plan, dU, dV, ds, term)
-                        torch.set_num_threads(1)
-                        tag = f"isa={isa} threads={threads} d={d} {dtype} scale={scale} {term}"
-                        assert all(torch.equal(a, b) for a, b in zip(out, again)), f"not deterministic, {tag}"
-                        check(out, U, Vc, scale, plan, dU, dV, ds, term, dtype, tag)
+                for tag, (out, again) in on_every_isa_and_thread_count(
+                        monkeypatch, lambda: cpp_backend.ecif_reductions(U, Vc, scale, plan, dU, dV, ds, term), 2):
+                    tag = f"{tag} d={d} {dtype} scale={scale} {term}"
+                    assert all(torch.equal(a, b) for a, b in zip(out, again)), f"not deterministic, {tag}"
+                    check(out, U, Vc, scale, plan, dU, dV, ds, term, dtype, tag)
     monkeypatch.setenv(cpp_backend.ISA_ENV_VAR, "no-such-isa")
     with pytest.raises(ValueError, match="no-such-isa"):
         cpp_backend.ecif_reductions(U, V.to(dtype), 1.0, plans[0], dU, dV)
