@@ -84,6 +84,7 @@ class ECIF:
             raise ECIFInputError(f"backend must be a string such as 'torch', 'cpp' or 'triton', or None; "
                                  f"got {type(backend).__name__}")
         self.backend = backend
+        self._self_influence = None
         self._fitted = False
 
     # ------------------------------------------------------------------ fit
@@ -112,6 +113,7 @@ class ECIF:
             self.solver = CGSolver(self.curvature, self.damping, self.cg_tol, self.cg_maxiter)
         else:
             self.solver = LowRankSolver(self.curvature, self.damping, self.rank, self.seed)
+        self._self_influence = None  # all pairs, computed on first use (detection, trace-back, RelatIF)
         self._fitted = True
         return self
 
@@ -239,7 +241,17 @@ class ECIF:
         return out[idx]
 
     def self_influence(self, indices=None) -> torch.Tensor:
-        """``(K,)`` self-influence ``g_kᵀ H⁻¹ g_k`` (all pairs by default): an outlier / misalignment score."""
+        """``(K,)`` self-influence ``g_kᵀ H⁻¹ g_k`` (all pairs by default): an outlier / misalignment score.
+
+        The all-pairs vector is computed once per :meth:`fit` and reused.
+        """
+        if indices is None:
+            if self._self_influence is None:
+                self._self_influence = self._self_influence_of(None)
+            return self._self_influence.clone()
+        return self._self_influence_of(indices)
+
+    def _self_influence_of(self, indices) -> torch.Tensor:
         G = self.pair_gradients(indices)
         out = torch.empty(G.shape[0], dtype=G.dtype)
         for a in range(0, G.shape[0], 1024):
@@ -250,7 +262,10 @@ class ECIF:
     def relative_influence(self, test_images=None, test_texts=None, *, fn: TestFn | None = None,
                            per_test: bool = False) -> torch.Tensor:
         """RelatIF-style trace-back score ``∇Fᵀ H⁻¹ g_k / sqrt(g_kᵀ H⁻¹ g_k)`` (SPEC §3), shape as ``influence``."""
-        total = self.influence(test_images, test_texts, fn=fn, per_test=per_test).total
+        return self.relative(self.influence(test_images, test_texts, fn=fn, per_test=per_test).total)
+
+    def relative(self, total: torch.Tensor) -> torch.Tensor:
+        """RelatIF normalisation of influences ``total (..., n_train)``: ``total / sqrt(g_kᵀ H⁻¹ g_k)``."""
         return total / self.self_influence().clamp_min(torch.finfo(total.dtype).tiny).sqrt()
 
     # ------------------------------------------------------------------ groups and removal

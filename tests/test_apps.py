@@ -170,3 +170,25 @@ def test_clean_matches_removal_update_and_retraining(fitted):
     losses = res.table["val_loss"].to_numpy()
     assert abs(losses[1] - losses[2]) < 0.25 * abs(losses[2] - losses[0])  # predicted vs actual change
     assert torch.equal(ecif.space.flat(ecif.model), theta0)  # the original model is untouched
+
+
+def test_self_influence_is_computed_once_per_fit(fitted, monkeypatch):
+    """Detection, trace-back and RelatIF share one all-pairs self-influence per fit (a copy each time)."""
+    ecif, X, Y, Xv, Yv, labels, _ = fitted
+    calls = []
+    real = type(ecif).pair_gradients
+    monkeypatch.setattr(type(ecif), "pair_gradients", lambda self, idx=None: calls.append(idx) or real(self, idx))
+    ecif.fit(X, Y)
+    first = ecif.self_influence()
+    first.zero_()                                    # the caller's copy, not the cache
+    again = ecif.self_influence()
+    trace_back(ecif, Xv[:2], Yv[:2], k=2)
+    detect_misaligned(ecif, scoring="self")
+    assert len(calls) == 1 and bool((again > 0).all())
+    G = real(ecif)
+    np.testing.assert_allclose(again.numpy(), (G * ecif.solver.solve(G.T.contiguous()).T).sum(1).numpy(),
+                               rtol=1e-12)
+    assert torch.equal(ecif.self_influence([3, 4]), ecif._self_influence_of([3, 4])) and len(calls) == 3
+    ecif.fit(X, Y)                                   # a new fit computes it afresh
+    ecif.self_influence()
+    assert len(calls) == 4

@@ -38,12 +38,6 @@ class PairInfo:
             cols[name] = _column(values, name, n)
         return cols
 
-    def subset(self, keep: np.ndarray) -> "PairInfo":
-        """The metadata of the pairs ``keep`` (indices or boolean mask)."""
-        pick = lambda v: None if v is None else np.asarray(v, dtype=object)[keep]  # noqa: E731
-        return PairInfo(pick(self.pair_ids), pick(self.captions), pick(self.image_paths),
-                        {k: np.asarray(v)[keep] for k, v in self.extra.items()})
-
 
 def _column(values, name: str, n: int) -> np.ndarray:
     arr = values.detach().cpu().numpy() if torch.is_tensor(values) else np.asarray(values)

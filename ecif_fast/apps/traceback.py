@@ -74,8 +74,7 @@ def trace_back(ecif: ECIF, test_images=None, test_texts=None, *, fn: Sequence[Ca
     if not 1 <= k:
         raise ECIFInputError(f"k must be >= 1, got {k}")
     k = min(k, ecif.n)
-    self_inf = ecif.self_influence()
-    rel = total / self_inf.clamp_min(torch.finfo(total.dtype).tiny).sqrt()
+    rel = ecif.relative(total)
     m = total.shape[0]
     ids = np.arange(m) if test_ids is None else np.asarray(test_ids)
     if ids.shape != (m,):
