@@ -35,6 +35,29 @@ def _reference(space, theta_ref, dtype) -> torch.Tensor:
     return ref
 
 
+def _objective(model, images, texts, batches, damping, theta_ref, params):
+    """``(R, θ, space)``: the function ``θ ↦ R(θ)`` of SPEC §2 on these pairs and the model's current θ."""
+    X, Y = check_pairs(images, texts)
+    plan = resolve_batches(batches, X.shape[0])
+    space = select_params(model, params)
+    fm = FunctionalModel(model, space)
+    theta = space.flat(model)
+    ref = _reference(space, theta_ref, theta.dtype)
+
+    def R(th):
+        U, V, s = fm.embed(th, X, Y)
+        return contrastive_loss(U, V, s.exp(), plan) + 0.5 * damping * ((th - ref) ** 2).sum()
+
+    return R, theta, space
+
+
+def objective(model: nn.Module, images, texts, *, batches: BatchesArg = None, damping: float = 0.0, theta_ref=None,
+              params: ParamsArg = None) -> TrainResult:
+    """``R(θ)`` at the model's current parameters and ``max|∇R|`` (how far from the optimum), no training."""
+    R, theta, *_ = _objective(model, images, texts, batches, damping, theta_ref, params)
+    return TrainResult(float(R(theta)), float(torch.func.grad(R)(theta).abs().max()), 0)
+
+
 def train(model: nn.Module, images, texts, *, batches: BatchesArg = None, damping: float = 0.0, theta_ref=None,
           params: ParamsArg = None, method: str = "auto", max_iter: int = 200, tol: float = 1e-10) -> TrainResult:
     """Minimise ``R(θ) = Σ_b Σ_{k∈b} ℓ_k + (δ/2)||θ − θ_ref||²`` over the selected parameters, in place.
@@ -45,19 +68,9 @@ def train(model: nn.Module, images, texts, *, batches: BatchesArg = None, dampin
         method: ``"newton"``, ``"lbfgs"`` or ``"auto"`` (Newton when ``P <= 3000``).
         max_iter: iterations (Newton steps or L-BFGS iterations). tol: stop when ``max|∇R| < tol``.
     """
-    X, Y = check_pairs(images, texts)
-    plan = resolve_batches(batches, X.shape[0])
-    space = select_params(model, params)
-    fm = FunctionalModel(model, space)
-    theta = space.flat(model)
-    ref = _reference(space, theta_ref, theta.dtype)
     if method not in ("newton", "lbfgs", "auto"):
         raise ValueError(f"method must be 'newton', 'lbfgs' or 'auto', got {method!r}")
-
-    def R(th):
-        U, V, s = fm.embed(th, X, Y)
-        return contrastive_loss(U, V, s.exp(), plan) + 0.5 * damping * ((th - ref) ** 2).sum()
-
+    R, theta, space = _objective(model, images, texts, batches, damping, theta_ref, params)
     grad_R = torch.func.grad(R)
     it = 0
     if method == "auto":

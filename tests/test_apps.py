@@ -12,6 +12,7 @@ import ecif_fast as ef
 from ecif_fast.apps import (PairInfo, clean, detect_misaligned, detection_metrics, precision_at_k, trace_back,
                             value_data, zero_shot_logits, zero_shot_losses)
 from ecif_fast.apps.metrics import auroc, average_precision
+from ecif_fast.training import objective
 from problems import heads, paired_features
 
 N, B, DAMP = 96, 24, 1.0
@@ -192,3 +193,15 @@ def test_self_influence_is_computed_once_per_fit(fitted, monkeypatch):
     ecif.fit(X, Y)                                   # a new fit computes it afresh
     ecif.self_influence()
     assert len(calls) == 4
+
+
+def test_objective_reports_the_training_optimum(fitted):
+    """``objective`` evaluates R and max|∇R| where ``train`` left the model: the same loss, a tiny gradient."""
+    ecif, X, Y, _, _, _, ref = fitted
+    import copy
+    m = copy.deepcopy(ecif.model)
+    res = ef.train(m, X, Y, batches=B, damping=DAMP, theta_ref=ref)
+    at = objective(m, X, Y, batches=B, damping=DAMP, theta_ref=ref)
+    assert at.loss == pytest.approx(res.loss, rel=1e-14) and at.grad_norm == pytest.approx(res.grad_norm, abs=1e-12)
+    moved = objective(m, X, Y, batches=B, damping=DAMP, theta_ref=ref + 0.1)
+    assert moved.grad_norm > 1e-3  # away from its optimum R has a visible gradient

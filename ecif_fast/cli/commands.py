@@ -13,7 +13,8 @@ import time
 import numpy as np
 import torch
 
-from .. import ECIF, LinearHeads, contrastive_loss, train as train_heads
+from .. import ECIF, LinearHeads, train as train_heads
+from ..training import objective
 from ..apps import clean as clean_pairs, detect_misaligned, trace_back, value_data, zero_shot_logits, zero_shot_losses
 from .checkpoint import save_checkpoint, trained_vector
 from .data_files import DataFileError, PairsData, ids_to_indices, load_ids, load_pairs
@@ -392,15 +393,11 @@ def _record(s: Setup, ecif: ECIF, model, keep: np.ndarray, removed_table, iterat
     batch_ids = ecif.plan.batch_ids()[kept]
     X, Y = s.t(s.train.images[kept]), s.t(s.train.texts[kept])
     ref = torch.as_tensor(s.training["theta_ref"]).to(s.dtype)
-    params = [p for p in model.parameters() if p.requires_grad]
     with torch.enable_grad():
-        theta = torch.cat([p.reshape(-1) for p in params])
-        R = (contrastive_loss(model.encode_image(X), model.encode_text(Y), model.logit_scale.exp(), batch_ids)
-             + 0.5 * ecif.damping * ((theta - ref) ** 2).sum())
-        grads = torch.autograd.grad(R, params)
+        at = objective(model, X, Y, batches=batch_ids, damping=ecif.damping, theta_ref=ref)
     subset = PairsData(s.train.path, s.train.images[kept], s.train.texts[kept])
-    return {"damping": float(ecif.damping), "batch_ids": batch_ids, "theta_ref": ref, "loss": float(R.detach()),
-            "grad_norm": float(max(g.abs().max() for g in grads)), "iterations": iterations,
+    return {"damping": float(ecif.damping), "batch_ids": batch_ids, "theta_ref": ref, "loss": at.loss,
+            "grad_norm": at.grad_norm, "iterations": iterations,
             "method": s.training.get("method", "auto"), "max_iter": s.training.get("max_iter", 200),
             "n_train": int(keep.sum()), "fingerprint": subset.fingerprint(),
             "removed_pair_ids": [str(v) for v in removed_table["pair_id"].tolist()]}
