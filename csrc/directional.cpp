@@ -93,23 +93,11 @@ struct DirPlan {
         const i64 nb = p.num_batches;
         bigbase.assign(static_cast<size_t>(nb > 0 ? nb : 0), -1);
         vpbase.assign(static_cast<size_t>(nb > 0 ? nb : 0), -1);
-        double work = 0.0, sq = 0.0;
-        for (i64 b = 0; b < nb; ++b) {
-            const i64 B = p.offsets[b + 1] - p.offsets[b];
-            if (B <= 0) continue;
-            batches.push_back(b);
-            maxB = std::max(maxB, B);
-            sq += double(B) * double(B);
-        }
-        work = sq * double(flops_per_entry) * double(p.d + 32);
-#if defined(_OPENMP)
-        nt = num_threads > 0 ? num_threads : omp_get_max_threads();
-        if (work < 4.0e6) nt = 1;  // a parallel region costs more than it saves (see lse.cpp)
-        if (nt < 1) nt = 1;
-#else
-        (void)num_threads;
-#endif
-        per_batch = nt == 1 || double(maxB) * double(maxB) * 4.0 * nt <= sq;
+        BatchShape shape(p.offsets, nb);
+        batches = std::move(shape.batches);
+        maxB = shape.maxB;
+        nt = team_size(num_threads, shape.sq * double(flops_per_entry) * double(p.d + 32));
+        per_batch = nt == 1 || shape.balanced(nt);
         tsz = size_t(dir_tile_elems(p.d, p.Q));
         if (per_batch) return;
         for (const i64 b : batches) {

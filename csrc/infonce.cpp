@@ -163,16 +163,6 @@ InfonceScalars infonce_per_batch(const InfonceProblem<T>& p, const IfKernels<T>&
     return out;
 }
 
-template <class T>
-double work_of(const InfonceProblem<T>& p) {
-    double work = 0.0;
-    for (std::int64_t b = 0; b < p.num_batches; ++b) {
-        const std::int64_t B = p.offsets[b + 1] - p.offsets[b];
-        if (B > 0) work += double(B) * double(B) * double(p.d + 32);
-    }
-    return work;
-}
-
 // Column tiles per phase of the streaming mode: per-thread dV partials of about kChunkBytes in all
 // (threads * chunk * d elements), but at least kChunkMinTiles tiles (768 columns) so that the phase
 // barriers and the per-chunk repacking of each row tile's U stay negligible. Test hook: the
@@ -199,44 +189,24 @@ InfonceScalars infonce_driver(const InfonceProblem<T>& p, const std::string& isa
 
     // Mode choice: the rule of the directional ops (directional.cpp, DirPlan): per-batch mode when
     // one thread runs everything or no batch dominates the work (maxB^2 * 4 * threads <= sum B^2).
+    const BatchShape shape(p.offsets, nb);
+    const int nt = team_size(num_threads, shape.sq * double(d + 32));
     {
-        std::vector<i64> batches;
-        i64 maxB = 0;
-        double sq = 0.0;
-        for (i64 b = 0; b < nb; ++b) {
-            const i64 B = p.offsets[b + 1] - p.offsets[b];
-            if (B <= 0) continue;
-            batches.push_back(b);
-            maxB = std::max(maxB, B);
-            sq += double(B) * double(B);
-        }
-        int nt1 = 1;
-#if defined(_OPENMP)
-        nt1 = num_threads > 0 ? num_threads : omp_get_max_threads();
-        if (sq * double(d + 32) < 4.0e6) nt1 = 1;  // as below
-        if (nt1 < 1) nt1 = 1;
-#endif
+        const std::vector<i64>& batches = shape.batches;
+        const i64 maxB = shape.maxB;
         if (batches.empty()) return out;
         // One thread and a single batch too big for the cache (e.g. "all" negatives at large n): the
         // streaming path below (measured ~10 % faster there than the per-batch mode's fallback).
         const bool lone_big = batches.size() == 1 &&
-                              double(infonce_cache_elems(maxB)) * sizeof(T) > std::min(kCacheBytes, kCacheTotal / nt1);
-        if ((nt1 == 1 && !lone_big) || (nt1 > 1 && double(maxB) * double(maxB) * 4.0 * nt1 <= sq))
-            return infonce_per_batch(p, kern, isa, nt1, with_scale, batches);
+                              double(infonce_cache_elems(maxB)) * sizeof(T) > std::min(kCacheBytes, kCacheTotal / nt);
+        if ((nt == 1 && !lone_big) || (nt > 1 && shape.balanced(nt)))
+            return infonce_per_batch(p, kern, isa, nt, with_scale, batches);
     }
 
     // Pass 1: row and column log-sum-exps of every batch (streamed, the lse kernel).
     const LseProblem<T> lp{p.U, p.V, n, d, p.scale, p.perm, p.offsets, nb, p.row, p.col};
     lse(lp, isa, num_threads);
 
-    int nt = 1;
-#if defined(_OPENMP)
-    nt = num_threads > 0 ? num_threads : omp_get_max_threads();
-    if (work_of(p) < 4.0e6) nt = 1;  // a parallel region costs more than it saves (see lse.cpp)
-    if (nt < 1) nt = 1;
-#else
-    (void)num_threads;
-#endif
 
     // Column chunks ("phases"): the big batches' column tiles, in batch order, cut into phases of at
     // most capT tiles (a batch may straddle two or more phases; a phase holds at most one column

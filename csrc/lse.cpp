@@ -1,5 +1,6 @@
 // Plan validation and run-time selection of the instruction-set variant.
 #include "lse.hpp"
+#include "parallel.hpp"
 
 #include <algorithm>
 #include <cmath>
@@ -157,21 +158,7 @@ void lse_driver(const LseProblem<T>& p, const std::string& isa, int num_threads)
     // Work estimate (score entries times the per-entry cost); tiny problems run on one thread, where
     // a parallel region's fork/barriers would cost more than they save (and much more when the
     // cores are oversubscribed).
-    double work = 0.0;
-    for (i64 b = 0; b < nb; ++b) {
-        const double B = static_cast<double>(p.offsets[b + 1] - p.offsets[b]);
-        work += B * B * static_cast<double>(p.d + 32);
-    }
-    int nt = 1;
-#if defined(_OPENMP)
-    nt = num_threads > 0 ? num_threads : omp_get_max_threads();
-    if (nt > ntasks) nt = static_cast<int>(ntasks);
-    if (work < 4.0e6) nt = 1;
-    if (nt < 1) nt = 1;
-#else
-    (void)num_threads;
-    (void)work;
-#endif
+    const int nt = team_size(num_threads, BatchShape(p.offsets, nb).sq * static_cast<double>(p.d + 32), ntasks);
     const size_t wsz = static_cast<size_t>(lse_workspace_elems(p.d));
     std::vector<T> ws(static_cast<size_t>(nt) * wsz);
     std::vector<T> partM(static_cast<size_t>(nt) * static_cast<size_t>(nbig));
