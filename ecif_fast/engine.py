@@ -35,7 +35,19 @@ def _collect(data, texts):
         ys.append(torch.as_tensor(item[1]))
     if not xs:
         raise ECIFInputError("empty data: the DataLoader yielded no pairs")
+    if len({y.shape[1:] for y in ys}) > 1 and all(y.dim() == 2 and not y.is_floating_point() for y in ys):
+        from .data import pad_right  # token batches padded to their own longest caption (ecif_fast.data)
+
+        ys = pad_right(ys, getattr(getattr(data, "collate_fn", None), "pad_token_id", None))
     return torch.cat(xs), torch.cat(ys)
+
+
+def default_chunks(model: nn.Module) -> tuple[int, int]:
+    """``(chunk_size, tangent_chunk)`` for a model: ``(4096, 256)`` under 2 million parameters (embedding
+    heads: activations are tiny, bigger calls amortise overhead), else ``(64, 8)`` (transformer towers: one
+    chunk of 64 pairs already holds gigabytes of activations in a ViT-B/32)."""
+    size = sum(p.numel() for p in model.parameters()) if isinstance(model, nn.Module) else 0
+    return (4096, 256) if size < 2_000_000 else (64, 8)
 
 
 class ECIF:
@@ -52,7 +64,13 @@ class ECIF:
         params: which parameters are trained (see :func:`ecif_fast.models.params.select_params`).
         rank: eigenpairs kept by the low-rank solver. cg_tol, cg_maxiter: CG stopping rule.
         hessian_batches: optional batch numbers to subsample the curvature.
-        chunk_size: pairs per encoder call in the JVP pass. progress: show progress bars.
+        chunk_size: pairs per encoder call (embedding, JVP pass, curvature products: whole batches are kept
+            together there). tangent_chunk: tangent / cotangent vectors pushed through the encoders per call
+            (the JVP pass over several test functions, curvature products over several columns, per-pair
+            gradients). Peak memory is about ``chunk_size × tangent_chunk`` pairs' activations. Both default to
+            ``None``: 4096 and 256 for a small model (under 2 million parameters, e.g. ``LinearHeads``), 64 and
+            8 otherwise (a transformer CLIP; see :func:`default_chunks`).
+        progress: show progress bars.
         backend: kernel backend for the embedding-space ops (``"torch"``, ``"cpp"``, ``"triton"``);
             default automatic (``ECIF_FAST_BACKEND`` if set), see :mod:`ecif_fast.kernels.registry`.
     """
@@ -60,7 +78,8 @@ class ECIF:
     def __init__(self, model: nn.Module, *, damping, batches: BatchesArg = None, negative_term: str = "exact",
                  hessian: str = "exact", curvature: str = "hessian", params: ParamsArg = None, rank: int = 64,
                  cg_tol: float = 1e-10, cg_maxiter: int | None = None, hessian_batches=None,
-                 chunk_size: int = 4096, progress: bool = False, seed: int = 0, backend: str | None = None):
+                 chunk_size: int | None = None, tangent_chunk: int | None = None, progress: bool = False,
+                 seed: int = 0, backend: str | None = None):
         self.negative_term = check_choice(negative_term, "negative_term", NEGATIVE_TERMS)
         self.solver_name = check_choice(hessian, "hessian", SOLVERS)
         self.curvature_kind = check_choice(curvature, "curvature", CURVATURES)
@@ -68,8 +87,12 @@ class ECIF:
             raise ECIFInputError(f"damping must be a positive number or 'auto', got {damping!r}")
         if not isinstance(damping, str):
             resolve_damping(damping, None)  # validate early
-        if chunk_size < 1:
-            raise ECIFInputError(f"chunk_size must be >= 1, got {chunk_size}")
+        auto_pairs, auto_tangents = default_chunks(model)
+        chunk_size = auto_pairs if chunk_size is None else chunk_size
+        tangent_chunk = auto_tangents if tangent_chunk is None else tangent_chunk
+        for name, value in (("chunk_size", chunk_size), ("tangent_chunk", tangent_chunk)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ECIFInputError(f"{name} must be an int >= 1 (or None for automatic), got {value!r}")
         self.model = model
         self.space = select_params(model, params)
         self.fm = FunctionalModel(model, self.space)
@@ -77,7 +100,7 @@ class ECIF:
         self.batches_arg = batches
         self.rank, self.cg_tol, self.cg_maxiter = rank, cg_tol, cg_maxiter
         self.hessian_batches = hessian_batches
-        self.chunk_size = chunk_size
+        self.chunk_size, self.tangent_chunk = chunk_size, tangent_chunk
         self.progress = progress
         self.seed = seed
         if backend is not None and not isinstance(backend, str):
@@ -104,7 +127,8 @@ class ECIF:
             U, V, s = self._embed_all(self.theta)
         self.U, self.V, self.log_scale = U, V, s.detach()
         self.curvature = Curvature(self.fm, self.theta, X, Y, self.plan, self.curvature_kind, self.hessian_batches,
-                                   backend=self.backend, chunk_pairs=self.chunk_size)
+                                   backend=self.backend, chunk_pairs=self.chunk_size,
+                                   tangent_chunk=self.tangent_chunk)
         dense = self.curvature.dense() if self.solver_name == "exact" else None
         self.damping = resolve_damping(self.damping_arg, self.curvature, dense)
         if self.solver_name == "exact":
@@ -157,22 +181,23 @@ class ECIF:
             S = s.exp() * (U @ V.T)
             return per_pair_loss(S) if per_test else batch_loss(S).reshape(1)
 
-        return jacrev(test_losses)(theta)
+        return jacrev(test_losses, chunk_size=self.tangent_chunk)(theta)
 
     # ------------------------------------------------------------------ embedding-space path
     def _directions(self, H: torch.Tensor):
         """``(dU, dV, ds)`` = ``J·h`` for the columns of ``H (P, Q)``: ``(Q, n, d)``, ``(Q, n, d)``, ``(Q,)``."""
         dUs, dVs, ds = [], [], None
+        columns = H.T.contiguous().split(self.tangent_chunk)
         for a in self._chunks("JVP pass"):
             X, Y = self.X[a:a + self.chunk_size], self.Y[a:a + self.chunk_size]
 
             def tangent(h):
                 return jvp(lambda th: self.fm.embed(th, X, Y), (self.theta,), (h,))[1]
 
-            dU, dV, dsq = vmap(tangent)(H.T.contiguous())
-            dUs.append(dU)
-            dVs.append(dV)
-            ds = dsq
+            parts = [vmap(tangent)(c) for c in columns]
+            dUs.append(torch.cat([p[0] for p in parts]))
+            dVs.append(torch.cat([p[1] for p in parts]))
+            ds = torch.cat([p[2] for p in parts])
         return torch.cat(dUs, 1), torch.cat(dVs, 1), (ds if self.fm.scale_trained else None)
 
     def _check_finite(self, *tensors):
@@ -221,29 +246,38 @@ class ECIF:
         Per-sample gradients are formed here only for the quantities that need them (self-influence,
         relative influence); batch by batch, from closed-form embedding gradients and one batched VJP.
         """
+        uniq, inverse = self._unique_pairs(indices)
+        out = torch.empty(uniq.numel(), self.space.size, dtype=self.theta.dtype)
+        for rows, G in self._gradient_blocks(uniq):
+            out[rows] = G
+        return out[inverse]
+
+    def _unique_pairs(self, indices):
         self._require_fit()
         idx = torch.arange(self.n) if indices is None else check_indices(indices, self.n)
-        want = torch.zeros(self.n, dtype=torch.bool)
-        want[idx] = True
-        out = torch.empty(self.n, self.space.size, dtype=self.theta.dtype)
+        return torch.unique(idx, return_inverse=True)
+
+    def _gradient_blocks(self, uniq: torch.Tensor):
+        """Yield ``(rows, G)``: the gradients ``G (k, P)`` of ``uniq[rows]``, ``tangent_chunk`` pairs at a time,
+        one batch's activations alive at once (``uniq`` sorted and unique)."""
+        row_of = torch.full((self.n,), -1, dtype=torch.int64)
+        row_of[uniq] = torch.arange(uniq.numel())
         t = self.log_scale.exp()
         exact = self.negative_term == "exact"
         for group in self.plan.groups():
-            local = want[group].nonzero().flatten()
+            local = (row_of[group] >= 0).nonzero().flatten()
             if local.numel() == 0:
                 continue
             (U, V, s), pull = self.fm.embed_vjp(self.theta, self.X[group], self.Y[group])
-            for a in range(0, local.numel(), 256):
-                ks = local[a:a + 256]
+            for ks in local.split(self.tangent_chunk):
                 gU, gV, gs = pair_embedding_gradients(U.detach(), V.detach(), t, exact, True, ks)
-                grads = vmap(pull)(gU.to(U.dtype), gV.to(V.dtype), gs.to(s.dtype))
-                out[group[ks]] = grads
-        return out[idx]
+                yield row_of[group[ks]], vmap(pull)(gU.to(U.dtype), gV.to(V.dtype), gs.to(s.dtype))
 
     def self_influence(self, indices=None) -> torch.Tensor:
         """``(K,)`` self-influence ``g_kᵀ H⁻¹ g_k`` (all pairs by default): an outlier / misalignment score.
 
-        The all-pairs vector is computed once per :meth:`fit` and reused.
+        The all-pairs vector is computed once per :meth:`fit` and reused. Per-pair gradients are streamed
+        (``tangent_chunk`` at a time), never held for all pairs.
         """
         if indices is None:
             if self._self_influence is None:
@@ -252,12 +286,13 @@ class ECIF:
         return self._self_influence_of(indices)
 
     def _self_influence_of(self, indices) -> torch.Tensor:
-        G = self.pair_gradients(indices)
-        out = torch.empty(G.shape[0], dtype=G.dtype)
-        for a in range(0, G.shape[0], 1024):
-            g = G[a:a + 1024]
-            out[a:a + 1024] = (g * self.solver.solve(g.T.contiguous()).T).sum(1)
-        return out
+        uniq, inverse = self._unique_pairs(indices)
+        out = torch.empty(uniq.numel(), dtype=self.theta.dtype)
+        blocks = self._gradient_blocks(uniq)
+        for rows, G in tqdm(blocks, desc="self-influence", disable=not self.progress, leave=False,
+                            total=-(-uniq.numel() // self.tangent_chunk)):
+            out[rows] = (G * self.solver.solve(G.T.contiguous()).T).sum(1)
+        return out[inverse]
 
     def relative_influence(self, test_images=None, test_texts=None, *, fn: TestFn | None = None,
                            per_test: bool = False) -> torch.Tensor:

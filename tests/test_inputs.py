@@ -145,7 +145,7 @@ def test_unknown_option(option, value, choices):
 
 
 def test_chunk_size_not_positive():
-    with pytest.raises(ECIFInputError, match="chunk_size must be >= 1"):
+    with pytest.raises(ECIFInputError, match="chunk_size must be an int >= 1"):
         ef.ECIF(_model(), damping=DAMPING, chunk_size=0)
 
 

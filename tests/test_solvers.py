@@ -301,6 +301,31 @@ def test_gauss_newton_trace_estimate_is_the_parameter_space_hutchinson_sum(train
         assert C.trace_estimate(probes=4096, seed=3) == pytest.approx(float(torch.diagonal(C.dense()).sum()), rel=0.05)
 
 
+@pytest.mark.parametrize("train_scale", [False, True])
+def test_chunking_does_not_change_results(train_scale):
+    """``chunk_size`` (pairs per encoder call) and ``tangent_chunk`` (vectors per vmapped call) bound memory;
+    per-test influence, self-influence, pair gradients and CG products must not depend on them."""
+    model, X, Y, Xt, Yt = _problem(True, train_scale=train_scale)
+    kw = dict(damping=1.0, batches=BATCH, curvature="gauss-newton")
+    ref = ef.ECIF(model, **kw).fit(X, Y)
+    assert (ref.chunk_size, ref.tangent_chunk) == ef.engine.default_chunks(model) == (4096, 256)
+    want = ref.influence(Xt, Yt, per_test=True).total
+    for chunk, tangents in ((3, 1), (5, 2), (1000, 7)):
+        eng = ef.ECIF(model, chunk_size=chunk, tangent_chunk=tangents, **kw).fit(X, Y)
+        torch.testing.assert_close(eng.influence(Xt, Yt, per_test=True).total, want, rtol=1e-10, atol=1e-14)
+        torch.testing.assert_close(eng.self_influence(), ref.self_influence(), rtol=1e-10, atol=0)
+        torch.testing.assert_close(eng.pair_gradients([4, 0]), ref.pair_gradients()[[4, 0]], rtol=1e-12, atol=0)
+        Z = torch.randn(eng.space.size, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        torch.testing.assert_close(eng.curvature.matvec(Z), ref.curvature.matvec(Z), rtol=1e-10, atol=1e-14)
+
+
+def test_chunk_arguments_are_checked():
+    model, *_ = _problem(True)
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ECIFInputError, match="tangent_chunk must be an int >= 1"):
+            ef.ECIF(model, damping=1.0, tangent_chunk=bad)
+
+
 def test_auto_damping_rejects_non_positive_trace():
     with pytest.raises(ECIFInputError, match="'auto' damping failed"):
         resolve_damping("auto", _Matrix(-torch.eye(3, dtype=torch.float64)), -torch.eye(3, dtype=torch.float64))

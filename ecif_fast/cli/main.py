@@ -171,6 +171,9 @@ def main(argv=None) -> int:
     try:
         with warnings.catch_warnings():          # restores showwarning afterwards
             warnings.showwarning = _show_warning
+            # torch's own forward-AD decompositions call torch.jit.script (deprecated in torch >= 2.14):
+            # nothing a user can act on.
+            warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated")
             result = COMMANDS[args.command](args, con)
     except USER_ERRORS as e:
         message = " ".join(str(e).split()) or type(e).__name__

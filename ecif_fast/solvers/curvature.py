@@ -26,11 +26,11 @@ class Curvature:
             by ``num_batches / len(subsample)``.
         backend: kernel backend for the Gauss–Newton product (None: automatic, see ``ecif_fast.kernels.registry``).
         chunk_pairs: consecutive batches are packed into chunks of about this many pairs; a product runs
-            one encoder forward (and one JVP / VJP for all columns at once) per chunk.
+            one encoder forward (and JVPs / VJPs for ``tangent_chunk`` columns at once) per chunk.
     """
 
     def __init__(self, fm: FunctionalModel, theta, X, Y, plan: BatchPlan, kind: str = "hessian", subsample=None,
-                 backend: str | None = None, chunk_pairs: int = 4096):
+                 backend: str | None = None, chunk_pairs: int = 4096, tangent_chunk: int = 256):
         if kind not in CURVATURES:
             raise ValueError(f"curvature must be one of {CURVATURES}, got {kind!r}")
         self.fm, self.theta, self.X, self.Y, self.kind = fm, theta, X, Y, kind
@@ -47,6 +47,7 @@ class Curvature:
         self.groups = groups
         self.size = theta.numel()
         self.chunks = _pack(groups, chunk_pairs)
+        self.tangent_chunk = tangent_chunk
 
     def _batch_loss_fn(self, idx):
         X, Y = self.X[idx], self.Y[idx]
@@ -69,7 +70,10 @@ class Curvature:
         ``ds`` None when the scale is not trained."""
         for idx, plan in self.chunks:
             X, Y = self.X[idx], self.Y[idx]
-            (U, V, s), (dU, dV, ds) = vmap(lambda h: self.fm.embed_jvp(self.theta, X, Y, h), out_dims=(None, 0))(H)
+            parts = [vmap(lambda h: self.fm.embed_jvp(self.theta, X, Y, h), out_dims=(None, 0))(Hc)
+                     for Hc in H.split(self.tangent_chunk)]
+            U, V, s = parts[0][0]
+            dU, dV, ds = (torch.cat([p[1][i] for p in parts]) for i in range(3))
             ds = ds if self.fm.scale_trained else None
             g = ops.gauss_newton_product(U.detach(), V.detach(), s.detach().exp(), plan, dU, dV, ds,
                                          backend=self.backend)
@@ -81,7 +85,9 @@ class Curvature:
         for X, Y, s, (dU, dV, _), (gU, gV, gs) in self._chunk_products(Vs.T.contiguous()):
             _, pull = self.fm.embed_vjp(self.theta, X, Y)
             gs = gs.to(s.dtype).reshape(-1, *s.shape)
-            out += vmap(pull)(gU.to(dU.dtype), gV.to(dV.dtype), gs).T
+            cot = zip(gU.to(dU.dtype).split(self.tangent_chunk), gV.to(dV.dtype).split(self.tangent_chunk),
+                      gs.split(self.tangent_chunk))
+            out += torch.cat([vmap(pull)(a, b, c) for a, b, c in cot]).T
         return out * self.factor
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
