@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch as _torch
 
+from . import data
+from .data import CaptionedImages
 from .engine import ECIF
 from .errors import BackendUnavailableError, ECIFInputError, NotPositiveDefiniteError
 from .kernels.batching import BatchPlan, resolve_batches
@@ -50,4 +52,4 @@ def backends() -> dict:
 
 __all__ = ["ECIF", "LinearHeads", "ContrastiveModel", "InfluenceResult", "BatchPlan", "contrastive_loss",
            "resolve_batches", "train", "wrap", "backends", "ECIFInputError", "NotPositiveDefiniteError",
-           "BackendUnavailableError"]
+           "BackendUnavailableError", "data", "CaptionedImages"]

@@ -8,8 +8,10 @@ import torch
 from torch import nn
 
 from ..errors import ECIFInputError
+from .presets import PRESETS, Preset, parse_preset
 
-ParamsArg = Union[None, str, Iterable[str], Iterable[nn.Parameter], Callable[[str, nn.Parameter], bool]]
+ParamsArg = Union[None, str, Preset, Iterable[Union[str, Preset]], Iterable[nn.Parameter],
+                  Callable[[str, nn.Parameter], bool]]
 
 
 @dataclass(frozen=True)
@@ -60,31 +62,38 @@ def select_params(model: nn.Module, params: ParamsArg = None) -> ParamSpace:
 
     Args:
         params: ``None`` (all with ``requires_grad``); a name or list of names (a name also selects every
-            parameter under it, e.g. ``"image_proj"``); a list of ``nn.Parameter`` objects of ``model``;
-            or a predicate ``(name, param) -> bool``.
+            parameter under it, e.g. ``"image_proj"``); a preset name (:mod:`ecif_fast.models.presets`):
+            ``"heads"`` (the two projections), ``"last:K"`` (the last K blocks of each tower and everything
+            after them), ``"lora"``, ``"all"`` (every floating-point parameter, frozen ones included),
+            ``"trainable"`` (= ``None``), or a :class:`~ecif_fast.models.presets.Preset`
+            (``presets.last_blocks(K)``); a list of ``nn.Parameter`` objects of ``model``; or a predicate
+            ``(name, param) -> bool``. A list may mix names and presets (the union is taken).
+
+    Precedence: a string that is the name (or a dotted prefix) of some parameter of the model selects by
+    name, even when it is also a preset's name; a string that matches no name is read as a preset. A
+    :class:`Preset` object is always a preset.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     named = list(model.named_parameters())
     if params is None:
         chosen = [n for n, p in named if p.requires_grad]
+    elif isinstance(params, Preset):
+        chosen = params.names(model)
     elif callable(params) and not isinstance(params, nn.Parameter):
         chosen = [n for n, p in named if params(n, p)]
     else:
-        items = [params] if isinstance(params, (str, nn.Parameter)) else list(params)
-        if all(isinstance(i, str) for i in items):
-            unknown = [i for i in items if not any(n == i or n.startswith(i + ".") for n, _ in named)]
-            if unknown:
-                raise ECIFInputError(f"params {unknown} match no parameter of {type(model).__name__}; "
-                                     f"available: {[n for n, _ in named]}")
-            chosen = [n for n, _ in named if any(n == i or n.startswith(i + ".") for i in items)]
+        items = [params] if isinstance(params, (str, nn.Parameter, Preset)) else list(params)
+        if all(isinstance(i, (str, Preset)) for i in items):
+            chosen = _by_names_and_presets(model, named, items)
         elif all(isinstance(i, torch.Tensor) for i in items):
             ids = {id(i) for i in items}
             chosen = [n for n, p in named if id(p) in ids]
             if len(chosen) != len(ids):
                 raise ECIFInputError("some tensors in params are not parameters of the model")
         else:
-            raise TypeError("params must be None, names, parameters of the model, or a predicate (name, param) -> bool")
+            raise TypeError("params must be None, names, parameters of the model, or a predicate "
+                            "(name, param) -> bool (or a preset name such as \"heads\")")
     if not chosen:
         raise ECIFInputError(f"no trained parameters selected in {type(model).__name__}: pass params= or set "
                              "requires_grad=True on the parameters to analyse")
@@ -94,3 +103,21 @@ def select_params(model: nn.Module, params: ParamsArg = None) -> ParamSpace:
         raise ECIFInputError(f"selected parameters have mixed dtypes {sorted(map(str, dtypes))}; cast the model "
                              "with model.double() or model.float()")
     return ParamSpace(tuple(chosen), tuple(shapes[n] for n in chosen))
+
+
+def _by_names_and_presets(model: nn.Module, named, items) -> list[str]:
+    """Union of name prefixes and presets, in the model's order (names first: see select_params)."""
+    prefixes, unknown, picked = [], [], set()
+    for i in items:
+        if isinstance(i, Preset):
+            picked.update(i.names(model))
+        elif any(n == i or n.startswith(i + ".") for n, _ in named):
+            prefixes.append(i)
+        elif (p := parse_preset(i)) is not None:
+            picked.update(p.names(model))
+        else:
+            unknown.append(i)
+    if unknown:
+        raise ECIFInputError(f"params {unknown} match no parameter of {type(model).__name__}; "
+                             f"available: {[n for n, _ in named]}; presets: {', '.join(PRESETS)}")
+    return [n for n, _ in named if n in picked or any(n == i or n.startswith(i + ".") for i in prefixes)]
