@@ -223,7 +223,9 @@ def tiny_open_clip(context=CONTEXT):
 
 
 def open_clip_model(clip):
-    return ef.wrap(clip)  # the raw model where wrap does not know open_clip: it has encode_image/_text itself
+    model = ef.wrap(clip)
+    assert type(model).__name__ == "OpenCLIP" and model.clip is clip
+    return model
 
 
 def test_open_clip_collate_uses_the_models_own_preprocessing(images):

@@ -173,24 +173,18 @@ OC_LAST1 = ["visual.transformer.resblocks.1", "visual.ln_post", "visual.proj",
             "transformer.resblocks.1", "ln_final", "text_projection"]
 
 
-def tiny_open_clip(**text):
+def tiny_open_clip(width=8, mlp_ratio=4.0, **text):
     torch.manual_seed(0)
-    return open_clip.model.CLIP(embed_dim=4, vision_cfg={"width": 8, "layers": 2, "head_width": 4, "image_size": 8,
-                                                         "patch_size": 4},
-                                text_cfg={"width": 8, "layers": 2, "heads": 2, "context_length": 6,
-                                          "vocab_size": 50, **text}).double()
-
-
-class Holder(nn.Module):
-    """Stand-in for an adapter (HFCLIP, OpenCLIP): presets only see the module tree, the CLIP model in ``.clip``."""
-
-    def __init__(self, clip):
-        super().__init__()
-        self.clip = clip
+    return open_clip.model.CLIP(embed_dim=4, vision_cfg={"width": width, "layers": 2, "head_width": width // 2,
+                                                         "image_size": 8, "patch_size": 4, "mlp_ratio": mlp_ratio},
+                                text_cfg={"width": width, "layers": 2, "heads": 2, "context_length": 6,
+                                          "vocab_size": 50, "mlp_ratio": mlp_ratio, **text}).double()
 
 
 def open_clip_adapter(clip):
-    return Holder(clip)
+    model = ef.wrap(clip)
+    assert type(model).__name__ == "OpenCLIP" and model.clip is clip
+    return model
 
 
 @pytest.mark.parametrize("peft", [False, True], ids=["plain", "peft"])
@@ -231,3 +225,24 @@ def test_open_clip_linear_text_projection_and_custom_text():
         "clip.text.ln_final", "clip.text.text_projection"])
     with pytest.raises(ECIFInputError, match="the vision tower has 2 transformer blocks, fewer than K = 3"):
         select_params(model, "last:3")
+
+
+def test_open_clip_last_block_influence_equals_the_oracle():
+    model = open_clip_adapter(tiny_open_clip(width=4, mlp_ratio=1.0))
+    g = torch.Generator().manual_seed(0)
+    px = torch.randn(11, 3, 8, 8, generator=g, dtype=torch.float64)
+    ids = torch.randint(1, 49, (11, 6), generator=g)
+    ids[:, 4], ids[:, 5] = 49, 0                                  # EOT (the largest id: argmax pooling), padding
+    (px, tpx), (ids, tids) = px.split([8, 3]), ids.split([8, 3])
+    damping = 5e4
+    ecif = ef.ECIF(model, damping=damping, batches=4, params="last:1", hessian="exact").fit(px, ids)
+    assert set(ecif.space.names) == under(names_of(model), ["clip." + p for p in OC_LAST1])
+    res = ecif.influence(tpx, tids)
+
+    def F(mm):
+        return ef.contrastive_loss(mm.encode_image(tpx), mm.encode_text(tids), mm.logit_scale.exp())
+
+    gF = torch.func.grad(lambda th: ecif.fm.call(th, F))(ecif.theta)
+    total, positive = oracle.brute_force_influence(model, px, ids, gF, batches=4, params="last:1", damping=damping)
+    assert float((res.total - total).abs().max() / total.abs().max()) < 1e-8
+    assert float((res.positive - positive).abs().max() / positive.abs().max()) < 1e-8
