@@ -16,7 +16,7 @@ from ecif_fast.models.functional import FunctionalModel
 from ecif_fast.models.open_clip import OpenCLIP
 from ecif_fast.models.params import select_params
 
-open_clip = pytest.importorskip("open_clip")
+import open_clip  # noqa: E402  (a dev dependency: missing, these tests fail rather than skip)
 
 N, VOCAB, SEQ, IMG, EOS = 8, 40, 5, 8, 39  # open_clip pools the text at the argmax token id: EOS is the largest
 VISION = dict(layers=1, width=8, head_width=4, mlp_ratio=2.0, patch_size=4, image_size=IMG)       # 2 heads
