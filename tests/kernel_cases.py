@@ -1,6 +1,9 @@
 """Shared inputs and references for the kernel tests (lse / infonce over every backend)."""
 from __future__ import annotations
 
+import os
+
+import pytest
 import torch
 
 from ecif_fast.kernels.batching import BatchPlan, resolve_batches
@@ -64,3 +67,48 @@ def on_every_isa_and_thread_count(monkeypatch, call, repeats: int = 1):
             outs = [call() for _ in range(repeats)]
             torch.set_num_threads(1)
             yield f"isa={isa} threads={threads}", outs
+
+
+# ---------------------------------------------------------------------------------------------------
+# Where the Triton kernel tests run: ``ECIF_FAST_TEST_DEVICE=cpu`` (default; Triton's interpreter, what CI
+# runs) or ``cuda`` (compiled kernels on a GPU: ``benchmarks/gpu_check.py`` sets it).
+
+TEST_DEVICE = os.environ.get("ECIF_FAST_TEST_DEVICE", "cpu").strip().lower() or "cpu"
+if TEST_DEVICE not in ("cpu", "cuda"):
+    raise ValueError(f"ECIF_FAST_TEST_DEVICE must be 'cpu' or 'cuda', got {TEST_DEVICE!r}")
+ON_CUDA = TEST_DEVICE == "cuda"
+
+# tests of the CPU interpreter itself (fresh-process import, errors for CPU tensors without it, ...): CI runs
+# them in cpu mode; in cuda mode they are not a missing feature, just beside the point
+cpu_interpreter_only = pytest.mark.skipif(ON_CUDA, reason="CPU-interpreter test (runs in cpu mode, as in CI)")
+
+
+def _to(x, device):
+    if torch.is_tensor(x):
+        return x.to(device) if x.device.type == "cpu" else x  # differentiable; meta tensors stay put
+    if isinstance(x, (tuple, list)):
+        return type(x)(_to(y, device) for y in x)
+    return x
+
+
+def _back(x, device):
+    if torch.is_tensor(x):
+        assert x.device.type == device.type, f"output on {x.device}, the inputs were on {device}"
+        return x.cpu()  # differentiable, so autograd through the op reaches CPU leaves
+    if isinstance(x, (tuple, list)):
+        return type(x)(_back(y, device) for y in x)
+    return x
+
+
+def on_test_device(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` on :data:`TEST_DEVICE`: CPU tensor arguments (also inside tuples/lists) are
+    moved there, and tensor outputs are checked to be on that device type (the ops' contract: outputs on
+    U's device) and moved back to the CPU, so the references stay on the CPU. A no-op in cpu mode apart from
+    the device check. ``BatchPlan``s stay on the CPU, as ``resolve_batches`` makes them: the Triton backend
+    copies ``perm``/``offsets`` to the tensors' device itself. Tensors on other devices (``meta``) pass
+    unchanged, so error paths keep their messages."""
+    if ON_CUDA and not torch.cuda.is_available():
+        raise RuntimeError("ECIF_FAST_TEST_DEVICE=cuda but torch.cuda.is_available() is False")
+    device = torch.device(TEST_DEVICE)
+    out = fn(*_to(args, device), **{k: _to(v, device) for k, v in kwargs.items()})
+    return _back(out, device)

@@ -1,5 +1,6 @@
 """Triton ``gauss_newton_product`` vs a float64 brute force and the torch twin (SPEC §4, §6.3), on the
-CPU in Triton's interpreter (``TRITON_INTERPRET=1`` per test, via monkeypatch).
+CPU in Triton's interpreter (``TRITON_INTERPRET=1`` per test, via monkeypatch), or with
+``ECIF_FAST_TEST_DEVICE=cuda`` the compiled kernels on a GPU (``kernel_cases.on_test_device``).
 
 The interpreter is slow (and this op runs ``2 + 4Q`` row-tile launches), so the issue grid is covered by
 a subset rather than the full product: n ∈ {1, 2, 7, 30, 40, 48, 64} with "all", ragged and fixed-size
@@ -37,18 +38,21 @@ from ecif_fast.errors import ECIFInputError
 from ecif_fast.kernels import ops, registry, triton_backend
 from ecif_fast.kernels.batching import resolve_batches
 from ecif_fast.kernels.torch_ref.gauss_newton import gauss_newton_product as twin_gn
-from kernel_cases import ragged_ids, unit
+from kernel_cases import ON_CUDA, on_test_device, ragged_ids, unit
 from test_triton_infonce import compile_grad_rows
 
 
 def _tgn(*args, **kwargs):
     assert triton_backend.available(), f"triton backend unavailable: {triton_backend.unavailable_reason()}"
-    return triton_backend.gauss_newton_product(*args, **kwargs)
+    return on_test_device(triton_backend.gauss_newton_product, *args, **kwargs)
 
 
 @pytest.fixture(autouse=True)
 def _interpret(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    if ON_CUDA:  # compiled kernels on the GPU (ECIF_FAST_TEST_DEVICE=cuda)
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    else:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.delenv(registry.ENV_VAR, raising=False)
     monkeypatch.delenv("ECIF_FAST_TRITON_FP32_DOT", raising=False)
     old = torch.get_num_threads()
@@ -247,7 +251,7 @@ def test_dispatch_uncovered_pairs_and_blocked_d():
     info = triton_backend.infonce_module.last_launch()
     assert info["op"] == "gauss_newton_product" and not info["single_k"] and not info["identity"]
     ids = torch.arange(n) % 3
-    a = ops.gauss_newton_product(U, V, 2.0, ids, dU, dV, 0.5, backend="triton")
+    a = on_test_device(ops.gauss_newton_product, U, V, 2.0, ids, dU, dV, 0.5, backend="triton")
     b = ops.gauss_newton_product(U, V, 2.0, ids, dU, dV, 0.5, backend="torch")
     for x, y in zip(a, b):
         assert x.shape == y.shape and torch.allclose(x, y, atol=1e-4, rtol=1e-4)

@@ -1,5 +1,6 @@
 """Triton fused ``infonce`` (loss + gradients) vs a float64 brute force and the torch twin (SPEC §2, §4,
-§6.3), on the CPU in Triton's interpreter (``TRITON_INTERPRET=1`` per test, via monkeypatch).
+§6.3), on the CPU in Triton's interpreter (``TRITON_INTERPRET=1`` per test, via monkeypatch), or with
+``ECIF_FAST_TEST_DEVICE=cuda`` the compiled kernels on a GPU (``kernel_cases.on_test_device``).
 
 The interpreter is slow, so the issue grid is covered by a subset rather than the full product:
 n ∈ {1, 2, 7, 48, 64, 100} with "all" and batch (ragged, or fixed size 24) negatives, d rotating over
@@ -33,17 +34,20 @@ from ecif_fast.kernels import ops, registry, triton_backend
 from ecif_fast.kernels.batching import BatchPlan, resolve_batches
 from ecif_fast.kernels.torch_ref.infonce import infonce as twin_infonce
 from ecif_fast.kernels.torch_ref.loss import contrastive_loss
-from kernel_cases import ragged_ids, unit
+from kernel_cases import ON_CUDA, on_test_device, ragged_ids, unit
 
 
 def _tinfo(*args, **kwargs):
     assert triton_backend.available(), f"triton backend unavailable: {triton_backend.unavailable_reason()}"
-    return triton_backend.infonce(*args, **kwargs)
+    return on_test_device(triton_backend.infonce, *args, **kwargs)
 
 
 @pytest.fixture(autouse=True)
 def _interpret(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    if ON_CUDA:  # compiled kernels on the GPU (ECIF_FAST_TEST_DEVICE=cuda)
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    else:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.delenv(registry.ENV_VAR, raising=False)
     monkeypatch.delenv("ECIF_FAST_TRITON_FP32_DOT", raising=False)
     old = torch.get_num_threads()
@@ -205,7 +209,7 @@ def test_uncovered_pairs_get_zero_gradients_and_blocked_d():
     loss, dU, dV, ds = check(U, V, 3.0, plan, True, "without", block_m=16, block_n=16, block_d=32)
     assert float(dU[[0, 5, 6]].abs().max()) == 0.0 and float(dV[[0, 5, 6]].abs().max()) == 0.0
     info = triton_backend.infonce_module.last_launch()
-    assert info["interpreted"] and not info["single_k"] and not info["identity"]
+    assert info["interpreted"] == (not ON_CUDA) and not info["single_k"] and not info["identity"]
     assert info["config"]["block_d"] == 32
 
 
@@ -222,7 +226,7 @@ def test_infonce_loss_autograd_vs_twin():
             U, V = U0.clone().requires_grad_(), V0.clone().requires_grad_()
             t = torch.tensor(7.0, dtype=dtype, requires_grad=True)
             if which == "triton":
-                loss = ops.infonce_loss(U, V, t, ids, backend="triton")
+                loss = on_test_device(ops.infonce_loss, U, V, t, ids, backend="triton")
             else:
                 loss = contrastive_loss(U, V, t, resolve_batches(ids, n))
             (2.5 * loss).backward()
@@ -232,7 +236,7 @@ def test_infonce_loss_autograd_vs_twin():
             err = float((a - b).abs().max())
             assert err <= atol * (1 + float(b.abs().max())), f"{what} {dtype}: {err:.3g}"
     # the raw op through the dispatcher, with_scale
-    out = ops.infonce(U0, V0, 7.0, ids, with_scale=True, backend="triton")
+    out = on_test_device(ops.infonce, U0, V0, 7.0, ids, with_scale=True, backend="triton")
     ref = ops.infonce(U0, V0, 7.0, ids, with_scale=True, backend="torch")
     for a, b in zip(out, ref):
         assert torch.allclose(a, b, atol=2e-4, rtol=1e-5)

@@ -1,6 +1,8 @@
 """Triton lse kernel vs the torch twin and a float64 brute force (SPEC §6.3), run on the CPU in
 Triton's interpreter (``TRITON_INTERPRET=1``, set per test with monkeypatch so that it does not leak
 into other test modules; the backend builds interpreted kernels when it sees it at call time).
+With ``ECIF_FAST_TEST_DEVICE=cuda`` the same tests run the compiled kernels on a GPU
+(``kernel_cases.on_test_device``; the references stay on the CPU) and the CPU-interpreter tests skip.
 
 Triton is a dev dependency: when it does not import these tests fail, they do not skip.
 The interpreter is slow, so the shapes are small; tiles of 16/32/64 still give several row and
@@ -22,17 +24,20 @@ from ecif_fast.kernels import registry, triton_backend
 from ecif_fast.kernels.batching import resolve_batches
 from ecif_fast.kernels.ops import lse as ops_lse
 from ecif_fast.kernels.torch_ref.lse import lse as twin_lse
-from kernel_cases import brute_lse64, ragged_ids
+from kernel_cases import ON_CUDA, brute_lse64, cpu_interpreter_only, on_test_device, ragged_ids
 
 
 def _tlse(*args, **kwargs):
     assert triton_backend.available(), f"triton backend unavailable: {triton_backend.unavailable_reason()}"
-    return triton_backend.lse(*args, **kwargs)
+    return on_test_device(triton_backend.lse, *args, **kwargs)
 
 
 @pytest.fixture(autouse=True)
 def _interpret(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    if ON_CUDA:  # compiled kernels on the GPU (ECIF_FAST_TEST_DEVICE=cuda)
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    else:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.delenv(registry.ENV_VAR, raising=False)
     monkeypatch.delenv("ECIF_FAST_TRITON_FP32_DOT", raising=False)
     old = torch.get_num_threads()
@@ -62,7 +67,7 @@ def check(U, V, scale, plan, dtype, tag, **kw):
     row, col = _tlse(U, V, scale, plan, **kw)
     out_dt = torch.float64 if dtype == torch.float64 else torch.float32
     assert row.dtype == col.dtype == out_dt and row.shape == col.shape == (plan.n,), tag
-    assert row.device.type == "cpu"
+    # (on_test_device checked that row and col came back on the device the test ran on)
     trow, tcol = twin_lse(U, V, scale, plan)
     brow, bcol = brute_lse64(U, V, scale, plan)
     tol = tolerance(U, V, scale, plan, dtype)
@@ -107,7 +112,8 @@ def test_small_tiles_split_columns_and_blocked_d(dtype):
     if dtype == torch.float32:
         check(U, V, -5.0, plan, dtype, f"{dtype} split=2 blocks=32", block_m=32, block_n=16, block_k=64, split=2)
     info = triton_backend.lse_module.last_launch()
-    assert info["interpreted"] and info["split"] in (2, 3) and not info["single_k"] and not info["identity"]
+    assert info["interpreted"] == (not ON_CUDA)
+    assert info["split"] in (2, 3) and not info["single_k"] and not info["identity"]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -159,19 +165,29 @@ def test_strided_grad_mixed_dtype_inputs_and_tensor_scale():
     assert row.dtype == torch.float64
 
 
-def test_dispatch_explicit_only_on_cpu(monkeypatch):
+def test_dispatch_explicit_only_on_cpu():
     gen = torch.Generator().manual_seed(9)
     n, d = 60, 8
     U, V = unit(n, d, gen, torch.float32), unit(n, d, gen, torch.float32)
-    r1, c1 = ops_lse(U, V, 20.0, 16, backend="triton")
+    r1, c1 = on_test_device(ops_lse, U, V, 20.0, 16, backend="triton")
     r2, c2 = ops_lse(U, V, 20.0, 16, backend="torch")
     assert torch.allclose(r1, r2, atol=1e-4) and torch.allclose(c1, c2, atol=1e-4)
-    monkeypatch.setenv(registry.ENV_VAR, "triton")
-    assert registry.resolve("lse", "cpu")[0] == "triton"
-    monkeypatch.delenv(registry.ENV_VAR)
     # automatic choice never picks triton for CPU tensors, even with the interpreter on; it does on CUDA
     assert registry.resolve("lse", "cpu")[0] in ("cpp", "torch")
     assert registry.resolve("lse", "cuda:0")[0] == "triton"
+    if ON_CUDA:  # and CUDA tensors get it without asking (bitwise the same: no atomics)
+        r3, c3 = on_test_device(ops_lse, U, V, 20.0, 16)
+        assert torch.equal(r3, r1) and torch.equal(c3, c1)
+
+
+@cpu_interpreter_only
+def test_cpu_tensors_need_the_interpreter(monkeypatch):
+    gen = torch.Generator().manual_seed(9)
+    n, d = 60, 8
+    U, V = unit(n, d, gen, torch.float32), unit(n, d, gen, torch.float32)
+    monkeypatch.setenv(registry.ENV_VAR, "triton")
+    assert registry.resolve("lse", "cpu")[0] == "triton"
+    monkeypatch.delenv(registry.ENV_VAR)
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(BackendUnavailableError, match=r"'triton'.*device type 'cpu'"):
         ops_lse(U, V, 20.0, backend="triton")
@@ -190,6 +206,7 @@ def test_bad_device_and_options():
         _tlse(U, U, 1.0, resolve_batches(None, 5))
 
 
+@cpu_interpreter_only
 def test_interpreter_set_before_import_in_a_fresh_process():
     """The usual way to run Triton on the CPU: TRITON_INTERPRET=1 before triton is imported, so
     ``triton.jit`` itself returns interpreted kernels; dispatch through the public op."""

@@ -1,5 +1,7 @@
 """Triton ``ecif_reductions`` vs the torch twin (SPEC §4, §6.3), run on the CPU in Triton's interpreter
 (``TRITON_INTERPRET=1``, set per test with monkeypatch), plus ahead-of-time sm_90 compiles of the kernels.
+With ``ECIF_FAST_TEST_DEVICE=cuda`` the same tests run the compiled kernels on a GPU
+(``kernel_cases.on_test_device``; the twin stays on the CPU) and the CPU-interpreter tests skip.
 
 Triton is a dev dependency: when it does not import these tests fail, they do not skip.
 
@@ -37,17 +39,20 @@ from ecif_fast.errors import BackendUnavailableError, ECIFInputError
 from ecif_fast.kernels import ops, registry, triton_backend
 from ecif_fast.kernels.batching import resolve_batches
 from ecif_fast.kernels.torch_ref.reductions import ecif_reductions as twin
-from kernel_cases import ragged_ids, unit
+from kernel_cases import ON_CUDA, cpu_interpreter_only, on_test_device, ragged_ids, unit
 
 
 def _tred(*args, **kwargs):
     assert triton_backend.available(), f"triton backend unavailable: {triton_backend.unavailable_reason()}"
-    return triton_backend.ecif_reductions(*args, **kwargs)
+    return on_test_device(triton_backend.ecif_reductions, *args, **kwargs)
 
 
 @pytest.fixture(autouse=True)
 def _interpret(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    if ON_CUDA:  # compiled kernels on the GPU (ECIF_FAST_TEST_DEVICE=cuda)
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    else:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.delenv(registry.ENV_VAR, raising=False)
     monkeypatch.delenv("ECIF_FAST_TRITON_FP32_DOT", raising=False)
     old = torch.get_num_threads()
@@ -130,6 +135,8 @@ def test_grid_vs_twin(n, d, batches, Q, scale, dtype, term, with_ds, tiles):
     U, V = unit(n, d, gen, dtype), unit(n, d, gen, dtype)
     dU, dV, ds = directions(n, d, Q, gen, dtype, with_ds)
     bm, bn, bk = tiles
+    if ON_CUDA and bm == 256:  # 256² tiles only make the interpreter faster; compiled (a float64 one holds
+        bm = bn = bk = None    # 512 KiB of accumulators) they take minutes: the GPU's own first choice instead
     check(U, V, scale, plan, dU, dV, ds, term, f"n={n} d={d} {batches} Q={Q} t={scale} {dtype} {term}",
           block_m=bm, block_n=bn, block_k=bk)
 
@@ -147,7 +154,7 @@ def test_two_dimensional_directions_scalar_dlog_scale_and_query_chunks():
     chunks = _tred(U, V, 7.0, plan, dU, dV, ds, block_m=16, block_n=16, block_q=2, split=2)
     info = triton_backend.reductions_module.last_launch()
     assert info["query_chunks"] == 3 and info["block_q"] == 2 and info["split"] == 2
-    assert info["interpreted"] and not info["identity"]
+    assert info["interpreted"] == (not ON_CUDA) and not info["identity"]
     for a, b in zip(full, chunks):
         assert torch.allclose(a, b, rtol=1e-13, atol=1e-13)
     pos, neg = _tred(U, V, 7.0, plan, dU[3], dV[3], float(ds[3]), block_m=16, block_n=16)
@@ -247,25 +254,37 @@ def test_property_random_shapes(n, d, bs, Q, log_scale, seed, exact, with_ds, dt
           f"n={n} d={d} bs={bs} Q={Q} {dtype}", block_m=16, block_n=16)
 
 
-def test_dispatch_through_ops_and_registry(monkeypatch):
+def test_dispatch_through_ops_and_registry():
     gen = torch.Generator().manual_seed(13)
     n, d = 24, 6
     U, V = unit(n, d, gen, torch.float32), unit(n, d, gen, torch.float32)
     dU, dV, ds = directions(n, d, 3, gen, torch.float32, True)
-    got = ops.ecif_reductions(U, V, 20.0, 8, dU, dV, ds, "taylor", backend="triton")
+    got = on_test_device(ops.ecif_reductions, U, V, 20.0, 8, dU, dV, ds, "taylor", backend="triton")
     ref = ops.ecif_reductions(U, V, 20.0, 8, dU, dV, ds, "taylor", backend="torch")
     for a, b in zip(got, ref):
         assert a.shape == (3, n) and torch.allclose(a, b, rtol=1e-4, atol=1e-4)
-    again = ops.ecif_reductions(U, V, 20.0, 8, dU, dV, ds, "taylor", backend="triton")
+    again = on_test_device(ops.ecif_reductions, U, V, 20.0, 8, dU, dV, ds, "taylor", backend="triton")
     assert all(torch.equal(a, b) for a, b in zip(got, again))  # no atomics: bitwise reproducible
     # mixed dtypes are promoted (float16 + float64 directions -> float64 outputs)
-    pos, _ = ops.ecif_reductions(U.half(), V.half(), 20.0, 8, dU.double(), dV.double(), backend="triton")
+    pos, _ = on_test_device(ops.ecif_reductions, U.half(), V.half(), 20.0, 8, dU.double(), dV.double(),
+                            backend="triton")
     assert pos.dtype == torch.float64
+    assert registry.resolve("ecif_reductions", "cpu")[0] in ("cpp", "torch")
+    assert registry.resolve("ecif_reductions", "cuda:0")[0] == "triton"
+    if ON_CUDA:  # CUDA tensors get triton without asking
+        auto = on_test_device(ops.ecif_reductions, U, V, 20.0, 8, dU, dV, ds, "taylor")
+        assert all(torch.equal(a, b) for a, b in zip(got, auto))
+
+
+@cpu_interpreter_only
+def test_cpu_tensors_need_the_interpreter(monkeypatch):
+    gen = torch.Generator().manual_seed(13)
+    n, d = 24, 6
+    U, V = unit(n, d, gen, torch.float32), unit(n, d, gen, torch.float32)
+    dU, dV, _ = directions(n, d, 3, gen, torch.float32, True)
     monkeypatch.setenv(registry.ENV_VAR, "triton")
     assert registry.resolve("ecif_reductions", "cpu")[0] == "triton"
     monkeypatch.delenv(registry.ENV_VAR)
-    assert registry.resolve("ecif_reductions", "cpu")[0] in ("cpp", "torch")
-    assert registry.resolve("ecif_reductions", "cuda:0")[0] == "triton"
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(BackendUnavailableError, match="TRITON_INTERPRET=1"):
         _tred(U, V, 1.0, resolve_batches(None, n), dU, dV)
@@ -314,6 +333,7 @@ def test_bad_inputs():
         _tred(M, M, 1.0, plan, M, M)
 
 
+@cpu_interpreter_only
 def test_interpreter_set_before_import_in_a_fresh_process():
     """The usual way to run Triton on the CPU: TRITON_INTERPRET=1 before triton is imported, so
     ``triton.jit`` itself returns interpreted kernels; dispatch through the public op."""

@@ -157,11 +157,49 @@ def _lse_rows_kernel(
 _INTERPRETED: Dict[str, object] = {}
 
 
+def _triton_version() -> Tuple[int, int]:
+    try:
+        major, minor = triton.__version__.split(".")[:2]
+        return int(major), int(minor)
+    except (AttributeError, ValueError):  # pragma: no cover - unusual version strings
+        return (99, 0)
+
+
+def _interpreter_index_compat() -> None:
+    """Triton 3.6's interpreter converts an interpreted scalar (a 1-element array) to a Python int
+    with ``int(array)`` when it is a ``range`` bound; NumPy 2.4 made that a TypeError ("only
+    0-dimensional arrays can be converted to Python scalars"). Triton 3.8 and 3.9 squeeze the array
+    first (3.7 unchecked, so patched too): do the same, once, by wrapping the interpreter's tensor
+    patching (its scope restores the attribute after each launch, last change first)."""
+    if _triton_version() >= (3, 8):
+        return
+    from triton.runtime import interpreter
+
+    orig = getattr(interpreter, "_patch_lang_tensor", None)
+    if orig is None or getattr(orig, "_ecif_fast_compat", False):
+        return
+
+    def index(self):
+        return int(self.handle.data.item())
+
+    def patch_lang_tensor(tensor, *args, **kwargs):
+        orig(tensor, *args, **kwargs)
+        scope = args[0] if args else kwargs.get("scope")
+        if hasattr(scope, "set_attr"):
+            scope.set_attr(tensor, "__index__", index)
+        else:  # older interpreters set the attribute for good
+            tensor.__index__ = index
+
+    patch_lang_tensor._ecif_fast_compat = True
+    interpreter._patch_lang_tensor = patch_lang_tensor
+
+
 def kernel_for(kernel, name: str, device_type: str):
     """``kernel`` itself for CUDA; an interpreted twin of it (built once, cached under ``name``) for
     CPU tensors under ``TRITON_INTERPRET=1``."""
     if device_type == "cuda":
         return kernel
+    _interpreter_index_compat()
     k = _INTERPRETED.get(name)
     if k is None:
         from triton.runtime.interpreter import InterpretedFunction
