@@ -311,7 +311,8 @@ def compile_grad_rows(triton, GPUTarget, ASTSource, dtype, d, *, mode, identity,
     sig.update({k: "constexpr" for k in consts})
     return triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs),
                           target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+                          options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
+                                   "enable_fp_fusion": False})  # as launched (lse.fp_fusion)
 
 
 def ptxas_spill_bytes(triton, compiled) -> int:

@@ -444,7 +444,8 @@ def test_compiles_for_hopper_without_a_gpu(kernel, dtype, d, identity, exact, ha
     cfg, sig, consts, attrs = _signature(kernel, dtype, d, identity, exact, has_ds)
     compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
                               target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+                              options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
+                                       "enable_fp_fusion": False})  # as launched (lse.fp_fusion)
     assert compiled.metadata.shared <= 227 * 1024, "needs more shared memory than an H100 has"
     if dtype == torch.bfloat16:  # the common CLIP case: pass 2, the heaviest kernel, must not spill
         assert _spill_bytes(compiled) == 0

@@ -26,6 +26,9 @@ remainder (two tensor-core products, about 16 significant bits for bfloat16 and 
 instead of rounding it to 16 bits. Where ``G`` may exceed the float16 range (Gauss–Newton with float16
 inputs) the ``B`` tile is widened to float32 instead. In the CPU interpreter every operand is cast
 to the accumulation dtype before ``tl.dot`` (the split is still applied, so the numbers match the GPU).
+On the GPU the kernel is compiled without floating-point contraction (``enable_fp_fusion=False``,
+:func:`.lse.fp_fusion`): with it, ``s·t − lse`` became one fma in pass 2 but not in the statistics pass,
+so ``P`` at a line's maximum came out as ``exp(±ulp(S)/2)`` instead of 1.
 
 Outputs float32 (float64 for float64 inputs). Pairs in no batch get zero gradients.
 """
@@ -42,7 +45,7 @@ import triton.language as tl
 from ...errors import ECIFInputError
 from ..batching import BatchPlan
 from .lse import (_TL_DTYPES, _max_combine, _p2, _plan_tables, _sum_combine, check_inputs, dot_setup,
-                  kernel_for)
+                  fp_fusion, kernel_for)
 
 
 @triton.jit
@@ -327,6 +330,9 @@ def run_passes(op: str, U: torch.Tensor, d: int, plan: BatchPlan, launches, *, d
                   LOW_DTYPE=_TL_DTYPES[dtype] if low else _TL_DTYPES[acc], ACC_DTYPE=_TL_DTYPES[acc],
                   PRECISION=precision)
     kernel = kernel_for(_grad_rows_kernel, "grad_rows", dev.type)
+    # no a·b + c → fma contraction on the GPU: P must be re-evaluated from the rounded S the
+    # statistics pass saw (see lse.fp_fusion); the interpreter never contracts
+    fusion = {} if interp else dict(enable_fp_fusion=fp_fusion())
     key = (op, dtype, _p2(d), str(dev), precision)
     start = _GOOD_CFG.get(key, 0) if len(cfgs) > 1 else 0
     last_err: Optional[BaseException] = None
@@ -342,7 +348,7 @@ def run_passes(op: str, U: torch.Tensor, d: int, plan: BatchPlan, launches, *, d
                         perm=tab.perm, offsets=tab.offsets, tile_start=tab.tile_start,
                         tile_batch=tab.tile_batch, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
                         SINGLE_K=single_k, IDENTITY=tab.identity, num_warps=cfg.num_warps,
-                        num_stages=cfg.num_stages, **consts, **kw)
+                        num_stages=cfg.num_stages, **fusion, **consts, **kw)
         except Exception as e:  # compile-time failure (e.g. out of shared memory): try a smaller tile
             if interp or ci + 1 == len(cfgs):
                 raise
@@ -355,7 +361,7 @@ def run_passes(op: str, U: torch.Tensor, d: int, plan: BatchPlan, launches, *, d
         _LAST_LAUNCH.clear()
         _LAST_LAUNCH.update(op=op, config=cfg._asdict(), precision=precision, single_k=single_k,
                             g_split=g_split, g_wide=g_wide, identity=tab.identity, num_tiles=tab.num_tiles,
-                            interpreted=interp)
+                            interpreted=interp, fp_fusion=fusion.get("enable_fp_fusion", False))
         return cfg
     raise RuntimeError(f"triton {op}: no tile configuration worked: {last_err}")  # pragma: no cover
 

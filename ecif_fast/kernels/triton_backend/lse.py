@@ -46,6 +46,9 @@ from ..batching import BatchPlan
 INTERPRET_ENV = "TRITON_INTERPRET"
 FP32_DOT_ENV = "ECIF_FAST_TRITON_FP32_DOT"
 _FP32_DOT_CHOICES = ("tf32x3", "ieee", "tf32")
+# Floating-point contraction (a·b + c → one fma) in the compiled gradient / reduction kernels: off by
+# default, see :func:`fp_fusion`; "1" turns it back on (diagnostics, benchmarks/gpu_diagnose.py).
+FP_FUSION_ENV = "ECIF_FAST_TRITON_FP_FUSION"
 _LN2 = math.log(2.0)
 _LOG2E = 1.0 / _LN2
 
@@ -330,6 +333,24 @@ def _fp32_precision() -> str:
     if p not in _FP32_DOT_CHOICES:
         raise ECIFInputError(f"{FP32_DOT_ENV} must be one of {', '.join(_FP32_DOT_CHOICES)}, got {p!r}")
     return p
+
+
+def fp_fusion() -> bool:
+    """``enable_fp_fusion`` for launches of the kernels that re-evaluate softmax weights from stored line
+    statistics (:mod:`.infonce`, :mod:`.gauss_newton`, :mod:`.reductions`); False unless
+    ``ECIF_FAST_TRITON_FP_FUSION=1``.
+
+    Why off: those kernels compute ``S = dot·t`` and then ``exp((S − top) − l)`` (or ``(S − lse) − lo``)
+    against a ``top`` / ``lse`` that a statistics pass derived from the *rounded* ``S``. With
+    contraction (Triton's default; LLVM and ptxas fuse ``dot·t − top`` into one fma) the weight at a
+    line's maximum becomes ``exp(dot·t − fl(dot·t)) = exp(±ulp(S)/2)`` instead of 1, so the lines of
+    ``P`` sum to ``1 ± ulp(S)/2`` — 8·10⁻³ at ``|S| = 2·10⁵`` — exactly the error the statistics'
+    residuals exist to avoid. Observed on an H200 (sm_90): dU off by 1.9e3 (infonce, ``t = 1e4``),
+    gU by 8e8 (Gauss–Newton), a constant δS direction by 4·10⁻⁴·|δS| (reductions). The CPU
+    interpreter never contracts, which is why only the GPU showed it. Cost: the element-wise
+    multiply-adds of a tile become two instructions; the ``tl.dot`` products are unaffected.
+    """
+    return os.environ.get(FP_FUSION_ENV, "0").strip() == "1"
 
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,

@@ -64,7 +64,7 @@ import triton.language as tl
 from ...errors import ECIFInputError
 from ..batching import BatchPlan
 from .lse import (_TL_DTYPES, _Cfg, _max_combine, _p2, _plan_tables, _sm_count, _sum_combine, check_inputs,
-                  dot_setup, kernel_for)
+                  dot_setup, fp_fusion, kernel_for)
 
 # as in .lse: triton's own combine function, which the interpreter recognises (see lse.py)
 _min_combine = getattr(tl.standard, "_elementwise_min", None)
@@ -531,7 +531,7 @@ def ecif_reductions(U: torch.Tensor, V: torch.Tensor, scale, plan: BatchPlan, dU
         _LAST_LAUNCH.clear()
         _LAST_LAUNCH.update(config=cfg._asdict(), block_q=bq, query_chunks=-(-Q // bq), split=nsplit,
                             precision=precision, single_k=d <= cfg.block_k, identity=tab.identity,
-                            num_tiles=tab.num_tiles, interpreted=interp)
+                            num_tiles=tab.num_tiles, interpreted=interp, fp_fusion=not interp and fp_fusion())
         return (pos[0], neg[0]) if squeeze else (pos, neg)
     raise RuntimeError(f"triton ecif_reductions: no tile configuration worked: {last_err}")  # pragma: no cover
 
@@ -569,6 +569,8 @@ def _run(U, V, dU, dV, scale_t, ds, has_ds, exact, tab, cfg, bq, nsplit, precisi
     common = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SINGLE_K=single_k,
                   IDENTITY=tab.identity, DOT_DTYPE=dot_dt, ACC_DTYPE=_TL_DTYPES[acc], PRECISION=precision,
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if dev.type == "cuda":  # no fma contraction: pass 2/3 weights from the rounded S of the stats (lse.fp_fusion)
+        common["enable_fp_fusion"] = fp_fusion()
     plan_args = (tab.perm, tab.offsets, tab.tile_start, tab.tile_batch, scale_t)
 
     def stats(A, B) -> _Stats:
