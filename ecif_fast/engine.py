@@ -14,7 +14,7 @@ from .kernels.batching import BatchesArg, BatchPlan, resolve_batches
 from .kernels.torch_ref.loss import batch_loss, per_pair_loss
 from .kernels.torch_ref.per_pair import pair_embedding_gradients, removal_objective
 from .kernels import ops
-from .models.functional import FunctionalModel
+from .models.functional import ChunkedVJP, FunctionalModel
 from .models.params import ParamsArg, select_params
 from .results import InfluenceResult
 from .solvers import CURVATURES, SOLVERS, CGSolver, Curvature, ExactSolver, LowRankSolver, resolve_damping
@@ -40,6 +40,10 @@ def _collect(data, texts):
 
         ys = pad_right(ys, getattr(getattr(data, "collate_fn", None), "pad_token_id", None))
     return torch.cat(xs), torch.cat(ys)
+
+
+def _split(total: int, size: int) -> list[slice]:
+    return [slice(a, min(a + size, total)) for a in range(0, total, size)]
 
 
 def default_chunks(model: nn.Module) -> tuple[int, int]:
@@ -150,8 +154,12 @@ class ECIF:
         return tqdm(starts, desc=desc, disable=not self.progress or len(starts) < 2, leave=False)
 
     def _embed_all(self, theta):
-        parts = [self.fm.embed(theta, self.X[a:a + self.chunk_size], self.Y[a:a + self.chunk_size])
-                 for a in self._chunks("embed")]
+        return self._embed(theta, self.X, self.Y, self._chunks("embed"))
+
+    def _embed(self, theta, X, Y, starts=None):
+        """``(U, V, s)`` of the pairs ``X, Y``, ``chunk_size`` pairs per encoder call."""
+        starts = range(0, X.shape[0], self.chunk_size) if starts is None else starts
+        parts = [self.fm.embed(theta, X[a:a + self.chunk_size], Y[a:a + self.chunk_size]) for a in starts]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), parts[0][2]
 
     # ------------------------------------------------------------------ test functions
@@ -175,24 +183,35 @@ class ECIF:
         if test_images is None or test_texts is None:
             raise ECIFInputError("give test_images and test_texts (the test pairs), or fn=callable")
         Xt, Yt = check_pairs(test_images, test_texts, what="test")
+        # The test pairs interact only through their embeddings: cotangents in embedding space first, then
+        # one VJP per chunk of test pairs (memory: one chunk of activations, however many test pairs).
+        with torch.no_grad():
+            Ut, Vt, st = self._embed(theta, Xt, Yt)
 
-        def test_losses(th):
-            U, V, s = self.fm.embed(th, Xt, Yt)
+        def test_losses(U, V, s):
             S = s.exp() * (U @ V.T)
             return per_pair_loss(S) if per_test else batch_loss(S).reshape(1)
 
-        return jacrev(test_losses, chunk_size=self.tangent_chunk)(theta)
+        gU, gV, gs = jacrev(test_losses, argnums=(0, 1, 2))(Ut, Vt, st)
+        pull = ChunkedVJP(self.fm, theta, Xt, Yt, self.chunk_size)
+        return torch.cat([pull(gU[q], gV[q], gs[q]) for q in _split(gU.shape[0], self.tangent_chunk)])
 
     # ------------------------------------------------------------------ embedding-space path
     def _directions(self, H: torch.Tensor):
         """``(dU, dV, ds)`` = ``J·h`` for the columns of ``H (P, Q)``: ``(Q, n, d)``, ``(Q, n, d)``, ``(Q,)``."""
+        return self._tangents(self.X, self.Y, H, self._chunks("JVP pass"))
+
+    def _tangents(self, X, Y, H: torch.Tensor, starts=None):
+        """``J·h`` on the pairs ``X, Y`` for the columns of ``H (P, Q)``: ``chunk_size`` pairs per encoder
+        call, ``tangent_chunk`` columns per vmapped JVP. ``ds`` is None when the scale is not trained."""
+        starts = range(0, X.shape[0], self.chunk_size) if starts is None else starts
         dUs, dVs, ds = [], [], None
         columns = H.T.contiguous().split(self.tangent_chunk)
-        for a in self._chunks("JVP pass"):
-            X, Y = self.X[a:a + self.chunk_size], self.Y[a:a + self.chunk_size]
+        for a in starts:
+            Xc, Yc = X[a:a + self.chunk_size], Y[a:a + self.chunk_size]
 
             def tangent(h):
-                return jvp(lambda th: self.fm.embed(th, X, Y), (self.theta,), (h,))[1]
+                return jvp(lambda th: self.fm.embed(th, Xc, Yc), (self.theta,), (h,))[1]
 
             parts = [vmap(tangent)(c) for c in columns]
             dUs.append(torch.cat([p[0] for p in parts]))
@@ -268,10 +287,10 @@ class ECIF:
             local = (row_of[group] >= 0).nonzero().flatten()
             if local.numel() == 0:
                 continue
-            (U, V, s), pull = self.fm.embed_vjp(self.theta, self.X[group], self.Y[group])
+            pull = ChunkedVJP(self.fm, self.theta, self.X[group], self.Y[group], self.chunk_size)
             for ks in local.split(self.tangent_chunk):
-                gU, gV, gs = pair_embedding_gradients(U.detach(), V.detach(), t, exact, True, ks)
-                yield row_of[group[ks]], vmap(pull)(gU.to(U.dtype), gV.to(V.dtype), gs.to(s.dtype))
+                gU, gV, gs = pair_embedding_gradients(self.U[group], self.V[group], t, exact, True, ks)
+                yield row_of[group[ks]], pull(gU, gV, gs)
 
     def self_influence(self, indices=None) -> torch.Tensor:
         """``(K,)`` self-influence ``g_kᵀ H⁻¹ g_k`` (all pairs by default): an outlier / misalignment score.
@@ -333,15 +352,12 @@ class ECIF:
         Us = [self.U[g] for g in groups]
         Vs = [self.V[g] for g in groups]
         pos, neg = [], []
+        tangents = [self._tangents(self.X[g], self.Y[g], Hq) for g in groups]  # per batch: (Q, B, d) ...
         for q in range(Hq.shape[1]):
-            dUs, dVs, dss = [], [], []
-            for g in groups:
-                (_, _, _), (dU, dV, ds) = self.fm.embed_jvp(self.theta, self.X[g], self.Y[g], Hq[:, q])
-                dUs.append(dU)
-                dVs.append(dV)
-                dss.append(ds)
-            ds = dss[0] if self.fm.scale_trained else torch.zeros_like(self.log_scale)
-            _, (p, n_) = jvp(objective, (Us, Vs, self.log_scale), (dUs, dVs, ds))
+            dUs = [t[0][q] for t in tangents]
+            dVs = [t[1][q] for t in tangents]
+            ds = tangents[0][2][q] if self.fm.scale_trained else torch.zeros_like(self.log_scale)
+            _, (p, n_) = jvp(objective, (Us, Vs, self.log_scale), (dUs, dVs, ds.reshape(self.log_scale.shape)))
             pos.append(torch.as_tensor(p))
             neg.append(torch.as_tensor(n_))
         return self._result(torch.stack(pos), torch.stack(neg), Hq, fn, per_test)
@@ -352,12 +368,18 @@ class ECIF:
         removed = check_indices(indices, self.n)
         groups, objective = self._group_objective(removed)
 
-        def total(th):
-            embs = [self.fm.embed(th, self.X[g], self.Y[g]) for g in groups]
-            p, q = objective([e[0] for e in embs], [e[1] for e in embs], embs[0][2])
+        def total(Us, Vs, s):
+            p, q = objective(Us, Vs, s)
             return p + q
 
-        return torch.func.grad(total)(self.theta)
+        # embedding-space gradient from the stored embeddings, then one chunked VJP per touched batch
+        gUs, gVs, gs = torch.func.grad(total, argnums=(0, 1, 2))(
+            [self.U[g] for g in groups], [self.V[g] for g in groups], self.log_scale)
+        out = torch.zeros(self.space.size, dtype=self.theta.dtype)
+        for i, (g, gU, gV) in enumerate(zip(groups, gUs, gVs)):
+            pull = ChunkedVJP(self.fm, self.theta, self.X[g], self.Y[g], self.chunk_size)
+            out += pull(gU[None], gV[None], gs.reshape(1) if i == 0 else None)[0]
+        return out
 
     def removal_update(self, indices) -> dict[str, torch.Tensor]:
         """Parameters after removing ``indices`` by one Newton step ``θ̂ + H⁻¹ g(D*)`` (SPEC §3).

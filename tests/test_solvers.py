@@ -301,15 +301,18 @@ def test_gauss_newton_trace_estimate_is_the_parameter_space_hutchinson_sum(train
         assert C.trace_estimate(probes=4096, seed=3) == pytest.approx(float(torch.diagonal(C.dense()).sum()), rel=0.05)
 
 
+@pytest.mark.parametrize("batches", [BATCH, None], ids=["batch", "all-negatives"])
 @pytest.mark.parametrize("train_scale", [False, True])
-def test_chunking_does_not_change_results(train_scale):
-    """``chunk_size`` (pairs per encoder call) and ``tangent_chunk`` (vectors per vmapped call) bound memory;
-    per-test influence, self-influence, pair gradients and CG products must not depend on them."""
+def test_chunking_does_not_change_results(train_scale, batches):
+    """``chunk_size`` (pairs per encoder call, also inside a batch bigger than it) and ``tangent_chunk``
+    (vectors per vmapped call) bound memory; per-test influence, self-influence, pair gradients, group
+    removal and curvature products must not depend on them."""
     model, X, Y, Xt, Yt = _problem(True, train_scale=train_scale)
-    kw = dict(damping=1.0, batches=BATCH, curvature="gauss-newton")
+    kw = dict(damping=1.0, batches=batches, curvature="gauss-newton")
     ref = ef.ECIF(model, **kw).fit(X, Y)
     assert (ref.chunk_size, ref.tangent_chunk) == ef.engine.default_chunks(model) == (4096, 256)
     want = ref.influence(Xt, Yt, per_test=True).total
+    ref_hessian = ef.ECIF(model, damping=5.0, batches=batches, hessian="cg").fit(X, Y)
     for chunk, tangents in ((3, 1), (5, 2), (1000, 7)):
         eng = ef.ECIF(model, chunk_size=chunk, tangent_chunk=tangents, **kw).fit(X, Y)
         torch.testing.assert_close(eng.influence(Xt, Yt, per_test=True).total, want, rtol=1e-10, atol=1e-14)
@@ -317,6 +320,14 @@ def test_chunking_does_not_change_results(train_scale):
         torch.testing.assert_close(eng.pair_gradients([4, 0]), ref.pair_gradients()[[4, 0]], rtol=1e-12, atol=0)
         Z = torch.randn(eng.space.size, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
         torch.testing.assert_close(eng.curvature.matvec(Z), ref.curvature.matvec(Z), rtol=1e-10, atol=1e-14)
+        torch.testing.assert_close(eng.curvature.dense(), ref.curvature.dense(), rtol=1e-10, atol=1e-14)
+        torch.testing.assert_close(eng.group_gradient([1, 6, 13]), ref.group_gradient([1, 6, 13]), rtol=1e-10,
+                                   atol=1e-14)
+        g_eng, g_ref = eng.group_influence([1, 6, 13], Xt, Yt), ref.group_influence([1, 6, 13], Xt, Yt)
+        torch.testing.assert_close(g_eng.total, g_ref.total, rtol=1e-10, atol=1e-14)
+        hess = ef.ECIF(model, damping=5.0, batches=batches, hessian="cg", chunk_size=chunk,
+                       tangent_chunk=tangents).fit(X, Y)
+        torch.testing.assert_close(hess.curvature.matvec(Z), ref_hessian.curvature.matvec(Z), rtol=1e-10, atol=1e-14)
 
 
 def test_chunk_arguments_are_checked():

@@ -5,7 +5,7 @@ from typing import Callable
 
 import torch
 from torch import nn
-from torch.func import functional_call, jvp, vjp
+from torch.func import functional_call, jvp, vjp, vmap
 
 from .params import ParamSpace
 from .protocol import check_model
@@ -72,3 +72,35 @@ class FunctionalModel:
         """Embeddings and the function mapping cotangents ``(gU, gV, gs)`` to ``(P,)`` gradients."""
         out, fn = vjp(lambda th: self.embed(th, X, Y), theta)
         return out, (lambda gU, gV, gs: fn((gU, gV, gs))[0])
+
+
+class ChunkedVJP:
+    """``Jᵀ·(gU, gV, gs)`` on the pairs ``X, Y`` with at most ``chunk_pairs`` pairs' activations alive.
+
+    The rows are split into chunks of ``chunk_pairs``; each call runs one forward with its graph per chunk
+    and one vmapped VJP over the ``K`` cotangents, summing the chunks (the scale's cotangent is applied once).
+    With a single chunk the forward is kept and reused by every call.
+
+    Args:
+        fm: the functional model. theta: ``(P,)``. X, Y: ``(m, ...)`` inputs. chunk_pairs: rows per encoder call.
+    """
+
+    def __init__(self, fm: FunctionalModel, theta: torch.Tensor, X, Y, chunk_pairs: int):
+        self.fm, self.theta, self.X, self.Y = fm, theta, X, Y
+        m = X.shape[0]
+        self.rows = [slice(a, min(a + chunk_pairs, m)) for a in range(0, m, chunk_pairs)]
+        self._kept = fm.embed_vjp(theta, X, Y) if len(self.rows) == 1 else None
+
+    def __call__(self, gU: torch.Tensor, gV: torch.Tensor, gs: torch.Tensor | None) -> torch.Tensor:
+        """``gU, gV (K, m, d)``, ``gs (K,)`` or None -> ``(K, P)`` parameter gradients."""
+        out = None
+        for c, r in enumerate(self.rows):
+            (U, V, s), pull = self._kept or self.fm.embed_vjp(self.theta, self.X[r], self.Y[r])
+            K = gU.shape[0]
+            if gs is None or c > 0:
+                cs = torch.zeros(K, *s.shape, dtype=s.dtype, device=s.device)
+            else:
+                cs = gs.to(s.dtype).reshape(K, *s.shape)
+            g = vmap(pull)(gU[:, r].to(U.dtype), gV[:, r].to(V.dtype), cs)
+            out = g if out is None else out + g
+        return out

@@ -8,7 +8,7 @@ from ..errors import ECIFInputError
 from ..kernels.batching import BatchPlan
 from ..kernels import ops
 from ..kernels.torch_ref.loss import batch_loss
-from ..models.functional import FunctionalModel
+from ..models.functional import ChunkedVJP, FunctionalModel
 
 CURVATURES = ("hessian", "gauss-newton")
 
@@ -47,7 +47,7 @@ class Curvature:
         self.groups = groups
         self.size = theta.numel()
         self.chunks = _pack(groups, chunk_pairs)
-        self.tangent_chunk = tangent_chunk
+        self.chunk_pairs, self.tangent_chunk = chunk_pairs, tangent_chunk
 
     def _batch_loss_fn(self, idx):
         X, Y = self.X[idx], self.Y[idx]
@@ -70,11 +70,16 @@ class Curvature:
         ``ds`` None when the scale is not trained."""
         for idx, plan in self.chunks:
             X, Y = self.X[idx], self.Y[idx]
-            parts = [vmap(lambda h: self.fm.embed_jvp(self.theta, X, Y, h), out_dims=(None, 0))(Hc)
-                     for Hc in H.split(self.tangent_chunk)]
-            U, V, s = parts[0][0]
-            dU, dV, ds = (torch.cat([p[1][i] for p in parts]) for i in range(3))
-            ds = ds if self.fm.scale_trained else None
+            embs, tans = [], []
+            for a in range(0, len(idx), self.chunk_pairs):  # a batch bigger than a chunk: JVPs row chunk by chunk
+                Xr, Yr = X[a:a + self.chunk_pairs], Y[a:a + self.chunk_pairs]
+                parts = [vmap(lambda h: self.fm.embed_jvp(self.theta, Xr, Yr, h), out_dims=(None, 0))(Hc)
+                         for Hc in H.split(self.tangent_chunk)]
+                embs.append(parts[0][0])
+                tans.append([torch.cat([p[1][i] for p in parts]) for i in range(3)])
+            U, V, s = torch.cat([e[0] for e in embs]), torch.cat([e[1] for e in embs]), embs[0][2]
+            dU, dV = torch.cat([t[0] for t in tans], 1), torch.cat([t[1] for t in tans], 1)
+            ds = tans[0][2] if self.fm.scale_trained else None
             g = ops.gauss_newton_product(U.detach(), V.detach(), s.detach().exp(), plan, dU, dV, ds,
                                          backend=self.backend)
             yield X, Y, s, (dU, dV, ds), g
@@ -83,11 +88,10 @@ class Curvature:
         """``J_Sᵀ H_S J_S`` applied to the ``Q`` columns of ``Vs (P, Q)``, chunk by chunk."""
         out = torch.zeros_like(Vs)
         for X, Y, s, (dU, dV, _), (gU, gV, gs) in self._chunk_products(Vs.T.contiguous()):
-            _, pull = self.fm.embed_vjp(self.theta, X, Y)
-            gs = gs.to(s.dtype).reshape(-1, *s.shape)
-            cot = zip(gU.to(dU.dtype).split(self.tangent_chunk), gV.to(dV.dtype).split(self.tangent_chunk),
-                      gs.split(self.tangent_chunk))
-            out += torch.cat([vmap(pull)(a, b, c) for a, b, c in cot]).T
+            pull = ChunkedVJP(self.fm, self.theta, X, Y, self.chunk_pairs)
+            cot = zip(gU.split(self.tangent_chunk), gV.split(self.tangent_chunk),
+                      gs.reshape(gU.shape[0], -1).split(self.tangent_chunk))
+            out += torch.cat([pull(a, b, c) for a, b, c in cot]).T
         return out * self.factor
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
