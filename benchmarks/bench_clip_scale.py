@@ -65,7 +65,7 @@ from ecif_fast.kernels import ops, registry
 from ecif_fast.solvers import CGSolver
 
 SECTION = "## Real CLIP model (ViT-B/32 size, CPU)"
-PROBE = "### Where engine memory is not bounded by one chunk"
+PROBE = "### Engine memory beyond one chunk: bigger batches, test sets and removed sets"
 BASE, BASE_END = "fwd+bwd (math SDPA)", "fwd+bwd (math SDPA), again at the end"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BOS, EOS = 49406, 49407  # CLIP's tokenizer ids (CLIPTextConfig's defaults)
@@ -590,7 +590,7 @@ def render(res: dict, command: str) -> str:
         t += ["", "Second table: the two projection heads instead of LoRA (P = "
               f"{hd['P']:,}; CG {hd['iterations']} iterations, CG's relative residual {hd['residual']:.2g}, δ = "
               f"{hd['damping']:.3g}); every ratio is to a heads-only forward+backward, which itself took "
-              f"{hb / base:.2f}× the LoRA one:", ""] + head
+              f"{hb / rows[BASE]['s']:.2f}× the LoRA one at the start of the run:", ""] + head
         t += [row("**one forward+backward** (backward to the heads only)", "heads: fwd+bwd (math SDPA)", hb,
                   baseline_row=True)]
         t += [row(f"ECIF {nm.split(': ')[1]}", nm, hb) for nm in hn[:2]]
@@ -673,8 +673,9 @@ def describe(res: dict, command: str) -> str:
                f"graph) {rr('ECIF: fit'):.2f}×, ∇F (a forward+backward over the {a['val']} "
                f"validation pairs) {rr('ECIF: grad F'):.2f}×."
                + (f" The default SDPA dispatch (what training would use) ran the same forward+backward in "
-                  f"{rows['fwd+bwd (default SDPA)']['s'] / base:.2f}× the math kernel's time: measured against "
-                  f"it, the ratios are {base / rows['fwd+bwd (default SDPA)']['s']:.2f}× these."
+                  f"{rows['fwd+bwd (default SDPA)']['s'] / rows[BASE]['s']:.2f}× the time of the math kernel's "
+                  f"run just before it: measured against it, the ratios are "
+                  f"{rows[BASE]['s'] / rows['fwd+bwd (default SDPA)']['s']:.2f}× these."
                   if "fwd+bwd (default SDPA)" in rows else ""),
                f"- **The solve** is the expensive part: {rows['ECIF: solve']['s'] / max(e['iterations'], 1):.1f} s "
                f"per CG iteration, i.e. {_per_iter(res):.1f}× a forward+backward of the same "
@@ -690,8 +691,9 @@ def describe(res: dict, command: str) -> str:
                f"{rows[BASE]['extra_mib']:.0f} MiB extra." + (
                    f" TRAK's featurize and score (per-sample gradients of a batch under `vmap`) peak at "
                    f"{rows['TRAK: featurize']['extra_mib']:.0f} and {rows['TRAK: score']['extra_mib']:.0f} MiB "
-                   "extra." if "TRAK: featurize" in rows else "") + " Where the engine is *not* bounded by one "
-               "chunk (bigger batches, bigger test sets, group removal): the subsection below."]
+                   "extra." if "TRAK: featurize" in rows else "")
+               + " How the engine's memory grows with batches, test sets and removed "
+               "sets bigger than a chunk: the subsection below."]
     o = res.get("oracle")
     if o:
         bullets.append(
@@ -734,7 +736,8 @@ def describe(res: dict, command: str) -> str:
         bullets.append(
             f"- **Heads only** (second table): ECIF without the solve {sm['heads_wo']:.2f}× the "
             f"heads-only forward+backward. That baseline's backward stops at the heads, so it costs about one "
-            f"forward ({sm['heads_base'] / base:.2f}× the LoRA one), while every ECIF stage still runs both towers "
+            f"forward ({sm['heads_base'] / rows[BASE]['s']:.2f}× the LoRA one), while every ECIF stage still runs "
+            "both towers "
             f"forward for every pair (the fit, the JVP pass, and two per CG product).")
     parts += bullets
     return "\n".join(parts) + "\n"
@@ -801,42 +804,55 @@ def memory_probe(args, log=print) -> dict:
             "machine": machine(load_start, os.getloadavg()), "wall_s": time.perf_counter() - t_start}
 
 
-def describe_probe(res: dict, command: str) -> str:
+def describe_probe(res: dict, command: str, before: dict | None = None) -> str:
+    """The probe's subsection; ``before``: the same probe at an earlier commit, shown beside it."""
     a, rows, m = res["args"], res["rows"], res["machine"]
-    unit = rows[res["order"][0]]["extra_mib"]
+    o = res["order"]
+    unit = rows[o[0]]["extra_mib"]
+    c, n = a["chunk_size"], a["n"]
+    b_rows = before["rows"] if before else None
+    b_unit = b_rows[o[0]]["extra_mib"] if before else None
     lines = [PROBE, "",
              f"`{command}` — same machine, {m['date']}, load average at start {m['load_start']}, at end "
              f"{m['load_end']}; ecif_fast at `{m['git']}`. The same LoRA model at **{a['layers']} layers per tower** "
-             f"(activation memory grows linearly with the depth), "
-             f"`chunk_size={a['chunk_size']}`, n = {a['n']}; each call once, extra peak RSS as above (times "
-             "taken under that load; the memory figures do not depend on it).", "",
-             "| call | time (s) | extra peak (MiB) | × one chunk's fwd+bwd |", "|---|---:|---:|---:|"]
-    for name in res["order"]:
+             f"(activation memory grows linearly with the depth), `chunk_size={c}`, n = {n}; each call once, extra "
+             "peak RSS as above (times taken under that load; the memory figures do not depend on it). The "
+             "question: does a call hold more than one chunk's activations when its batch, its test set or its "
+             "set of removed pairs is bigger than a chunk?"
+             + (f" Beside it, the same probe at `{before['machine']['git']}` (engine before its commit "
+                "\"memory bounded by one chunk also inside big batches and test sets\")." if before else ""), "",
+             "| call | time (s) | extra peak (MiB) | × one chunk's fwd+bwd |"
+             + (" before: extra peak (MiB) | before: × one chunk |" if before else ""),
+             "|---|---:|---:|---:|" + ("---:|---:|" if before else "")]
+    for name in o:
         r = rows[name]
-        lines.append(f"| {name} | {r['s']:.1f} | {r['extra_mib']:.0f} | {r['extra_mib'] / unit:.1f} |")
-    x = {name: rows[name]["extra_mib"] / unit for name in res["order"]}
-    o = res["order"]
-    c, n = a["chunk_size"], a["n"]
-    lines += ["",
-              f"At this depth fixed costs weigh more than at 12 layers (one Gauss–Newton product over chunks of {c} "
-              f"peaks at {x[o[4]]:.1f}× a chunk's forward+backward here; in the full-depth run above it stays near one "
-              "batch's forward+backward), so read the ratios as growth with the number of pairs held at once. What is not bounded by `chunk_size` "
-              "(engine code read at the commit named above; measured here):",
-              f"- `ECIF._test_gradients` (∇F of test pairs) embeds **all test pairs in one encoder call** "
-              f"(`jacrev` of their loss; `tangent_chunk` only splits the output axis): {n} test pairs peak at "
-              f"{x[o[3]]:.1f}× one chunk, growing linearly with the test set.",
-              f"- `Curvature` products keep a training batch in one encoder call (`_pack`: a batch larger than "
-              f"`chunk_size` is a chunk of its own), so with \"all\" negatives or batches above {c} the Gauss–Newton "
-              f"product holds the whole batch: {x[o[5]]:.1f}× one chunk at n = {n} (the exact-Hessian `_hvp1` and "
-              "`dense()` also go batch by batch).",
-              f"- `ECIF._gradient_blocks` (`pair_gradients`, self-influence, RelatIF) runs `embed_vjp` over a whole "
-              f"batch: {x[o[7]]:.1f}× one chunk for one pair under \"all\" negatives at n = {n}.",
-              f"- `ECIF.group_gradient` (and so `removal_update` / `cleaned_model`) embeds **every touched batch with "
-              f"its graph at once**: {n // c} removed pairs in {n // c} batches peak at {x[o[8]]:.1f}× one chunk, "
-              "growing with the number of touched batches.",
-              "- In each case the coupling between pairs is only in embedding space (U, V of a batch), so the "
-              "encoder calls could go chunk by chunk: embeddings of the batch first (no graph), the embedding-space "
-              "cotangents from them, then one VJP per chunk."]
+        line = f"| {name} | {r['s']:.1f} | {r['extra_mib']:.0f} | {r['extra_mib'] / unit:.1f} |"
+        if before and name in b_rows:
+            line += f" {b_rows[name]['extra_mib']:.0f} | {b_rows[name]['extra_mib'] / b_unit:.1f} |"
+        elif before:
+            line += " | |"
+        lines.append(line)
+
+    def grows(big, small, r=rows):
+        return r[o[big]]["extra_mib"] / r[o[small]]["extra_mib"]
+
+    checks = [(f"∇F of {n} test pairs vs {c} (`_test_gradients`)", 3, 2),
+              (f"a Gauss–Newton product with one batch of {n} (\"all\" negatives) vs batches of {c}", 5, 4),
+              (f"`pair_gradients` of one pair in a batch of {n} vs of {c}", 7, 6),
+              (f"`group_gradient` over {n // c} batches vs `pair_gradients` in one", 8, 6)]
+    lines += ["", f"Growth of the extra peak when {n // c}× more pairs are involved (1.0: bounded by one chunk; "
+              f"about {n // c}: all of them held at once):"]
+    for label, big, small in checks:
+        g = grows(big, small)
+        txt = f"- {label}: **×{g:.1f}**"
+        if before:
+            txt += f" (before: ×{grows(big, small, b_rows):.1f})"
+        lines.append(txt + ".")
+    lines += [f"- For scale: the forward+backward over all {n} pairs one chunk at a time (bounded by construction) "
+              f"peaks at ×{rows[o[1]]['extra_mib'] / unit:.1f} the single chunk's.",
+              f"- At this depth fixed costs weigh more than at 12 layers: one Gauss–Newton product over chunks "
+              f"of {c} peaks at {rows[o[4]]['extra_mib'] / unit:.1f}× a chunk's forward+backward here, while in "
+              "the full-depth run above it stays near one batch's forward+backward."]
     return "\n".join(lines) + "\n"
 
 
@@ -929,6 +945,8 @@ def parse(argv):
     p.add_argument("--from-json", default=None, help="render saved results instead of running")
     p.add_argument("--memory-probe", action="store_true",
                    help="instead: peak memory of engine calls that may hold more than one chunk of activations")
+    p.add_argument("--before-json", default=None,
+                   help="with --memory-probe: saved probe results of an earlier commit, shown beside")
     p.add_argument("--write", action="store_true", help="rewrite this section of BENCHMARKS.md")
     return p.parse_args(argv)
 
@@ -959,7 +977,11 @@ def main(argv=None):
             command = " ".join(["python benchmarks/bench_clip_scale.py"] + _public(argv))
             res = memory_probe(args)
             res["command"] = command
-        text = describe_probe(res, command)
+        before = None
+        if args.before_json:
+            with open(args.before_json) as f:
+                before = json.load(f)
+        text = describe_probe(res, command, before)
         print(text)
         if args.json and not args.from_json:
             with open(args.json, "w") as f:
