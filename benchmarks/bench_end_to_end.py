@@ -42,6 +42,7 @@ if __name__ == "__main__":  # script mode from a checkout without an editable in
 import ecif_fast as ef
 from ecif_fast.kernels import ops, registry
 from ecif_fast.solvers import CGSolver
+from sections import write_section  # benchmarks/sections.py
 
 SECTION = "## End to end: influence of every pair, LinearHeads, n = 262144"
 
@@ -157,17 +158,7 @@ def write(args, res, path="BENCHMARKS.md"):
             f"({platform.processor() or 'CPU'}, "
             f"torch {torch.__version__}, {time.strftime('%Y-%m-%d')}).\n\n{describe(args, res)}\n\n"
             f"{table(args, res)}\n")
-    text = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
-    if SECTION in text:
-        start = text.index(SECTION)
-        nxt = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + body + ("" if nxt < 0 else text[nxt:])
-    else:
-        text = text.rstrip("\n") + "\n\n" + body
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    write_section(SECTION, body, path)
 
 
 def main(argv=None):

@@ -41,6 +41,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import torch  # noqa: E402
 
+from sections import write_section  # noqa: E402  (benchmarks/sections.py)
+
 SCALE = 20.0
 OPS = ("infonce", "ecif_reductions", "gauss_newton_product")
 DEFAULT_CASES = ("all:4096", "all:16384", "all:65536", "batch:262144")
@@ -223,20 +225,6 @@ def machine(device, threads) -> str:
             f"torch {torch.__version__}, load average at start {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
 
 
-def write_section(body: str, path="BENCHMARKS.md"):
-    text = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
-    if SECTION in text:
-        start = text.index(SECTION)
-        nxt = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + body + ("" if nxt < 0 else text[nxt:])
-    else:
-        text = text.rstrip("\n") + "\n\n" + body
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", nargs="+", default=list(DEFAULT_CASES))
@@ -271,7 +259,7 @@ def main(argv=None):
                     f"{machine(a.device, a.threads)}, {time.strftime('%Y-%m-%d')}. Each row: minimum of its run's "
                     "calls; GEMM limit = 3 × the score GEMM of the case timed in the same process; extra memory = peak "
                     "growth over the inputs for one call, outputs included.\n\n")
-            write_section(head + table + "\n")
+            write_section(SECTION, head + table + "\n")
         return
     results = []
     for case in a.cases:
@@ -297,7 +285,7 @@ def main(argv=None):
             f"same process; extra memory = peak growth over the inputs for one call, outputs included.\n\n")
     print(table)
     if a.write:
-        write_section(head + table + "\n")
+        write_section(SECTION, head + table + "\n")
 
 
 # ---------------------------------------------------------------------------------------------- pytest-benchmark
