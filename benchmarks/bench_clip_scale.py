@@ -63,6 +63,7 @@ if __name__ == "__main__":  # script mode from a checkout without an editable in
 import ecif_fast as ef
 from ecif_fast.kernels import ops, registry
 from ecif_fast.solvers import CGSolver
+from sections import read_section, write_section as write_section_in  # benchmarks/sections.py
 
 SECTION = "## Real CLIP model (ViT-B/32 size, CPU)"
 PROBE = "### Engine memory beyond one chunk: bigger batches, test sets and removed sets"
@@ -859,25 +860,17 @@ def describe_probe(res: dict, command: str, before: dict | None = None) -> str:
 def write_section(text: str, path: str = os.path.join(ROOT, "BENCHMARKS.md"), probe: bool = False) -> None:
     """Replace this benchmark's section (``probe``: only its memory-probe subsection, which a rewrite of the
     main section keeps)."""
-    doc = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
-    if SECTION in doc:
-        start = doc.index(SECTION)
-        nxt = doc.find("\n## ", start + len(SECTION))
-        end = len(doc) if nxt < 0 else nxt + 1
-        body = doc[start:end]
+    body = read_section(SECTION, path)
+    if not body:
+        body = text
+    else:
         old = body[body.index(PROBE):] if PROBE in body else ""
         if probe:
             body = body[:len(body) - len(old)] if old else body
             body = body.rstrip("\n") + "\n\n" + text
         else:
             body = text + ("\n" + old.rstrip("\n") + "\n" if old else "")
-        doc = doc[:start] + body.rstrip("\n") + "\n" + ("" if nxt < 0 else doc[nxt:])
-    else:
-        doc = doc.rstrip("\n") + "\n\n" + text
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(doc)
-    os.replace(tmp, path)
+    write_section_in(SECTION, body, path)
 
 
 # ---------------------------------------------------------------------------------------------- pytest-benchmark

@@ -6,6 +6,16 @@ import os
 BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "BENCHMARKS.md")
 
 
+def read_section(heading: str, path: str = BENCHMARKS) -> str:
+    """The current text of the section under ``heading`` (its ``###`` subsections included), or ``""``."""
+    text = open(path).read() if os.path.exists(path) else ""
+    if heading not in text:
+        return ""
+    start = text.index(heading)
+    nxt = text.find("\n## ", start + len(heading))
+    return text[start:] if nxt < 0 else text[start:nxt + 1]
+
+
 def write_section(heading: str, body: str, path: str = BENCHMARKS) -> None:
     """Put ``body`` (which starts with ``heading``, a ``## `` line) in place of that section, or append it."""
     if not body.startswith(heading):
