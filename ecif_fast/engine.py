@@ -6,7 +6,7 @@ from typing import Callable, Sequence, Union
 
 import torch
 from torch import nn
-from torch.func import jacrev, jvp, vmap
+from torch.func import jacrev, jvp
 from tqdm.auto import tqdm
 
 from .errors import ECIFInputError
@@ -14,7 +14,7 @@ from .kernels.batching import BatchesArg, BatchPlan, resolve_batches
 from .kernels.torch_ref.loss import batch_loss, per_pair_loss
 from .kernels.torch_ref.per_pair import pair_embedding_gradients, removal_objective
 from .kernels import ops
-from .models.functional import ChunkedVJP, FunctionalModel
+from .models.functional import ChunkedVJP, FunctionalModel, chunked_jvp, row_slices
 from .models.params import ParamsArg, select_params
 from .results import InfluenceResult
 from .solvers import CURVATURES, SOLVERS, CGSolver, Curvature, ExactSolver, LowRankSolver, resolve_damping
@@ -40,10 +40,6 @@ def _collect(data, texts):
 
         ys = pad_right(ys, getattr(getattr(data, "collate_fn", None), "pad_token_id", None))
     return torch.cat(xs), torch.cat(ys)
-
-
-def _split(total: int, size: int) -> list[slice]:
-    return [slice(a, min(a + size, total)) for a in range(0, total, size)]
 
 
 def default_chunks(model: nn.Module) -> tuple[int, int]:
@@ -150,16 +146,16 @@ class ECIF:
             raise RuntimeError("call .fit(train_images, train_texts) before computing influences")
 
     def _chunks(self, desc: str):
-        starts = range(0, self.n, self.chunk_size)
-        return tqdm(starts, desc=desc, disable=not self.progress or len(starts) < 2, leave=False)
+        rows = row_slices(self.n, self.chunk_size)
+        return tqdm(rows, desc=desc, disable=not self.progress or len(rows) < 2, leave=False)
 
     def _embed_all(self, theta):
         return self._embed(theta, self.X, self.Y, self._chunks("embed"))
 
-    def _embed(self, theta, X, Y, starts=None):
+    def _embed(self, theta, X, Y, rows=None):
         """``(U, V, s)`` of the pairs ``X, Y``, ``chunk_size`` pairs per encoder call."""
-        starts = range(0, X.shape[0], self.chunk_size) if starts is None else starts
-        parts = [self.fm.embed(theta, X[a:a + self.chunk_size], Y[a:a + self.chunk_size]) for a in starts]
+        rows = row_slices(X.shape[0], self.chunk_size) if rows is None else rows
+        parts = [self.fm.embed(theta, X[r], Y[r]) for r in rows]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), parts[0][2]
 
     # ------------------------------------------------------------------ test functions
@@ -194,30 +190,19 @@ class ECIF:
 
         gU, gV, gs = jacrev(test_losses, argnums=(0, 1, 2))(Ut, Vt, st)
         pull = ChunkedVJP(self.fm, theta, Xt, Yt, self.chunk_size)
-        return torch.cat([pull(gU[q], gV[q], gs[q]) for q in _split(gU.shape[0], self.tangent_chunk)])
+        return torch.cat([pull(gU[q], gV[q], gs[q]) for q in row_slices(gU.shape[0], self.tangent_chunk)])
 
     # ------------------------------------------------------------------ embedding-space path
     def _directions(self, H: torch.Tensor):
         """``(dU, dV, ds)`` = ``J·h`` for the columns of ``H (P, Q)``: ``(Q, n, d)``, ``(Q, n, d)``, ``(Q,)``."""
         return self._tangents(self.X, self.Y, H, self._chunks("JVP pass"))
 
-    def _tangents(self, X, Y, H: torch.Tensor, starts=None):
-        """``J·h`` on the pairs ``X, Y`` for the columns of ``H (P, Q)``: ``chunk_size`` pairs per encoder
-        call, ``tangent_chunk`` columns per vmapped JVP. ``ds`` is None when the scale is not trained."""
-        starts = range(0, X.shape[0], self.chunk_size) if starts is None else starts
-        dUs, dVs, ds = [], [], None
-        columns = H.T.contiguous().split(self.tangent_chunk)
-        for a in starts:
-            Xc, Yc = X[a:a + self.chunk_size], Y[a:a + self.chunk_size]
-
-            def tangent(h):
-                return jvp(lambda th: self.fm.embed(th, Xc, Yc), (self.theta,), (h,))[1]
-
-            parts = [vmap(tangent)(c) for c in columns]
-            dUs.append(torch.cat([p[0] for p in parts]))
-            dVs.append(torch.cat([p[1] for p in parts]))
-            ds = torch.cat([p[2] for p in parts])
-        return torch.cat(dUs, 1), torch.cat(dVs, 1), (ds if self.fm.scale_trained else None)
+    def _tangents(self, X, Y, H: torch.Tensor, rows=None):
+        """``J·h`` on the pairs ``X, Y`` for the columns of ``H (P, Q)`` (see :func:`chunked_jvp`); ``ds`` is
+        None when the scale is not trained."""
+        _, (dU, dV, ds) = chunked_jvp(self.fm, self.theta, X, Y, H.T.contiguous(), self.chunk_size,
+                                      self.tangent_chunk, rows)
+        return dU, dV, (ds if self.fm.scale_trained else None)
 
     def _check_finite(self, *tensors):
         for x in tensors:

@@ -74,6 +74,32 @@ class FunctionalModel:
         return out, (lambda gU, gV, gs: fn((gU, gV, gs))[0])
 
 
+def row_slices(total: int, size: int) -> list[slice]:
+    """``[0:size], [size:2·size], …`` covering ``total`` rows."""
+    return [slice(a, min(a + size, total)) for a in range(0, total, size)]
+
+
+def chunked_jvp(fm: FunctionalModel, theta: torch.Tensor, X, Y, H: torch.Tensor, chunk_pairs: int,
+                tangent_chunk: int, rows=None):
+    """Embeddings and their derivatives along the rows of ``H (Q, P)``, ``chunk_pairs`` pairs per encoder call
+    and ``tangent_chunk`` directions per vmapped JVP.
+
+    Returns ``(U (m, d), V (m, d), s), (dU (Q, m, d), dV (Q, m, d), ds (Q, ...))``. ``rows``: the row slices to
+    walk (default ``row_slices(m, chunk_pairs)``; pass a progress-bar-wrapped list to show progress).
+    """
+    rows = row_slices(X.shape[0], chunk_pairs) if rows is None else rows
+    embs, tans = [], []
+    for r in rows:
+        Xr, Yr = X[r], Y[r]
+        parts = [vmap(lambda h: fm.embed_jvp(theta, Xr, Yr, h), out_dims=(None, 0))(Hc)
+                 for Hc in H.split(tangent_chunk)]
+        embs.append(parts[0][0])
+        tans.append([torch.cat([p[1][i] for p in parts]) for i in range(3)])
+    U, V, s = torch.cat([e[0] for e in embs]), torch.cat([e[1] for e in embs]), embs[0][2]
+    dU, dV = torch.cat([t[0] for t in tans], 1), torch.cat([t[1] for t in tans], 1)
+    return (U, V, s), (dU, dV, tans[0][2])
+
+
 class ChunkedVJP:
     """``Jᵀ·(gU, gV, gs)`` on the pairs ``X, Y`` with at most ``chunk_pairs`` pairs' activations alive.
 
@@ -87,16 +113,14 @@ class ChunkedVJP:
 
     def __init__(self, fm: FunctionalModel, theta: torch.Tensor, X, Y, chunk_pairs: int):
         self.fm, self.theta, self.X, self.Y = fm, theta, X, Y
-        m = X.shape[0]
-        self.rows = [slice(a, min(a + chunk_pairs, m)) for a in range(0, m, chunk_pairs)]
+        self.rows = row_slices(X.shape[0], chunk_pairs)
         self._kept = fm.embed_vjp(theta, X, Y) if len(self.rows) == 1 else None
 
     def __call__(self, gU: torch.Tensor, gV: torch.Tensor, gs: torch.Tensor | None) -> torch.Tensor:
         """``gU, gV (K, m, d)``, ``gs (K,)`` or None -> ``(K, P)`` parameter gradients."""
-        out = None
+        out, K = None, gU.shape[0]
         for c, r in enumerate(self.rows):
             (U, V, s), pull = self._kept or self.fm.embed_vjp(self.theta, self.X[r], self.Y[r])
-            K = gU.shape[0]
             if gs is None or c > 0:
                 cs = torch.zeros(K, *s.shape, dtype=s.dtype, device=s.device)
             else:

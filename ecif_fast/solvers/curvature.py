@@ -8,7 +8,7 @@ from ..errors import ECIFInputError
 from ..kernels.batching import BatchPlan
 from ..kernels import ops
 from ..kernels.torch_ref.loss import batch_loss
-from ..models.functional import ChunkedVJP, FunctionalModel
+from ..models.functional import ChunkedVJP, FunctionalModel, chunked_jvp
 
 CURVATURES = ("hessian", "gauss-newton")
 
@@ -70,16 +70,9 @@ class Curvature:
         ``ds`` None when the scale is not trained."""
         for idx, plan in self.chunks:
             X, Y = self.X[idx], self.Y[idx]
-            embs, tans = [], []
-            for a in range(0, len(idx), self.chunk_pairs):  # a batch bigger than a chunk: JVPs row chunk by chunk
-                Xr, Yr = X[a:a + self.chunk_pairs], Y[a:a + self.chunk_pairs]
-                parts = [vmap(lambda h: self.fm.embed_jvp(self.theta, Xr, Yr, h), out_dims=(None, 0))(Hc)
-                         for Hc in H.split(self.tangent_chunk)]
-                embs.append(parts[0][0])
-                tans.append([torch.cat([p[1][i] for p in parts]) for i in range(3)])
-            U, V, s = torch.cat([e[0] for e in embs]), torch.cat([e[1] for e in embs]), embs[0][2]
-            dU, dV = torch.cat([t[0] for t in tans], 1), torch.cat([t[1] for t in tans], 1)
-            ds = tans[0][2] if self.fm.scale_trained else None
+            # a batch bigger than a chunk: JVPs row chunk by chunk
+            (U, V, s), (dU, dV, ds) = chunked_jvp(self.fm, self.theta, X, Y, H, self.chunk_pairs, self.tangent_chunk)
+            ds = ds if self.fm.scale_trained else None
             g = ops.gauss_newton_product(U.detach(), V.detach(), s.detach().exp(), plan, dU, dV, ds,
                                          backend=self.backend)
             yield X, Y, s, (dU, dV, ds), g
