@@ -41,3 +41,16 @@ def heads(normalize: bool, *, train_scale: bool = False, scale: float | None = N
         ref[space.slices()["logit_scale"]] = math.log(scale)
     space.load_into(m, ref)
     return m, ref
+
+
+def assert_cleaned_copy_updates_only_lora(ecif, model, removed):
+    """``cleaned_model(removed)`` is a copy holding ``θ̂ + H⁻¹ g(D*)``, in which only LoRA weights changed;
+    the original model is untouched."""
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cleaned = ecif.cleaned_model(removed)
+    after = cleaned.state_dict()
+    expect = ecif.theta + ecif.solver.solve(ecif.group_gradient(removed))
+    assert torch.equal(ecif.space.flat(cleaned), expect)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all("lora_" in k for k in changed)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # original untouched

@@ -15,6 +15,7 @@ from ecif_fast import oracle
 from ecif_fast.models.functional import FunctionalModel
 from ecif_fast.models.open_clip import OpenCLIP
 from ecif_fast.models.params import select_params
+from problems import assert_cleaned_copy_updates_only_lora
 
 import open_clip  # noqa: E402  (a dev dependency: missing, these tests fail rather than skip)
 
@@ -198,14 +199,7 @@ def test_lora_cleaned_copy_changes_only_lora_weights():
     model = ef.wrap(lora_clip())
     px, ids = pairs(N)
     ecif = ef.ECIF(model, damping=5e3, batches=4, hessian="exact").fit(px, ids)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    cleaned = ecif.cleaned_model([0, 5])
-    after = cleaned.state_dict()
-    expect = ecif.theta + ecif.solver.solve(ecif.group_gradient([0, 5]))
-    assert torch.equal(ecif.space.flat(cleaned), expect)
-    changed = {k for k in before if not torch.equal(before[k], after[k])}
-    assert changed and all("lora_" in k for k in changed)
-    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # original untouched
+    assert_cleaned_copy_updates_only_lora(ecif, model, [0, 5])
 
 
 @pytest.mark.parametrize("batches", [4, None], ids=["batch", "all-negatives"])
