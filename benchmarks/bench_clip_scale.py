@@ -45,13 +45,11 @@ import ctypes
 import datetime
 import gc
 import json
-import logging
 import os
 import platform
 import re
 import subprocess
 import sys
-import tempfile
 import time
 import warnings
 
@@ -279,88 +277,12 @@ def oracle(st: Stages, eng, h, ks):
 
 # ---------------------------------------------------------------------------------------------- TRAK
 def trak_scores(st: Stages, model, X, Y, Xv, Yv, args, lora_names):
-    """TRAK's CLIP task on the same pairs and LoRA parameters; ``(scores (n, n_val), details)``."""
-    import trak
-    from trak import TRAKer
-    from trak.gradient_computers import FunctionalGradientComputer
-    from trak.modelout_functions import CLIPModelOutput
+    """TRAK's CLIP task on the same pairs and LoRA parameters, each stage timed (``evaluation.peers.trak_clip``, with
+    the traker 0.3.2 workarounds); ``(scores (n, n_val), details)``."""
+    from evaluation.peers import trak_clip  # benchmarks/evaluation
 
-    class OpenCLIPStyle(torch.nn.Module):
-        """``model(image=, text=) -> (u, v, t)``: the open_clip call TRAK's CLIPModelOutput is written for."""
-
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
-
-        def forward(self, image, text):
-            return self.m.encode_image(image), self.m.encode_text(text), self.m.logit_scale.exp()
-
-    class SelectedGradientComputer(FunctionalGradientComputer):
-        """traker's FunctionalGradientComputer differentiates with respect to *every* named parameter and only
-        then drops those outside ``grad_wrt`` (151 M per-sample gradients per pair here); this one passes the
-        other parameters as buffers, so only the ``grad_wrt`` (LoRA) weights are differentiated."""
-
-        def __init__(self, model, task, grad_dim, dtype, device, grad_wrt=None):
-            self.grad_wrt = grad_wrt
-            super().__init__(model, task, grad_dim, dtype, device, grad_wrt)
-
-        def load_model_params(self, model):
-            wrt = set(self.grad_wrt)
-            named = dict(model.named_parameters())
-            self.func_weights = {n: p for n, p in named.items() if n in wrt}
-            self.func_buffers = {**dict(model.named_buffers()),
-                                 **{n: p.detach() for n, p in named.items() if n not in wrt}}
-
-    class CLIPOutput(CLIPModelOutput):
-        """traker 0.3.2's CLIPModelOutput returns the out-to-loss weights as ``(B,)`` where its saver stores
-        ``(B, 1)`` (its other tasks unsqueeze), so featurize fails; this returns ``(B, 1)``."""
-
-        def get_out_to_loss_grad(self, model, weights, buffers, batch):
-            return super().get_out_to_loss_grad(model, weights, buffers, batch).reshape(-1, 1)
-
-    net = OpenCLIPStyle(model).eval()
-    wrt = ["m." + n for n in lora_names]
-    task = CLIPOutput(simulated_batch_size=min(args.batch, X.shape[0] - 1))
-    B, n, nv = args.batch, X.shape[0], Xv.shape[0]
-
-    def pool():  # CLIPModelOutput.get_embeddings, on CPU (traker's version allocates with .cuda())
-        with torch.no_grad():
-            outs = [net(X[a:a + B], Y[a:a + B]) for a in range(0, n, B)]
-        CLIPModelOutput.image_embeddings = torch.cat([o[0] for o in outs])
-        CLIPModelOutput.text_embeddings = torch.cat([o[1] for o in outs])
-        CLIPModelOutput.num_computed_embeddings = n
-
-    with tempfile.TemporaryDirectory() as tmp:
-        torch.manual_seed(args.seed + 7)  # TRAK samples its simulated batches with torch.multinomial
-        traker = TRAKer(model=net, task=task, train_set_size=n, save_dir=tmp,
-                        device="cpu", gradient_computer=SelectedGradientComputer, proj_dim=args.proj_dim,
-                        use_half_precision=False, grad_wrt=wrt, logging_level=logging.WARNING)
-        st.run("TRAK: embedding pool", pool)
-
-        def featurize():
-            traker.load_checkpoint(net.state_dict(), model_id=0)
-            for a in range(0, n, B):
-                traker.featurize(batch=(X[a:a + B], Y[a:a + B]), num_samples=min(B, n - a))
-
-        st.run("TRAK: featurize", featurize)
-        st.run("TRAK: finalize features", traker.finalize_features)
-
-        def score():
-            pj = traker.projector  # traker 0.3.2: finalize_features frees a one-block projector's matrix and
-            if not getattr(pj, "proj_matrix_available", True) and pj.num_blocks == 1:  # score doesn't remake it
-                pj.generate_sketch_matrix(pj.generator_states[0])
-            traker.start_scoring_checkpoint(exp_name="val", checkpoint=net.state_dict(), model_id=0,
-                                            num_targets=nv)
-            for a in range(0, nv, B):
-                traker.score(batch=(Xv[a:a + B], Yv[a:a + B]), num_samples=min(B, nv - a))
-
-        st.run("TRAK: score", score)
-        scores = st.run("TRAK: finalize scores", traker.finalize_scores, exp_name="val")
-        scores = torch.as_tensor(scores.copy()).double()
-    for name in ("image_embeddings", "text_embeddings"):
-        setattr(CLIPModelOutput, name, None)
-    return scores, {"version": getattr(trak, "__version__", _version("traker")),
-                    "P": traker.num_params_for_grad, "sim_batch": task.sim_batch_size}
+    return trak_clip(model, lora_names, X, Y, Xv, Yv, batch=args.batch, proj_dim=args.proj_dim, seed=args.seed + 7,
+                     run=st.run)
 
 
 # ---------------------------------------------------------------------------------------------- statistics

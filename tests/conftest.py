@@ -2,6 +2,8 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
+# the evaluation suite (benchmarks/evaluate.py, benchmarks/evaluation/) is tested from here too
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 
 import torch
 
