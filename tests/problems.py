@@ -7,23 +7,13 @@ import torch
 
 import ecif_fast as ef
 from ecif_fast.models.params import select_params
+from evaluation.problems import paired_features  # noqa: F401  (shared with the evaluation suite)
 
 
 def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
     a = a.double() - a.double().mean()
     b = b.double() - b.double().mean()
     return float((a * b).sum() / (a.norm() * b.norm()))
-
-
-def paired_features(n: int, image_dim: int = 6, text_dim: int = 5, latent: int = 4, noise: float = 0.5, seed: int = 0):
-    """Image and text features that share a latent factor (so pairs are genuinely aligned)."""
-    g = torch.Generator().manual_seed(seed)
-    Z = torch.randn(n, latent, generator=g, dtype=torch.float64)
-    A = torch.randn(latent, image_dim, generator=g, dtype=torch.float64)
-    B = torch.randn(latent, text_dim, generator=g, dtype=torch.float64)
-    X = Z @ A + noise * torch.randn(n, image_dim, generator=g, dtype=torch.float64)
-    Y = Z @ B + noise * torch.randn(n, text_dim, generator=g, dtype=torch.float64)
-    return X, Y
 
 
 def heads(normalize: bool, *, train_scale: bool = False, scale: float | None = None, image_dim: int = 6,

@@ -67,6 +67,7 @@ def test_quick_results_have_the_documented_shape(quick):
     for problem in ("linear_plain", "linear_normalized", "clip_lora"):
         for m in ("ecif", "ecif_taylor", "positive_only", "tracin", "trak", "oracle"):
             assert {"pearson", "spearman"} <= set(quick["fidelity"][problem]["loo"][m])
+            assert quick["fidelity"][problem][m]["pearson"] == quick["fidelity"][problem]["loo"][m]["pearson"]
     for m in HEADLINE_METHODS + ("ecif_self", "loss", "random"):
         assert {"auroc", "average_precision"} <= set(quick["detection"][m])
     assert quick["cleaning"] and quick["runtime_s"]["ecif"] > 0

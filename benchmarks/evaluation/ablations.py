@@ -81,9 +81,15 @@ def detection_sweeps(data, setting, noise: float, seed: int, dampings, batch_siz
 
     from .digits import digit_run
 
+    from ecif_fast.errors import NotPositiveDefiniteError
+
     def aurocs(run, **kw):
         p = run.problem
-        det = detect_misaligned(p.ecif(**kw), p.Xv, p.Yv, scoring=["validation", "self"])
+        try:
+            ecif = p.ecif(**kw)
+        except NotPositiveDefiniteError as e:  # δ of ECIF below −λ_min of the loss Hessian: no exact solve
+            return {"error": str(e).split(";")[0]}
+        det = detect_misaligned(ecif, p.Xv, p.Yv, scoring=["validation", "self"])
         y = p.misaligned.numpy()
         return {m: auroc(det.scores[m], y) for m in ("ecif", "ecif_self", "positive_only", "loss")}
 

@@ -45,6 +45,11 @@ def lds_actual(problem: Problem, masks: torch.Tensor, progress: bool = True) -> 
                                        leave=False)], dtype=torch.float64)
 
 
+def headline(fid: dict) -> dict:
+    """``{method: {"pearson", "spearman"}}``: the LOO correlations, the top-level keys of a problem's results."""
+    return {m: {"pearson": c["pearson"], "spearman": c["spearman"]} for m, c in fid["loo"].items()}
+
+
 def run_fidelity(problem: Problem, *, n_loo: int | None, n_subsets: int, seed: int, n_boot: int = 1000,
                  with_trak: bool = True, progress: bool = True) -> dict:
     """LOO and LDS correlations of every method on ``problem``.
@@ -77,6 +82,7 @@ def run_fidelity(problem: Problem, *, n_loo: int | None, n_subsets: int, seed: i
         out["retrain_seconds"] = {"loo": t_loo, "lds": t_lds}
     else:
         out["retrain_seconds"] = {"loo": t_loo}
+    out.update(headline(out))
     out["total_seconds"] = time.perf_counter() - t0
     out["loo_actual"] = actual.tolist()
     out["loo_predicted"] = {m: s[pairs].tolist() for m, s in scores.items()}

@@ -204,7 +204,8 @@ def render(res: dict, figs: dict[str, str], md_dir: str) -> str:
                    "\n\n")
         ms = ["ecif_self", "ecif", "positive_only", "loss"]
         out.append(_table(["δ of ECIF (training δ = 10)"] + [_n(m) for m in ms],
-                          [[k] + [f"{v[m]:.3f}" for m in ms] for k, v in dd["damping"].items()]))
+                          [[k] + ([f"{v[m]:.3f}" for m in ms] if "error" not in v else
+                                  [v["error"]] + ["—"] * (len(ms) - 1)) for k, v in dd["damping"].items()]))
         out.append("\n")
         out.append(_table(["training batch size"] + [_n(m) for m in ms],
                           [[k] + [f"{v[m]:.3f}" for m in ms] for k, v in dd["batch_size"].items()]))
