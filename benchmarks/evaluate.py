@@ -2,7 +2,8 @@
 EVALUATION.md for what each experiment measures and the numbers of the last full run).
 
     python benchmarks/evaluate.py --quick --out DIR                     # CI size, a few minutes on 2 cores
-    python benchmarks/evaluate.py --full --out DIR --md EVALUATION.md   # the full run (~30 min on 2 cores)
+    python benchmarks/evaluate.py --full --out DIR --md EVALUATION.md   # the full run (~20 min on 2 cores)
+    python benchmarks/evaluate.py --render DIR/results.json --md EVALUATION.md   # the report again, no rerun
 
 Writes ``DIR/results.json`` (and with ``--md`` the report and its figures under ``docs/evaluation/``). Seeds
 are fixed: the same command gives the same numbers (timings aside).
@@ -38,11 +39,23 @@ def main(argv=None) -> dict:
     size = ap.add_mutually_exclusive_group(required=True)
     size.add_argument("--quick", action="store_true", help="CI size (a few minutes)")
     size.add_argument("--full", action="store_true", help="the full run behind EVALUATION.md")
-    ap.add_argument("--out", required=True, help="output folder (created); results.json goes there")
+    size.add_argument("--render", metavar="RESULTS_JSON", help="only write the --md report from a results.json")
+    ap.add_argument("--out", help="output folder (created); results.json goes there (required unless --render)")
     ap.add_argument("--md", default=None, help="also write the markdown report here (figures: docs/evaluation/)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1, as in BENCHMARKS.md)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
+    if args.render:
+        if not args.md:
+            ap.error("--render needs --md PATH (where to write the report)")
+        from evaluation.report import write_report
+
+        with open(args.render) as f:
+            results = json.load(f)
+        print(f"report written to {write_report(results, args.md)}")
+        return results
+    if not args.out:
+        ap.error("--out DIR is required with --quick / --full")
 
     import torch
 

@@ -5,6 +5,8 @@ import os
 import tempfile
 
 FIG_DIR = os.path.join("docs", "evaluation")
+# hand-written reading of the full run (quoted numbers are that run's); inserted after the introduction
+FINDINGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "findings.md")
 METHOD_NAMES = {
     "ecif": "ECIF (exact negative term)", "ecif_taylor": "ECIF Taylor (paper)", "ecif_group": "ECIF group formula",
     "positive_only": "positive-only IF (classical)", "tracin": "TracIn", "trak": "TRAK (traker CLIP task)",
@@ -104,12 +106,16 @@ def render(res: dict, figs: dict[str, str], md_dir: str) -> str:
            f"{res['seconds']['total'] / 60:.1f} min). Machine: {mc['cpu']}, {mc['cores']} cores, "
            f"{mc['memory_gib']} GiB, torch {mc['torch']} with {mc['torch_threads']} thread(s), Python {mc['python']}. "
            f"Peers: " + ", ".join(f"{k} {v}" for k, v in res["versions"].items() if v) + ".\n\n"
-           "Reproduce: `pip install -e \".[dev]\"` then the command above; CI runs `--quick` "
+           "Reproduce: `pip install -e \".[dev]\"` then the command above (`--render RESULTS --md EVALUATION.md` "
+           "rewrites this file from a results.json; the full run's is `docs/evaluation/results.json`); CI runs `--quick` "
            "(`tests/test_evaluation.py`) and asserts the headline orderings below. All seeds are fixed (listed per "
            "experiment); every model is float64 and trained to its optimum before influences are taken. "
            "Convention everywhere: influence = predicted change of F (the validation pairs' contrastive loss) when "
            "a pair is removed.\n"]
 
+    if res["mode"] == "full" and os.path.exists(FINDINGS):
+        with open(FINDINGS) as f:
+            out.append("\n" + f.read().rstrip("\n") + "\n")
     out.append("\n## 1. Fidelity to retraining (leave-one-out and LDS)\n\n"
                "LOO: actual `F(θ̂₋ₖ) − F(θ̂)` after retraining to the optimum without pair k vs each method's "
                "prediction (pairs drawn with seed 0). LDS: half-subsets (seed 1) retrained; a method predicts the "
@@ -225,9 +231,6 @@ def render(res: dict, figs: dict[str, str], md_dir: str) -> str:
     out.append(_table(["n", "fit", "influence", "self-influence"],
                       [[n, f"{v['fit']:.2f}", f"{v['influence']:.3f}", f"{v['self_influence']:.2f}"]
                        for n, v in sc["seconds"].items()]))
-    notes = res.get("notes_md")
-    if notes:
-        out.append("\n" + notes)
     return "".join(out)
 
 

@@ -43,7 +43,7 @@ FULL = Mode("full", loo={"linear_plain": None, "linear_normalized": None, "clip_
             lds={"linear_plain": 100, "linear_normalized": 50, "clip_lora": 50}, noise_levels=(0.1, 0.2, 0.3),
             main_noise=0.2, seeds=(0, 1, 2, 3, 4), cleaning_kinds=("next_digit", "uniform"), cleaning_seeds=(0, 1, 2),
             batch_sizes_loo=(10, 25, 50, 100), detection_dampings=(3, 10, 30, 100, 300),
-            detection_batches=(16, 64, 256, 1200), scaling_sizes=(1000, 2000, 4000, 8000, 16000, 32000),
+            detection_batches=(16, 64, 256), scaling_sizes=(1000, 2000, 4000, 8000, 16000, 32000),
             runtime_repeats=3)
 MODES = {"quick": QUICK, "full": FULL}
 
