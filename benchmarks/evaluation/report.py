@@ -37,6 +37,16 @@ def _table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _save(fig, folder: str, name: str) -> str:
+    import matplotlib.pyplot as plt
+
+    path = os.path.join(folder, name)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def figures(res: dict, folder: str) -> dict[str, str]:
     import matplotlib
 
@@ -59,10 +69,7 @@ def figures(res: dict, folder: str) -> dict[str, str]:
         ax.set_xlabel("actual ΔF (leave-one-out retraining)")
         ax.set_ylabel("predicted ΔF")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    paths["loo"] = os.path.join(folder, "loo_scatter.png")
-    fig.savefig(paths["loo"], dpi=110)
-    plt.close(fig)
+    paths["loo"] = _save(fig, folder, "loo_scatter.png")
 
     det = res["detection_by_noise"]
     methods = ["ecif_self", "ecif", "ecif_taylor", "positive_only_self", "positive_only", "tracin_self", "tracin", "trak",
@@ -78,10 +85,7 @@ def figures(res: dict, folder: str) -> dict[str, str]:
     ax.set_ylim(0.4, 1.0)
     ax.set_ylabel("AUROC")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths["detection"] = os.path.join(folder, "detection_auroc.png")
-    fig.savefig(paths["detection"], dpi=110)
-    plt.close(fig)
+    paths["detection"] = _save(fig, folder, "detection_auroc.png")
 
     sc = res["scaling"]
     ns = np.array(sc["sizes"], dtype=float)
@@ -92,10 +96,7 @@ def figures(res: dict, folder: str) -> dict[str, str]:
     ax.set_xlabel("training pairs n")
     ax.set_ylabel("seconds")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths["scaling"] = os.path.join(folder, "scaling.png")
-    fig.savefig(paths["scaling"], dpi=110)
-    plt.close(fig)
+    paths["scaling"] = _save(fig, folder, "scaling.png")
     return paths
 
 
