@@ -34,6 +34,16 @@ def _write_json(obj, path):
         raise
 
 
+def _benchmarks_section(results):
+    """A full run's runtime ratios also go to BENCHMARKS.md (where the project's speed claims live)."""
+    if results["mode"] != "full":
+        return
+    from evaluation.report import BENCH_HEADING, benchmarks_section
+    from sections import write_section
+
+    write_section(BENCH_HEADING, benchmarks_section(results))
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     size = ap.add_mutually_exclusive_group(required=True)
@@ -53,6 +63,7 @@ def main(argv=None) -> dict:
         with open(args.render) as f:
             results = json.load(f)
         print(f"report written to {write_report(results, args.md)}")
+        _benchmarks_section(results)
         return results
     if not args.out:
         ap.error("--out DIR is required with --quick / --full")
@@ -72,6 +83,7 @@ def main(argv=None) -> dict:
         from evaluation.report import write_report
 
         write_report(results, args.md)
+        _benchmarks_section(results)
     print(f"results written to {os.path.join(args.out, 'results.json')}")
     return results
 

@@ -245,3 +245,21 @@ def write_report(res: dict, md_path: str) -> str:
         f.write(text)
     os.replace(tmp, md_path)
     return md_path
+
+
+BENCH_HEADING = "## Influence of every pair next to the peers (evaluation suite)"
+
+
+def benchmarks_section(res: dict) -> str:
+    """The BENCHMARKS.md section: §5's side-by-side runtime ratios and the ECIF-vs-n exponent of one run."""
+    rt, rs, sc, mc = res["runtime_s"], res["runtime_small_s"], res["scaling"], res["machine"]
+    ms = [m for m in rt if m != "ratios_vs_ecif"]
+    return (f"{BENCH_HEADING}\n\n`{res['command']}` ({res['mode']} mode), {mc['cpu']}, {mc['cores']} cores, "
+            f"torch {mc['torch']}, {mc['torch_threads']} thread(s). All pairs' influence on the validation loss, the "
+            "same problem and run, methods interleaved; ratio = method time / ECIF time (ECIF includes `fit`). "
+            "Fidelity and detection of each method: EVALUATION.md.\n\n"
+            + _table(["method", f"digits (n=1200, P=512): × ECIF", "problem (a) (n=100, P=88): × ECIF"],
+                     [[m, f"{rt['ratios_vs_ecif'][m]:.2f}", f"{rs['ratios_vs_ecif'][m]:.2f}"] for m in ms])
+            + f"\nECIF time vs n (LinearHeads{tuple(sc['dims'])}, batches of {sc['batch']}, n = "
+            f"{sc['sizes'][0]}…{sc['sizes'][-1]}): fit + influence ∝ n^{sc['exponent_fit_plus_influence']:.2f}, "
+            f"self-influence of all pairs ∝ n^{sc['exponent_self_influence']:.2f}.\n")
