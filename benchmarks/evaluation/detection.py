@@ -20,7 +20,7 @@ import torch
 from ecif_fast.apps import detect_misaligned
 from ecif_fast.apps.metrics import detection_metrics
 
-from .methods import own_loss_gradients, test_gradient
+from .methods import own_loss_gradients, tracin
 from .problems import Problem
 
 
@@ -46,7 +46,7 @@ def detection_scores(problem: Problem, *, with_trak: bool = True, seed: int = 0)
     scores["positive_only_self"] = (G * ecif.solver.solve(G.T.contiguous()).T).sum(1).numpy()
     secs["positive_only_self"] = time.perf_counter() - t0 + secs["own_gradients"]
     t0 = time.perf_counter()
-    scores["tracin"] = (-(G @ test_gradient(problem))).numpy()
+    scores["tracin"] = (-tracin(problem, G)).numpy()
     scores["tracin_self"] = (G * G).sum(1).numpy()
     secs["tracin"] = time.perf_counter() - t0 + secs["own_gradients"]
     if with_trak:

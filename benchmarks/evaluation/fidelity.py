@@ -67,6 +67,7 @@ def run_fidelity(problem: Problem, *, n_loo: int | None, n_subsets: int, seed: i
     t_loo = time.perf_counter() - t_loo
     loo = {m: correlations(s[pairs], actual, n_boot=n_boot, seed=seed) for m, s in scores.items()}
     out: dict = {"description": problem.description, "n_train": problem.n, "loo_pairs": int(pairs.numel()),
+                 "loo_pair_ids": pairs.tolist(),
                  "loo": loo, "method_seconds": secs}
     if n_subsets:
         masks = half_subsets(problem.n, n_subsets, seed + 1)

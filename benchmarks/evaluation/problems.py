@@ -121,16 +121,24 @@ def linear_plain(n_train: int = 100, n_val: int = 40, batch: int = 25, damping: 
                     X[:n_train], Y[:n_train], X[n_train:], Y[n_train:], batch, damping)
 
 
-def digit_features(data, n_train: int, n_val: int, noise: float, seed: int):
+NOISE_KINDS = ("uniform", "next_digit")
+
+
+def digit_features(data, n_train: int, n_val: int, noise: float, seed: int, kind: str = "uniform"):
     """Real digit-image features and MiniLM caption features: ``(X, Y, Xv, Yv, misaligned, split)``.
 
     ``data`` is :func:`ecif_fast.demo.data.load_digit_captions`; a fraction ``noise`` of the training captions
-    describe another digit (uniformly drawn); validation captions are correct.
+    describe another digit: ``"uniform"`` (a random other digit) or ``"next_digit"`` (systematically digit
+    ``(c + 1) mod 10``: a consistent confusion that hurts zero-shot accuracy far more); validation captions are
+    correct.
     """
     from ecif_fast.demo.pipeline import DemoConfig, make_split
 
-    cfg = DemoConfig(n_train=n_train, n_val=n_val)
-    split = make_split(data, cfg, noise, seed)
+    if kind not in NOISE_KINDS:
+        raise ValueError(f"kind must be one of {NOISE_KINDS}, got {kind!r}")
+    split = make_split(data, DemoConfig(n_train=n_train, n_val=n_val), noise, seed)
+    if kind == "next_digit":
+        split.caption_class[split.misaligned] = (data.labels[split.train][split.misaligned] + 1) % 10
     X = data.image_features[split.train]
     Y = data.caption_features[split.caption_class, split.template]
     vt = torch.randint(0, data.caption_features.shape[1], (n_val,), generator=torch.Generator().manual_seed(seed + 1))

@@ -26,7 +26,7 @@ def _timed(fn, *args, **kwargs):
 def peer_runtimes(problem: Problem, *, repeats: int = 3) -> dict:
     """Median seconds of each method on ``problem`` (all pairs' influence on F), measured side by side."""
     from . import peers
-    from .methods import own_loss_gradients, test_gradient
+    from .methods import tracin
 
     def ecif():
         return problem.ecif().influence(problem.Xv, problem.Yv).total
@@ -34,11 +34,8 @@ def peer_runtimes(problem: Problem, *, repeats: int = 3) -> dict:
     def ecif_self():
         return problem.ecif().self_influence()
 
-    def tracin():
-        return own_loss_gradients(problem) @ test_gradient(problem)
-
     runs = {"ecif": lambda: _timed(ecif)[1], "ecif_self_influence": lambda: _timed(ecif_self)[1],
-            "tracin": lambda: _timed(tracin)[1],
+            "tracin": lambda: _timed(tracin, problem)[1],
             "dattri_positive_only": lambda: peers.dattri_positive_only(problem, compare=False)[1],
             "trak": lambda: peers.trak_scores(problem, compare=False)[1],
             "kronfluence_ekfac": lambda: peers.kronfluence_scores(problem, ("ekfac",), compare=False)[1]}

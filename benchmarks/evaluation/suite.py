@@ -118,10 +118,9 @@ def run(mode: Mode, *, progress: bool = True, log=print) -> dict:
     timed("ablations")
     pa = problems["linear_plain"]
     fa = out["fidelity"]["linear_plain"]
-    pairs = torch.randperm(pa.n, generator=torch.Generator().manual_seed(0))[:fa["loo_pairs"]]
-    actual = torch.tensor(fa["loo_actual"], dtype=torch.float64)
+    pairs, actual = _loo_of(fa)
     out["ablations"] = {"problem": pa.description,
-                        "roles": {name: ablations.roles(p, *_loo_of(p, out["fidelity"][name]))
+                        "roles": {name: ablations.roles(p, *_loo_of(out["fidelity"][name]))
                                   for name, p in problems.items()},
                         "damping_loo": ablations.damping_sweep(pa, pairs, actual),
                         "batch_size_loo": ablations.batch_sweep(mode.batch_sizes_loo, 20, 0, progress),
@@ -190,9 +189,9 @@ def run(mode: Mode, *, progress: bool = True, log=print) -> dict:
     return out
 
 
-def _loo_of(problem, fid):
-    pairs = torch.randperm(problem.n, generator=torch.Generator().manual_seed(0))[:fid["loo_pairs"]]
-    return pairs, torch.tensor(fid["loo_actual"], dtype=torch.float64)
+def _loo_of(fid):
+    """``(pairs, actual)`` of a fidelity result: the LOO pairs and their measured ``ΔF``."""
+    return torch.tensor(fid["loo_pair_ids"]), torch.tensor(fid["loo_actual"], dtype=torch.float64)
 
 
 def _mean_cleaning(rows: list[dict]) -> dict:
