@@ -148,7 +148,9 @@ def probe(dtypes):
                 t = im.scale_tensor(scale, acc, Ud.device)
                 rst = torch.zeros((2, n), dtype=acc, device=Ud.device)
                 cst = torch.zeros((2, n), dtype=acc, device=Ud.device)
-                im.run_passes("probe_stats", Ud, d, plan, im.stats_launches(Ud, Vd, rst, cst, t, n, d))
+                rarg = torch.zeros(n, dtype=torch.int64, device=Ud.device)
+                carg = torch.zeros(n, dtype=torch.int64, device=Ud.device)
+                im.run_passes("probe_stats", Ud, d, plan, im.stats_launches(Ud, Vd, rst, cst, rarg, carg, t, n, d))
                 rst, cst = rst.cpu().double(), cst.cpu().double()
                 lse_r, lse_c = on_test_device(triton_backend.lse, U, V, scale, plan)
                 mx = dict(stats_row_lse_err=0.0, stats_col_lse_err=0.0, lse_op_row_err=0.0, lse_op_col_err=0.0,
@@ -163,7 +165,7 @@ def probe(dtypes):
                     mx["lse_op_col_err"] = max(mx["lse_op_col_err"], float((lse_c.double()[idx] - c64).abs().max()))
                 mx["half_ulp_max_S"] = ulp_half(mx["max_abs_S"])
                 _p("    stats/lse vs float64: " + ", ".join(f"{k} {v:.3g}" for k, v in mx.items()))
-                _p("      (stats = lse + lo of infonce's MODE 3 pass; both should be a few ulp(S): the error of S"
+                _p("      (stats = top + l of infonce's MODE 3 pass; both should be a few ulp(S): the error of S"
                    " itself (fp32/tf32x3 dot, rounding of S) — the statistics are not where the fma issue is)")
                 case["stats"] = mx
                 res["cases"].append(case)

@@ -87,10 +87,14 @@ py::tuple infonce_typed(const py::array& U_in, const py::array& V_in, double sca
     Arr V = Arr::ensure(V_in);
     if (!U || !V) throw py::error_already_set();
     const std::int64_t n = U.shape(0), d = U.shape(1);
-    Arr row(n), col(n), dU({n, d}), dV({n, d});
+    Arr dU({n, d}), dV({n, d});
+    std::vector<T> st(static_cast<size_t>(4 * n));
+    std::vector<std::int64_t> args(static_cast<size_t>(2 * n));
+    const ecif::LineStats<T> stats{st.data(), st.data() + n, args.data(), st.data() + 2 * n, st.data() + 3 * n,
+                                   args.data() + n};
     ecif::InfonceProblem<T> p{U.data(), V.data(), n, d, static_cast<T>(scale), perm.data(), offsets.data(),
-                              static_cast<std::int64_t>(offsets.size()) - 1, row.mutable_data(),
-                              col.mutable_data(), dU.mutable_data(), dV.mutable_data()};
+                              static_cast<std::int64_t>(offsets.size()) - 1, stats, dU.mutable_data(),
+                              dV.mutable_data()};
     const std::string resolved = ecif::resolve_isa(isa);
     ecif::InfonceScalars r{};
     {
@@ -194,7 +198,7 @@ struct DirArrays {
             if (!ds) throw py::error_already_set();
         }
         const std::int64_t n = U.shape(0), d = U.shape(1), Q = dU.shape(0);
-        scratch.assign(size_t(6 * n + 8 * Q * n), T(0));
+        scratch.assign(size_t(8 * n + 8 * Q * n), T(0));
         args.assign(size_t(2 * n), 0);
         T* s = scratch.data();
         p.U = U.data();
@@ -209,13 +213,12 @@ struct DirArrays {
         p.dU = dU.data();
         p.dV = dV.data();
         p.ds = has_ds ? ds.data() : nullptr;
-        p.rtop = s;
-        p.rrest = s + n;
-        p.rlse = s + 2 * n;
-        p.ctop = s + 3 * n;
-        p.crest = s + 4 * n;
-        p.clse = s + 5 * n;
-        T* qs = s + 6 * n;
+        p.st = ecif::LineStats<T>{s, s + n, args.data(), s + 2 * n, s + 3 * n, args.data() + n};
+        p.rrm = s + 4 * n;
+        p.rrl = s + 5 * n;
+        p.crm = s + 6 * n;
+        p.crl = s + 7 * n;
+        T* qs = s + 8 * n;
         p.m = qs;
         p.mc = qs + Q * n;
         p.c1 = qs + 2 * Q * n;
@@ -224,8 +227,6 @@ struct DirArrays {
         p.rc = qs + 5 * Q * n;
         p.mcX = qs + 6 * Q * n;
         p.mW = qs + 7 * Q * n;
-        p.rarg = args.data();
-        p.carg = args.data() + n;
     }
 };
 

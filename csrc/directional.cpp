@@ -6,7 +6,7 @@
 //                     2. m, mc and the W / R weighted sums of δS                            1 + 2Q
 //                     3. Σ_i Wr_ik m_i and Σ_j Wc_kj mc_j (S again, no δS)                  1
 //                     then per pair: positive, negative, and the line-maximum terms (dot products)
-//   gauss_newton      1. row / column log-sum-exp (the lse kernel)                          1
+//   gauss_newton      1. row / column top, l = lse - top and argmax (the lse kernel)         1
 //                     2. m, mc                                                              1 + 2Q
 //                     3. G per query, gU += t G V, gV += t G^T U, gs += Σ G∘S               1 + 4Q
 // One infonce forward + backward is 4, so ecif_reductions with one query costs ~5/4 of it. With
@@ -231,15 +231,16 @@ void line_merge_scalar(T& top, i64& arg, T& rM, T& rS, T a, i64 ja, T b2, T ts) 
     rS = s;
 }
 
-// Final line statistics of a column from its (top, arg, rest reference, rest sum) state.
+// Final line statistics of a column from its (top, arg, rest reference, rest sum) state (as the
+// kernel's stats task writes its rows: l = log(1 + exp(rest - top)), no large lse ever rounded).
 template <class T>
 void finish_col(const DirProblem<T>& p, i64 k, T top, i64 arg, T rM, T rS) {
-    const T ninf = -std::numeric_limits<T>::infinity();
-    const T rest = rS > T(0) ? rM + std::log(rS) : ninf;
-    p.ctop[k] = top;
-    p.crest[k] = rest;
-    p.clse[k] = rest > ninf ? top + std::log1p(std::exp(rest - top)) : top;
-    p.carg[k] = arg;
+    const T lrs = rS > T(0) ? std::log(rS) : T(0);
+    p.st.ctop[k] = top;
+    p.st.cl[k] = rS > T(0) ? std::log1p(std::exp((rM - top) + lrs)) : T(0);
+    p.st.carg[k] = arg;
+    p.crm[k] = rS > T(0) ? rM : -std::numeric_limits<T>::infinity();
+    p.crl[k] = lrs;
 }
 
 template <class T>
@@ -435,13 +436,13 @@ void reductions_driver(const DirProblem<T>& p, T* positive, T* negative, const s
             const double skk = double(t) * 0.5 * dot2(u, v, u, v, d);
             i64 ka = -1, kb = -1;
             if (exact) {
-                if (p.rarg[k] != il) ka = p.perm[o + p.rarg[k]];
-                if (p.carg[k] != il) kb = p.perm[o + p.carg[k]];
+                if (p.st.rarg[k] != il) ka = p.perm[o + p.st.rarg[k]];
+                if (p.st.carg[k] != il) kb = p.perm[o + p.st.carg[k]];
                 tgR[size_t(pos)] = ka;
                 tgC[size_t(pos)] = kb;
             }
-            const double pr = exact ? std::exp(double(p.rtop[k]) - double(p.rlse[k])) : 0.0;
-            const double pc = exact ? std::exp(double(p.ctop[k]) - double(p.clse[k])) : 0.0;
+            const double pr = exact ? std::exp(-double(p.st.rl[k])) : 0.0;  // the weight at the row max
+            const double pc = exact ? std::exp(-double(p.st.cl[k])) : 0.0;
             for (i64 q = 0; q < Q; ++q) {
                 const T* du = p.dU + (q * n + k) * d;
                 const T* dv = p.dV + (q * n + k) * d;
@@ -452,12 +453,12 @@ void reductions_driver(const DirProblem<T>& p, T* positive, T* negative, const s
                 negative[e] = (p.a1[e] - p.mW[e]) + (p.c1[e] - p.mcX[e]);
                 if (ka >= 0) {  // row k's max at column pair ka
                     const double dsa = double(t) * dot2(du, p.V + ka * d, u, p.dV + (q * n + ka) * d, d) +
-                                       dsq * double(p.rtop[k]);
+                                       dsq * double(p.st.rtop[k]);
                     spR[size_t(q * npairs + pos)] = T(pr * (dsa - double(p.rr[e])));
                 }
                 if (kb >= 0) {  // column k's max at row pair kb
                     const double dsb = double(t) * dot2(p.dU + (q * n + kb) * d, v, p.U + kb * d, dv, d) +
-                                       dsq * double(p.ctop[k]);
+                                       dsq * double(p.st.ctop[k]);
                     spC[size_t(q * npairs + pos)] = T(pc * (dsb - double(p.rc[e])));
                 }
             }
@@ -479,13 +480,14 @@ void gn_driver(const DirProblem<T>& p, double* gs, const std::string& isa_in, in
     DirPlan<T> pl(p, num_threads, 3 + 6 * int(p.Q));
     for (i64 q = 0; q < p.Q; ++q) gs[q] = 0.0;
     T* o2[1] = {p.mc};
-    if (pl.per_batch) {  // line statistics (lse) from the cached score tiles, no extra product
+    if (pl.per_batch) {  // line statistics from the cached score tiles, no extra product
         const std::vector<Step<T>> steps{{-1, 0, 0, nullptr, 0},
                                          {kDirGn2, int(p.Q), 1, o2, kDirReadS | kDirFillD},
                                          {kDirGn3, int(p.Q), p.d, nullptr, kDirReadS | kDirReadD}};
         run_batches(p, kern, pl, steps, true, true, gs);
     } else {
-        const LseProblem<T> lp{p.U, p.V, p.n, p.d, p.scale, p.perm, p.offsets, p.num_batches, p.rlse, p.clse};
+        const LseProblem<T> lp{p.U, p.V, p.n, p.d, p.scale, p.perm, p.offsets, p.num_batches, nullptr, nullptr,
+                               &p.st};
         lse(lp, isa, num_threads);
         pack_all(p, kern, pl, true);
         run_pass(p, kern, pl, kDirGn2, int(p.Q), 1, o2, nullptr);

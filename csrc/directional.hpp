@@ -35,15 +35,13 @@ struct DirProblem {
     const T* ds;
     bool exact;
     // line statistics of S, per pair (row i of its batch / column j of its batch), SPEC §4:
-    // top = max, arg = batch-local position of the max, rest = log-sum-exp without it, lse.
-    T* rtop;
-    T* rrest;
-    T* rlse;
-    std::int64_t* rarg;
-    T* ctop;
-    T* crest;
-    T* clse;
-    std::int64_t* carg;
+    // st: top = max, l = lse - top, arg = batch-local position of the max (lse.hpp); the rest (the line
+    // without its max; ecif_reductions only) as rest = rm + rl, rm its own max (-inf, rl = 0 if empty).
+    LineStats<T> st;
+    T* rrm;
+    T* rrl;
+    T* crm;
+    T* crl;
     // (Q, n) per-query sums (pair index k = perm[...]):
     T* m;    // Σ_j P_kj δS_kj                (row means)
     T* mc;   // Σ_i Qc_ik δS_ik               (column means)
@@ -77,7 +75,7 @@ void gauss_newton_product(const DirProblem<double>& p, double* gs, const std::st
 //
 // dir_stats_task: row line stats of its rows (final) and column stats folded into (cTop, cArg, cRM,
 //   cRS) = (max, arg, reference and sum of the rest's log-sum-exp), batch-local arrays of one thread
-//   (null for a one-task batch: written to p.ctop/... directly).
+//   (null for a one-task batch: written to p.st / p.crm / p.crl directly).
 // Both take an optional batch cache (DirCache below).
 // dir_pass_task, by mode, reading the line stats:
 //   kDirRed2: rows -> p.m, p.c1, p.rr; columns (3 x Q x B at colacc, stride cstride between the

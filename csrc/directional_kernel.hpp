@@ -4,11 +4,15 @@
 // .cpp defines ECIF_ISA_NS, ECIF_VEC_BYTES and optionally ECIF_MR. A task (batch b, row tile rt)
 // packs its rows of U and of every δU_q into MR-row panels, then per column tile:
 //   1. S = t U_I V_J^T with the shared micro-kernel (tile_common.hpp);
-//   2. the softmax weights the mode needs, once per tile (SPEC §3-§4, torch_ref/softmax.py):
-//        P  = exp(S - lse_r[i]),   Qc = exp(S - lse_c[j]),
+//   2. the softmax weights the mode needs, once per tile (SPEC §3-§4, torch_ref/softmax.py), from the
+//      line statistics (lse.hpp, LineStats):
+//        P  = exp(z_r - l_r[i]),   Qc = exp(z_c - l_c[j]),   z = S - top off the line's max, 0 at it,
 //        Wr = P/(1-P) (exact) or P, 0 at i == j and (exact) at the row max j == arg_r[i],
 //        Wc likewise from Qc, 0 at i == j and (exact) at the column max i == arg_c[j],
-//        R  = exp(S - rest_r[i]) off the row max, Rc = exp(S - rest_c[j]) off the column max.
+//        R  = exp((S - rm_r[i]) - rl_r[i]) off the row max, Rc likewise off the column max.
+//      No weight carries the rounding of a large lse (eps |S|), and the weight at a line's maximum is
+//      exp(-l) whatever rounding the recomputed score got (the statistics may come from the lse
+//      kernel);
 //      Off a line maximum p <= 1/2, so p/(1-p) has no cancellation; the maxima themselves are handled
 //      by the driver in the cancellation-free form (a dot product per line);
 //   3. per query, δS = t(δU_I V_J^T + U_I δV_J^T) + δs S (two micro-kernel products into one tile),
@@ -240,24 +244,20 @@ void stats_task_impl(const DirProblem<T>& p, i64 b, i64 rt, T* ws, T* cTop, i64*
             for (int i = 0; i < tr; ++i)
                 for (int j = tc; j < TC; ++j) S[i * TC + j] = T(0);
     }
-    auto finish = [&](T top, T rM, T rS, i64 k, T* otop, T* orest, T* olse) {
-        const T rest = rS > T(0) ? rM + std::log(rS) : -kInf<T>;
+    // l = log(1 + exp(rest - top)) with rest - top = (rM - top) + log rS: no large lse is ever rounded
+    auto finish = [&](T top, T rM, T rS, i64 arg, i64 k, T* otop, T* ol, i64* oarg, T* orm, T* orl) {
+        const T lrs = rS > T(0) ? std::log(rS) : T(0);
         otop[k] = top;
-        orest[k] = rest;
-        olse[k] = rest > -kInf<T> ? top + std::log1p(std::exp(rest - top)) : top;
+        ol[k] = rS > T(0) ? std::log1p(std::exp((rM - top) + lrs)) : T(0);
+        oarg[k] = arg;
+        orm[k] = rS > T(0) ? rM : -kInf<T>;
+        orl[k] = lrs;
     };
-    for (int i = 0; i < tr; ++i) {
-        const i64 k = idx[r0 + i];
-        finish(rTop[i], rRM[i], rRS[i], k, p.rtop, p.rrest, p.rlse);
-        p.rarg[k] = rArg[i];
-    }
-    if (single) {
-        for (i64 j = 0; j < B; ++j) {
-            const i64 k = idx[j];
-            finish(cTop[j], cRM[j], cRS[j], k, p.ctop, p.crest, p.clse);
-            p.carg[k] = cArg[j];
-        }
-    }
+    for (int i = 0; i < tr; ++i)
+        finish(rTop[i], rRM[i], rRS[i], rArg[i], idx[r0 + i], p.st.rtop, p.st.rl, p.st.rarg, p.rrm, p.rrl);
+    if (single)
+        for (i64 j = 0; j < B; ++j)
+            finish(cTop[j], cRM[j], cRS[j], cArg[j], idx[j], p.st.ctop, p.st.cl, p.st.carg, p.crm, p.crl);
 }
 
 // ---- passes that use δS ------------------------------------------------------------------------------
@@ -300,13 +300,17 @@ void pass_task_impl(const DirProblem<T>& p, i64 b, i64 rt, T* ws, T* colacc, i64
     T* ECIF_RESTRICT cacc = rowacc + Q * 3 * TR;     // [Q][KC][TC]
     T* ECIF_RESTRICT mv = cacc + Q * 3 * TC;         // [Q][TR] m of the rows    (kDirRed3, kDirGn3)
     T* ECIF_RESTRICT mcv = mv + Q * TR;              // [Q][TC] mc of the columns (kDirRed3, kDirGn3)
-    T* ECIF_RESTRICT rl = mcv + Q * TC;              // [TR] row lse
-    T* ECIF_RESTRICT rs = rl + TR;                   // [TR] row rest
-    T* ECIF_RESTRICT ra = rs + TR;                   // [TR] row arg (batch-local, as T)
-    T* ECIF_RESTRICT cl = ra + TR;                   // [TC] column lse (+inf past the batch)
-    T* ECIF_RESTRICT cs = cl + TC;                   // [TC] column rest (+inf past the batch)
-    T* ECIF_RESTRICT ca = cs + TC;                   // [TC] column arg (-1 past the batch)
-    T* ECIF_RESTRICT cidx = ca + TC;                 // [TC] batch-local column index
+    T* ECIF_RESTRICT rtp = mcv + Q * TC;             // [TR] row top
+    T* ECIF_RESTRICT rl = rtp + TR;                  // [TR] row l = lse - top
+    T* ECIF_RESTRICT rm = rl + TR;                   // [TR] row rest = rm + rr
+    T* ECIF_RESTRICT rr = rm + TR;                   // [TR]
+    T* ECIF_RESTRICT ra = rr + TR;                   // [TR] row arg (tile-local column, -1 off the tile)
+    T* ECIF_RESTRICT ctp = ra + TR;                  // [TC] column top (+inf past the batch)
+    T* ECIF_RESTRICT cl = ctp + TC;                  // [TC] column l (0 past the batch)
+    T* ECIF_RESTRICT cm = cl + TC;                   // [TC] column rest = cm + cr (+inf past the batch)
+    T* ECIF_RESTRICT cr = cm + TC;                   // [TC]
+    T* ECIF_RESTRICT ca = cr + TC;                   // [TC] column arg (tile-local row, -1 off the tile)
+    T* ECIF_RESTRICT cidx = ca + TC;                 // [TC] tile-local column index
     T* ECIF_RESTRICT vm = cidx + TC;                 // [TC] 1 in the batch, 0 past it
 
     tc_pack_panels<T, MR>(p.U, idx + r0, tr, TR, d, dp, Up);
@@ -319,10 +323,11 @@ void pass_task_impl(const DirProblem<T>& p, i64 b, i64 rt, T* ws, T* colacc, i64
     for (int i = 0; i < TR; ++i) {
         const bool in = i < tr;
         const i64 k = in ? idx[r0 + i] : 0;
-        rl[i] = in ? p.rlse[k] : T(0);
+        rtp[i] = in ? p.st.rtop[k] : T(0);
+        rl[i] = in ? p.st.rl[k] : T(0);
         if (kRed) {
-            rs[i] = in ? p.rrest[k] : T(0);
-            ra[i] = in ? T(p.rarg[k]) : T(-1);
+            rm[i] = in ? p.rrm[k] : T(0);
+            rr[i] = in ? p.rrl[k] : T(0);
         }
         if (MODE == kDirRed3 || MODE == kDirGn3)
             for (i64 q = 0; q < Q; ++q) mv[q * TR + i] = in ? p.m[q * n + k] : T(0);
@@ -335,15 +340,22 @@ void pass_task_impl(const DirProblem<T>& p, i64 b, i64 rt, T* ws, T* colacc, i64
         const int tc = int(tc_imin(TC, B - c0));
         const int npc = (tc + MR - 1) / MR;
         const DirPack<T> pk = col_tile(p, vpk, ct, idx, tc, MODE == kDirGn3, Vloc);
+        for (int i = 0; i < TR; ++i) {
+            const i64 a = i < tr ? p.st.rarg[idx[r0 + i]] - c0 : -1;
+            ra[i] = a >= 0 && a < tc ? T(a) : T(-1);
+        }
         for (int j = 0; j < TC; ++j) {
             const bool in = j < tc;
             const i64 k = in ? idx[c0 + j] : 0;
-            cl[j] = in ? p.clse[k] : kInf<T>;
+            const i64 a = in ? p.st.carg[k] - r0 : -1;
+            ctp[j] = in ? p.st.ctop[k] : kInf<T>;
+            cl[j] = in ? p.st.cl[k] : T(0);
+            ca[j] = a >= 0 && a < tr ? T(a) : T(-1);
             if (kRed) {
-                cs[j] = in ? p.crest[k] : kInf<T>;
-                ca[j] = in ? T(p.carg[k]) : T(-1);
+                cm[j] = in ? p.crm[k] : kInf<T>;
+                cr[j] = in ? p.crl[k] : T(0);
             }
-            cidx[j] = T(c0 + j);
+            cidx[j] = T(j);
             vm[j] = in ? T(1) : T(0);
             if (MODE == kDirRed3 || MODE == kDirGn3)
                 for (i64 q = 0; q < Q; ++q) mcv[q * TC + j] = in ? p.mc[q * n + k] : T(0);
@@ -361,26 +373,28 @@ void pass_task_impl(const DirProblem<T>& p, i64 b, i64 rt, T* ws, T* colacc, i64
         // 2. weights (rows past the batch are never read)
         for (int i = 0; i < tr; ++i) {
             const T* s = S + i * TC;
-            const V vrl = vsplat(rl[i]), vrs = vsplat(rs[i]), vra = vsplat(ra[i]), vgi = vsplat(T(r0 + i));
+            const V vrt = vsplat(rtp[i]), vrl = vsplat(rl[i]), vra = vsplat(ra[i]), vgi = vsplat(T(i));
+            const V vdg = vsplat(T(r0 + i - c0));  // the diagonal's tile-local column (maybe off the tile)
             for (int j = 0; j < TC; j += W) {
                 const i64 o = i64(i) * TC + j;
                 const V sv = vload(s + j), msk = vload(vm + j), cj = vload(cidx + j);
-                const V P = vexp<true>(sv - vrl) * msk;
-                const V Qc = vexp<true>(sv - vload(cl + j));
+                const auto rmax = cj == vra;
+                const auto cmax = vload(ca + j) == vgi;
+                const V P = vexp<true>(vselect(rmax, V{}, sv - vrt) - vrl) * msk;
+                const V Qc = vexp<true>(vselect(cmax, V{}, sv - vload(ctp + j)) - vload(cl + j));
                 if (MODE == kDirGn2 || MODE == kDirGn3 || MODE == kDirRed2) {
                     vstore(Pw + o, P);
                     vstore(Qw + o, Qc);
                 }
                 if (kRed) {
-                    const auto diag = cj == vgi;
+                    const auto diag = cj == vdg;
                     if (exact) {
-                        const auto rmax = cj == vra;
-                        const auto cmax = vload(ca + j) == vgi;
                         vstore(Wr + o, vselect(diag | rmax, V{}, P / (vone - vmin(P, vhalf))));
                         vstore(Wc + o, vselect(diag | cmax, V{}, Qc / (vone - vmin(Qc, vhalf))));
                         if (MODE == kDirRed2) {
-                            vstore(Rw + o, vselect(rmax, V{}, vexp<true>(sv - vrs) * msk));
-                            vstore(Rcw + o, vselect(cmax, V{}, vexp<true>(sv - vload(cs + j))));
+                            const V R = vexp<true>((sv - vsplat(rm[i])) - vsplat(rr[i]));
+                            vstore(Rw + o, vselect(rmax, V{}, R * msk));
+                            vstore(Rcw + o, vselect(cmax, V{}, vexp<true>((sv - vload(cm + j)) - vload(cr + j))));
                         }
                     } else {
                         vstore(Wr + o, vselect(diag, V{}, P));

@@ -87,14 +87,16 @@ IfKernels<T> infonce_kernels_for(const std::string& isa) {
 constexpr double kCacheBytes = 64.0 * 1024 * 1024;
 constexpr double kCacheTotal = 512.0 * 1024 * 1024;
 
-// Loss term of pair k: row LSE + column LSE - 2 t <u_k, v_k> (dot product in double).
+// Loss term of pair k: row LSE + column LSE - 2 t <u_k, v_k> (LSE = top + l; all in double).
 template <class T>
 double pair_loss(const InfonceProblem<T>& p, std::int64_t k) {
     const T* u = p.U + k * p.d;
     const T* v = p.V + k * p.d;
     double dot = 0.0;
     for (std::int64_t c = 0; c < p.d; ++c) dot += double(u[c]) * double(v[c]);
-    return double(p.row[k]) + double(p.col[k]) - 2.0 * double(p.scale) * dot;
+    const LineStats<T>& st = p.stats;
+    return ((double(st.rtop[k]) + double(st.ctop[k])) - 2.0 * double(p.scale) * dot) +
+           (double(st.rl[k]) + double(st.cl[k]));
 }
 
 template <class T>
@@ -137,7 +139,7 @@ InfonceScalars infonce_per_batch(const InfonceProblem<T>& p, const IfKernels<T>&
                 continue;
             }
             const i64 sub_off[2] = {0, B};
-            const LseProblem<T> lp{p.U, p.V, p.n, d, p.scale, p.perm + off, sub_off, 1, p.row, p.col};
+            const LseProblem<T> lp{p.U, p.V, p.n, d, p.scale, p.perm + off, sub_off, 1, nullptr, nullptr, &p.stats};
             lse(lp, isa, 1);
             const i64 nct = (B + kIfCols - 1) / kIfCols, nrt = (B + kIfRows - 1) / kIfRows;
             for (i64 ct = 0; ct < nct; ++ct) kern.pack(p, b, ct, fv + size_t(ct) * vtile);
@@ -203,8 +205,8 @@ InfonceScalars infonce_driver(const InfonceProblem<T>& p, const std::string& isa
             return infonce_per_batch(p, kern, isa, nt, with_scale, batches);
     }
 
-    // Pass 1: row and column log-sum-exps of every batch (streamed, the lse kernel).
-    const LseProblem<T> lp{p.U, p.V, n, d, p.scale, p.perm, p.offsets, nb, p.row, p.col};
+    // Pass 1: row and column line statistics of every batch (streamed, the lse kernel).
+    const LseProblem<T> lp{p.U, p.V, n, d, p.scale, p.perm, p.offsets, nb, nullptr, nullptr, &p.stats};
     lse(lp, isa, num_threads);
 
 

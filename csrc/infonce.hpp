@@ -11,9 +11,9 @@ namespace ecif {
 // One fused InfoNCE problem. Pointers are borrowed; U, V, dU, dV are C-contiguous (n, d).
 // Batch b holds pairs perm[offsets[b] .. offsets[b+1]).
 //   loss      = sum_b sum_{k in b} [LSE_j S_kj - S_kk] + [LSE_i S_ik - S_kk],  S = scale * U_b V_b^T
-//   G         = exp(S - rowLSE) + exp(S - colLSE) - 2 I        (per batch)
+//   G         = P + Qc - 2 I      (P, Qc: row and column softmax of S, per batch)
 //   dU        = scale * G V,  dV = scale * G^T U,  dlog_scale = sum G o S
-// row/col: (n,) scratch for the per-pair log-sum-exps (pass 1, computed by the driver).
+// stats: (n,) scratch for the per-pair line statistics of S (pass 1, computed by the driver; lse.hpp).
 template <class T>
 struct InfonceProblem {
     const T* U;
@@ -24,8 +24,7 @@ struct InfonceProblem {
     const std::int64_t* perm;
     const std::int64_t* offsets;
     std::int64_t num_batches;
-    T* row;
-    T* col;
+    LineStats<T> stats;
     T* dU;
     T* dV;
 };
@@ -45,7 +44,7 @@ InfonceScalars infonce(const InfonceProblem<double>& p, const std::string& isa, 
 //
 // Pass 2 task = (batch b, row tile rt, column tiles [ct0, ct1)): rows [rt*kIfRows, (rt+1)*kIfRows) of
 // batch b against the batch's columns [ct0*kIfCols, min(ct1*kIfCols, B)), given the final row/col
-// log-sum-exps. It writes dU of its rows summed over column tiles 0 .. ct1-1: with ct0 > 0 it first
+// line statistics. It writes dU of its rows summed over column tiles 0 .. ct1-1: with ct0 > 0 it first
 // reloads the sum of tiles 0 .. ct0-1 from p.dU (written by the task of the previous column chunk;
 // float values stored and reloaded exactly, so chunking does not change dU by a bit). The dV
 // contribution of column tile ct goes to dVdst + ((ct-ct0)*kIfCols + j)*d (a per-thread partial
@@ -60,15 +59,16 @@ constexpr std::int64_t kIfPad = 32;   // d is padded to a multiple of this in th
 inline std::int64_t infonce_padded_d(std::int64_t d) { return (d + kIfPad - 1) / kIfPad * kIfPad; }
 inline std::int64_t infonce_workspace_elems(std::int64_t d) {
     const std::int64_t dp = infonce_padded_d(d);
-    return 3 * (kIfRows + kIfCols) * dp + kIfRows * kIfCols + 4 * (kIfRows + kIfCols) + 64;
+    return 3 * (kIfRows + kIfCols) * dp + kIfRows * kIfCols + 4 * kIfRows + 7 * kIfCols + 64;
 }
 
 // Per-batch mode (many batches, see infonce.cpp): infonce_batch runs the whole batch b on the
 // calling thread. Pass 1 computes every scaled score tile once into `cache` (tile (rt, ct) at
 // (rt * nct + ct) * kIfRows * kIfCols, infonce_cache_elems(B) elements) and folds the row and column
-// log-sum-exps from it (written to p.row / p.col); pass 2 forms t*G in each cached tile and
-// accumulates dU (written per row tile) and dV (in the workspace, written at the end): nothing is
-// shared with other threads. `ws`: infonce_batch_ws_elems(d, B) elements (any B' >= B works).
+// line statistics from it (top and l written to p.stats, no argmax: pass 2 reads the same tiles);
+// pass 2 forms t*G in each cached tile and accumulates dU (written per row tile) and dV (in the
+// workspace, written at the end): nothing is shared with other threads. `ws`:
+// infonce_batch_ws_elems(d, B) elements (any B' >= B works).
 inline std::int64_t infonce_cache_elems(std::int64_t B) {
     const std::int64_t nrt = (B + kIfRows - 1) / kIfRows, nct = (B + kIfCols - 1) / kIfCols;
     return nrt * nct * kIfRows * kIfCols;
@@ -76,8 +76,7 @@ inline std::int64_t infonce_cache_elems(std::int64_t B) {
 inline std::int64_t infonce_batch_ws_elems(std::int64_t d, std::int64_t B) {
     const std::int64_t dp = infonce_padded_d(d);
     const std::int64_t Bp = (B + kIfCols - 1) / kIfCols * kIfCols;
-    const std::int64_t Rp = (B + kIfRows - 1) / kIfRows * kIfRows;
-    return 3 * (Bp + kIfRows) * dp + 3 * Bp + Rp + 3 * kIfRows + 2 * kIfCols + 64;
+    return 3 * (Bp + kIfRows) * dp + 2 * Bp + 6 * kIfRows + 8 * kIfCols + 64;
 }
 
 #define ECIF_DECLARE_INFONCE_TASK_T(T)                                                                 \

@@ -10,11 +10,11 @@
 // the score product) and as NR-column panels of the row-major rows [dp/NR][TR][NR] (the B operand of
 // dV = G^T U). Per column tile the kIfCols columns of V are packed the same two ways. Then
 //   1. S tile (TR x TC) = U_tile V_tile^T with the MR x NR micro-kernel (KC-blocked inner dimension);
-//   2. G tile in place: g_ij = exp(s_ij - r_i) + exp(s_ij - c_j) - 2 delta_ij, scaled by t.
-//      When the tile's log-sum-exps are within kReuse of each other (the common case) the column
-//      term reuses the row exponential: exp(s - c_j) = exp(s - r_i) * exp(r_i - m) * exp(m - c_j)
-//      (m = max r_i; every factor is bounded, and a term lost to underflow of exp(s - r_i) is
-//      < exp(kReuse + exp_lo), negligible): one exponential per score instead of two;
+//   2. G tile in place: g_ij = p_ij + q_ij - 2 delta_ij, scaled by t, with the softmax weights
+//      evaluated from the line statistics (lse.hpp, LineStats) as exp((s - top) - l), s - top taken as
+//      exactly 0 at the line's maximum (if_form_g). When the tile's maxima are within kReuse of each
+//      other (the common case) the column weight reuses the row exponential (one exponential per
+//      score instead of two);
 //   3. dU_tile (TR x dp) += G (TR x TC) * V_tile, accumulated over all column tiles in the workspace;
 //   4. dV_tile (TC x dp)  = G^T (TC x TR) * U_tile, added to the task's destination.
 // The same micro-kernel serves all three products: its A operand is read through compile-time
@@ -23,8 +23,9 @@
 //
 // infonce_batch (per-batch mode) runs a whole batch with the same pieces: V packed once per batch in
 // both layouts, every scaled score tile computed once into the batch cache with the row / column
-// log-sum-exps folded from it (running max and sum), then steps 2-4 on the cached tiles, dV
-// accumulated for the whole batch in the workspace (no partials, no second score product).
+// line statistics folded from it (running max and sum; a line's maximum is where the cached score
+// equals its top, bitwise), then steps 2-4 on the cached tiles, dV accumulated for the whole batch
+// in the workspace (no partials, no second score product).
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -79,12 +80,158 @@ void if_pack_rows(const T* ECIF_RESTRICT src, const i64* ECIF_RESTRICT idx, int 
     tc_pack_rows<T, IfCfg<T>::NR>(src, idx, cnt, tot, d, dp, Q);
 }
 
+// Line statistics of one score tile in the layout the G step reads (lse.hpp, LineStats): per row i
+// (< TR) its top, l and the tile-local column of its maximum (-1 when that lies in another column
+// tile); per column j (< TC) the same with the tile-local row, 1 / 0 for columns in / past the batch
+// (past it: top = +inf and l = 0, so that every weight there is 0) and j itself. Ar, Bc and
+// exp(-l_j): the factors of the one-exponential path (reuse below).
+template <class T>
+struct IfTile {
+    T* rtop;
+    T* rl;
+    T* ra;
+    T* Ar;
+    T* ctop;
+    T* cl;
+    T* ca;
+    T* ecl;
+    T* Bc;
+    T* vm;
+    T* cix;
+    // carve the arrays out of `w` (IfCfg<T>::TR * 4 + IfCfg<T>::TC * 7 elements)
+    explicit IfTile(T* w) {
+        constexpr int TR = IfCfg<T>::TR, TC = IfCfg<T>::TC;
+        rtop = w;
+        rl = rtop + TR;
+        ra = rl + TR;
+        Ar = ra + TR;
+        ctop = Ar + TR;
+        cl = ctop + TC;
+        ca = cl + TC;
+        ecl = ca + TC;
+        Bc = ecl + TC;
+        vm = Bc + TC;
+        cix = vm + TC;
+        for (int j = 0; j < TC; ++j) cix[j] = T(j);
+    }
+    static constexpr i64 elems() { return 4 * i64(IfCfg<T>::TR) + 7 * i64(IfCfg<T>::TC); }
+};
+
+// Rows [r0, r0 + tr) of the batch (idx: the batch's pairs): top and l; whether their log-sum-exps
+// are close enough for the one-exponential path (then Ar_i = exp(lse_i - R), R = the largest top).
+template <class T>
+bool if_load_rows(const LineStats<T>& st, const i64* ECIF_RESTRICT idx, i64 r0, int tr, IfTile<T>& ts, T& R) {
+    constexpr int TR = IfCfg<T>::TR;
+    T tmin = std::numeric_limits<T>::infinity();
+    R = -std::numeric_limits<T>::infinity();
+    for (int i = 0; i < TR; ++i) {
+        const i64 k = i < tr ? idx[r0 + i] : 0;
+        ts.rtop[i] = i < tr ? st.rtop[k] : T(0);
+        ts.rl[i] = i < tr ? st.rl[k] : T(0);
+        if (i < tr) {
+            R = ts.rtop[i] > R ? ts.rtop[i] : R;
+            tmin = ts.rtop[i] < tmin ? ts.rtop[i] : tmin;
+        }
+    }
+    const bool ok = (R - tmin <= IfLim<T>::reuse) && std::isfinite(R) && std::isfinite(tmin);
+    if (ok)
+        for (int i = 0; i < TR; ++i) ts.Ar[i] = i < tr ? std::exp((ts.rtop[i] - R) + ts.rl[i]) : T(0);
+    return ok;
+}
+
+// Column tile [c0, c0 + tc) against the row tile [r0, r0 + tr): the rows' argmax columns (or none:
+// `args` false, when the statistics were folded from the very tiles the G step reads) and the
+// columns' statistics; returns whether the one-exponential path applies (rows_ok: if_load_rows).
+template <class T>
+bool if_load_cols(const LineStats<T>& st, const i64* ECIF_RESTRICT idx, i64 r0, int tr, i64 c0, int tc,
+                  bool rows_ok, T R, bool args, IfTile<T>& ts) {
+    using V = typename Vec<T>::V;
+    constexpr int W = IfCfg<T>::W, TR = IfCfg<T>::TR, TC = IfCfg<T>::TC;
+    constexpr T kInfT = std::numeric_limits<T>::infinity();
+    for (int i = 0; i < TR; ++i) {
+        const i64 a = args && i < tr ? st.rarg[idx[r0 + i]] - c0 : -1;
+        ts.ra[i] = a >= 0 && a < tc ? T(a) : T(-1);
+    }
+    T cmin = kInfT;
+    bool cfin = true;
+    for (int j = 0; j < TC; ++j) {
+        const bool in = j < tc;
+        const i64 k = in ? idx[c0 + j] : 0;
+        const i64 a = args && in ? st.carg[k] - r0 : -1;
+        ts.ctop[j] = in ? st.ctop[k] : kInfT;
+        ts.cl[j] = in ? st.cl[k] : T(0);
+        ts.ca[j] = a >= 0 && a < tr ? T(a) : T(-1);
+        ts.vm[j] = in ? T(1) : T(0);
+        if (in) {
+            cmin = ts.ctop[j] < cmin ? ts.ctop[j] : cmin;
+            cfin = cfin && std::isfinite(ts.ctop[j]);
+        }
+    }
+    const bool reuse = rows_ok && cfin && (R - cmin <= IfLim<T>::reuse);
+    if (reuse) {  // (past the batch: top = +inf, so both are exp(-inf) = 0)
+        const V vR = vsplat(R);
+        for (int j = 0; j < TC; j += W) {
+            vstore(ts.ecl + j, vexp<true>(-vload(ts.cl + j)) * vload(ts.vm + j));
+            vstore(ts.Bc + j, vexp<true>((vR - vload(ts.ctop + j)) - vload(ts.cl + j)));
+        }
+    }
+    return reuse;
+}
+
+// t * G in place over rows [0, tr) of a score tile (kScaled: the tile holds t*S, else S), for
+// G = P + Qc - 2I with P = exp(z_r - l_i), Qc = exp(z_c - l_j), z = S - top off the line's maximum
+// and 0 at it (at its arg, and wherever S == top: exactly 0 then anyway). The one-exponential path
+// (reuse) writes Qc = P * Ar_i * Bc_j off the column maxima (exp(S - lse_j) = exp(S - lse_i)
+// exp(lse_i - R) exp(R - lse_j): every factor is bounded, and a term lost to underflow of P is
+// < exp(kReuse + exp_lo), negligible) and exp(-l_j) at them. jd0: row i holds the diagonal at column
+// i + jd0. Returns the tile's sum of G o S.
+template <class T, bool kScaled>
+double if_form_g(T* ECIF_RESTRICT S, int tr, int tc, i64 jd0, const IfTile<T>& ts, bool reuse, T t) {
+    using V = typename Vec<T>::V;
+    constexpr int W = IfCfg<T>::W, TC = IfCfg<T>::TC;
+    const V vt = vsplat(t);
+    V vdls = V{};
+    double dls = 0.0;
+    for (int i = 0; i < tr; ++i) {
+        T* ECIF_RESTRICT s = S + i * TC;
+        const i64 jd = i + jd0;
+        const bool has_diag = jd >= 0 && jd < tc;
+        const T sdiag = has_diag ? (kScaled ? s[jd] : s[jd] * t) : T(0);
+        const V vtop = vsplat(ts.rtop[i]), vl = vsplat(ts.rl[i]), vra = vsplat(ts.ra[i]), vi = vsplat(T(i));
+        if (reuse) {
+            const V vA = vsplat(ts.Ar[i]);
+            for (int j = 0; j < TC; j += W) {
+                const V sv = kScaled ? vload(s + j) : vload(s + j) * vt;
+                const V e = vexp<true>(vselect(vload(ts.cix + j) == vra, V{}, sv - vtop) - vl);
+                const auto cmax = (vload(ts.ca + j) == vi) | (sv == vload(ts.ctop + j));
+                const V qc = vselect(cmax, vload(ts.ecl + j), e * (vA * vload(ts.Bc + j)));
+                const V g = e * vload(ts.vm + j) + qc;
+                vdls += g * sv;
+                vstore(s + j, g * vt);
+            }
+        } else {
+            for (int j = 0; j < TC; j += W) {
+                const V sv = kScaled ? vload(s + j) : vload(s + j) * vt;
+                const V zr = vselect(vload(ts.cix + j) == vra, V{}, sv - vtop);
+                const V zc = vselect(vload(ts.ca + j) == vi, V{}, sv - vload(ts.ctop + j));
+                const V g = vexp<true>(zr - vl) * vload(ts.vm + j) + vexp<true>(zc - vload(ts.cl + j));
+                vdls += g * sv;
+                vstore(s + j, g * vt);
+            }
+        }
+        if (has_diag) {
+            s[jd] -= T(2) * t;
+            dls -= 2.0 * double(sdiag);
+        }
+    }
+    return dls + double(hsum<T>(vdls));
+}
+
 template <class T>
 void infonce_task_impl(const InfonceProblem<T>& p, i64 b, i64 rt, T* ws, T* dVdst, bool with_scale,
                        double* dls, const T* vpacked, i64 ct0, i64 ct1) {
     using C = IfCfg<T>;
-    using V = typename Vec<T>::V;
-    constexpr int W = C::W, MR = C::MR, NR = C::NR, TR = C::TR, TC = C::TC, KC = C::KC;
+    constexpr int MR = C::MR, NR = C::NR, TR = C::TR, TC = C::TC, KC = C::KC;
     const i64 d = p.d;
     const i64 dp = infonce_padded_d(d);
     const i64 off = p.offsets[b];
@@ -94,7 +241,6 @@ void infonce_task_impl(const InfonceProblem<T>& p, i64 b, i64 rt, T* ws, T* dVds
     const int tr = int(if_imin(TR, B - r0));
     const int npu = (tr + MR - 1) / MR;
     const T t = p.scale;
-    const V vt = vsplat(t);
 
     T* ECIF_RESTRICT Up = ws;                  // [TR/MR][dp][MR]
     T* ECIF_RESTRICT Uq = Up + i64(TR) * dp;   // [dp/NR][TR][NR]
@@ -103,15 +249,10 @@ void infonce_task_impl(const InfonceProblem<T>& p, i64 b, i64 rt, T* ws, T* dVds
     T* ECIF_RESTRICT dUa = Vq + i64(TC) * dp;  // [TR][dp] dU accumulator
     T* ECIF_RESTRICT dVt = dUa + i64(TR) * dp; // [TC][dp] dV of one column tile
     T* ECIF_RESTRICT S = dVt + i64(TC) * dp;   // [TR][TC] score tile, then t*G
-    T* ECIF_RESTRICT rl = S + TR * TC;         // [TR] row log-sum-exps
-    T* ECIF_RESTRICT Ar = rl + TR;             // [TR] exp(r_i - m)
-    T* ECIF_RESTRICT cl = Ar + TR;             // [TC] column log-sum-exps (+inf past the batch)
-    T* ECIF_RESTRICT Bc = cl + TC;             // [TC] exp(m - c_j) (0 past the batch)
-    T* ECIF_RESTRICT vm = Bc + TC;             // [TC] 1 for columns in the batch, 0 past it
+    IfTile<T> ts(S + TR * TC);                 // line statistics of the tile
 
     if_pack_panels<T, MR>(p.U, idx + r0, tr, TR, d, dp, Up);
     if_pack_rows<T>(p.U, idx + r0, tr, TR, d, dp, Uq);
-    for (int i = 0; i < TR; ++i) rl[i] = i < tr ? p.row[idx[r0 + i]] : T(0);
     if (ct0 == 0) {
         for (i64 q = 0; q < i64(TR) * dp; ++q) dUa[q] = T(0);
     } else {  // continue the row tile's dU sum from the previous column chunk (stored exactly in p.dU)
@@ -126,14 +267,8 @@ void infonce_task_impl(const InfonceProblem<T>& p, i64 b, i64 rt, T* ws, T* dVds
             }
         }
     }
-    T rmax = -std::numeric_limits<T>::infinity(), rmin = std::numeric_limits<T>::infinity();
-    for (int i = 0; i < tr; ++i) {
-        rmax = rl[i] > rmax ? rl[i] : rmax;
-        rmin = rl[i] < rmin ? rl[i] : rmin;
-    }
-    const bool rows_ok = (rmax - rmin <= IfLim<T>::reuse) && std::isfinite(rmax) && std::isfinite(rmin);
-    if (rows_ok)
-        for (int i = 0; i < TR; ++i) Ar[i] = i < tr ? std::exp(rl[i] - rmax) : T(0);
+    T R;
+    const bool rows_ok = if_load_rows(p.stats, idx, r0, tr, ts, R);
     double dls_local = 0.0;
 
     for (i64 ct = ct0; ct < ct1; ++ct) {
@@ -147,20 +282,7 @@ void infonce_task_impl(const InfonceProblem<T>& p, i64 b, i64 rt, T* ws, T* dVds
             if_pack_panels<T, NR>(p.V, idx + c0, tc, TC, d, dp, Vp);
         }
         if_pack_rows<T>(p.V, idx + c0, tc, TC, d, dp, Vq);
-        T cmin = std::numeric_limits<T>::infinity();
-        bool cfin = true;
-        for (int j = 0; j < TC; ++j) {
-            const bool in = j < tc;
-            cl[j] = in ? p.col[idx[c0 + j]] : std::numeric_limits<T>::infinity();
-            vm[j] = in ? T(1) : T(0);
-            if (in) {
-                cmin = cl[j] < cmin ? cl[j] : cmin;
-                cfin = cfin && std::isfinite(cl[j]);
-            }
-        }
-        const bool reuse = rows_ok && cfin && (rmax - cmin <= IfLim<T>::reuse);
-        if (reuse)
-            for (int j = 0; j < TC; ++j) Bc[j] = j < tc ? std::exp(rmax - cl[j]) : T(0);
+        const bool reuse = if_load_cols(p.stats, idx, r0, tr, c0, tc, rows_ok, R, true, ts);
 
         // 1. Unscaled score tile (rows past the batch are zero panels; computed, then overwritten).
         if (d == 0)
@@ -176,38 +298,9 @@ void infonce_task_impl(const InfonceProblem<T>& p, i64 b, i64 rt, T* ws, T* dVds
         }
 
         // 2. t * G in place (rows past the batch: zero; columns past it: masked to zero).
-        const i64 jd0 = r0 - c0;  // row i holds the diagonal at column i + jd0
-        V vdls = V{};
-        for (int i = 0; i < tr; ++i) {
-            T* ECIF_RESTRICT s = S + i * TC;
-            const i64 jd = i + jd0;
-            const bool has_diag = jd >= 0 && jd < tc;
-            const T sdiag = has_diag ? s[jd] * t : T(0);
-            const V va = vsplat(rl[i]);
-            if (reuse) {
-                const V vA = vsplat(Ar[i]);
-                for (int j = 0; j < TC; j += W) {
-                    const V sv = vload(s + j) * vt;
-                    const V e = vexp<true>(sv - va);
-                    const V g = e * (vload(vm + j) + vA * vload(Bc + j));
-                    vdls += g * sv;
-                    vstore(s + j, g * vt);
-                }
-            } else {
-                for (int j = 0; j < TC; j += W) {
-                    const V sv = vload(s + j) * vt;
-                    const V g = vexp<true>(sv - va) * vload(vm + j) + vexp<true>(sv - vload(cl + j));
-                    vdls += g * sv;
-                    vstore(s + j, g * vt);
-                }
-            }
-            if (has_diag) {
-                s[jd] -= T(2) * t;
-                dls_local -= 2.0 * double(sdiag);
-            }
-        }
+        const double g_s = if_form_g<T, false>(S, tr, tc, r0 - c0, ts, reuse, t);
         for (int q = tr * TC; q < TR * TC; ++q) S[q] = T(0);
-        if (with_scale) dls_local += double(hsum<T>(vdls));
+        if (with_scale) dls_local += g_s;
 
         // 3. dU_tile += (tG) V_tile
         for (i64 q = 0; q < dp / NR; ++q) {
@@ -280,6 +373,7 @@ void infonce_batch_impl(const InfonceProblem<T>& p, i64 b, T* ws, T* cache, bool
     const i64 Bp = nct * TC;
     const T t = p.scale;
     const V vt = vsplat(t);
+    const LineStats<T>& st = p.stats;
 
     T* ECIF_RESTRICT Vp = ws;                  // nct x [TC/NR][dp][NR]  (B operand of S)
     T* ECIF_RESTRICT Vq = Vp + Bp * dp;        // nct x [dp/NR][TC][NR]  (B operand of dU)
@@ -289,13 +383,10 @@ void infonce_batch_impl(const InfonceProblem<T>& p, i64 b, T* ws, T* cache, bool
     T* ECIF_RESTRICT dUa = Uq + i64(TR) * dp;  // [TR][dp] dU accumulator of a row tile
     T* ECIF_RESTRICT cM = dUa + i64(TR) * dp;  // [Bp] running column max
     T* ECIF_RESTRICT cS = cM + Bp;             // [Bp] running column sum of exp(s - cM)
-    T* ECIF_RESTRICT clB = cS + Bp;            // [Bp] column log-sum-exps (+inf past the batch)
-    T* ECIF_RESTRICT rlB = clB + Bp;           // [nrt*TR] row log-sum-exps
-    T* ECIF_RESTRICT Ar = rlB + nrt * TR;      // [TR] exp(r_i - m)
-    T* ECIF_RESTRICT Bc = Ar + TR;             // [TC] exp(m - c_j) (0 past the batch)
-    T* ECIF_RESTRICT vm = Bc + TC;             // [TC] 1 for columns in the batch, 0 past it
-    T* ECIF_RESTRICT rM = vm + TC;             // [TR] running row max
+    T* ECIF_RESTRICT rM = cS + Bp;             // [TR] running row max
     T* ECIF_RESTRICT rS = rM + TR;             // [TR] running row sum
+    T* ECIF_RESTRICT vm = rS + TR;             // [TC] 1 for columns in the batch, 0 past it
+    IfTile<T> ts(vm + TC);                     // line statistics of a tile (pass 2)
 
     for (i64 ct = 0; ct < nct; ++ct) {
         const int tc = int(if_imin(TC, B - ct * TC));
@@ -308,7 +399,8 @@ void infonce_batch_impl(const InfonceProblem<T>& p, i64 b, T* ws, T* cache, bool
     }
     for (i64 q = 0; q < Bp * dp; ++q) dVa[q] = T(0);
 
-    // Pass 1: every scaled score tile once (kept in the cache), row and column log-sum-exps.
+    // Pass 1: every scaled score tile once (kept in the cache), row and column line statistics (top
+    // and l; pass 2 reads the same cached tiles, so a line's maximum is where S == top exactly).
     for (i64 rt = 0; rt < nrt; ++rt) {
         const i64 r0 = rt * TR;
         const int tr = int(if_imin(TR, B - r0));
@@ -356,19 +448,15 @@ void infonce_batch_impl(const InfonceProblem<T>& p, i64 b, T* ws, T* cache, bool
             }
         }
         for (int i = 0; i < tr; ++i) {
-            const T r = rM[i] + std::log(rS[i]);
-            rlB[r0 + i] = r;
-            p.row[idx[r0 + i]] = r;
+            const i64 k = idx[r0 + i];
+            st.rtop[k] = rM[i];
+            st.rl[k] = std::log(rS[i]);
         }
     }
-    for (i64 j = 0; j < Bp; ++j) {
-        if (j < B) {
-            const T c = cM[j] + std::log(cS[j]);
-            clB[j] = c;
-            p.col[idx[j]] = c;
-        } else {
-            clB[j] = kInfT;
-        }
+    for (i64 j = 0; j < B; ++j) {
+        const i64 k = idx[j];
+        st.ctop[k] = cM[j];
+        st.cl[k] = std::log(cS[j]);
     }
 
     // Pass 2: G in each cached tile, dU = t G V (per row tile), dV = t G^T U (whole batch).
@@ -379,67 +467,19 @@ void infonce_batch_impl(const InfonceProblem<T>& p, i64 b, T* ws, T* cache, bool
         const int npu = (tr + MR - 1) / MR;
         if_pack_rows<T>(p.U, idx + r0, tr, TR, d, dp, Uq);
         for (i64 q = 0; q < i64(TR) * dp; ++q) dUa[q] = T(0);
-        const T* rl = rlB + r0;
-        T rmax = -kInfT, rmin = kInfT;
-        for (int i = 0; i < tr; ++i) {
-            rmax = rl[i] > rmax ? rl[i] : rmax;
-            rmin = rl[i] < rmin ? rl[i] : rmin;
-        }
-        const bool rows_ok = (rmax - rmin <= IfLim<T>::reuse) && std::isfinite(rmax) && std::isfinite(rmin);
-        if (rows_ok)
-            for (int i = 0; i < TR; ++i) Ar[i] = i < tr ? std::exp(rl[i] - rmax) : T(0);
+        T R;
+        const bool rows_ok = if_load_rows(st, idx, r0, tr, ts, R);
 
         for (i64 ct = 0; ct < nct; ++ct) {
             const i64 c0 = ct * TC;
             const int tc = int(if_imin(TC, B - c0));
             const int npc = (tc + MR - 1) / MR;
-            const T* ECIF_RESTRICT cl = clB + c0;
             T* ECIF_RESTRICT S = cache + (rt * nct + ct) * TR * TC;
-            T cmin = kInfT;
-            bool cfin = true;
-            for (int j = 0; j < TC; ++j) {
-                vm[j] = j < tc ? T(1) : T(0);
-                if (j < tc) {
-                    cmin = cl[j] < cmin ? cl[j] : cmin;
-                    cfin = cfin && std::isfinite(cl[j]);
-                }
-            }
-            const bool reuse = rows_ok && cfin && (rmax - cmin <= IfLim<T>::reuse);
-            if (reuse)
-                for (int j = 0; j < TC; ++j) Bc[j] = j < tc ? std::exp(rmax - cl[j]) : T(0);
+            const bool reuse = if_load_cols(st, idx, r0, tr, c0, tc, rows_ok, R, false, ts);
 
             // t * G in place (the tile holds scaled scores; rows past the batch stay zero).
-            const i64 jd0 = r0 - c0;
-            V vdls = V{};
-            for (int i = 0; i < tr; ++i) {
-                T* ECIF_RESTRICT s = S + i * TC;
-                const i64 jd = i + jd0;
-                const bool has_diag = jd >= 0 && jd < tc;
-                const T sdiag = has_diag ? s[jd] : T(0);
-                const V va = vsplat(rl[i]);
-                if (reuse) {
-                    const V vA = vsplat(Ar[i]);
-                    for (int j = 0; j < TC; j += W) {
-                        const V sv = vload(s + j);
-                        const V e = vexp<true>(sv - va);
-                        const V g = e * (vload(vm + j) + vA * vload(Bc + j));
-                        vdls += g * sv;
-                        vstore(s + j, g * vt);
-                    }
-                } else {
-                    for (int j = 0; j < TC; j += W) {
-                        const V sv = vload(s + j);
-                        const V g = vexp<true>(sv - va) * vload(vm + j) + vexp<true>(sv - vload(cl + j));
-                        vdls += g * sv;
-                        vstore(s + j, g * vt);
-                    }
-                }
-                if (has_diag) {
-                    s[jd] -= T(2) * t;
-                    dls_local -= 2.0 * double(sdiag);
-                }
-            }
-            if (with_scale) dls_local += double(hsum<T>(vdls));
+            const double g_s = if_form_g<T, true>(S, tr, tc, r0 - c0, ts, reuse, t);
+            if (with_scale) dls_local += g_s;
 
             // dU_tile += (tG) V_tile
             const T* Vr = Vq + ct * TC * dp;

@@ -92,7 +92,7 @@ namespace {
 
 template <class T>
 struct Kernels {
-    void (*task)(const LseProblem<T>&, std::int64_t, std::int64_t, T*, T*, T*, const T*);
+    void (*task)(const LseProblem<T>&, std::int64_t, std::int64_t, T*, T*, T*, std::int64_t*, const T*);
     void (*pack)(const LseProblem<T>&, std::int64_t, std::int64_t, T*);
 };
 
@@ -100,7 +100,8 @@ template <class T>
 Kernels<T> kernels_for(const std::string& isa) {
 #define ECIF_KERNELS(NS)                                                                              \
     Kernels<T> {                                                                                      \
-        static_cast<void (*)(const LseProblem<T>&, std::int64_t, std::int64_t, T*, T*, T*, const T*)>( \
+        static_cast<void (*)(const LseProblem<T>&, std::int64_t, std::int64_t, T*, T*, T*, std::int64_t*,   \
+                             const T*)>(                                                              \
             &NS::lse_task),                                                                           \
             static_cast<void (*)(const LseProblem<T>&, std::int64_t, std::int64_t, T*)>(&NS::lse_pack_cols) \
     }
@@ -118,7 +119,8 @@ Kernels<T> kernels_for(const std::string& isa) {
 // for a given thread count every per-thread column partial sees the same tasks in the same order
 // and the result is bitwise reproducible (the Gauss-Newton product builds on it). For batches
 // larger than one row tile, V is packed once (shared by the batch's tasks) and the columns
-// accumulate in per-thread (reference, sum) arrays, merged in a final parallel pass.
+// accumulate in per-thread (maximum, sum, position of the maximum) arrays, merged in a final
+// parallel pass.
 template <class T>
 void lse_driver(const LseProblem<T>& p, const std::string& isa, int num_threads) {
     using i64 = std::int64_t;
@@ -163,6 +165,7 @@ void lse_driver(const LseProblem<T>& p, const std::string& isa, int num_threads)
     std::vector<T> ws(static_cast<size_t>(nt) * wsz);
     std::vector<T> partM(static_cast<size_t>(nt) * static_cast<size_t>(nbig));
     std::vector<T> partS(static_cast<size_t>(nt) * static_cast<size_t>(nbig));
+    std::vector<i64> partA(p.stats ? static_cast<size_t>(nt) * static_cast<size_t>(nbig) : 0);
     const size_t vtile = static_cast<size_t>(kTileCols * p.d);
     std::vector<T> vpack(static_cast<size_t>(nvtiles) * vtile);
     const i64 npack = static_cast<i64>(pack_b.size());
@@ -172,12 +175,12 @@ void lse_driver(const LseProblem<T>& p, const std::string& isa, int num_threads)
     int team = 1;
     const T ninf = -std::numeric_limits<T>::infinity();
 
-    auto run = [&](i64 t, T* w, T* pM, T* pS) {
+    auto run = [&](i64 t, T* w, T* pM, T* pS, i64* pA) {
         const i64 b = task_b[static_cast<size_t>(t)];
         const i64 o = bigbase[static_cast<size_t>(b)];
         const i64 vb = vpbase[static_cast<size_t>(b)];
         const T* vp = vb >= 0 ? vpack.data() + static_cast<size_t>(vb) * vtile : nullptr;
-        kern.task(p, b, task_rt[static_cast<size_t>(t)], w, pM + o, pS + o, vp);
+        kern.task(p, b, task_rt[static_cast<size_t>(t)], w, pM + o, pS + o, pA ? pA + o : nullptr, vp);
     };
 
     // Barriers only where a later phase reads what other threads wrote: packed V before the tasks,
@@ -192,9 +195,11 @@ void lse_driver(const LseProblem<T>& p, const std::string& isa, int num_threads)
 #endif
         T* pM = partM.data() + static_cast<size_t>(tid) * static_cast<size_t>(nbig);
         T* pS = partS.data() + static_cast<size_t>(tid) * static_cast<size_t>(nbig);
+        i64* pA = p.stats ? partA.data() + static_cast<size_t>(tid) * static_cast<size_t>(nbig) : nullptr;
         for (i64 q = 0; q < nbig; ++q) {  // own slice only: no barrier needed
             pM[q] = ninf;
             pS[q] = T(0);
+            if (pA) pA[q] = 0;
         }
         T* w = ws.data() + static_cast<size_t>(tid) * wsz;
         if (npack > 0) {
@@ -206,13 +211,17 @@ void lse_driver(const LseProblem<T>& p, const std::string& isa, int num_threads)
         }
         if (nbig > 0) {
 #pragma omp for schedule(static, chunk)
-            for (i64 t = 0; t < ntasks; ++t) run(t, w, pM, pS);
+            for (i64 t = 0; t < ntasks; ++t) run(t, w, pM, pS, pA);
 #pragma omp for schedule(static) nowait
             for (i64 q = 0; q < nbig; ++q) {
                 T M = ninf;
+                i64 arg = 0;
                 for (int t = 0; t < team; ++t) {
-                    const T m = partM[static_cast<size_t>(t) * static_cast<size_t>(nbig) + static_cast<size_t>(q)];
-                    M = m > M ? m : M;
+                    const size_t k = static_cast<size_t>(t) * static_cast<size_t>(nbig) + static_cast<size_t>(q);
+                    if (partM[k] > M) {  // the first thread's position wins ties
+                        M = partM[k];
+                        if (p.stats) arg = partA[k];
+                    }
                 }
                 const T base = (M - M == T(0)) ? M : T(0);
                 T s = T(0);
@@ -221,11 +230,18 @@ void lse_driver(const LseProblem<T>& p, const std::string& isa, int num_threads)
                     if (partS[k] != T(0)) s += partS[k] * std::exp(partM[k] - base);
                 }
                 if (M == std::numeric_limits<T>::infinity()) s = T(1);
-                p.col[p.perm[bigpos[static_cast<size_t>(q)]]] = M + std::log(s);
+                const i64 pair = p.perm[bigpos[static_cast<size_t>(q)]];
+                const T l = std::log(s);
+                if (p.col) p.col[pair] = M + l;
+                if (p.stats) {
+                    p.stats->ctop[pair] = M;
+                    p.stats->cl[pair] = l;
+                    p.stats->carg[pair] = arg;
+                }
             }
         } else {
 #pragma omp for schedule(static, chunk) nowait
-            for (i64 t = 0; t < ntasks; ++t) run(t, w, pM, pS);
+            for (i64 t = 0; t < ntasks; ++t) run(t, w, pM, pS, pA);
         }
     }
 }

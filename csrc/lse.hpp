@@ -7,8 +7,24 @@
 
 namespace ecif {
 
+// Line statistics of S, per pair k (its row, its column): top = the maximum, l = lse - top (in
+// [0, log B]) and arg = the batch-local position of the maximum. The kernels that re-evaluate softmax
+// weights use exp((S - top) - l), with S - top taken as exactly 0 at arg: the weight at a line's
+// maximum is then exp(-l) whatever rounding the recomputed score gets (another micro-kernel or ISA,
+// fma contraction), and no weight carries the rounding of a large lse (eps |S|). Each array is (n,).
+template <class T>
+struct LineStats {
+    T* rtop;
+    T* rl;
+    std::int64_t* rarg;
+    T* ctop;
+    T* cl;
+    std::int64_t* carg;
+};
+
 // Description of one lse problem. Pointers are borrowed; U and V are C-contiguous (n, d).
-// Batch b holds pairs perm[offsets[b] .. offsets[b+1]); row/col are (n,) outputs.
+// Batch b holds pairs perm[offsets[b] .. offsets[b+1]); row/col are (n,) outputs (or null) and, when
+// stats is set, the line statistics are written there too.
 template <class T>
 struct LseProblem {
     const T* U;
@@ -21,6 +37,7 @@ struct LseProblem {
     std::int64_t num_batches;
     T* row;
     T* col;
+    const LineStats<T>* stats = nullptr;
 };
 
 // Check that perm is a permutation of 0..n-1 and offsets is a valid CSR split of it.
@@ -49,19 +66,21 @@ int max_threads();
 // A task is (batch b, row tile rt): rows [rt*kTileRows, (rt+1)*kTileRows) of batch b against all of
 // the batch's columns. It writes the final row[] of its rows. For a batch with <= kTileRows pairs it
 // also writes the final col[] (it saw every row); otherwise it folds its rows into the running column
-// state colM/colS (a reference value and the sum of exp(S - reference); length = batch size, one
-// copy per thread), which the driver merges. `ws` is scratch of lse_workspace_elems(d) elements.
+// state colM/colS/colA (the maximum, the sum of exp(S - maximum) and, with line statistics, the
+// batch-local row of the maximum; length = batch size, one copy per thread), which the driver merges.
+// `ws` is scratch of lse_workspace_elems(d) elements.
 // `vpacked` is null (the task packs V itself) or the batch's V columns prepacked by lse_pack_cols,
 // column tile ct at vpacked + ct * kTileCols * d.
 constexpr std::int64_t kTileRows = 96;  // rows per task (multiple of every micro-tile height)
 constexpr std::int64_t kTileCols = 64;  // columns per score tile (multiple of every micro-tile width)
 inline std::int64_t lse_workspace_elems(std::int64_t d) {
-    return (kTileRows + kTileCols) * d + kTileRows * kTileCols + 6 * kTileRows + 8 * kTileCols;
+    // + room for two [kTileRows] int64 arrays (row and small-batch column args), 8-byte aligned
+    return (kTileRows + kTileCols) * d + kTileRows * kTileCols + 10 * kTileRows + 9 * kTileCols + 8;
 }
 
 #define ECIF_DECLARE_LSE_TASK_T(T)                                                                      \
     void lse_task(const LseProblem<T>& p, std::int64_t b, std::int64_t rt, T* ws, T* colM, T* colS,   \
-                  const T* vpacked);                                                                  \
+                  std::int64_t* colA, const T* vpacked);                                              \
     void lse_pack_cols(const LseProblem<T>& p, std::int64_t b, std::int64_t ct, T* dst);
 #define ECIF_DECLARE_LSE_TASK(NS) \
     namespace NS {                \

@@ -17,6 +17,9 @@
 //      (huge logit spread, +-inf) the column sums take their own exp(s_ij - b_j): one exponential
 //      per score in the common case, two in the rare one;
 //   4. fold (a_i, rowsum_i) and (b_j, colsum_j) into the running (reference, sum) states.
+// The references are the running maxima, so with line statistics (p.stats, lse.hpp) top = reference
+// and l = log(sum) come for free; the position of each maximum is tracked alongside (a row's first
+// position of its tile maximum when that beats the running one; a column's row index, vectorised).
 #include <cmath>
 #include <cstdint>
 
@@ -112,7 +115,7 @@ void pack_cols(const LseProblem<T>& p, const i64* ECIF_RESTRICT idx, i64 c0, int
 }
 
 template <class T>
-void lse_task_impl(const LseProblem<T>& p, i64 b, i64 rt, T* ws, T* colM_big, T* colS_big,
+void lse_task_impl(const LseProblem<T>& p, i64 b, i64 rt, T* ws, T* colM_big, T* colS_big, i64* colA_big,
                    const T* vpacked) {
     using C = Cfg<T>;
     using V = typename Vec<T>::V;
@@ -142,6 +145,11 @@ void lse_task_impl(const LseProblem<T>& p, i64 b, i64 rt, T* ws, T* colM_big, T*
     T* ECIF_RESTRICT oldM = tcs + TC;        // [TC] column state, padded
     T* ECIF_RESTRICT oldS = oldM + TC;       // [TC]
     T* ECIF_RESTRICT vmask = oldS + TC;      // [TC] 0 for columns in the batch, -inf past it
+    T* ECIF_RESTRICT ti = vmask + TC;        // [TC] row (in the task) of the tile column max (stats)
+    // [TR] batch-local column of the running row max, [TR] row of a single-task batch's column max
+    i64* ECIF_RESTRICT rowA = reinterpret_cast<i64*>(ti + TC + ((ti + TC - ws) & 1));
+    i64* ECIF_RESTRICT smallA = rowA + TR;
+    const bool want = p.stats != nullptr;
 
     tc_pack_panels<T, MR>(p.U, idx + r0, tr, npu * MR, d, d, Up);
     for (int i = 0; i < TR; ++i) {
@@ -149,17 +157,21 @@ void lse_task_impl(const LseProblem<T>& p, i64 b, i64 rt, T* ws, T* colM_big, T*
         rowS[i] = T(0);
         ta[i] = kNegInf<T>;
         tg[i] = T(0);
+        rowA[i] = 0;
     }
 
     const bool single = (B <= TR);  // this task sees every row of the batch
     T* cM = colM_big;
     T* cS = colS_big;
+    i64* cA = colA_big;
     if (single) {
         cM = smallM;
         cS = smallS;
+        cA = smallA;
         for (i64 j = 0; j < B; ++j) {
             cM[j] = kNegInf<T>;
             cS[j] = T(0);
+            cA[j] = 0;
         }
     }
 
@@ -191,19 +203,38 @@ void lse_task_impl(const LseProblem<T>& p, i64 b, i64 rt, T* ws, T* colM_big, T*
         for (int j = 0; j < TC; ++j) {
             vmask[j] = j < tc ? T(0) : kNegInf<T>;
             tb[j] = kNegInf<T>;
+            ti[j] = T(0);
         }
         T tmax = kNegInf<T>, amin = kPosInf<T>;
         for (int i = 0; i < tr; ++i) {
             T* s = S + i * TC;
             V rmax = vninf;
-            for (int j = 0; j < TC; j += W) {
-                const V m = vload(vmask + j);
-                const V v = vselect(m == V{}, vload(s + j) * vscale, m);
-                vstore(s + j, v);
-                rmax = vmax(rmax, v);
-                vstore(tb + j, vmax(vload(tb + j), v));
+            if (want) {
+                const V vi = vsplat(T(i));
+                for (int j = 0; j < TC; j += W) {
+                    const V m = vload(vmask + j);
+                    const V v = vselect(m == V{}, vload(s + j) * vscale, m);
+                    vstore(s + j, v);
+                    rmax = vmax(rmax, v);
+                    const V old = vload(tb + j);
+                    vstore(ti + j, vselect(v > old, vi, vload(ti + j)));  // the first row wins ties
+                    vstore(tb + j, vmax(old, v));
+                }
+            } else {
+                for (int j = 0; j < TC; j += W) {
+                    const V m = vload(vmask + j);
+                    const V v = vselect(m == V{}, vload(s + j) * vscale, m);
+                    vstore(s + j, v);
+                    rmax = vmax(rmax, v);
+                    vstore(tb + j, vmax(vload(tb + j), v));
+                }
             }
             const T a = hmax<T>(rmax);
+            if (want && a > rowM[i]) {  // a new row maximum: its first position in the tile
+                int ja = 0;
+                while (ja < tc - 1 && !(s[ja] == a)) ++ja;
+                rowA[i] = c0 + ja;
+            }
             ta[i] = a;
             tmax = a > tmax ? a : tmax;
             amin = a < amin ? a : amin;
@@ -256,6 +287,9 @@ void lse_task_impl(const LseProblem<T>& p, i64 b, i64 rt, T* ws, T* colM_big, T*
             oldM[j] = j < tc ? cM[c0 + j] : kNegInf<T>;
             oldS[j] = j < tc ? cS[c0 + j] : T(0);
         }
+        if (want)
+            for (int j = 0; j < tc; ++j)
+                if (tb[j] > oldM[j]) cA[c0 + j] = r0 + i64(ti[j]);
         vmerge<T>(oldM, oldS, tb, tcs, TC);
         for (int j = 0; j < tc; ++j) {
             cM[c0 + j] = oldM[j];
@@ -263,21 +297,39 @@ void lse_task_impl(const LseProblem<T>& p, i64 b, i64 rt, T* ws, T* colM_big, T*
         }
     }
 
-    for (int i = 0; i < tr; ++i) p.row[idx[r0 + i]] = rowM[i] + std::log(rowS[i]);
+    for (int i = 0; i < tr; ++i) {
+        const i64 k = idx[r0 + i];
+        const T l = std::log(rowS[i]);
+        if (p.row) p.row[k] = rowM[i] + l;
+        if (want) {
+            p.stats->rtop[k] = rowM[i];
+            p.stats->rl[k] = l;
+            p.stats->rarg[k] = rowA[i];
+        }
+    }
     if (single) {
-        for (i64 j = 0; j < B; ++j) p.col[idx[j]] = cM[j] + std::log(cS[j]);
+        for (i64 j = 0; j < B; ++j) {
+            const i64 k = idx[j];
+            const T l = std::log(cS[j]);
+            if (p.col) p.col[k] = cM[j] + l;
+            if (want) {
+                p.stats->ctop[k] = cM[j];
+                p.stats->cl[k] = l;
+                p.stats->carg[k] = cA[j];
+            }
+        }
     }
 }
 
 }  // namespace
 
 void lse_task(const LseProblem<float>& p, std::int64_t b, std::int64_t rt, float* ws, float* colM,
-              float* colS, const float* vpacked) {
-    lse_task_impl<float>(p, b, rt, ws, colM, colS, vpacked);
+              float* colS, std::int64_t* colA, const float* vpacked) {
+    lse_task_impl<float>(p, b, rt, ws, colM, colS, colA, vpacked);
 }
 void lse_task(const LseProblem<double>& p, std::int64_t b, std::int64_t rt, double* ws, double* colM,
-              double* colS, const double* vpacked) {
-    lse_task_impl<double>(p, b, rt, ws, colM, colS, vpacked);
+              double* colS, std::int64_t* colA, const double* vpacked) {
+    lse_task_impl<double>(p, b, rt, ws, colM, colS, colA, vpacked);
 }
 void lse_pack_cols(const LseProblem<float>& p, std::int64_t b, std::int64_t ct, float* dst) {
     const std::int64_t off = p.offsets[b], B = p.offsets[b + 1] - off;

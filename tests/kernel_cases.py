@@ -1,6 +1,7 @@
 """Shared inputs and references for the kernel tests (lse / infonce over every backend)."""
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -27,6 +28,27 @@ def brute_lse64(U, V, scale, plan: BatchPlan):
 def unit(n, d, gen, dtype=torch.float64):
     x = torch.randn(n, d, generator=gen, dtype=torch.float64)
     return torch.nn.functional.normalize(x, dim=1).to(dtype)
+
+
+def shifted_logits(n, d, gen, scale, spread=4.0):
+    """Float64 ``U, V (n, d)`` with ``u_i0 = v_j0 = 1`` and small other components: every score is
+    ``scale·(1 + O(spread/scale))``, so ``|S| ≈ scale`` while each line spreads by about ``spread`` (its
+    softmax is neither uniform nor one-hot). A rounded log-sum-exp is off by ``eps·scale`` there, which
+    the weights of a line would inherit. The first component is what :func:`constant_direction` moves."""
+    a = math.sqrt(spread / (scale * math.sqrt(max(d - 1, 1))))
+    U = torch.randn(n, d, generator=gen, dtype=torch.float64) * a
+    V = torch.randn(n, d, generator=gen, dtype=torch.float64) * a
+    U[:, 0] = V[:, 0] = 1.0
+    return U, V
+
+
+def constant_direction(n, d, Q=1):
+    """``dU (Q, n, d)``: ``δu_i = e_0`` for every pair, so with :func:`shifted_logits` (``v_j0 = 1``)
+    ``δS_ij = t`` for all ``i, j`` — a shift of every score of a batch by the same amount, which changes
+    no softmax: the Gauss–Newton product and both influence parts along it are 0."""
+    dU = torch.zeros(Q, n, d, dtype=torch.float64)
+    dU[:, :, 0] = 1.0
+    return dU
 
 
 def ragged_ids(n, gen):

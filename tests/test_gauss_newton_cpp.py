@@ -19,8 +19,8 @@ with / without dlog_scale) rotate through those 12 cases per grid point instead 
 (a covering subset that keeps the module fast), so every grid point sees several combinations and
 every combination appears at every (n, batches). Separate tests cover every compiled ISA on 1 and 2
 threads (bitwise determinism for a thread count), many big batches on two threads, a batch too big
-for the batch cache, adversarial p → 1 logits, the twin's streaming path, hypothesis random shapes,
-and the raw binding's errors.
+for the batch cache, adversarial p → 1 logits, a constant direction at |S| ≈ 1e5, the twin's streaming
+path, hypothesis random shapes, and the raw binding's errors.
 """
 from __future__ import annotations
 
@@ -35,7 +35,8 @@ from hypothesis import strategies as st
 from ecif_fast.kernels import cpp_backend, registry
 from ecif_fast.kernels.batching import resolve_batches
 from ecif_fast.kernels.torch_ref.gauss_newton import gauss_newton_product as twin
-from kernel_cases import DTYPES, SCALES, directions, mixed_plan, ragged_ids, unit, on_every_isa_and_thread_count
+from kernel_cases import (DTYPES, SCALES, constant_direction, directions, mixed_plan, ragged_ids, shifted_logits, unit,
+                          on_every_isa_and_thread_count)
 
 pytestmark = pytest.mark.skipif(not cpp_backend.available(),
                                 reason=f"C++ extension not built: {cpp_backend.unavailable_reason()}")
@@ -184,6 +185,40 @@ def test_adversarial_p_to_one(dtype):
             args = (U.to(dtype), Vc.to(dtype), scale, plan, dU.to(dtype), dV.to(dtype), ds.to(dtype))
             out = cpp_backend.gauss_newton_product(*args)
             check(out, *args, dtype, f"{dtype} scale={scale} batches={b}")
+
+
+def test_constant_direction_gives_zero_at_large_logits(monkeypatch):
+    """δS = t for every entry of a batch (kernel_cases.constant_direction) shifts every line equally,
+    which changes no softmax: G = P∘(δS − m) + Qc∘(δS − mc) = 0, so gU, gV and gs are 0 up to rounding.
+    That needs every line of P and Qc to sum to 1: at |S| ≈ 1e5 (kernel_cases.shifted_logits) a
+    rounded log-sum-exp leaves δS − m ≈ eps·|S|·δS, 100 to 1000 times the bounds.
+    Bounds, with ε = 8·√B·eps for the error of a line sum of B rounded terms: |G_ij| <= (P_ij + Qc_ij)·ε·|δS|,
+    a row of P sums to 1 and the rows of Qc to B in all, so |gU|, |gV| <= 2·ε·t·|δS|·max‖v‖ on average
+    over the rows (allowed once more: 4·ε·t·|δS|·max‖v‖) and |gs| <= 2B·ε·|δS|·max|S|. "all" negatives
+    run the per-batch mode on one thread and the partial mode (statistics from the lse kernel) on two;
+    batches of 10 the per-batch mode. Every ISA."""
+    gen = torch.Generator().manual_seed(22)
+    n, d = 300, 32
+    plans = (resolve_batches(None, n), resolve_batches(10, n))
+    for dtype in (torch.float32, torch.float64):
+        eps = torch.finfo(dtype).eps
+        dU = constant_direction(n, d).to(dtype)
+        dV, ds = torch.zeros_like(dU), torch.zeros(1, dtype=dtype)
+        for scale in (1e2, 1e5):
+            U, V = (x.to(dtype) for x in shifted_logits(n, d, gen, scale))
+            vmax = float(torch.maximum(U.norm(dim=1).max(), V.norm(dim=1).max()))
+            smax = scale * vmax ** 2
+            for plan in plans:
+                B = int(plan.sizes.max())
+                eps_line = 8 * B ** 0.5 * eps
+                for tag, (out,) in on_every_isa_and_thread_count(
+                        monkeypatch, lambda: cpp_backend.gauss_newton_product(U, V, scale, plan, dU, dV, ds)):
+                    tag = f"{tag} {dtype} t={scale:g} B={B}"
+                    g_bound = 4 * eps_line * scale * scale * vmax
+                    assert float(out[0].abs().max()) <= g_bound, f"|gU| {float(out[0].abs().max()):.3g}, {tag}"
+                    assert float(out[1].abs().max()) <= g_bound, f"|gV| {float(out[1].abs().max()):.3g}, {tag}"
+                    s_bound = 2 * B * eps_line * scale * smax
+                    assert float(out[2].abs().max()) <= s_bound, f"|gs| {float(out[2].abs().max()):.3g}, {tag}"
 
 
 def test_matches_twin_streaming_path():

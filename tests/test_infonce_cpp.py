@@ -24,7 +24,7 @@ from ecif_fast.errors import ECIFInputError
 from ecif_fast.kernels import cpp_backend
 from ecif_fast.kernels.batching import BatchPlan, resolve_batches
 from ecif_fast.kernels.torch_ref.loss import contrastive_loss
-from kernel_cases import DTYPES, SCALES, ragged_ids, unit, on_every_isa_and_thread_count
+from kernel_cases import DTYPES, SCALES, ragged_ids, shifted_logits, unit, on_every_isa_and_thread_count
 
 pytestmark = pytest.mark.skipif(not cpp_backend.available(),
                                 reason=f"C++ extension not built: {cpp_backend.unavailable_reason()}")
@@ -133,6 +133,32 @@ def test_diagonal_dominates_p_to_one(dtype):
     for scale in (10.0, 100.0):
         check(cpp_backend.infonce(U, V, scale, plan, True), reference(U, V, scale, plan), U, V, scale, plan,
               dtype, f"{dtype} scale={scale}")
+
+
+def test_shift_invariance_at_large_logits(monkeypatch):
+    """The loss does not change when every score of a batch moves by the same amount, so Σ_ij G_ij = 0
+    per batch; with u_i0 = v_j0 = 1 (kernel_cases.shifted_logits) that is Σ_{i∈b} dU_i0 = t·Σ_ij G_ij = 0,
+    and the same for dV. This holds for the rounded S the kernel computes too, so the test sees only
+    whether every line of P and Qc sums to 1: at |S| ≈ 1e5 with lines neither uniform nor one-hot, a
+    rounded log-sum-exp (eps·|S|) misses the bound 5 to 1400 times. Bound: eps·t·(6B + 4B^1.5), for the
+    rounding of the 2B² weights (a few ulp each, Σ = 2B) and of the B-term row sums of t·G·V
+    (~√B·eps·Σ_j |G_ij|, Σ_j |G_ij| <~ 4). "all" negatives run the per-batch mode on one thread and the
+    streaming mode (statistics from the lse kernel) on two; batches of 10 the per-batch mode. Every ISA."""
+    gen = torch.Generator().manual_seed(21)
+    n, d = 300, 32
+    plans = (resolve_batches(None, n), resolve_batches(10, n))
+    for dtype in (torch.float32, torch.float64):
+        eps = torch.finfo(dtype).eps
+        for scale in (1e2, 1e5):
+            U, V = (x.to(dtype) for x in shifted_logits(n, d, gen, scale))
+            for plan in plans:
+                for tag, (out,) in on_every_isa_and_thread_count(
+                        monkeypatch, lambda: cpp_backend.infonce(U, V, scale, plan, False)):
+                    for idx in plan.groups():
+                        bound = eps * scale * (6 * len(idx) + 4 * len(idx) ** 1.5)
+                        for name, g in (("dU", out[1]), ("dV", out[2])):
+                            err = abs(float(g[idx, 0].double().sum()))
+                            assert err <= bound, f"Σ {name}[:, 0] = {err:.3g} > {bound:.3g}, {tag} {dtype} t={scale:g}"
 
 
 def test_every_isa_and_thread_count(monkeypatch):

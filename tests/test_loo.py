@@ -67,11 +67,21 @@ def test_exact_ecif_matches_leave_one_out(loo):
 
 def test_solvers_agree_on_trained_problem(loo):
     normalize, (model, X, Y, Xv, Yv, pairs, actual) = loo
-    ref = ef.ECIF(model, damping=DAMPING, batches=BATCH).fit(X, Y).influence(Xv, Yv).total
+    exact = ef.ECIF(model, damping=DAMPING, batches=BATCH).fit(X, Y)
+    ref = exact.influence(Xv, Yv).total
     cg = ef.ECIF(model, damping=DAMPING, batches=BATCH, hessian="cg", cg_maxiter=3000).fit(X, Y).influence(Xv, Yv).total
     lr = ef.ECIF(model, damping=DAMPING, batches=BATCH, hessian="lowrank", rank=10_000).fit(X, Y).influence(Xv, Yv).total
     assert torch.allclose(cg, ref, rtol=1e-6, atol=1e-9 * ref.abs().max())
-    assert torch.allclose(lr, ref, rtol=1e-8, atol=1e-10 * ref.abs().max())
+    # Low rank at rank >= P is exact up to rounding: both solves of H h = ∇F are backward stable, so each h is
+    # off by up to ~eps·κ(H)·||h||, and I_k = g_kᵀh by ||g_k|| times that. The exact Hessian can be
+    # indefinite with δ = 0.1 just above −λ_min: κ(H) was 7.5e6 for the plain heads in one trained state
+    # (eps·κ ≈ 8e-10, so the elementwise rtol 1e-8 this replaces failed there). A direction dropped or
+    # mis-scaled is off by ~|λ|/(λ + δ), far above this.
+    lam = torch.linalg.eigvalsh(exact.curvature.dense())
+    kappa = float((lam.max() + DAMPING) / (lam.min() + DAMPING))
+    h = exact.solver.solve(exact._test_gradients(Xv, Yv, None, False)[0].reshape(-1))
+    bound = 2 * torch.finfo(torch.float64).eps * kappa * float(h.norm()) * exact.pair_gradients().norm(dim=1)
+    assert bool(((lr - ref).abs() <= bound).all()), float(((lr - ref).abs() / bound).max())
     gn = ef.ECIF(model, damping=DAMPING, batches=BATCH, curvature="gauss-newton", hessian="cg", cg_maxiter=3000).fit(X, Y)
     assert pearson(gn.influence(Xv, Yv).total[pairs], actual) >= 0.9
 

@@ -18,8 +18,9 @@ exact / taylor, Q ∈ {1, 5}, with / without dlog_scale) rotate through those 12
 instead of multiplying them (a covering subset that keeps the module fast), so every grid point
 sees several combinations and every combination appears at every (n, batches). Separate tests cover
 every compiled ISA on 1 and 2 threads (bitwise determinism for a thread count), many big batches on
-two threads, adversarial p → 1 logits, the twin's streaming path, hypothesis random shapes, the raw
-binding's errors, and that the automatic backend choice on CPU is now cpp.
+two threads, adversarial p → 1 logits, a constant direction at |S| ≈ 1e5, the twin's streaming path,
+hypothesis random shapes, the raw binding's errors, and that the automatic backend choice on CPU is now
+cpp.
 """
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ from hypothesis import strategies as st
 from ecif_fast.kernels import cpp_backend, registry
 from ecif_fast.kernels.batching import resolve_batches
 from ecif_fast.kernels.torch_ref.reductions import ecif_reductions as twin
-from kernel_cases import DTYPES, SCALES, directions, mixed_plan, ragged_ids, unit, on_every_isa_and_thread_count
+from kernel_cases import (DTYPES, SCALES, constant_direction, directions, mixed_plan, ragged_ids, shifted_logits, unit,
+                          on_every_isa_and_thread_count)
 
 pytestmark = pytest.mark.skipif(not cpp_backend.available(),
                                 reason=f"C++ extension not built: {cpp_backend.unavailable_reason()}")
@@ -165,6 +167,33 @@ def test_adversarial_p_to_one(dtype):
                 args = (U.to(dtype), Vc.to(dtype), scale, plan, dU.to(dtype), dV.to(dtype), ds.to(dtype), term)
                 out = cpp_backend.ecif_reductions(*args)
                 check(out, *args[:6], ds.to(dtype), term, dtype, f"{dtype} scale={scale} batches={b} {term}")
+
+
+def test_constant_direction_has_no_influence_at_large_logits(monkeypatch):
+    """δS = t for every entry of a batch (kernel_cases.constant_direction) changes no softmax, so both
+    parts are 0 (positive = m + mc − 2δS_kk, negative = Σ W∘(δS − mean) plus the line-maximum terms).
+    That needs every line of P and Qc to sum to 1: at |S| ≈ 1e5 (kernel_cases.shifted_logits) a rounded
+    log-sum-exp makes them eps·|S|·|δS|, 600 to 3000 times the bound 8·√B·eps·|δS| (the error of a line sum of
+    B rounded terms, ~√B·eps, times |δS|). Both terms, one and two threads, every ISA; "all" negatives
+    (the partial mode on two threads) and batches of 10."""
+    gen = torch.Generator().manual_seed(23)
+    n, d = 300, 32
+    plans = (resolve_batches(None, n), resolve_batches(10, n))
+    for dtype in (torch.float32, torch.float64):
+        eps = torch.finfo(dtype).eps
+        dU = constant_direction(n, d).to(dtype)
+        dV = torch.zeros_like(dU)
+        for scale in (1e2, 1e5):
+            U, V = (x.to(dtype) for x in shifted_logits(n, d, gen, scale))
+            for plan in plans:
+                bound = 8 * float(plan.sizes.max()) ** 0.5 * eps * scale
+                for term in ("exact", "taylor"):
+                    for tag, (out,) in on_every_isa_and_thread_count(
+                            monkeypatch, lambda: cpp_backend.ecif_reductions(U, V, scale, plan, dU, dV, None, term)):
+                        tag = f"{tag} {dtype} t={scale:g} {term} batches={plan.num_batches}"
+                        for name, x in zip(("positive", "negative"), out):
+                            err = float(x.abs().max())
+                            assert err <= bound, f"|{name}| {err:.3g} > {bound:.3g}, {tag}"
 
 
 def test_matches_twin_streaming_path():

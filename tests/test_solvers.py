@@ -106,17 +106,25 @@ def test_lowrank_error_improves_with_rank():
     lam = lam[lam.abs().argsort(descending=True)]  # the order the low-rank solver keeps them in
     assert float(lam[60].abs()) > 1e-3  # λ_61 is not negligible, so rank 60 is still an approximation
     g = engine._test_gradients(Xt, Yt, None, False)[0]
-    op_err, vec_err = [], []
+    op_err, fro_err, vec_err = [], [], []
     for rank in (5, 20, 60, P):
         approx = LowRankSolver(engine.curvature, delta, rank=rank, dense=C).solve(torch.eye(P, dtype=C.dtype))
-        err = float(torch.linalg.matrix_norm(approx - Hinv, ord=2))
-        # the eigenpairs left out get 1/δ instead of 1/(λ+δ): error max |λ|/(δ|λ+δ|) over them
+        # the eigenpairs left out get 1/δ instead of 1/(λ+δ): an error f = |λ|/(δ|λ+δ|) along each of them;
+        # the operator norm is the largest f, the Frobenius norm the root sum of their squares
         rest = lam[rank:]
-        bound = float((rest.abs() / (delta * (rest + delta).abs())).max()) if rank < P else 0.0
-        assert err == pytest.approx(bound, rel=1e-8, abs=1e-12)
-        op_err.append(err)
+        f = rest.abs() / (delta * (rest + delta).abs())
+        op_err.append(float(torch.linalg.matrix_norm(approx - Hinv, ord=2)))
+        fro_err.append(float(torch.linalg.matrix_norm(approx - Hinv)))
+        assert op_err[-1] == pytest.approx(float(f.max()) if rank < P else 0.0, rel=1e-8, abs=1e-12)
+        assert fro_err[-1] == pytest.approx(float(f.norm()), rel=1e-8, abs=1e-12)
         vec_err.append(float((approx @ g - Hinv @ g).norm()))
-    assert op_err[0] > op_err[1] > op_err[2] > 1e3 * op_err[3] and op_err[3] < 1e-12
+    # The operator norm sees only the worst direction left out, so it need not improve with every rank:
+    # the exact Hessian is indefinite, and a dropped eigenvalue between −δ and 0 outweighs larger positive
+    # ones (f = |λ|/(δ(δ − |λ|)) against λ/(δ(λ + δ))). In one trained state λ = −2.28 (f = 0.167) set the
+    # error of rank 5 and of rank 20 alike, above λ = 12.2 (f = 0.142). It never grows; the Frobenius
+    # norm, which sees every dropped direction, shrinks with every rank.
+    assert op_err[0] >= op_err[1] >= op_err[2] > 1e3 * op_err[3] and op_err[3] < 1e-12
+    assert fro_err[0] > fro_err[1] > fro_err[2] > 1e3 * fro_err[3]
     assert op_err[0] < 1 / delta  # never worse than ignoring the curvature
     assert vec_err[0] > vec_err[1] > vec_err[2] > 1e3 * vec_err[3]
     assert vec_err[3] < 1e-10 * float((Hinv @ g).norm())
@@ -216,7 +224,15 @@ def test_cg_block_solve():
     solver = CGSolver(_Matrix(A), damping=0.5, tol=1e-13)
     truth = torch.linalg.solve(A + 0.5 * torch.eye(30, dtype=torch.float64), B)
     assert _rel(solver.solve(B), truth) < 1e-11
-    assert _rel(solver.solve(B[:, 1]), truth[:, 1]) < 1e-12 and solver.last_iterations == 1
+    # Qm[:, 0] is an eigenvector of the rounded A (and of its matvec) only to ~P·eps·||A||, so the one step
+    # that solves it leaves a relative residual of up to P·eps·||A||/(λ + δ) ≈ 6.5e-12 (2e-13 seen on one CPU:
+    # tol = 1e-13 then took 3 steps). Ten times that floor still fails a right-hand side that needs a second
+    # step: a generic one leaves a residual of order 1 after the first.
+    floor = 30 * torch.finfo(torch.float64).eps * float(torch.linalg.matrix_norm(A, ord=2)) / (0.01 + 0.5)
+    one_step = CGSolver(_Matrix(A), damping=0.5, tol=10 * floor)
+    assert _rel(one_step.solve(B[:, 1]), truth[:, 1]) < 1e-12 and one_step.last_iterations == 1
+    with pytest.warns(RuntimeWarning, match="CG stopped after 1 iterations"):
+        CGSolver(_Matrix(A), damping=0.5, tol=10 * floor, maxiter=1).solve(B[:, 0])
     with pytest.warns(RuntimeWarning, match="CG stopped after 3 iterations"):
         CGSolver(_Matrix(A), damping=0.5, tol=1e-13, maxiter=3).solve(B)
 

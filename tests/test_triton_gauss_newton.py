@@ -8,8 +8,8 @@ batches, d rotating over {1, 3, 64, 130} (130: several d slices, a partial one),
 directions, ``dlog_scale`` None / a number / a ``(Q,)`` tensor, every dtype at every scale
 ∈ {0.01, 1, 100} somewhere; 16/32-row tiles give several row and column tiles and partial ones;
 n = 300 once with 64-wide tiles.
-Plus adversarial logits, the public dispatch, a hypothesis property test and ahead-of-time sm_90
-compiles of the two kernel modes this op adds.
+Plus adversarial logits, a constant direction at |S| ≈ 1e5, the public dispatch, a hypothesis property
+test and ahead-of-time sm_90 compiles of the two kernel modes this op adds.
 
 Tolerances (per dtype, from a float64 brute force on the inputs as the kernel sees them):
   * ``δ = 2·eps·(t·max‖u‖·max‖v‖·√d + log B + 1)``: absolute error of a logit / log-sum-exp;
@@ -38,7 +38,7 @@ from ecif_fast.errors import ECIFInputError
 from ecif_fast.kernels import ops, registry, triton_backend
 from ecif_fast.kernels.batching import resolve_batches
 from ecif_fast.kernels.torch_ref.gauss_newton import gauss_newton_product as twin_gn
-from kernel_cases import ON_CUDA, on_test_device, ragged_ids, unit
+from kernel_cases import ON_CUDA, constant_direction, on_test_device, ragged_ids, shifted_logits, unit
 from test_triton_infonce import compile_grad_rows
 
 
@@ -221,6 +221,32 @@ def test_adversarial_one_pair_dominates(dtype):
                   f"adversarial {dtype} scale={scale}", block_m=16, block_n=16)
 
 
+
+def test_constant_direction_gives_zero_at_large_logits():
+    """δS = t for every entry of a batch (kernel_cases.constant_direction) shifts every line equally,
+    which changes no softmax: G = P∘(δS − m) + Qc∘(δS − mc) = 0, so gU, gV and gs are 0 up to rounding.
+    At |S| ≈ 1e5 with soft lines (kernel_cases.shifted_logits) that needs every line of P and Qc, in both
+    launches, to sum to 1 within a few eps. Bounds as in tests/test_gauss_newton_cpp.py: with
+    ε = 8·√B·eps (the error of a line sum of B rounded terms) |gU|, |gV| <= 4·ε·t·|δS|·max‖v‖ and
+    |gs| <= 2B·ε·|δS|·max|S|."""
+    gen = torch.Generator().manual_seed(22)
+    n, d = 40, 16
+    eps = torch.finfo(torch.float32).eps
+    dU = constant_direction(n, d).float()
+    dV = torch.zeros_like(dU)
+    for scale in (1e2, 1e5):
+        U, V = (x.float() for x in shifted_logits(n, d, gen, scale))
+        vmax = float(torch.maximum(U.norm(dim=1).max(), V.norm(dim=1).max()))
+        for plan in (resolve_batches(None, n), resolve_batches(ragged_ids(n, gen), n)):
+            gU, gV, gs = _tgn(U, V, scale, plan, dU, dV, torch.zeros(1), block_m=16, block_n=16)
+            eps_line = 8 * math.sqrt(int(plan.sizes.max())) * eps
+            g_bound = 4 * eps_line * scale * scale * vmax
+            tag = f"t={scale:g} batches={plan.num_batches}"
+            assert float(gU.abs().max()) <= g_bound, f"|gU| {float(gU.abs().max()):.3g} > {g_bound:.3g}, {tag}"
+            assert float(gV.abs().max()) <= g_bound, f"|gV| {float(gV.abs().max()):.3g} > {g_bound:.3g}, {tag}"
+            s_bound = 2 * int(plan.sizes.max()) * eps_line * scale * scale * vmax ** 2
+            assert float(gs.abs().max()) <= s_bound, f"|gs| {float(gs.abs().max()):.3g} > {s_bound:.3g}, {tag}"
+
 def test_tolerance_can_fail():
     """The checks reject a slightly wrong result: the tolerances are not vacuous."""
     gen = torch.Generator().manual_seed(4)
@@ -279,14 +305,17 @@ def test_registered():
     assert registry.resolve("gauss_newton_product", "cuda:0")[0] == "triton"
 
 
-@pytest.mark.parametrize("dtype, d, mode, wide", [(torch.float32, 130, 1, False), (torch.float16, 64, 2, True)])
-def test_compiles_for_hopper_without_a_gpu(dtype, d, mode, wide):
+@pytest.mark.parametrize("dtype, d, mode, wide, trans", [(torch.float32, 130, 1, False, False),
+                                                        (torch.float16, 64, 2, True, False),
+                                                        (torch.float16, 64, 2, True, True)])
+def test_compiles_for_hopper_without_a_gpu(dtype, d, mode, wide, trans):
     """The GPU code of the means pass (float32 tf32x3, several d slices) and of the product pass
-    (float16 with B widened to float32, identity perm) never runs here: compile it for sm_90."""
+    (float16 with B widened to float32, identity perm; row and swapped launch) never runs here: compile it
+    for sm_90."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     compiled = compile_grad_rows(triton, GPUTarget, ASTSource, dtype, d, mode=mode, identity=mode == 2,
-                                 with_ds=True, wide=wide)
+                                 with_ds=True, wide=wide, trans=trans)
     assert compiled.metadata.shared <= 227 * 1024, "needs more shared memory than an H100 has"

@@ -7,7 +7,8 @@ n ∈ {1, 2, 7, 48, 64, 100} with "all" and batch (ragged, or fixed size 24) neg
 {1, 3, 64, 130} (130 > the 64-wide d slice: several slices and a partial one), every dtype at every
 scale ∈ {0.01, 1, 100} somewhere, with and without ``dlog_scale``; 16/32-row tiles give several
 row and column tiles and partial ones; n = 300 once with 64-wide tiles. Plus adversarial logits,
-autograd of ``infonce_loss``, a hypothesis property test and ahead-of-time sm_90 compiles.
+line sums of the softmax weights with statistics from another rounding of S, shift invariance at
+|S| ≈ 1e5, autograd of ``infonce_loss``, a hypothesis property test and ahead-of-time sm_90 compiles.
 
 Tolerances (per dtype, from a float64 brute force on the inputs as the kernel sees them):
   * ``δ = 2·eps·(t·max‖u‖·max‖v‖·√d + log B + 1)``: absolute error of a logit / log-sum-exp
@@ -27,6 +28,7 @@ import math
 
 import pytest
 import torch
+import triton
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -34,7 +36,7 @@ from ecif_fast.kernels import ops, registry, triton_backend
 from ecif_fast.kernels.batching import BatchPlan, resolve_batches
 from ecif_fast.kernels.torch_ref.infonce import infonce as twin_infonce
 from ecif_fast.kernels.torch_ref.loss import contrastive_loss
-from kernel_cases import ON_CUDA, on_test_device, ragged_ids, unit
+from kernel_cases import ON_CUDA, TEST_DEVICE, on_test_device, ragged_ids, shifted_logits, unit
 
 
 def _tinfo(*args, **kwargs):
@@ -184,6 +186,181 @@ def test_adversarial_one_pair_dominates(dtype):
             check(U, V, scale, resolve_batches(b, n), True, f"adversarial {dtype} scale={scale}")
 
 
+# ---- line statistics: every line of P sums to 1, whatever rounding of S the statistics saw -------------
+
+def _adversarial_problem(n=40, d=16, seed=5):
+    """The inputs of test_adversarial_one_pair_dominates (float64): one pair dominates each row and column."""
+    gen = torch.Generator().manual_seed(seed)
+    U, V = unit(n, d, gen), unit(n, d, gen)
+    pi = torch.randperm(n, generator=gen)
+    V[pi] = V[pi] + 20.0 * U
+    return U, V, gen
+
+
+def _stats_of(U, V, scale, plan, acc, gen, ulps):
+    """Host line statistics ``(rstats, cstats, rarg, carg)`` in the layout of the kernel's MODE 3 pass,
+    computed from a copy of ``S`` rounded to ``acc`` whose entries are then moved by ``ulps`` ulps up or
+    down at random: another rounding of the same ``S`` than the kernel's own (another summation order,
+    BLAS, fma contraction or accumulator width would give one)."""
+    n = U.shape[0]
+    rst, cst = torch.zeros(2, n, dtype=acc), torch.zeros(2, n, dtype=acc)
+    rarg, carg = torch.zeros(n, dtype=torch.int64), torch.zeros(n, dtype=torch.int64)
+    for idx in plan.groups():
+        S = (scale * (U[idx].double() @ V[idx].double().T)).to(acc)
+        up = torch.rand(S.shape, generator=gen) < 0.5
+        for _ in range(ulps):
+            S = torch.where(up, torch.nextafter(S, torch.tensor(math.inf, dtype=acc)),
+                            torch.nextafter(S, torch.tensor(-math.inf, dtype=acc)))
+        S = S.double()
+        for st, arg, M in ((rst, rarg, S), (cst, carg, S.T)):
+            top, a = M.max(1)
+            st[0, idx] = top.to(acc)
+            st[1, idx] = torch.log(torch.exp(M - top[:, None]).sum(1)).to(acc)
+            arg[idx] = idx[a]
+    return rst, cst, rarg, carg
+
+
+def _line_sums(U, V, scale, plan, stats=None):
+    """Row sums of ``P`` (rows of S) and of the row softmax of ``Sᵀ`` (columns of S) as the kernel's
+    passes evaluate them: MODE 1 means of ``δS ≡ c`` divided by ``c``, on operands with one extra
+    component (``u_i, 1``), (``v_j, 0``) that leaves ``S`` as it is, and ``δv_j = (0, 1/t)``, so
+    ``δS = t·fl(1/t) = c`` everywhere. ``stats``: host statistics (:func:`_stats_of`), else the kernel's
+    own MODE 3 pass. Returns ``(rows (n,), cols (n,))`` float64."""
+    im = triton_backend.infonce_module
+    dev = torch.device(TEST_DEVICE)
+    n, d = U.shape
+    acc = torch.float64 if U.dtype == torch.float64 else torch.float32
+    Ua = torch.cat([U, torch.ones(n, 1, dtype=U.dtype)], 1).contiguous().to(dev)
+    Va = torch.cat([V, torch.zeros(n, 1, dtype=V.dtype)], 1).contiguous().to(dev)
+    dUa = torch.zeros(1, n, d + 1, dtype=U.dtype, device=dev)
+    dVa = torch.zeros(1, n, d + 1, dtype=U.dtype, device=dev)
+    dVa[0, :, d] = 1.0 / scale
+    t = im.scale_tensor(scale, acc, dev)
+    if stats is None:
+        rst, cst = torch.zeros(2, n, dtype=acc, device=dev), torch.zeros(2, n, dtype=acc, device=dev)
+        rarg, carg = torch.zeros(n, dtype=torch.int64, device=dev), torch.zeros(n, dtype=torch.int64, device=dev)
+        im.run_passes("stats", Ua, d + 1, plan, im.stats_launches(Ua, Va, rst, cst, rarg, carg, t, n, d + 1),
+                      block_m=16, block_n=16)
+    else:
+        rst, cst, rarg, carg = (x.to(dev) for x in stats)
+    m, mc = torch.zeros(1, n, dtype=acc, device=dev), torch.zeros(1, n, dtype=acc, device=dev)
+    rows, cols = im.side_args(Ua, Va, rst, cst, rarg, carg, dUa, dVa)
+    common = dict(m_a=t, m_b=t, out=t, ds_ptr=t, scale_ptr=t, n=n, d=d + 1, MODE=1, WITH_DS=False, ROW_TERMS=True)
+    im.run_passes("line_sums", Ua, d + 1, plan, [(lambda cfg, nt: (nt, 1, 1), dict(**rows, row_out=m, **common)),
+                                                 (lambda cfg, nt: (nt, 1, 1), dict(**cols, row_out=mc, **common))],
+                  directions=True, block_m=16, block_n=16)
+    c = float(t) * float(torch.tensor(1.0 / scale, dtype=U.dtype))
+    return m[0].cpu().double() / c, mc[0].cpu().double() / c
+
+
+def _sum_bounds(U, V, scale, plan, ulps):
+    """Per line (rows, then columns): how far its weights may sum from 1. Rounding: 8·√B·eps (a sum
+    of B rounded terms, each exp with a few ulp). Statistics from another rounding of S: the weights
+    off the line's maximum carry the difference δ of the two roundings, the one at the maximum none
+    (it is exp(−l) by construction): + (1 − p_max)·(e^δ − 1), with δ <= (ulps + 1)·ulp(max|S|) +
+    (d + 1)·eps·t·max Σ_k |u_ik v_jk| (the shift plus the error of either dot)."""
+    n, d = U.shape
+    eps = torch.finfo(torch.float64 if U.dtype == torch.float64 else torch.float32).eps
+    U64, V64 = U.double(), V.double()
+    rows, cols = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
+    for idx in plan.groups():
+        S = scale * (U64[idx] @ V64[idx].T)
+        dot_err = (d + 1) * eps * scale * float((U64[idx].abs() @ V64[idx].abs().T).max())
+        delta = 2 * (ulps + 1) * eps * float(S.abs().max()) + dot_err
+        rnd = 8 * math.sqrt(len(idx)) * eps
+        rows[idx] = rnd + (1 - torch.softmax(S, 1).max(1).values) * math.expm1(delta)
+        cols[idx] = rnd + (1 - torch.softmax(S, 0).max(0).values) * math.expm1(delta)
+    return rows, cols
+
+
+@pytest.mark.parametrize("ulps", [0, 2])
+def test_line_weights_sum_to_one_whatever_rounding_the_statistics_saw(ulps):
+    """Every row of P and of the row softmax of Sᵀ (the columns of S) sums to 1 within a few eps when
+    the kernel re-evaluates them from line statistics: its own (ulps = 0) or ones computed from S
+    moved by 2 ulps (another GEMM order, BLAS or fma contraction could round S so). At t = 1e4 one pair
+    dominates each line and |S| ~ 2e5, so an ulp of S is 0.016: a weight at a line's maximum that
+    depended on it (``exp((S − top) − l)`` alone, as the control with no argmax shows) is off by
+    percent; ``exp(−l)`` at the maximum is not. At t = 1 the lines are soft."""
+    U, V, gen = _adversarial_problem()
+    U, V = U.float(), V.float()
+    n = U.shape[0]
+    for scale in (1.0, 1e4):
+        for plan in (resolve_batches(None, n), resolve_batches(ragged_ids(n, gen), n)):
+            stats = _stats_of(U, V, scale, plan, torch.float32, gen, ulps) if ulps else None
+            rows, cols = _line_sums(U, V, scale, plan, stats)
+            brow, bcol = _sum_bounds(U, V, scale, plan, ulps)
+            tag = f"t={scale:g} batches={plan.num_batches} ulps={ulps}"
+            for name, sums, bound in (("rows", rows, brow), ("cols", cols, bcol)):
+                over = float(((sums - 1).abs() - bound).max())
+                assert over <= 0, f"{name}: a line sum misses its bound by {over:.3g}, {tag}"
+            if ulps and scale > 1:  # control: without the argmax the same statistics miss the bound
+                rst, cst, rarg, carg = stats
+                nomax = (rst, cst, torch.full_like(rarg, -1), torch.full_like(carg, -1))
+                rows, cols = _line_sums(U, V, scale, plan, nomax)
+                assert bool(((rows - 1).abs() > 10 * brow).any() and ((cols - 1).abs() > 10 * bcol).any()), tag
+
+
+def test_gradients_with_statistics_of_another_rounding():
+    """The infonce pass (MODE 0) with line statistics computed from S moved by 2 ulps (as in the test
+    above) at t = 1e4, where G_kk = p + q − 2 cancels: dU and dV stay within the adversarial test's
+    bound (4 × the float32 twin's error + the floor, module docstring); with no argmax they do not."""
+    im = triton_backend.infonce_module
+    dev = torch.device(TEST_DEVICE)
+    U, V, gen = _adversarial_problem()
+    U, V = U.float(), V.float()
+    n, d = U.shape
+    scale = 1e4
+    plan = resolve_batches(None, n)
+    ref, _, floors = brute(U, V, scale, plan)
+    twin = twin_infonce(U, V, scale, plan, False)
+    stats = _stats_of(U, V, scale, plan, torch.float32, gen, 2)
+
+    def grads(rst, cst, rarg, carg):
+        t = im.scale_tensor(scale, torch.float32, dev)
+        Ud, Vd = U.to(dev), V.to(dev)
+        dU, dV = torch.zeros(n, d, device=dev), torch.zeros(n, d, device=dev)
+        terms = torch.zeros(2, n, device=dev)
+        rows, cols = im.side_args(Ud, Vd, *(x.to(dev) for x in (rst, cst, rarg, carg)))
+        common = dict(dA=t, dB=t, m_a=t, m_b=t, ds_ptr=t, scale_ptr=t, n=n, d=d, WITH_DS=False, ROW_TERMS=False,
+                      MODE=0, row_out=terms)
+        grid = lambda cfg, nt: (nt, triton.cdiv(d, cfg.block_d), 1)  # noqa: E731
+        im.run_passes("infonce", Ud, d, plan,
+                      [(grid, dict(**rows, out=dU, **common)), (grid, dict(**cols, out=dV, **common))],
+                      block_m=16, block_n=16)
+        return dU.cpu().double(), dV.cpu().double()
+
+    rst, cst, rarg, carg = stats
+    for k, g in zip((1, 2), grads(*stats)):
+        bound = 4 * float((twin[k].double() - ref[k]).abs().max()) + floors[k]
+        assert float((g - ref[k]).abs().max()) <= bound, f"{k}: {float((g - ref[k]).abs().max()):.3g} > {bound:.3g}"
+    nomax = grads(rst, cst, torch.full_like(rarg, -1), torch.full_like(carg, -1))
+    bound = 4 * float((twin[1].double() - ref[1]).abs().max()) + floors[1]
+    assert float((nomax[0] - ref[1]).abs().max()) > 10 * bound
+
+
+def test_shift_invariance_at_large_logits():
+    """Σ_ij G_ij = 0 per batch (the loss does not change when every score of a batch moves by the same
+    amount), so with u_i0 = v_j0 = 1 (kernel_cases.shifted_logits) Σ_{i∈b} dU_i0 = t·Σ_ij G_ij = 0, and
+    the same for dV, for the rounded S the kernel computes too, as long as the weights of every pass and
+    launch come from the same S. At |S| ≈ 1e5 with soft lines this needs every line of P and Qc to sum to
+    1 within a few eps, not eps·|S|: with the column weights evaluated on a differently rounded S (the
+    product V·Uᵀ instead of U·Vᵀ) it was 4 times the bound. Bound: eps·t·(6B + 4B^1.5), for the rounding
+    of the 2B² weights (a few ulp each, Σ = 2B) and of the B-term row sums of t·G·V (~√B·eps·Σ_j |G_ij|,
+    Σ_j |G_ij| <~ 4)."""
+    gen = torch.Generator().manual_seed(21)
+    n, d = 40, 16
+    eps = torch.finfo(torch.float32).eps
+    for scale in (1e2, 1e5):
+        U, V = (x.float() for x in shifted_logits(n, d, gen, scale))
+        for plan in (resolve_batches(None, n), resolve_batches(ragged_ids(n, gen), n)):
+            _, dU, dV, _ = _tinfo(U, V, scale, plan, False, block_m=16, block_n=16)
+            for idx in plan.groups():
+                bound = eps * scale * (6 * len(idx) + 4 * len(idx) ** 1.5)
+                for name, g in (("dU", dU), ("dV", dV)):
+                    err = abs(float(g[idx, 0].double().sum()))
+                    assert err <= bound, f"Σ {name}[:, 0] = {err:.3g} > {bound:.3g}, t={scale:g} B={len(idx)}"
+
+
 def test_tolerance_can_fail():
     """The checks reject a result that is off by a little: the tolerances are not vacuous."""
     gen = torch.Generator().manual_seed(3)
@@ -263,28 +440,29 @@ def test_registered_and_empty():
     assert loss.item() == 0 and dU.shape == (0, 3) and ds.item() == 0
 
 
-@pytest.mark.parametrize("dtype, d, identity, mode", [(torch.bfloat16, 128, False, 0), (torch.float64, 130, True, 0),
-                                                      (torch.float32, 64, True, 3)])
-def test_compiles_for_hopper_without_a_gpu(dtype, d, identity, mode):
+@pytest.mark.parametrize("dtype, d, identity, mode, trans", [
+    (torch.bfloat16, 128, False, 0, False), (torch.bfloat16, 128, False, 0, True), (torch.float64, 130, True, 0, True),
+    (torch.float32, 64, True, 3, False), (torch.float32, 64, True, 3, True)])
+def test_compiles_for_hopper_without_a_gpu(dtype, d, identity, mode, trans):
     """The GPU code path (native 16-bit tl.dot with the split G; float64 dot over several d slices;
-    the statistics pass with tf32x3) never runs here: compile it ahead of time for sm_90 with the
-    first-choice tile config, as a launch specialises it. The bfloat16 d = 128 gradient kernel (the
-    common CLIP case) must not spill."""
+    the statistics pass with tf32x3; the swapped launches' transposed tiles) never runs here: compile
+    it ahead of time for sm_90 with the first-choice tile config, as a launch specialises it. The
+    bfloat16 d = 128 gradient kernel (the common CLIP case) must not spill."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     compiled = compile_grad_rows(triton, GPUTarget, ASTSource, dtype, d, mode=mode, identity=identity,
-                                 with_ds=False, wide=False)
+                                 with_ds=False, wide=False, trans=trans)
     assert compiled.metadata.shared <= 227 * 1024, "needs more shared memory than an H100 has"
     if dtype == torch.bfloat16:
         assert ptxas_spill_bytes(triton, compiled) == 0
 
 
-def compile_grad_rows(triton, GPUTarget, ASTSource, dtype, d, *, mode, identity, with_ds, wide):
+def compile_grad_rows(triton, GPUTarget, ASTSource, dtype, d, *, mode, identity, with_ds, wide, trans=False):
     """``triton.compile`` of ``_grad_rows_kernel`` for sm_90 with the first GPU config for (dtype, d),
     specialised as a launch would be: pointers 16-byte aligned, ``n`` and (when it is) ``d`` multiples
-    of 16."""
+    of 16; ``trans``: the swapped launch (tile sizes exchanged, as ``run_passes`` does)."""
     mod = triton_backend.infonce_module
     lse_mod = triton_backend.lse_module
     kernel = mod._grad_rows_kernel
@@ -296,11 +474,13 @@ def compile_grad_rows(triton, GPUTarget, ASTSource, dtype, d, *, mode, identity,
     acc_name = "fp64" if acc == torch.float64 else "fp32"
     low = dtype in (torch.float16, torch.bfloat16)
     sig = {k: "*" + name for k in ("A", "B", "dA", "dB")}
-    sig.update({k: "*" + acc_name for k in ("lse_a", "lse_b", "lo_a", "lo_b", "m_a", "m_b", "ds_ptr", "out",
+    sig.update({k: "*" + acc_name for k in ("top_a", "top_b", "l_a", "l_b", "m_a", "m_b", "ds_ptr", "out",
                                             "row_out", "scale_ptr")})
+    sig.update({k: "*i64" for k in ("arg_a", "arg_b")})
     sig.update({k: "*i32" for k in ("perm", "offsets", "tile_start", "tile_batch")})
     sig.update(n="i32", d="i32")
-    consts = dict(MODE=mode, WITH_DS=with_ds, ROW_TERMS=True, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+    bm, bn = (cfg.block_n, cfg.block_m) if trans else (cfg.block_m, cfg.block_n)
+    consts = dict(MODE=mode, WITH_DS=with_ds, ROW_TERMS=True, TRANS=trans, BLOCK_M=bm, BLOCK_N=bn,
                   BLOCK_D=cfg.block_d, SINGLE_K=d <= cfg.block_d, IDENTITY=identity,
                   G_SPLIT=low and not wide, G_WIDE=wide, DOT_DTYPE=lse_mod._TL_DTYPES[dtype],
                   LOW_DTYPE=lse_mod._TL_DTYPES[dtype if low else acc], ACC_DTYPE=lse_mod._TL_DTYPES[acc],

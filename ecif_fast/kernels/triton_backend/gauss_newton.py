@@ -1,6 +1,6 @@
 """Triton ``gauss_newton_product`` op: the embedding-space Gauss–Newton product (SPEC §4).
 
-Per batch, with ``S = t·U Vᵀ``, ``P = exp(S − r)`` (row softmax), ``Qc = exp(S − c)`` (column softmax)
+Per batch, with ``S = t·U Vᵀ``, ``P`` its row softmax, ``Qc`` its column softmax
 and, per query ``q``, ``δS = t(δU Vᵀ + U δVᵀ) + δs·S``::
 
     m_i = Σ_j P_ij δS_ij,   mc_j = Σ_i Qc_ij δS_ij,   G = P∘(δS − m) + Qc∘(δS − mc)
@@ -9,8 +9,9 @@ and, per query ``q``, ``δS = t(δU Vᵀ + U δVᵀ) + δs·S``::
 Passes (all through the row-tile kernel of :mod:`.infonce`, each launched twice with the roles of
 ``U`` and ``V`` swapped; no atomics, deterministic):
 
-1. ``MODE=3``: ``r`` and ``c`` with their rounding residuals (see :mod:`.infonce`: ``P`` and ``Qc``
-   must sum to 1 along every line, or ``δS − m`` picks up ``eps·|S|·m``).
+1. ``MODE=3``: the line statistics ``(top, arg, l = lse − top)`` of the rows and of the columns (see
+   :mod:`.infonce`: ``P`` and ``Qc`` must sum to 1 along every line, or ``δS − m`` picks up
+   ``eps·|S|·m``).
 2. ``MODE=1``: ``m`` (row launch) and ``mc`` (swapped launch: the row means of ``δSᵀ`` under the row
    softmax of ``Sᵀ``, i.e. the column means under ``Qc``).
 3. ``MODE=2``: ``gU`` (row launch) and ``gV`` (swapped launch, ``G`` of the swapped problem is ``Gᵀ``);
@@ -31,7 +32,7 @@ import triton
 
 from ...errors import ECIFInputError
 from ..batching import BatchPlan
-from .infonce import run_passes, scale_tensor, stats_launches
+from .infonce import run_passes, scale_tensor, side_args, stats_launches
 from .lse import check_inputs
 
 
@@ -70,8 +71,10 @@ def gauss_newton_product(U: torch.Tensor, V: torch.Tensor, scale, plan: BatchPla
     if n and d and Q and plan.num_batches:
         U, V, dU, dV = U.contiguous(), V.contiguous(), dU.contiguous(), dV.contiguous()
         t = scale_tensor(scale, acc, dev)
-        rstats = torch.zeros((2, n), dtype=acc, device=dev)  # lse and its residual lo, rows of S
+        rstats = torch.zeros((2, n), dtype=acc, device=dev)  # top and l = lse − top, rows of S
         cstats = torch.zeros((2, n), dtype=acc, device=dev)  # the same for the columns
+        rarg = torch.zeros(n, dtype=torch.int64, device=dev)  # pair index of each line's maximum
+        carg = torch.zeros(n, dtype=torch.int64, device=dev)
         m = torch.zeros((Q, n), dtype=acc, device=dev)
         mc = torch.zeros((Q, n), dtype=acc, device=dev)
         gs_rows = torch.zeros((Q, n), dtype=acc, device=dev)
@@ -83,11 +86,8 @@ def gauss_newton_product(U: torch.Tensor, V: torch.Tensor, scale, plan: BatchPla
             return (ntiles, triton.cdiv(d, cfg.block_d), Q)
 
         common = dict(ds_ptr=ds if with_ds else t, scale_ptr=t, n=n, d=d, WITH_DS=with_ds)
-        rows_side = dict(A=U, B=V, dA=dU, dB=dV, lse_a=rstats[0], lo_a=rstats[1], lse_b=cstats[0],
-                         lo_b=cstats[1])
-        cols_side = dict(A=V, B=U, dA=dV, dB=dU, lse_a=cstats[0], lo_a=cstats[1], lse_b=rstats[0],
-                         lo_b=rstats[1])
-        launches = stats_launches(U, V, rstats, cstats, t, n, d) + [
+        rows_side, cols_side = side_args(U, V, rstats, cstats, rarg, carg, dU, dV)
+        launches = stats_launches(U, V, rstats, cstats, rarg, carg, t, n, d) + [
             (grid_means, dict(**rows_side, m_a=t, m_b=t, out=t, row_out=m, MODE=1, ROW_TERMS=True, **common)),
             (grid_means, dict(**cols_side, m_a=t, m_b=t, out=t, row_out=mc, MODE=1, ROW_TERMS=True, **common)),
             (grid_product, dict(**rows_side, m_a=m, m_b=mc, out=gU, row_out=gs_rows, MODE=2, ROW_TERMS=True,

@@ -5,16 +5,20 @@ Design (no atomics, deterministic; nothing bigger than a ``BLOCK_M × BLOCK_N`` 
 * Everything runs through one row-tile kernel, :func:`_grad_rows_kernel`, over the CSR row tiles of
   :mod:`.lse`: program ``(i, k)`` loads its ``BLOCK_M`` rows of ``A`` and streams over the column
   tiles of its batch, recomputing ``S = t·A Bᵀ``. Launched with ``A = U, B = V`` it works on the rows
-  of ``S``; with the roles swapped (``A = V, B = U``) on the rows of ``Sᵀ``, i.e. the columns of ``S``
-  (the row softmax of ``Sᵀ`` is the column softmax of ``S``).
-* Pass 1 (``MODE=3``, both launches): online row / column log-sum-exp ``r``, ``c``, like the
-  :mod:`.lse` kernel, plus their rounding residuals (why: see the kernel's docstring). It is not the
-  :func:`~.lse.lse` op itself because the statistics must come from the very ``S`` values the next
-  pass recomputes.
-* Pass 2 (``MODE=0``): ``G = exp(S − r) + exp(S − c) − 2I`` and ``dA = t·G B`` (the ``k``-th
-  ``BLOCK_D`` slice of the columns of ``B``) accumulated in registers, plus per-row ``r_i − S_ii``
-  (loss) and ``Σ_j G_ij S_ij`` (``∂loss/∂log t``). The row launch gives ``dU``, the swapped one
-  ``dV = t·Gᵀ U``. The per-row partial sums are added up on the host with torch (deterministic).
+  of ``S``; with the roles swapped (``A = V, B = U``, ``TRANS``) on the rows of ``Sᵀ``, i.e. the
+  columns of ``S`` (the row softmax of ``Sᵀ`` is the column softmax of ``S``). The swapped launch
+  uses the transposed tile shape (``BLOCK_N × BLOCK_M``) and computes each tile as the transpose of
+  the very product ``U_tile V_tileᵀ`` the row launch computes (same operands, same shape, same
+  order), so every pass and launch sees bitwise the same ``S`` (and ``δS``): ``V_tile U_tileᵀ``
+  would sum in another order, and ``t`` times an ulp of ``U·V`` is large at large ``t``.
+* Pass 1 (``MODE=3``, both launches): per row of ``S`` and per row of ``Sᵀ`` (column of ``S``) the
+  line statistics ``top`` (maximum), ``arg`` (pair index of the maximum) and ``l = lse − top``
+  (online, like the :mod:`.lse` kernel). Why this form: see the kernel's docstring.
+* Pass 2 (``MODE=0``): ``G = P + Qc − 2I`` (``P``, ``Qc``: row and column softmax of ``S``) and
+  ``dA = t·G B`` (the ``k``-th ``BLOCK_D`` slice of the columns of ``B``) accumulated in registers,
+  plus per-row ``lse_i − S_ii`` (loss) and ``Σ_j G_ij S_ij`` (``∂loss/∂log t``). The row launch
+  gives ``dU``, the swapped one ``dV = t·Gᵀ U``. The per-row partial sums are added up on the host
+  with torch (deterministic).
 * The same kernel serves the Gauss–Newton product (:mod:`.gauss_newton`): ``MODE=1`` gives the row
   means ``m_i = Σ_j P_ij δS_ij`` (per query), ``MODE=2`` accumulates ``t·G B`` for
   ``G = P∘(δS − m) + Qc∘(δS − mc)``; queries are a grid axis there.
@@ -27,8 +31,8 @@ instead of rounding it to 16 bits. Where ``G`` may exceed the float16 range (Gau
 inputs) the ``B`` tile is widened to float32 instead. In the CPU interpreter every operand is cast
 to the accumulation dtype before ``tl.dot`` (the split is still applied, so the numbers match the GPU).
 On the GPU the kernel is compiled without floating-point contraction (``enable_fp_fusion=False``,
-:func:`.lse.fp_fusion`): with it, ``s·t − lse`` became one fma in pass 2 but not in the statistics pass,
-so ``P`` at a line's maximum came out as ``exp(±ulp(S)/2)`` instead of 1.
+:func:`.lse.fp_fusion`), although its accuracy no longer depends on it: the weight at a line's maximum
+is ``exp(−l)`` whatever rounding the recomputed ``S`` gets (see the kernel's docstring).
 
 Outputs float32 (float64 for float64 inputs). Pairs in no batch get zero gradients.
 """
@@ -46,39 +50,49 @@ from ...errors import ECIFInputError
 from ..batching import BatchPlan
 from .lse import (_TL_DTYPES, _max_combine, _p2, _plan_tables, _sum_combine, check_inputs, dot_setup,
                   fp_fusion, kernel_for)
+from .reductions import _min_combine
 
 
 @triton.jit
 def _grad_rows_kernel(
-    A, B, dA, dB, lse_a, lse_b, lo_a, lo_b, m_a, m_b, ds_ptr, out, row_out, scale_ptr,
+    A, B, dA, dB, top_a, top_b, l_a, l_b, arg_a, arg_b, m_a, m_b, ds_ptr, out, row_out, scale_ptr,
     perm, offsets, tile_start, tile_batch, n, d,
-    MODE: tl.constexpr, WITH_DS: tl.constexpr, ROW_TERMS: tl.constexpr,
+    MODE: tl.constexpr, WITH_DS: tl.constexpr, ROW_TERMS: tl.constexpr, TRANS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     SINGLE_K: tl.constexpr, IDENTITY: tl.constexpr, G_SPLIT: tl.constexpr, G_WIDE: tl.constexpr,
     DOT_DTYPE: tl.constexpr, LOW_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Row-tile pass over ``S = t·A Bᵀ`` (per batch); all tensors contiguous.
 
-    ``A, B``: ``(n, d)``; ``dA, dB``: ``(Q, n, d)`` directions (MODE 1, 2); ``lse_a + lo_a`` /
-    ``lse_b + lo_b``: ``(n,)`` log-sum-exp along the rows of ``S`` / of ``Sᵀ`` as written by MODE 3;
-    ``m_a / m_b``: ``(Q, n)`` means ``Σ P δS`` along the same (MODE 2); ``ds_ptr``: ``(Q,)`` δs;
-    ``scale_ptr``: ``(1,)`` t. Program ``(tile, k, q)``. ``P = exp(S − lse_a − lo_a)``,
-    ``Qc = exp(S − lse_b − lo_b)``, ``δS = t(dA Bᵀ + A dBᵀ) + δs·S`` (δs only WITH_DS).
+    ``A, B``: ``(n, d)``; ``dA, dB``: ``(Q, n, d)`` directions (MODE 1, 2); ``top_a, l_a, arg_a`` /
+    ``top_b, l_b, arg_b``: ``(n,)`` line statistics of the rows of ``S`` / of ``Sᵀ`` as written by
+    MODE 3; ``m_a / m_b``: ``(Q, n)`` means ``Σ P δS`` along the same (MODE 2); ``ds_ptr``: ``(Q,)``
+    δs; ``scale_ptr``: ``(1,)`` t. Program ``(tile, k, q)``. ``δS = t(dA Bᵀ + A dBᵀ) + δs·S`` (δs
+    only WITH_DS) and, with ``z = 0`` at the line's ``arg`` and ``z = S − top`` elsewhere,
+    ``P = exp(z_a − l_a)`` (rows, own statistics), ``Qc = exp(z_b − l_b)`` (columns, the other side's).
 
-    * MODE 3 (line statistics): online log-sum-exp of every row; ``row_out (2, n)``: ``lse`` (rounded
-      to the accumulation dtype) and ``lo = log Σ_j exp(S_ij − lse_i)``, its rounding residual.
+    * MODE 3 (line statistics): ``row_out (2, n)``: ``top`` and ``l = log Σ_j exp(S_ij − top_i)``
+      (so ``lse = top + l``); ``arg_a (n,)`` int64: the pair index of the maximum (the smallest on a
+      tie within a tile, the earlier tile across tiles).
     * MODE 0 (infonce): ``out (n, d) = t·G B`` for ``G = P + Qc − 2I``; ``row_out (2, n)``:
-      ``lse_a_i + lo_a_i − S_ii`` and (ROW_TERMS) ``Σ_j G_ij S_ij``.
+      ``(top_a_i − S_ii) + l_a_i`` and (ROW_TERMS) ``Σ_j G_ij S_ij``.
     * MODE 1 (means): ``row_out (Q, n) = Σ_j P_ij δS_ij``.
     * MODE 2 (Gauss–Newton): ``out (Q, n, d) = t·G B`` for ``G = P∘(δS − m_a) + Qc∘(δS − m_b)``;
       ``row_out (Q, n)`` (ROW_TERMS and WITH_DS): ``Σ_j G_ij S_ij``.
 
-    Why ``lo``: a float32 ``lse`` is rounded to about ``eps·|lse|``, so ``exp(S − lse)`` alone would sum
-    to ``1 ± eps·|S|`` along a line (a 1.6 % error at ``|S| = 2·10⁵``), while ``G`` needs the lines of
-    ``P`` to sum to 1 (``G_kk = p + q − 2`` when one pair dominates; ``δS − m`` in Gauss–Newton). The
-    statistics come from this kernel's own ``S`` (the same code computes it in every mode), and
-    ``(S − lse) − lo`` is evaluated in that order, so every line of ``P`` sums to 1 within a few eps,
-    as a softmax does.
+    ``TRANS`` (``A = V, B = U``): the tiles of ``S``/``δS`` are computed as ``U_tile V_tileᵀ`` (``B``
+    rows first) and transposed, exactly as the ``A = U`` launch computes them.
+
+    Why this form: ``G`` needs every line of ``P`` and ``Qc`` to sum to 1 (``G_kk = p + q − 2`` when
+    one pair dominates; ``δS − m`` in Gauss–Newton). A rounded ``lse`` would make them sum to
+    ``1 ± eps·|S|`` (a 1.6 % error at ``|S| = 2·10⁵`` in float32); ``l`` lies in ``[0, log B]``, so
+    it is rounded to ``eps·log B`` instead. The weights must also come from the very ``S`` the
+    statistics saw: every tile is the same product in every mode and launch (``TRANS``), so they
+    do, and a line sums to 1 within a few eps. Where ``S`` could still round differently (fma
+    contraction of ``dot·t − top`` on the GPU, which the launches turn off), the maximum evaluated
+    as ``exp(0 − l)`` keeps the weight that carries the line exact, and the others keep the relative
+    error of their own ``S`` entry: the sum is then off by at most ``(1 − max weight)`` times the
+    difference of the two roundings (the softmax's own sensitivity to ``S``).
 
     Only the ``k == 0`` programs write ``row_out``.
     """
@@ -106,8 +120,9 @@ def _grad_rows_kernel(
     odmask = od < d
 
     if MODE != 3:
-        lse_r = tl.load(lse_a + rows, mask=mmask, other=0.0)
-        lo_r = tl.load(lo_a + rows, mask=mmask, other=0.0)
+        top_r = tl.load(top_a + rows, mask=mmask, other=0.0)
+        l_r = tl.load(l_a + rows, mask=mmask, other=0.0)
+        arg_r = tl.load(arg_a + rows, mask=mmask, other=-1)
     if MODE == 2:
         m_r = tl.load(m_a + q * n + rows, mask=mmask, other=0.0)
     if WITH_DS:
@@ -123,6 +138,7 @@ def _grad_rows_kernel(
     acc = tl.full([BLOCK_M, BLOCK_D], 0.0, ACC_DTYPE)
     row1 = tl.full([BLOCK_M], 0.0, ACC_DTYPE)  # MODE 3: running maximum
     row2 = tl.full([BLOCK_M], 0.0, ACC_DTYPE)  # MODE 3: running sum of exp(S − maximum)
+    argm = tl.full([BLOCK_M], 0, tl.int64)  # MODE 3: pair index of the running maximum
     if MODE == 3:
         row1 = tl.full([BLOCK_M], float("-inf"), ACC_DTYPE)
     for c0 in range(b_lo, b_hi, BLOCK_N):
@@ -133,19 +149,32 @@ def _grad_rows_kernel(
         else:
             cols = tl.load(perm + pos_n, mask=nmask, other=0).to(tl.int64)
         # s = A Bᵀ and (MODE 1, 2) e = dA Bᵀ + A dBᵀ over the whole of d
+        # (TRANS: the same products with the U rows, here B's, first, then transposed)
         if SINGLE_K:
             bt = tl.load(B + cols[:, None] * d + offs_d[None, :],
                          mask=nmask[:, None] & odmask[None, :], other=0.0).to(DOT_DTYPE)
-            s = tl.dot(a, tl.trans(bt), input_precision=PRECISION, out_dtype=ACC_DTYPE)
+            if TRANS:
+                s = tl.trans(tl.dot(bt, tl.trans(a), input_precision=PRECISION, out_dtype=ACC_DTYPE))
+            else:
+                s = tl.dot(a, tl.trans(bt), input_precision=PRECISION, out_dtype=ACC_DTYPE)
             if DIRS:
                 dbt = tl.load(dB + qoff + cols[:, None] * d + offs_d[None, :],
                               mask=nmask[:, None] & odmask[None, :], other=0.0).to(DOT_DTYPE)
-                e = tl.dot(da, tl.trans(bt), input_precision=PRECISION, out_dtype=ACC_DTYPE)
-                e = tl.dot(a, tl.trans(dbt), e, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+                if TRANS:
+                    e = tl.dot(dbt, tl.trans(a), input_precision=PRECISION, out_dtype=ACC_DTYPE)
+                    e = tl.trans(tl.dot(bt, tl.trans(da), e, input_precision=PRECISION, out_dtype=ACC_DTYPE))
+                else:
+                    e = tl.dot(da, tl.trans(bt), input_precision=PRECISION, out_dtype=ACC_DTYPE)
+                    e = tl.dot(a, tl.trans(dbt), e, input_precision=PRECISION, out_dtype=ACC_DTYPE)
         else:
-            s = tl.full([BLOCK_M, BLOCK_N], 0.0, ACC_DTYPE)
-            if DIRS:
-                e = tl.full([BLOCK_M, BLOCK_N], 0.0, ACC_DTYPE)
+            if TRANS:
+                s = tl.full([BLOCK_N, BLOCK_M], 0.0, ACC_DTYPE)
+                if DIRS:
+                    e = tl.full([BLOCK_N, BLOCK_M], 0.0, ACC_DTYPE)
+            else:
+                s = tl.full([BLOCK_M, BLOCK_N], 0.0, ACC_DTYPE)
+                if DIRS:
+                    e = tl.full([BLOCK_M, BLOCK_N], 0.0, ACC_DTYPE)
             for k0 in range(0, d, BLOCK_D):
                 kk = k0 + offs_d
                 km = kk < d
@@ -153,29 +182,46 @@ def _grad_rows_kernel(
                              mask=mmask[:, None] & km[None, :], other=0.0).to(DOT_DTYPE)
                 bk = tl.load(B + cols[:, None] * d + kk[None, :],
                              mask=nmask[:, None] & km[None, :], other=0.0).to(DOT_DTYPE)
-                s = tl.dot(ak, tl.trans(bk), s, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+                if TRANS:
+                    s = tl.dot(bk, tl.trans(ak), s, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+                else:
+                    s = tl.dot(ak, tl.trans(bk), s, input_precision=PRECISION, out_dtype=ACC_DTYPE)
                 if DIRS:
                     dak = tl.load(dA + qoff + rows[:, None] * d + kk[None, :],
                                   mask=mmask[:, None] & km[None, :], other=0.0).to(DOT_DTYPE)
                     dbk = tl.load(dB + qoff + cols[:, None] * d + kk[None, :],
                                   mask=nmask[:, None] & km[None, :], other=0.0).to(DOT_DTYPE)
-                    e = tl.dot(dak, tl.trans(bk), e, input_precision=PRECISION, out_dtype=ACC_DTYPE)
-                    e = tl.dot(ak, tl.trans(dbk), e, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+                    if TRANS:
+                        e = tl.dot(dbk, tl.trans(ak), e, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+                        e = tl.dot(bk, tl.trans(dak), e, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+                    else:
+                        e = tl.dot(dak, tl.trans(bk), e, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+                        e = tl.dot(ak, tl.trans(dbk), e, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+            if TRANS:
+                s = tl.trans(s)
+                if DIRS:
+                    e = tl.trans(e)
         s = s * scale
         if MODE == 3:
             s = tl.where(nmask[None, :], s, float("-inf"))
-            m_new = tl.maximum(row1, tl.reduce(s, 1, _max_combine))
+            tv = tl.reduce(s, 1, _max_combine)
+            ti = tl.reduce(tl.where(s == tv[:, None], cols[None, :], n), 1, _min_combine)
+            argm = tl.where(tv > row1, ti, argm)
+            m_new = tl.maximum(row1, tv)
             row2 = row2 * tl.exp(row1 - m_new) + tl.reduce(tl.exp(s - m_new[:, None]), 1, _sum_combine)
             row1 = m_new
         else:
             valid = mmask[:, None] & nmask[None, :]
-            # (S − lse) − lo in this order: S − lse is exact near the line maximum, lo ~ eps stays whole
-            # (masked lanes go to exp(−inf) = 0 instead of overflowing)
-            p = tl.exp(tl.where(valid, (s - lse_r[:, None]) - lo_r[:, None], float("-inf")))
+            # exp((S − top) − l), with S − top taken as exactly 0 at the line's maximum (masked lanes
+            # go to exp(−inf) = 0 instead of overflowing)
+            zr = tl.where(cols[None, :] == arg_r[:, None], 0.0, s - top_r[:, None])
+            p = tl.exp(tl.where(valid, zr - l_r[:, None], float("-inf")))
             if MODE != 1:
-                lse_c = tl.load(lse_b + cols, mask=nmask, other=0.0)
-                lo_c = tl.load(lo_b + cols, mask=nmask, other=0.0)
-                qc = tl.exp(tl.where(valid, (s - lse_c[None, :]) - lo_c[None, :], float("-inf")))
+                top_c = tl.load(top_b + cols, mask=nmask, other=0.0)
+                l_c = tl.load(l_b + cols, mask=nmask, other=0.0)
+                arg_c = tl.load(arg_b + cols, mask=nmask, other=-1)
+                zc = tl.where(rows[:, None] == arg_c[None, :], 0.0, s - top_c[None, :])
+                qc = tl.exp(tl.where(valid, zc - l_c[None, :], float("-inf")))
             if MODE == 0:
                 diag = valid & (rows[:, None] == cols[None, :])
                 g = p + qc - tl.where(diag, 2.0, 0.0)
@@ -216,13 +262,11 @@ def _grad_rows_kernel(
                  mask=mmask[:, None] & odmask[None, :])
     if kid == 0:
         if MODE == 3:
-            lsum = tl.log(tl.where(mmask, row2, 1.0))
-            lse = row1 + lsum
-            tl.store(row_out + rows, lse, mask=mmask)
-            # lse − (max + log l), exactly: max − lse is exact near lse (Sterbenz), then add log l
-            tl.store(row_out + n + rows, (row1 - lse) + lsum, mask=mmask)
+            tl.store(row_out + rows, row1, mask=mmask)
+            tl.store(row_out + n + rows, tl.log(tl.where(mmask, row2, 1.0)), mask=mmask)
+            tl.store(arg_a + rows, argm, mask=mmask)
         elif MODE == 0:
-            tl.store(row_out + rows, (lse_r + lo_r) - row1, mask=mmask)
+            tl.store(row_out + rows, (top_r - row1) + l_r, mask=mmask)
             if ROW_TERMS:
                 tl.store(row_out + n + rows, row2, mask=mmask)
         elif MODE == 1:
@@ -285,15 +329,30 @@ def scale_tensor(scale, acc: torch.dtype, device) -> torch.Tensor:
     return torch.tensor([t], dtype=acc, device=device)
 
 
-def stats_launches(U, V, rstats, cstats, t, n, d) -> list:
+def stats_launches(U, V, rstats, cstats, rarg, carg, t, n, d) -> list:
     """The two MODE 3 launches (rows of ``S``, rows of ``Sᵀ``) that fill ``rstats`` / ``cstats``
-    ``(2, n)`` with ``lse`` and ``lo``; they must run with the tile config of the passes that use them."""
+    ``(2, n)`` with ``top`` and ``l = lse − top``, and ``rarg`` / ``carg`` ``(n,)`` int64 with the pair
+    index of each line's maximum."""
     def grid(cfg, ntiles):
         return (ntiles, 1, 1)
 
-    kw = dict(dA=t, dB=t, lse_a=t, lse_b=t, lo_a=t, lo_b=t, m_a=t, m_b=t, ds_ptr=t, out=t, scale_ptr=t,
-              n=n, d=d, MODE=3, WITH_DS=False, ROW_TERMS=False)
-    return [(grid, dict(A=U, B=V, row_out=rstats, **kw)), (grid, dict(A=V, B=U, row_out=cstats, **kw))]
+    kw = dict(dA=t, dB=t, top_a=t, top_b=t, l_a=t, l_b=t, arg_b=rarg, m_a=t, m_b=t, ds_ptr=t, out=t,
+              scale_ptr=t, n=n, d=d, MODE=3, WITH_DS=False, ROW_TERMS=False)
+    return [(grid, dict(A=U, B=V, row_out=rstats, arg_a=rarg, TRANS=False, **kw)),
+            (grid, dict(A=V, B=U, row_out=cstats, arg_a=carg, TRANS=True, **kw))]
+
+
+def side_args(U, V, rstats, cstats, rarg, carg, dU=None, dV=None) -> tuple:
+    """Kernel arguments of the row launch (``A = U``) and of the swapped one (``A = V``, ``TRANS``):
+    operands and the own / other line statistics."""
+    rows = dict(A=U, B=V, top_a=rstats[0], l_a=rstats[1], arg_a=rarg, top_b=cstats[0], l_b=cstats[1], arg_b=carg,
+                TRANS=False)
+    cols = dict(A=V, B=U, top_a=cstats[0], l_a=cstats[1], arg_a=carg, top_b=rstats[0], l_b=rstats[1], arg_b=rarg,
+                TRANS=True)
+    if dU is not None:
+        rows.update(dA=dU, dB=dV)
+        cols.update(dA=dV, dB=dU)
+    return rows, cols
 
 
 def run_passes(op: str, U: torch.Tensor, d: int, plan: BatchPlan, launches, *, directions: bool = False,
@@ -302,7 +361,9 @@ def run_passes(op: str, U: torch.Tensor, d: int, plan: BatchPlan, launches, *, d
     compiles (GPU) or a small one (interpreter).
 
     ``launches``: list of ``(grid_fn, kwargs)``: ``grid_fn(cfg, num_tiles)`` gives the grid and
-    ``kwargs`` the kernel arguments except the tile tables and the tile/dtype constants.
+    ``kwargs`` the kernel arguments except the tile tables and the tile/dtype constants. A ``TRANS``
+    launch (``A = V``) runs with ``block_m`` and ``block_n`` exchanged, so that its tiles are the
+    transposes of the row launches' tiles (row tiles of ``block_n`` pairs, column tiles of ``block_m``).
     ``directions``: the Gauss–Newton passes; their G may exceed the float16 range, so float16 inputs
     widen ``B`` to float32 instead of splitting G.
     """
@@ -330,8 +391,8 @@ def run_passes(op: str, U: torch.Tensor, d: int, plan: BatchPlan, launches, *, d
                   LOW_DTYPE=_TL_DTYPES[dtype] if low else _TL_DTYPES[acc], ACC_DTYPE=_TL_DTYPES[acc],
                   PRECISION=precision)
     kernel = kernel_for(_grad_rows_kernel, "grad_rows", dev.type)
-    # no a·b + c → fma contraction on the GPU: P must be re-evaluated from the rounded S the
-    # statistics pass saw (see lse.fp_fusion); the interpreter never contracts
+    # no a·b + c → fma contraction on the GPU (see lse.fp_fusion; the weights no longer need it);
+    # the interpreter never contracts
     fusion = {} if interp else dict(enable_fp_fusion=fp_fusion())
     key = (op, dtype, _p2(d), str(dev), precision)
     start = _GOOD_CFG.get(key, 0) if len(cfgs) > 1 else 0
@@ -344,10 +405,12 @@ def run_passes(op: str, U: torch.Tensor, d: int, plan: BatchPlan, launches, *, d
             guard = torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()
             with guard:  # launch on the tensors' GPU, not the current one
                 for grid_fn, kw in launches:
-                    kernel[grid_fn(cfg, tab.num_tiles)](
-                        perm=tab.perm, offsets=tab.offsets, tile_start=tab.tile_start,
-                        tile_batch=tab.tile_batch, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
-                        SINGLE_K=single_k, IDENTITY=tab.identity, num_warps=cfg.num_warps,
+                    bm, bn = (cfg.block_n, cfg.block_m) if kw["TRANS"] else (cfg.block_m, cfg.block_n)
+                    tb = _plan_tables(plan, dev, bm)
+                    kernel[grid_fn(cfg, tb.num_tiles)](
+                        perm=tb.perm, offsets=tb.offsets, tile_start=tb.tile_start,
+                        tile_batch=tb.tile_batch, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=cfg.block_d,
+                        SINGLE_K=single_k, IDENTITY=tb.identity, num_warps=cfg.num_warps,
                         num_stages=cfg.num_stages, **fusion, **consts, **kw)
         except Exception as e:  # compile-time failure (e.g. out of shared memory): try a smaller tile
             if interp or ci + 1 == len(cfgs):
@@ -390,8 +453,10 @@ def infonce(U: torch.Tensor, V: torch.Tensor, scale, plan: BatchPlan, with_scale
         return torch.zeros((), dtype=acc, device=dev), dU, dV, ds
     U, V = U.contiguous(), V.contiguous()
     t = scale_tensor(scale, acc, dev)
-    rstats = torch.zeros((2, n), dtype=acc, device=dev)  # lse and its residual lo, rows of S
+    rstats = torch.zeros((2, n), dtype=acc, device=dev)  # top and l = lse − top, rows of S
     cstats = torch.zeros((2, n), dtype=acc, device=dev)  # the same for the columns
+    rarg = torch.zeros(n, dtype=torch.int64, device=dev)  # pair index of each line's maximum
+    carg = torch.zeros(n, dtype=torch.int64, device=dev)
     rterms = torch.zeros((2, n), dtype=acc, device=dev)
     cterms = torch.zeros((2, n), dtype=acc, device=dev)
 
@@ -399,9 +464,8 @@ def infonce(U: torch.Tensor, V: torch.Tensor, scale, plan: BatchPlan, with_scale
         return (ntiles, triton.cdiv(d, cfg.block_d), 1)
 
     common = dict(dA=t, dB=t, m_a=t, m_b=t, ds_ptr=t, scale_ptr=t, n=n, d=d, WITH_DS=False)
-    rows_side = dict(A=U, B=V, lse_a=rstats[0], lo_a=rstats[1], lse_b=cstats[0], lo_b=cstats[1])
-    cols_side = dict(A=V, B=U, lse_a=cstats[0], lo_a=cstats[1], lse_b=rstats[0], lo_b=rstats[1])
-    launches = stats_launches(U, V, rstats, cstats, t, n, d) + [
+    rows_side, cols_side = side_args(U, V, rstats, cstats, rarg, carg)
+    launches = stats_launches(U, V, rstats, cstats, rarg, carg, t, n, d) + [
         (grid, dict(**rows_side, out=dU, row_out=rterms, MODE=0, ROW_TERMS=with_scale, **common)),
         (grid, dict(**cols_side, out=dV, row_out=cterms, MODE=0, ROW_TERMS=False, **common))]
     run_passes("infonce", U, d, plan, launches, block_m=block_m, block_n=block_n, block_d=block_d)

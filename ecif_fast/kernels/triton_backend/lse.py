@@ -340,15 +340,17 @@ def fp_fusion() -> bool:
     statistics (:mod:`.infonce`, :mod:`.gauss_newton`, :mod:`.reductions`); False unless
     ``ECIF_FAST_TRITON_FP_FUSION=1``.
 
-    Why off: those kernels compute ``S = dot·t`` and then ``exp((S − top) − l)`` (or ``(S − lse) − lo``)
-    against a ``top`` / ``lse`` that a statistics pass derived from the *rounded* ``S``. With
-    contraction (Triton's default; LLVM and ptxas fuse ``dot·t − top`` into one fma) the weight at a
-    line's maximum becomes ``exp(dot·t − fl(dot·t)) = exp(±ulp(S)/2)`` instead of 1, so the lines of
-    ``P`` sum to ``1 ± ulp(S)/2`` — 8·10⁻³ at ``|S| = 2·10⁵`` — exactly the error the statistics'
-    residuals exist to avoid. Observed on an H200 (sm_90): dU off by 1.9e3 (infonce, ``t = 1e4``),
-    gU by 8e8 (Gauss–Newton), a constant δS direction by 4·10⁻⁴·|δS| (reductions). The CPU
-    interpreter never contracts, which is why only the GPU showed it. Cost: the element-wise
-    multiply-adds of a tile become two instructions; the ``tl.dot`` products are unaffected.
+    Why off: those kernels compute ``S = dot·t`` and then ``exp((S − top) − l)`` against a ``top`` that
+    a statistics pass derived from the *rounded* ``S``. With contraction (Triton's default; LLVM and
+    ptxas fuse ``dot·t − top`` into one fma) the weight at a line's maximum becomes
+    ``exp(dot·t − fl(dot·t)) = exp(±ulp(S)/2)`` instead of 1, so the lines of ``P`` sum to
+    ``1 ± ulp(S)/2`` — 8·10⁻³ at ``|S| = 2·10⁵``. Observed on an H200 (sm_90), when the weights were
+    still ``exp((S − lse) − lo)``: dU off by 1.9e3 (infonce, ``t = 1e4``), gU by 8e8 (Gauss–Newton), a
+    constant δS direction by 4·10⁻⁴·|δS| (reductions). :mod:`.infonce` and :mod:`.gauss_newton` now
+    evaluate every line's maximum as ``exp(−l)``, which no rounding of ``S`` reaches; :mod:`.reductions`
+    still evaluates some weights at a line's maximum from ``S`` (its own lines' ``P``). The CPU
+    interpreter never contracts. Cost: the element-wise multiply-adds of a tile become two
+    instructions; the ``tl.dot`` products are unaffected.
     """
     return os.environ.get(FP_FUSION_ENV, "0").strip() == "1"
 
