@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import copy
+import functools
+import warnings
 from typing import Callable, Sequence, Union
 
 import torch
@@ -18,7 +20,9 @@ from .models.functional import ChunkedVJP, FunctionalModel, chunked_jvp, row_sli
 from .models.params import ParamsArg, select_params
 from .results import InfluenceResult
 from .solvers import CURVATURES, SOLVERS, CGSolver, Curvature, ExactSolver, LowRankSolver, resolve_damping
-from .validation import NEGATIVE_TERMS, check_choice, check_indices, check_pairs
+from .validation import (NEGATIVE_TERMS, cast_inputs, check_batch_sizes, check_choice, check_embeddings, check_indices,
+                         check_int, check_like_training, check_logit_scale, check_pairs, check_params, check_tolerance,
+                         declares_normalized)
 
 TestFn = Union[Callable[[nn.Module], torch.Tensor], Sequence[Callable[[nn.Module], torch.Tensor]]]
 
@@ -42,6 +46,50 @@ def _collect(data, texts):
     return torch.cat(xs), torch.cat(ys)
 
 
+def _hessian_batches(value):
+    """``hessian_batches`` as a list of ints (the range is checked against the batches in :meth:`ECIF.fit`)."""
+    if value is None:
+        return None
+    if torch.is_tensor(value):
+        if value.dtype.is_floating_point or value.dtype == torch.bool or value.dim() != 1:
+            raise ECIFInputError(f"hessian_batches must be a 1-d integer tensor or a list of batch numbers, got "
+                                 f"a {value.dtype} tensor of shape {tuple(value.shape)}")
+        value = value.tolist()
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise ECIFInputError(f"hessian_batches must be None or a list of batch numbers (ints), got {value!r}")
+    return [check_int(b, "each entry of hessian_batches") for b in value]
+
+
+def _cg_summary(method):
+    """Run a public method with the CG solver's per-solve warnings collected, then warn once: how many
+    right-hand sides did not converge, of how many, and the worst residual. Nested public calls report in
+    the outermost one."""
+
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        solver = getattr(self, "solver", None)
+        if not isinstance(solver, CGSolver) or solver.log is not None:
+            return method(self, *args, **kwargs)
+        solver.log = []
+        try:
+            out = method(self, *args, **kwargs)
+            log = solver.log
+        finally:
+            solver.log = None
+        bad = sum(entry[1] for entry in log)
+        if bad:
+            worst = max(entry[2] for entry in log)
+            total = sum(entry[0] for entry in log)
+            warnings.warn(
+                f"ECIF.{method.__name__}: CG did not converge for {bad} of {total} right-hand side(s) in "
+                f"cg_maxiter = {solver.maxiter} iterations (worst relative residual {worst:.2e} > cg_tol "
+                f"{solver.tol:.1e}), so these results are approximate; raise cg_maxiter or damping, loosen cg_tol, "
+                "or use hessian='exact' (up to a few thousand parameters) or 'lowrank'", RuntimeWarning, stacklevel=2)
+        return out
+
+    return call
+
+
 def default_chunks(model: nn.Module) -> tuple[int, int]:
     """``(chunk_size, tangent_chunk)`` for a model: ``(4096, 256)`` under 2 million parameters (embedding
     heads: activations are tiny, bigger calls amortise overhead), else ``(64, 8)`` (transformer towers: one
@@ -62,8 +110,11 @@ class ECIF:
         hessian: solver: ``"exact"`` (dense Cholesky), ``"cg"`` (matrix-free) or ``"lowrank"``.
         curvature: ``"hessian"`` (exact second derivatives) or ``"gauss-newton"`` (PSD).
         params: which parameters are trained (see :func:`ecif_fast.models.params.select_params`).
-        rank: eigenpairs kept by the low-rank solver. cg_tol, cg_maxiter: CG stopping rule.
-        hessian_batches: optional batch numbers to subsample the curvature.
+        rank: eigenpairs kept by the low-rank solver (an int >= 1; it warns when the rest of the spectrum is
+            not negligible, see :class:`~ecif_fast.solvers.LowRankSolver`). cg_tol: relative residual in (0, 1)
+            at which CG stops; cg_maxiter: an int >= 1 (default ``max(100, 2P)``). A public call whose CG solves
+            did not all converge warns once (RuntimeWarning) with the count and the worst residual.
+        hessian_batches: optional list of batch numbers (ints in ``[0, num_batches)``) to subsample the curvature.
         chunk_size: pairs per encoder call (embedding, JVP pass, curvature products: whole batches are kept
             together there). tangent_chunk: tangent / cotangent vectors pushed through the encoders per call
             (the JVP pass over several test functions, curvature products over several columns, per-pair
@@ -73,6 +124,18 @@ class ECIF:
         progress: show progress bars.
         backend: kernel backend for the embedding-space ops (``"torch"``, ``"cpp"``, ``"triton"``);
             default automatic (``ECIF_FAST_BACKEND`` if set), see :mod:`ecif_fast.kernels.registry`.
+        seed: an int, for the randomized low-rank eigensolver.
+
+    Refused with :class:`~ecif_fast.ECIFInputError`: parameters on the ``meta`` device, float16 / bfloat16
+    parameters (use ``model.float()`` or ``model.double()``), selected parameters with NaN / Inf, a logit
+    scale that is not finite or whose ``exp`` overflows; at :meth:`fit` also non-finite embeddings, embedding
+    rows that lost their unit norm in a normalising model (norm overflow / underflow: rescale the features),
+    logits ``t·<u, v>`` beyond the dtype's precision, and training batches none of which holds 2 pairs.
+    Floating inputs (training and test) are cast to the dtype of the selected parameters; integer inputs
+    (token ids) are passed as they are.
+
+    A pair alone in its batch has no negatives: its loss is constant, so its influence is exactly 0;
+    :meth:`fit` warns (UserWarning) when some pairs are alone in their batch.
     """
 
     def __init__(self, model: nn.Module, *, damping, batches: BatchesArg = None, negative_term: str = "exact",
@@ -93,16 +156,22 @@ class ECIF:
         for name, value in (("chunk_size", chunk_size), ("tangent_chunk", tangent_chunk)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ECIFInputError(f"{name} must be an int >= 1 (or None for automatic), got {value!r}")
+        self.rank = check_int(rank, "rank", minimum=1)
+        self.cg_tol = check_tolerance(cg_tol, "cg_tol")
+        self.cg_maxiter = check_int(cg_maxiter, "cg_maxiter", minimum=1, allow_none=True)
+        self.seed = check_int(seed, "seed")
+        self.hessian_batches = _hessian_batches(hessian_batches)
         self.model = model
         self.space = select_params(model, params)
         self.fm = FunctionalModel(model, self.space)
+        self.dtype = check_params(dict(model.named_parameters()), self.space.names)
+        scale = model.logit_scale
+        check_logit_scale(scale.detach() if torch.is_tensor(scale) else scale,
+                          scale.dtype if torch.is_tensor(scale) else self.dtype)
         self.damping_arg = damping
         self.batches_arg = batches
-        self.rank, self.cg_tol, self.cg_maxiter = rank, cg_tol, cg_maxiter
-        self.hessian_batches = hessian_batches
         self.chunk_size, self.tangent_chunk = chunk_size, tangent_chunk
         self.progress = progress
-        self.seed = seed
         if backend is not None and not isinstance(backend, str):
             raise ECIFInputError(f"backend must be a string such as 'torch', 'cpp' or 'triton', or None; "
                                  f"got {type(backend).__name__}")
@@ -116,15 +185,21 @@ class ECIF:
 
         Args:
             train_images: ``(n, ...)`` image inputs (or a DataLoader yielding ``(images, texts)``).
-            train_texts: ``(n, ...)`` text inputs.
+            train_texts: ``(n, ...)`` text inputs. Floating inputs are cast to the parameters' dtype.
+
+        Raises :class:`~ecif_fast.ECIFInputError` for unusable data or model state (see the class docstring).
         """
         X, Y = check_pairs(*_collect(train_images, train_texts), what="train")
+        self._fitted = False  # until this fit has succeeded
+        self.dtype = check_params(dict(self.model.named_parameters()), self.space.names)
+        X, Y = cast_inputs(X, self.dtype), cast_inputs(Y, self.dtype)
+        plan = resolve_batches(self.batches_arg, X.shape[0])
+        check_batch_sizes(plan.sizes, "batches")
         self.X, self.Y = X, Y
         self.n = X.shape[0]
-        self.plan: BatchPlan = resolve_batches(self.batches_arg, self.n)
+        self.plan: BatchPlan = plan
         self.theta = self.space.flat(self.model)
-        with torch.no_grad():
-            U, V, s = self._embed_all(self.theta)
+        U, V, s = self._embed_checked(self.theta, X, Y, "train", self._chunks("embed"))
         self.U, self.V, self.log_scale = U, V, s.detach()
         self.curvature = Curvature(self.fm, self.theta, X, Y, self.plan, self.curvature_kind, self.hessian_batches,
                                    backend=self.backend, chunk_pairs=self.chunk_size,
@@ -149,8 +224,30 @@ class ECIF:
         rows = row_slices(self.n, self.chunk_size)
         return tqdm(rows, desc=desc, disable=not self.progress or len(rows) < 2, leave=False)
 
-    def _embed_all(self, theta):
-        return self._embed(theta, self.X, self.Y, self._chunks("embed"))
+    def _embed_checked(self, theta, X, Y, what: str, rows=None):
+        """``(U, V, s)`` of the ``what`` pairs, without gradients; an encoder failure or unusable embeddings
+        become an :class:`ECIFInputError` naming the input."""
+        names = (f"{what}_images", f"{what}_texts")
+        try:
+            with torch.no_grad():
+                U, V, s = self._embed(theta, X, Y, rows)
+        except ECIFInputError:
+            raise
+        except (RuntimeError, ValueError, TypeError, IndexError) as err:
+            raise self._encoder_failure(err, X, Y, names) from err
+        check_embeddings(U, V, s, names, declares_normalized(self.model))
+        return U, V, s
+
+    def _encoder_failure(self, err, X, Y, names) -> ECIFInputError:
+        """Which encoder cannot take its input (probed on two rows), as an error naming the argument."""
+        culprit = [n for n, f, x in zip(names, (self.model.encode_image, self.model.encode_text), (X, Y))
+                   if not _encodes(f, x[:2])] or list(names)
+        shapes = ", ".join(f"{n} {tuple(x.shape)} {x.dtype}" for n, x in zip(names, (X, Y)))
+        train = (f"; the training inputs were {tuple(self.X.shape)} {self.X.dtype} and {tuple(self.Y.shape)} "
+                 f"{self.Y.dtype}" if names[0].startswith("test") else "")
+        return ECIFInputError(f"the model failed to encode {' and '.join(culprit)} ({shapes}{train}): "
+                              f"{type(err).__name__}: {err}; prepare these inputs exactly as the model expects "
+                              "(same feature extractor, preprocessing and tokenizer as the training pairs)")
 
     def _embed(self, theta, X, Y, rows=None):
         """``(U, V, s)`` of the pairs ``X, Y``, ``chunk_size`` pairs per encoder call."""
@@ -179,10 +276,17 @@ class ECIF:
         if test_images is None or test_texts is None:
             raise ECIFInputError("give test_images and test_texts (the test pairs), or fn=callable")
         Xt, Yt = check_pairs(test_images, test_texts, what="test")
+        if Xt.shape[0] < 2:
+            raise ECIFInputError(
+                "test_images and test_texts hold 1 pair: the contrastive loss of a single pair is constant (the "
+                "pair is its own only candidate), so ∇F = 0 and every influence would be 0; pass at least 2 test "
+                "pairs, or fn= with a loss that is not constant (e.g. ecif_fast.apps.zero_shot_losses)")
+        check_like_training(Xt, self.X, "test_images")
+        check_like_training(Yt, self.Y, "test_texts")
+        Xt, Yt = cast_inputs(Xt, self.dtype), cast_inputs(Yt, self.dtype)
         # The test pairs interact only through their embeddings: cotangents in embedding space first, then
         # one VJP per chunk of test pairs (memory: one chunk of activations, however many test pairs).
-        with torch.no_grad():
-            Ut, Vt, st = self._embed(theta, Xt, Yt)
+        Ut, Vt, st = self._embed_checked(theta, Xt, Yt, "test")
 
         def test_losses(U, V, s):
             S = s.exp() * (U @ V.T)
@@ -212,13 +316,18 @@ class ECIF:
                     "weight p/(1-p) overflows in this dtype; use float64 (model.double()) or "
                     "negative_term='taylor'")
 
+    @_cg_summary
     def influence(self, test_images=None, test_texts=None, *, fn: TestFn | None = None,
                   per_test: bool = False) -> InfluenceResult:
         """Influence of every training pair on the test function(s).
 
-        ``F`` is the SPEC §2 loss of the test pairs as one batch (``per_test=True``: one ``F`` per test
-        pair, its own loss term against the whole test set as negatives), or ``fn(model)`` (a scalar; a
-        list of callables gives one row each).
+        ``F`` is the contrastive loss of the test pairs ``test_images (m, ...)``, ``test_texts (m, ...)`` as
+        one batch (``per_test=True``: one ``F`` per test pair, its own loss term against the whole test set as
+        negatives), or ``fn(model)`` (a scalar; a list of callables gives one row each).
+
+        Test pairs: ``m >= 2`` (the loss of a single pair is constant); floating inputs must have the training
+        inputs' trailing shape, integer token ids the same number of dims (the length may differ); floating
+        inputs are cast to the parameters' dtype. Otherwise :class:`~ecif_fast.ECIFInputError`.
 
         Returns:
             :class:`InfluenceResult` with ``(n_train,)`` tensors (``(Q, n_train)`` for several F):
@@ -256,6 +365,14 @@ class ECIF:
             out[rows] = G
         return out[inverse]
 
+    def _removed(self, indices) -> torch.Tensor:
+        """``indices`` checked as a set of pairs to remove (not all of them)."""
+        removed = check_indices(indices, self.n)
+        if removed.numel() == self.n:
+            raise ECIFInputError(f"indices removes all {self.n} training pairs: at least one pair must remain "
+                                 "(the removal update is taken from the remaining pairs' objective)")
+        return removed
+
     def _unique_pairs(self, indices):
         self._require_fit()
         idx = torch.arange(self.n) if indices is None else check_indices(indices, self.n)
@@ -277,6 +394,7 @@ class ECIF:
                 gU, gV, gs = pair_embedding_gradients(self.U[group], self.V[group], t, exact, True, ks)
                 yield row_of[group[ks]], pull(gU, gV, gs)
 
+    @_cg_summary
     def self_influence(self, indices=None) -> torch.Tensor:
         """``(K,)`` self-influence ``g_kᵀ H⁻¹ g_k`` (all pairs by default): an outlier / misalignment score.
 
@@ -298,6 +416,7 @@ class ECIF:
             out[rows] = (G * self.solver.solve(G.T.contiguous()).T).sum(1)
         return out[inverse]
 
+    @_cg_summary
     def relative_influence(self, test_images=None, test_texts=None, *, fn: TestFn | None = None,
                            per_test: bool = False) -> torch.Tensor:
         """RelatIF-style trace-back score ``∇Fᵀ H⁻¹ g_k / sqrt(g_kᵀ H⁻¹ g_k)`` (SPEC §3), shape as ``influence``."""
@@ -324,14 +443,17 @@ class ECIF:
 
         return groups, objective
 
+    @_cg_summary
     def group_influence(self, indices, test_images=None, test_texts=None, *, fn: TestFn | None = None,
                         per_test: bool = False) -> InfluenceResult:
         """Influence of removing the whole set ``indices`` at once (exact group formula, SPEC §3).
 
-        Returns an :class:`InfluenceResult` of 0-d tensors (``(Q,)`` for several test functions).
+        ``indices``: ints in ``[0, n)`` or an ``(n,)`` boolean mask, distinct, not every pair; test pairs as in
+        :meth:`influence`. Returns an :class:`InfluenceResult` of 0-d tensors (``(Q,)`` for several test
+        functions).
         """
         self._require_fit()
-        removed = check_indices(indices, self.n)
+        removed = self._removed(indices)
         Hq = self._solved_test_gradients(test_images, test_texts, fn, per_test)
         groups, objective = self._group_objective(removed)
         Us = [self.U[g] for g in groups]
@@ -350,7 +472,7 @@ class ECIF:
     def group_gradient(self, indices) -> torch.Tensor:
         """``(P,)`` parameter-space ``g(D*) = g⁺(D*) + g⁻(D*)`` (SPEC §3) for the set ``indices``."""
         self._require_fit()
-        removed = check_indices(indices, self.n)
+        removed = self._removed(indices)
         groups, objective = self._group_objective(removed)
 
         def total(Us, Vs, s):
@@ -366,8 +488,12 @@ class ECIF:
             out += pull(gU[None], gV[None], gs.reshape(1) if i == 0 else None)[0]
         return out
 
+    @_cg_summary
     def removal_update(self, indices) -> dict[str, torch.Tensor]:
         """Parameters after removing ``indices`` by one Newton step ``θ̂ + H⁻¹ g(D*)`` (SPEC §3).
+
+        ``indices``: ints in ``[0, n)`` (list, tuple, set, tensor or array) or an ``(n,)`` boolean mask; distinct,
+        and at least one pair must remain.
 
         Returns a full ``state_dict`` of the model (a copy) with the selected parameters updated.
         """
@@ -378,8 +504,19 @@ class ECIF:
             state[name] = val.detach().clone()
         return state
 
+    @_cg_summary
     def cleaned_model(self, indices) -> nn.Module:
         """A deep copy of the model with :meth:`removal_update` loaded (the original is untouched)."""
+        state = self.removal_update(indices)
         clone = copy.deepcopy(self.model)
-        clone.load_state_dict(self.removal_update(indices))
+        clone.load_state_dict(state)
         return clone
+
+
+def _encodes(encode, x) -> bool:
+    try:
+        with torch.no_grad():
+            encode(x)
+        return True
+    except Exception:  # noqa: BLE001 - any failure means this input is the culprit
+        return False

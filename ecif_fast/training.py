@@ -7,6 +7,7 @@ precision in a few steps for up to a few thousand parameters; ``"lbfgs"`` scales
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +17,9 @@ from .kernels.batching import BatchesArg, resolve_batches
 from .kernels.torch_ref.loss import contrastive_loss
 from .models.functional import FunctionalModel
 from .models.params import ParamsArg, select_params
-from .validation import check_pairs
+from .errors import ECIFInputError
+from .validation import (cast_inputs, check_batch_sizes, check_embeddings, check_pairs, check_params,
+                         declares_normalized)
 
 
 @dataclass(frozen=True)
@@ -36,19 +39,40 @@ def _reference(space, theta_ref, dtype) -> torch.Tensor:
 
 
 def _objective(model, images, texts, batches, damping, theta_ref, params):
-    """``(R, θ, space)``: the function ``θ ↦ R(θ)`` of SPEC §2 on these pairs and the model's current θ."""
+    """``(R, θ, space, scale)``: the function ``θ ↦ R(θ)`` on these pairs, the model's current θ, and
+    ``θ ↦ exp(logit_scale)`` (for error messages).
+
+    Checks the inputs, the batches, the parameters and the embeddings at the current θ (one forward pass).
+    """
     X, Y = check_pairs(images, texts)
     plan = resolve_batches(batches, X.shape[0])
+    check_batch_sizes(plan.sizes, "batches", stacklevel=5)
     space = select_params(model, params)
+    dtype = check_params(dict(model.named_parameters()), space.names)
+    X, Y = cast_inputs(X, dtype), cast_inputs(Y, dtype)
     fm = FunctionalModel(model, space)
     theta = space.flat(model)
     ref = _reference(space, theta_ref, theta.dtype)
+    with torch.no_grad():
+        check_embeddings(*fm.embed(theta, X, Y), normalized=declares_normalized(model))
+
+    def scale(th) -> float:
+        with torch.no_grad():
+            return math.exp(float(fm.embed(th, X[:1], Y[:1])[2]))
 
     def R(th):
         U, V, s = fm.embed(th, X, Y)
         return contrastive_loss(U, V, s.exp(), plan) + 0.5 * damping * ((th - ref) ** 2).sum()
 
-    return R, theta, space
+    return R, theta, space, scale
+
+
+def _diverged(step: str, what: str, t: float, dtype) -> ECIFInputError:
+    return ECIFInputError(
+        f"training failed at {step}: {what}. The loss overflows or has lost its precision in "
+        f"{str(dtype).replace('torch.', '')}: the logit scale t = exp(logit_scale) = {t:.3g} or the features are "
+        "too large; lower logit_scale (CLIP uses log(1/0.07) = 2.66), rescale or standardise the features, or raise "
+        "damping")
 
 
 def objective(model: nn.Module, images, texts, *, batches: BatchesArg = None, damping: float = 0.0, theta_ref=None,
@@ -67,10 +91,16 @@ def train(model: nn.Module, images, texts, *, batches: BatchesArg = None, dampin
         damping: δ ≥ 0. theta_ref: ``(P,)`` reference point (default 0).
         method: ``"newton"``, ``"lbfgs"`` or ``"auto"`` (Newton when ``P <= 3000``).
         max_iter: iterations (Newton steps or L-BFGS iterations). tol: stop when ``max|∇R| < tol``.
+
+    Raises :class:`~ecif_fast.ECIFInputError` before training for the inputs :class:`~ecif_fast.ECIF` refuses
+    (non-finite or meta data, half-precision or non-finite parameters, an overflowing logit scale, unusable
+    embeddings, no batch of 2 pairs; pairs alone in their batch warn: their loss is constant), and during
+    training when the loss, gradient or Hessian stops being finite. Floating inputs are cast to the
+    parameters' dtype.
     """
     if method not in ("newton", "lbfgs", "auto"):
         raise ValueError(f"method must be 'newton', 'lbfgs' or 'auto', got {method!r}")
-    R, theta, space = _objective(model, images, texts, batches, damping, theta_ref, params)
+    R, theta, space, scale = _objective(model, images, texts, batches, damping, theta_ref, params)
     grad_R = torch.func.grad(R)
     it = 0
     if method == "auto":
@@ -88,22 +118,35 @@ def train(model: nn.Module, images, texts, *, batches: BatchesArg = None, dampin
         opt.step(closure)
         theta = th.detach()
         it = int(opt.state[th].get("n_iter", 0))
+        if not (bool(torch.isfinite(theta).all()) and math.isfinite(float(R(theta)))):
+            raise _diverged(f"L-BFGS iteration {it}", "the parameters or the loss are NaN or Inf",
+                            scale(theta.nan_to_num()), theta.dtype)
     else:
         eye = torch.eye(space.size, dtype=theta.dtype)
         hess_R = torch.func.jacfwd(grad_R)  # not torch.func.hessian: see Curvature.dense (layer_norm)
         for _ in range(max_iter):
             g = grad_R(theta)
+            f0 = float(R(theta))
+            if not (math.isfinite(f0) and bool(torch.isfinite(g).all())):
+                raise _diverged(f"Newton step {it + 1}", "the loss or its gradient is NaN or Inf", scale(theta),
+                                theta.dtype)
             if float(g.abs().max()) < tol:
                 break
             it += 1
             H = hess_R(theta)
             H = 0.5 * (H + H.T)
-            lam = torch.linalg.eigvalsh(H)
-            # Levenberg–Marquardt shift where H is not positive definite (far from the optimum).
-            top = float(lam.abs().max())
-            shift = 0.0 if float(lam[0]) > 1e-12 * top else 2 * abs(float(lam[0])) + 1e-6 * top
-            step = -torch.linalg.solve(H + shift * eye, g)
-            f0, lr, slope = float(R(theta)), 1.0, float(g @ step)
+            if not bool(torch.isfinite(H).all()):
+                raise _diverged(f"Newton step {it}", "the Hessian is NaN or Inf", scale(theta), theta.dtype)
+            try:
+                lam = torch.linalg.eigvalsh(H)
+                # Levenberg–Marquardt shift where H is not positive definite (far from the optimum).
+                top = float(lam.abs().max())
+                shift = 0.0 if float(lam[0]) > 1e-12 * top else 2 * abs(float(lam[0])) + 1e-6 * top
+                step = -torch.linalg.solve(H + shift * eye, g)
+            except torch.linalg.LinAlgError as err:
+                raise _diverged(f"Newton step {it}", f"the Newton system could not be solved ({err})", scale(theta),
+                                theta.dtype) from None
+            lr, slope = 1.0, float(g @ step)
             # Armijo test with slack for rounding: near the optimum the decrease is below float resolution.
             slack = 64 * torch.finfo(theta.dtype).eps * abs(f0)
             while lr > 1e-12:

@@ -6,6 +6,8 @@ import math
 import torch
 from torch import nn
 
+from ..validation import check_logit_scale
+
 
 class LinearHeads(nn.Module):
     """CLIP-style linear heads on frozen image and text features.
@@ -15,7 +17,8 @@ class LinearHeads(nn.Module):
     Args:
         image_dim, text_dim: input feature sizes. embed_dim: shared embedding size.
         normalize: L2-normalise the embeddings (CLIP does).
-        logit_scale: initial ``s = log t`` (CLIP's ``log(1/0.07)``).
+        logit_scale: initial ``s = log t`` (CLIP's ``log(1/0.07)``); must be finite with ``exp(s)`` finite
+            in the default dtype (float32: ``s <= 88.7``), else :class:`~ecif_fast.ECIFInputError`.
         train_scale: make ``logit_scale`` a trained parameter (``requires_grad=True``).
     """
 
@@ -25,6 +28,7 @@ class LinearHeads(nn.Module):
         for name, val in (("image_dim", image_dim), ("text_dim", text_dim), ("embed_dim", embed_dim)):
             if not isinstance(val, int) or val < 1:
                 raise ValueError(f"{name} must be a positive int, got {val!r}")
+        logit_scale = check_logit_scale(logit_scale, torch.get_default_dtype())
         self.image_proj = nn.Linear(image_dim, embed_dim, bias=False)
         self.text_proj = nn.Linear(text_dim, embed_dim, bias=False)
         self.normalize = normalize

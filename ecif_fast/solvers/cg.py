@@ -6,6 +6,7 @@ import warnings
 import torch
 
 from ..errors import NotPositiveDefiniteError
+from ..validation import check_int, check_tolerance
 from .curvature import Curvature
 
 
@@ -13,7 +14,14 @@ class CGSolver:
     """Block of independent CG runs, one per right-hand side column, sharing each matvec call.
 
     Args:
-        tol: stop when ``||r|| <= tol·||b||`` for every column. maxiter: default ``max(100, 2P)``.
+        tol: stop a column when ``||r|| <= tol·||b||``; a number in (0, 1). maxiter: an int >= 1, default
+            ``max(100, 2P)``.
+
+    After each :meth:`solve`: ``last_iterations``, ``last_unconverged`` (columns that stopped at ``maxiter``
+    above ``tol``) and ``last_residual`` (the largest relative residual ``||r|| / ||b||``). A solve that
+    stops at ``maxiter`` warns (RuntimeWarning), unless ``log`` is a list: then it appends
+    ``(columns, unconverged, worst residual)`` there instead, and the caller reports once (``ECIF`` does,
+    once per public call).
     """
 
     name = "cg"
@@ -21,9 +29,13 @@ class CGSolver:
     def __init__(self, curvature: Curvature, damping: float, tol: float = 1e-10, maxiter: int | None = None):
         self.curvature = curvature
         self.damping = damping
-        self.tol = tol
-        self.maxiter = maxiter or max(100, 2 * curvature.size)
+        self.tol = check_tolerance(tol, "tol")
+        maxiter = check_int(maxiter, "maxiter", minimum=1, allow_none=True)
+        self.maxiter = max(100, 2 * curvature.size) if maxiter is None else maxiter
         self.last_iterations = 0
+        self.last_unconverged = 0
+        self.last_residual = 0.0
+        self.log: list | None = None
 
     def _apply(self, X: torch.Tensor) -> torch.Tensor:
         return self.curvature.matvec(X) + self.damping * X
@@ -58,10 +70,14 @@ class CGSolver:
             rs_new = (R[:, cols] * R[:, cols]).sum(0)
             Pd[:, cols] = R[:, cols] + (rs_new / rs[cols]) * Pd[:, cols]
             rs[cols] = rs_new
-        else:
-            if bool((rs.sqrt() > self.tol * bnorm).any()):
-                worst = float((rs.sqrt() / bnorm).max())
-                warnings.warn(f"CG stopped after {self.maxiter} iterations with relative residual {worst:.2e} "
-                              f"> tol {self.tol:.1e}; raise maxiter or damping", RuntimeWarning, stacklevel=2)
+        rel = rs.sqrt() / bnorm
         self.last_iterations = it
+        self.last_unconverged = int((rel > self.tol).sum())
+        self.last_residual = float(rel.max()) if rel.numel() else 0.0
+        if self.log is not None:
+            self.log.append((B.shape[1], self.last_unconverged, self.last_residual))
+        elif self.last_unconverged:
+            warnings.warn(f"CG stopped after {self.maxiter} iterations with relative residual "
+                          f"{self.last_residual:.2e} > tol {self.tol:.1e}; raise maxiter or damping",
+                          RuntimeWarning, stacklevel=2)
         return X[:, 0] if vec else X

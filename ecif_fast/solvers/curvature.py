@@ -7,10 +7,14 @@ from torch.func import grad, jacfwd, jvp, vmap
 from ..errors import ECIFInputError
 from ..kernels.batching import BatchPlan
 from ..kernels import ops
-from ..kernels.torch_ref.loss import batch_loss
-from ..models.functional import ChunkedVJP, FunctionalModel, chunked_jvp
+from ..kernels.torch_ref.loss import batch_loss, contrastive_loss
+from ..models.functional import ChunkedVJP, FunctionalModel, chunked_jvp, row_slices
 
 CURVATURES = ("hessian", "gauss-newton")
+
+#: An exact Hessian product forms every batch's ``B × B`` score matrix (and its tangent) once per column:
+#: columns are vmapped together only up to about this many score entries per call.
+HVP_SCORE_BUDGET = 1 << 24
 
 
 class Curvature:
@@ -27,6 +31,11 @@ class Curvature:
         backend: kernel backend for the Gauss–Newton product (None: automatic, see ``ecif_fast.kernels.registry``).
         chunk_pairs: consecutive batches are packed into chunks of about this many pairs; a product runs
             one encoder forward (and JVPs / VJPs for ``tangent_chunk`` columns at once) per chunk.
+
+    Exact Hessian products (``"hessian"``) differentiate the loss of one chunk twice (forward-over-reverse,
+    ``tangent_chunk`` columns per vmapped call, fewer when the chunk's score matrices are big: at most
+    ``HVP_SCORE_BUDGET`` score entries per call); a model whose ops have no batching rule for that falls back
+    to one column at a time.
     """
 
     def __init__(self, fm: FunctionalModel, theta, X, Y, plan: BatchPlan, kind: str = "hessian", subsample=None,
@@ -44,10 +53,14 @@ class Curvature:
                                      f"training batches), got {list(subsample)}")
             self.factor = len(groups) / len(sub)
             groups = [groups[b] for b in sub]
+            if all(len(g) < 2 for g in groups):
+                raise ECIFInputError(f"hessian_batches {sub} selects only batches of 1 pair: their loss is constant, "
+                                     "so the curvature would be 0; pick batches with at least 2 pairs")
         self.groups = groups
         self.size = theta.numel()
         self.chunks = _pack(groups, chunk_pairs)
         self.chunk_pairs, self.tangent_chunk = chunk_pairs, tangent_chunk
+        self._vmap_hvp = True
 
     def _batch_loss_fn(self, idx):
         X, Y = self.X[idx], self.Y[idx]
@@ -58,11 +71,47 @@ class Curvature:
 
         return f
 
-    def _hvp1(self, v: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros_like(v)
+    def _chunk_loss_fn(self, idx, plan: BatchPlan):
+        """``θ ↦`` the summed loss of the batches packed in one chunk (pairs ``idx``, batches ``plan``)."""
+        X, Y = self.X[idx], self.Y[idx]
+
+        def f(th):
+            U, V, s = self.fm.embed(th, X, Y)
+            return contrastive_loss(U, V, s.exp(), plan)
+
+        return f
+
+    def _hessian(self, Vs: torch.Tensor) -> torch.Tensor:
+        """``∇²Σℓ`` applied to the ``Q`` columns of ``Vs (P, Q)``: per chunk of batches, forward-mode over the
+        gradient (``jvp(grad)``, as in :meth:`dense`), vmapped over ``tangent_chunk`` columns at a time."""
+        out = torch.zeros_like(Vs)
+        for idx, plan in self.chunks:
+            g = grad(self._chunk_loss_fn(idx, plan))
+
+            def hvp(v):
+                return jvp(g, (self.theta,), (v,))[1]
+
+            scores = int((plan.sizes ** 2).sum())
+            width = max(1, min(self.tangent_chunk, HVP_SCORE_BUDGET // scores))
+            for cols in row_slices(Vs.shape[1], width):
+                block = Vs[:, cols]
+                if self._vmap_hvp:
+                    try:
+                        out[:, cols] += vmap(hvp)(block.T).T
+                        continue
+                    except (RuntimeError, NotImplementedError):
+                        self._vmap_hvp = False  # an op without a batching rule: column by column from now on
+                out[:, cols] += torch.stack([hvp(block[:, q]) for q in range(block.shape[1])], dim=1)
+        return out * self.factor
+
+    def _hessian_columnwise(self, Vs: torch.Tensor) -> torch.Tensor:
+        """The same product one column and one batch at a time (the reference for :meth:`_hessian`)."""
+        out = torch.zeros_like(Vs)
         for idx in self.groups:
-            out += jvp(grad(self._batch_loss_fn(idx)), (self.theta,), (v,))[1]
-        return out
+            g = grad(self._batch_loss_fn(idx))
+            for q in range(Vs.shape[1]):
+                out[:, q] += jvp(g, (self.theta,), (Vs[:, q],))[1]
+        return out * self.factor
 
     def _chunk_products(self, H: torch.Tensor):
         """Per chunk of batches, the directions ``J·h`` for the rows of ``H (Q, P)`` and their
@@ -89,11 +138,8 @@ class Curvature:
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         """``C v`` for ``v`` of shape ``(P,)`` or ``(P, Q)``."""
-        if self.kind == "gauss-newton":
-            return self._gauss_newton(v.reshape(v.shape[0], -1)).reshape(v.shape)
-        if v.dim() == 1:
-            return self._hvp1(v) * self.factor
-        return torch.stack([self._hvp1(v[:, q]) for q in range(v.shape[1])], dim=1) * self.factor
+        product = self._gauss_newton if self.kind == "gauss-newton" else self._hessian
+        return product(v.reshape(v.shape[0], -1)).reshape(v.shape)
 
     def dense(self) -> torch.Tensor:
         """``(P, P)`` matrix (symmetrised)."""

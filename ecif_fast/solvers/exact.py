@@ -3,21 +3,46 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import NotPositiveDefiniteError
+from ..errors import ECIFInputError, NotPositiveDefiniteError
 from .curvature import Curvature
 
 
+def check_dense(A: torch.Tensor, kind: str) -> torch.Tensor:
+    """``A`` (the curvature or products with it) must be finite before a factorisation."""
+    if not bool(torch.isfinite(A).all()):
+        raise ECIFInputError(
+            f"the {kind} matrix has NaN or Inf entries: the loss overflows at these parameters; check that the "
+            "model's parameters are finite, rescale or standardise the features, and lower the logit scale")
+    return A
+
+
+def eigvalsh_or_raise(A: torch.Tensor, kind: str, vectors: bool = False):
+    """``eigvalsh(A)`` (``eigh`` with ``vectors``) of a finite symmetric matrix; a LAPACK failure becomes a
+    :class:`NotPositiveDefiniteError` with the fix."""
+    check_dense(A, kind)
+    try:
+        return torch.linalg.eigh(A) if vectors else torch.linalg.eigvalsh(A)
+    except torch.linalg.LinAlgError as err:
+        raise NotPositiveDefiniteError(
+            f"the eigendecomposition of the {kind} matrix failed ({err}); the matrix is too ill-conditioned: "
+            "increase damping, use curvature='gauss-newton', or check the model is at an optimum") from None
+
+
 class ExactSolver:
-    """``H = C + δI`` formed densely and Cholesky-factorised once; ``P`` up to a few thousand."""
+    """``H = C + δI`` formed densely and Cholesky-factorised once; ``P`` up to a few thousand.
+
+    Raises :class:`~ecif_fast.ECIFInputError` when ``C`` is not finite and :class:`NotPositiveDefiniteError`
+    (with the smallest eigenvalue and the damping that would do) when ``H`` is not positive definite.
+    """
 
     name = "exact"
 
     def __init__(self, curvature: Curvature, damping: float, dense: torch.Tensor | None = None):
-        C = curvature.dense() if dense is None else dense
+        C = check_dense(curvature.dense() if dense is None else dense, curvature.kind)
         H = C + damping * torch.eye(C.shape[0], dtype=C.dtype)
         L, info = torch.linalg.cholesky_ex(H)
         if int(info) != 0:
-            lam = float(torch.linalg.eigvalsh(H)[0])
+            lam = float(eigvalsh_or_raise(H, curvature.kind)[0])
             # Gauss–Newton is PSD in exact arithmetic: failing there means rounding swamped a huge curvature
             hint = ("the curvature is ill-conditioned (an embedding close to zero norm?); rescale the model or "
                     "check it is at an optimum" if curvature.kind == "gauss-newton" else

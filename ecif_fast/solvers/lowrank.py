@@ -1,10 +1,18 @@
 """Low-rank + damping factorisation ``H⁻¹ ≈ V (Λ+δ)⁻¹ Vᵀ + (I − VVᵀ)/δ`` reused across queries."""
 from __future__ import annotations
 
+import warnings
+
 import torch
 
-from ..errors import ECIFInputError, NotPositiveDefiniteError
+from ..errors import NotPositiveDefiniteError
+from ..validation import check_int
 from .curvature import Curvature
+from .exact import check_dense, eigvalsh_or_raise
+
+#: Warn when the eigendirections left out have eigenvalues of RMS above this fraction of δ: each of them gets
+#: ``1/δ`` instead of ``1/(λ+δ)`` in ``H⁻¹``, a relative error of ``λ/δ``.
+DROPPED_ERROR_WARN = 0.05
 
 
 def top_eigenpairs(curvature: Curvature, rank: int, *, oversample: int = 10, iters: int = 4, seed: int = 0,
@@ -20,41 +28,89 @@ def top_eigenpairs(curvature: Curvature, rank: int, *, oversample: int = 10, ite
     dtype = curvature.theta.dtype
     if dense is not None or rank + oversample >= P:
         C = curvature.dense() if dense is None else dense
-        lam, vecs = torch.linalg.eigh(C)
+        lam, vecs = eigvalsh_or_raise(C, curvature.kind, vectors=True)
     else:
         g = torch.Generator().manual_seed(seed)
         Y = curvature.matvec(torch.randn(P, rank + oversample, generator=g, dtype=dtype))
         for _ in range(iters):
-            Qm, _ = torch.linalg.qr(Y)
+            Qm, _ = torch.linalg.qr(check_dense(Y, curvature.kind))
             Y = curvature.matvec(Qm)
-        Qm, _ = torch.linalg.qr(Y)
+        Qm, _ = torch.linalg.qr(check_dense(Y, curvature.kind))
         T = Qm.T @ curvature.matvec(Qm)
-        lam, W = torch.linalg.eigh(0.5 * (T + T.T))
+        lam, W = eigvalsh_or_raise(0.5 * (T + T.T), curvature.kind, vectors=True)
         vecs = Qm @ W
     order = lam.abs().argsort(descending=True)[:rank]
     return lam[order], vecs[:, order]
 
 
+def _dropped_moments(curvature: Curvature, vecs: torch.Tensor, probes: int = 32, seed: int = 0):
+    """Hutchinson estimates of ``tr(C⊥)`` and ``||C⊥||_F²`` for ``C⊥ = (I − VVᵀ) C (I − VVᵀ)``, the
+    curvature outside the kept eigenvectors ``vecs (P, r)`` (Rademacher probes projected out of their span, so the
+    noise comes from ``C⊥`` only): ``E[zᵀ C⊥ z] = tr(C⊥)``, ``E[||C⊥ z||²] = tr(C⊥²)``."""
+    g = torch.Generator().manual_seed(seed)
+    Z = torch.randint(0, 2, (curvature.size, probes), generator=g).to(vecs.device, vecs.dtype) * 2 - 1
+    Z = Z - vecs @ (vecs.T @ Z)
+    W = curvature.matvec(Z)
+    W = W - vecs @ (vecs.T @ W)
+    return float((Z * W).sum()) / probes, float((W * W).sum()) / probes
+
+
 class LowRankSolver:
     """Inverse of ``C + δI`` restricted to the top-``rank`` eigenspace of ``C`` plus ``1/δ`` elsewhere.
 
-    Exact when ``rank = P``.
+    Exact when ``rank = P``. What is left out is measured once: exactly from all eigenvalues when the dense
+    matrix is built (``dense`` given or ``rank + oversample >= P``), otherwise by a 32-probe Hutchinson
+    estimate on the curvature outside the kept eigenvectors (32 more products with ``C``). Attributes:
+
+    - ``captured``: the fraction of ``tr(C + δI)`` the approximation keeps, ``(Σ_top λ_i + Pδ) / (tr(C) + Pδ)``
+      (1 when nothing is left out); ``dropped_trace``: ``tr(C) − Σ_top λ_i``, the part set to 0;
+    - ``dropped_error``: the RMS of ``λ/δ`` over the ``P − r`` dropped eigenvalues,
+      ``sqrt(Σ_dropped λ² / (P − r)) / δ``. A dropped direction gets ``1/δ`` instead of ``1/(λ+δ)`` in
+      ``H⁻¹``, a relative error of exactly ``λ/δ``; this is its root mean square, at least the mean of ``|λ|/δ``
+      (eigenvalues of either sign count: an indefinite Hessian's can cancel in the trace).
+    - ``trace_exact``: whether these are exact or estimated.
+
+    A RuntimeWarning is raised once, at construction, when ``dropped_error > DROPPED_ERROR_WARN`` (5 %).
     """
 
     name = "lowrank"
 
     def __init__(self, curvature: Curvature, damping: float, rank: int = 64, seed: int = 0,
-                 dense: torch.Tensor | None = None):
-        if rank < 1:
-            raise ECIFInputError(f"rank must be >= 1, got {rank}")
-        self.rank = min(rank, curvature.size)
-        self.lam, self.vecs = top_eigenpairs(curvature, self.rank, seed=seed, dense=dense)
+                 dense: torch.Tensor | None = None, oversample: int = 10):
+        rank = check_int(rank, "rank", minimum=1)
+        seed = check_int(seed, "seed")
+        P = curvature.size
+        self.rank = min(rank, P)
+        if dense is None and self.rank + oversample >= P:
+            dense = curvature.dense()
+        self.trace_exact = dense is not None
+        if dense is not None:
+            lam, vecs = eigvalsh_or_raise(dense, curvature.kind, vectors=True)
+            order = lam.abs().argsort(descending=True)
+            self.lam, self.vecs = lam[order[:self.rank]], vecs[:, order[:self.rank]]
+            rest = lam[order[self.rank:]]
+            self.dropped_trace, dropped_sq = float(rest.sum()), float((rest ** 2).sum())
+        else:
+            self.lam, self.vecs = top_eigenpairs(curvature, self.rank, oversample=oversample, seed=seed)
         if bool((self.lam + damping <= 0).any()):
             lam = float(self.lam.min())
             raise NotPositiveDefiniteError(
                 f"damped {curvature.kind} matrix is not positive definite: eigenvalue {lam:.4e} with damping "
                 f"{damping:.4e}; increase damping above {-lam:.4e} or use curvature='gauss-newton'")
         self.damping = damping
+        if dense is None:
+            self.dropped_trace, dropped_sq = _dropped_moments(curvature, self.vecs, seed=seed)
+        kept = float(self.lam.sum())
+        self.captured = (kept + P * damping) / (kept + self.dropped_trace + P * damping)
+        self.dropped_error = (max(dropped_sq, 0.0) / (P - self.rank)) ** 0.5 / damping if self.rank < P else 0.0
+        if self.dropped_error > DROPPED_ERROR_WARN:
+            how = "exact" if self.trace_exact else "Hutchinson estimates"
+            warnings.warn(
+                f"low-rank solver: rank {self.rank} of {P} keeps {100 * self.captured:.1f} % of tr(C + δI) ({how}); "
+                f"the {P - self.rank} dropped eigenvalues have an RMS of {self.dropped_error:.3g} × the damping "
+                f"δ = {damping:.3g}, so H⁻¹ is off by about {100 * self.dropped_error:.0f} % (RMS) in those "
+                f"directions (warns above {100 * DROPPED_ERROR_WARN:.0f} %); raise rank, or use hessian='cg' or "
+                "'exact'", RuntimeWarning, stacklevel=2)
 
     def solve(self, B: torch.Tensor) -> torch.Tensor:
         """``H⁻¹ B`` for ``B`` of shape ``(P,)`` or ``(P, Q)``."""
