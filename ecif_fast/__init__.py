@@ -2,26 +2,50 @@
 
 The pair removal effect has two parts: the pair's own loss term (positive role) and its presence in
 the softmax denominators of every other anchor in its batch (negative role). See SPEC §3.
+
+The public names below are imported on first use (PEP 562), so that ``import ecif_fast`` is cheap and
+the command line can install its signal handling before torch loads.
 """
 from __future__ import annotations
 
-import torch as _torch
-
-from . import data
-from .data import CaptionedImages
-from .engine import ECIF
-from .errors import BackendUnavailableError, ECIFInputError, NotPositiveDefiniteError
-from .kernels.batching import BatchPlan, resolve_batches
-from .models.linear_heads import LinearHeads
-from .models.protocol import ContrastiveModel
-from .models.wrap import wrap
-from .results import InfluenceResult
-from .training import train
+import importlib
 
 __version__ = "0.1.0"
 
+#: public name -> the module that defines it
+_EXPORTS = {
+    "ECIF": ".engine",
+    "LinearHeads": ".models.linear_heads",
+    "ContrastiveModel": ".models.protocol",
+    "InfluenceResult": ".results",
+    "BatchPlan": ".kernels.batching",
+    "resolve_batches": ".kernels.batching",
+    "train": ".training",
+    "wrap": ".models.wrap",
+    "ECIFInputError": ".errors",
+    "NotPositiveDefiniteError": ".errors",
+    "BackendUnavailableError": ".errors",
+    "CaptionedImages": ".data",
+}
+_SUBMODULES = ("data",)
 
-def contrastive_loss(U: _torch.Tensor, V: _torch.Tensor, scale, batches=None) -> _torch.Tensor:
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
+
+
+def contrastive_loss(U, V, scale, batches=None):
     """SPEC §2 contrastive loss ``Σ_b Σ_{k∈b} ℓ_k`` (row + column terms, summed, no ½).
 
     Args:
@@ -30,15 +54,16 @@ def contrastive_loss(U: _torch.Tensor, V: _torch.Tensor, scale, batches=None) ->
     Returns:
         0-d tensor, differentiable with respect to ``U``, ``V`` and a tensor ``scale``.
     """
+    from .errors import ECIFInputError as _E
+    from .kernels.batching import resolve_batches as _resolve
     from .kernels.torch_ref.loss import contrastive_loss as _loss
     from .validation import check_tensor
-    from .errors import ECIFInputError as _E
 
     U = check_tensor(U, "U")
     V = check_tensor(V, "V")
     if U.dim() != 2 or V.dim() != 2 or U.shape != V.shape:
         raise _E(f"U and V must both be (n, d) with the same shape, got {tuple(U.shape)} and {tuple(V.shape)}")
-    return _loss(U, V, scale, resolve_batches(batches, U.shape[0]))
+    return _loss(U, V, scale, _resolve(batches, U.shape[0]))
 
 
 def backends() -> dict:

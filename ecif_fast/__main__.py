@@ -1,5 +1,5 @@
 """``python -m ecif_fast`` is the ``ecif-fast`` command line (``python -m ecif_fast demo``)."""
-from .cli.main import main
+from .cli.main import run
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run())

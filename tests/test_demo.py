@@ -27,6 +27,7 @@ def test_demo_writes_the_report_folder(demo):
     out, printed = demo
     names = {p.name for p in out.iterdir()}
     assert {"report.html", "summary.json", "scores.csv", "scores.parquet", "cleaning.csv"} <= names
+    assert json.loads((out / ".ecif-fast-output").read_text()) == {"tool": "ecif-fast", "command": "demo"}
     summary = json.loads((out / "summary.json").read_text())
     assert printed["summary"]["detection"] == summary["detection"]
     for method in ("ecif", "ecif_self", "clip_score", "loss", "positive_only"):

@@ -24,6 +24,7 @@ except ImportError as e:
 
 from ecif_fast.report import (atomic_output_dir, precision_at_k, render_report, roc_curve,  # noqa: E402
                               roc_plot, to_png_data_uri, write_report, write_table)
+from ecif_fast.report.output import MARKER, TMP_PREFIX  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
 
@@ -32,13 +33,13 @@ CHROMIUM = "/usr/bin/chromium"
 
 def test_atomic_output_dir_replaces_existing_folder(tmp_path):
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "old.txt").write_text("old")
+    with atomic_output_dir(out) as tmp:                                   # an earlier output
+        (tmp / "old.txt").write_text("old")
     with atomic_output_dir(out) as tmp:
-        assert tmp.parent == tmp_path and tmp.name.startswith(".out.tmp-") and tmp.is_dir()
+        assert tmp.parent == tmp_path and tmp.name.startswith(TMP_PREFIX) and tmp.is_dir()
         assert (out / "old.txt").exists()            # the old output survives until success
         (tmp / "new.txt").write_text("new")
-    assert sorted(p.name for p in out.iterdir()) == ["new.txt"]
+    assert sorted(p.name for p in out.iterdir()) == [MARKER, "new.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]          # no temp or backup left
 
 
@@ -51,12 +52,12 @@ def test_atomic_output_dir_exception_leaves_nothing(tmp_path):
     assert not out.exists()
     assert list(out.parent.iterdir()) == []
     # an existing output is left untouched by a failed run
-    out.mkdir()
-    (out / "keep.txt").write_text("keep")
+    with atomic_output_dir(out) as tmp:
+        (tmp / "keep.txt").write_text("keep")
     with pytest.raises(KeyError):
         with atomic_output_dir(out) as tmp:
             raise KeyError("x")
-    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert sorted(p.name for p in out.iterdir()) == [MARKER, "keep.txt"]
     assert sorted(p.name for p in out.parent.iterdir()) == ["out"]
 
 
@@ -71,7 +72,7 @@ def test_atomic_output_dir_overwrite_false_refuses_non_empty(tmp_path):
         with atomic_output_dir(out, overwrite=False):
             ran.append(True)
     assert str(out) in str(info.value) and not ran
-    assert [p.name for p in out.iterdir()] == ["a.txt"]
+    assert sorted(p.name for p in out.iterdir()) == [MARKER, "a.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
@@ -254,7 +255,7 @@ def test_write_report_files(tmp_path):
     out = tmp_path / "run"
     path = write_report(out, rep, {"scores": df})
     assert path == out / "report.html" and path.read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
-    assert sorted(p.name for p in out.iterdir()) == ["report.html", "scores.csv", "scores.parquet",
+    assert sorted(p.name for p in out.iterdir()) == [MARKER, "report.html", "scores.csv", "scores.parquet",
                                                      "summary.json"]
     text = (out / "summary.json").read_text()
     assert "NaN" not in text and "Infinity" not in text
@@ -265,7 +266,7 @@ def test_write_report_files(tmp_path):
     with pytest.raises(FileExistsError, match="--force"):
         write_report(out, rep, overwrite=False)
     write_report(out, rep)                                                   # overwrite drops the tables
-    assert sorted(p.name for p in out.iterdir()) == ["report.html", "summary.json"]
+    assert sorted(p.name for p in out.iterdir()) == [MARKER, "report.html", "summary.json"]
     with pytest.raises(ValueError, match="file stem"):
         write_report(tmp_path / "bad", rep, {"../x": df})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]

@@ -14,12 +14,13 @@ same curvature ``H`` (same batches, same damping) and retraining uses the same `
 from __future__ import annotations
 
 import os
-import secrets
+import zipfile
 from pathlib import Path
 
 import torch
 
 from ..models.linear_heads import LinearHeads
+from ..report.output import atomic_output_file
 
 FORMAT = "ecif_fast.LinearHeads"
 VERSION = 1
@@ -54,20 +55,34 @@ def trained_vector(model: LinearHeads) -> torch.Tensor:
 
 
 def save_checkpoint(path, model: LinearHeads, training: dict) -> Path:
-    """Write ``model`` and its ``training`` record to ``path`` (temp file + ``os.replace``)."""
+    """Write ``model`` and its ``training`` record to ``path`` (temp file + ``os.replace``, safe with
+    concurrent writers). An existing ``path`` is replaced only when it is an ecif-fast checkpoint
+    (:func:`is_checkpoint`); anything else raises FileExistsError and is left as it was."""
     path = Path(os.path.abspath(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     obj = {"format": FORMAT, "version": VERSION, "config": model_config(model),
            "state_dict": {k: v.detach().clone() for k, v in model.state_dict().items()},
            "training": dict(training)}
-    tmp = path.parent / f".{path.name}.tmp-{secrets.token_hex(4)}"
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_output_file(path, replaceable=is_checkpoint) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)          # to a file object: torch derives no archive name from the temporary name
     return path
+
+
+def is_checkpoint(path) -> bool:
+    """True when ``path`` is a regular file written by :func:`save_checkpoint`: a torch zip archive whose
+    top-level dict has our ``format`` entry. Cheap and safe: a zip directory check first, then ``torch.load``
+    with ``weights_only`` (no code runs) and ``mmap`` (tensor data is not read)."""
+    p = Path(path)
+    if p.is_symlink() or not p.is_file() or not zipfile.is_zipfile(p):
+        return False
+    try:
+        with zipfile.ZipFile(p) as z:
+            if not any(name.endswith("/data.pkl") for name in z.namelist()):
+                return False
+        obj = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # BadZipFile, UnpicklingError, RuntimeError, OSError, ...
+        return False
+    return isinstance(obj, dict) and obj.get("format") == FORMAT
 
 
 def load_checkpoint(path) -> tuple[LinearHeads, dict]:
@@ -100,6 +115,44 @@ def load_checkpoint(path) -> tuple[LinearHeads, dict]:
     try:
         model = build_model(config)
         model.load_state_dict(state)
-    except (RuntimeError, ValueError, TypeError) as e:
+    except (RuntimeError, ValueError, TypeError, KeyError) as e:
         raise bad((str(e).strip().splitlines() or ["bad state_dict"])[0][:200]) from None
+    for name, value in model.state_dict().items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise CheckpointError(f"{path}: the model's {name} has NaN or Inf values (training diverged, or the "
+                                  "file was damaged); train the model again with `ecif-fast train`")
+    problem = _training_problem(training, trained_vector(model).numel())
+    if problem:
+        raise bad(f"its training record {problem}")
     return model, training
+
+
+def _training_problem(training: dict, n_params: int) -> str | None:
+    """What is wrong with a checkpoint's training record, or None. The analysis commands rebuild the
+    training objective from it (damping, batches, θ_ref), so every field they use is checked here,
+    before any computation."""
+    damping = training.get("damping")
+    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not (0 < damping < float("inf")):
+        return f"has damping {damping!r}; it must be a positive number"
+    ref = training.get("theta_ref")
+    if not torch.is_tensor(ref) or ref.numel() != n_params or not ref.is_floating_point():
+        shape = tuple(ref.shape) if torch.is_tensor(ref) else type(ref).__name__
+        return f"has theta_ref {shape}; it must be a float tensor of the {n_params} trained parameters"
+    if not bool(torch.isfinite(ref).all()):
+        return "has NaN or Inf values in theta_ref"
+    ids, size = training.get("batch_ids"), training.get("batch_size")
+    if ids is not None:
+        if not torch.is_tensor(ids) or ids.dim() != 1 or ids.is_floating_point() or ids.is_complex():
+            return "has batch_ids that are not a 1-D integer tensor"
+    elif size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 2):
+        return f"has batch_size {size!r}; it must be an integer >= 2, or None for one batch"
+    for key in ("method", "max_iter"):
+        if key in training and not isinstance(training[key], (str if key == "method" else int)):
+            return f"has {key} {training[key]!r}"
+    if training.get("method", "auto") not in ("auto", "newton", "lbfgs"):
+        return f"has method {training['method']!r}; it must be auto, newton or lbfgs"
+    if isinstance(training.get("max_iter"), int) and training["max_iter"] < 1:
+        return f"has max_iter {training['max_iter']!r}; it must be >= 1"
+    if not isinstance(training.get("fingerprint", ""), (str, type(None))):
+        return "has a fingerprint that is not a string"
+    return None

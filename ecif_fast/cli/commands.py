@@ -18,8 +18,8 @@ from ..training import objective
 from ..apps import clean as clean_pairs, detect_misaligned, trace_back, value_data, zero_shot_logits, zero_shot_losses
 from .checkpoint import save_checkpoint, trained_vector
 from .data_files import DataFileError, PairsData, ids_to_indices, load_ids, load_pairs
-from .session import (Console, Setup, UsageError, batch_arg, plain_ids, command_result, check_out, image_ref, pairs_loss,
-                      setup, write_outputs)
+from .session import (Console, Setup, UsageError, batch_arg, check_negatives, plain_ids, command_result, check_out,
+                      image_ref, pairs_loss, setup, write_outputs)
 
 DEFAULT_BATCH = 256       # train: pairs per batch when neither --batch-size nor a batch_ids column is given
 GALLERY = 24              # detect: flagged pairs shown in the report
@@ -30,10 +30,10 @@ PANELS = 30               # trace: test examples shown in the report
 
 def demo(args, con: Console):
     """Forward to :func:`ecif_fast.demo.run_demo` (embedded real digits + MiniLM captions, report folder)."""
-    check_out(args.out, args.force)
+    check_out(args)
     from ..demo import run_demo
 
-    run_demo(out=args.out, seed=args.seed, backend=args.backend, quick=args.quick, progress=con.progress,
+    run_demo(out=args.out, seed=args.seed, backend=args.backend, quick=args.quick, progress=con.verbose,
              json_out=args.json, overwrite=args.force)
     return None
 
@@ -42,14 +42,12 @@ def demo(args, con: Console):
 
 def train(args, con: Console) -> dict:
     """Fit LinearHeads on a training file; write the checkpoint."""
-    check_out(args.out, args.force, is_file=True)
+    check_out(args, is_file=True)
     data = load_pairs(args.train)
     dtype = torch.float32 if args.float32 else torch.float64
     di, dt = data.images.shape[1], data.texts.shape[1]
     embed = args.embed_dim or min(64, di, dt)
     if args.batch_size is not None:
-        if data.batch_ids is not None:
-            con.warn(f"--batch-size {args.batch_size} is used; the batch_ids column of {args.train} is ignored")
         batches, record = batch_arg(args.batch_size), {"batch_size": batch_arg(args.batch_size)}
         desc = f"size {args.batch_size}"
     elif data.batch_ids is not None:
@@ -57,6 +55,9 @@ def train(args, con: Console) -> dict:
         record, desc = {"batch_ids": batches}, f"{len(np.unique(data.batch_ids))} batches (batch_ids)"
     else:
         batches, record, desc = DEFAULT_BATCH, {"batch_size": DEFAULT_BATCH}, f"size {DEFAULT_BATCH}"
+    check_negatives(batches, data.n, "--batch-size" if args.batch_size is not None else str(args.train))
+    if args.batch_size is not None and data.batch_ids is not None:
+        con.warn(f"--batch-size {args.batch_size} is used; the batch_ids column of {args.train} is ignored")
     torch.manual_seed(args.seed)
     model = LinearHeads(di, dt, embed, normalize=not args.no_normalize, logit_scale=args.logit_scale,
                         train_scale=args.train_scale).to(dtype)

@@ -96,14 +96,16 @@ def check_width(features: torch.Tensor | None, expected: int, what: str, path) -
 
 
 def load_ids(path) -> list[str]:
-    """Pair ids from a ``.csv`` (column ``pair_id``, else the first column), ``.txt`` or 1-D ``.npy`` file."""
+    """Pair ids from a ``.csv`` (column ``pair_id``, else the first column), ``.txt`` or 1-D ``.npy`` file.
+
+    CSV cells written by ecif-fast's tables with a ``'`` in front (a formula guard for spreadsheets, e.g.
+    ``'-7`` for the id ``-7``) are read back as the ids they were."""
+    from ..report.output import csv_unquote
+
     p = _existing(path)
     suffix = p.suffix.lower()
     if suffix == ".npy":
-        try:
-            a = np.load(p, allow_pickle=False)
-        except (OSError, ValueError) as e:
-            raise DataFileError(f"{path}: not a readable .npy file ({_first_line(e)})") from None
+        a = _load_npy(p, path)
         if a.ndim != 1 or a.dtype.names:
             raise DataFileError(f"{path}: pair ids must be a 1-D array, got shape {a.shape}")
         if a.dtype.kind == "f" and np.isfinite(a).all() and (a == np.round(a)).all():
@@ -118,7 +120,7 @@ def load_ids(path) -> list[str]:
             rows = rows[1:]
         if any(len(r) <= col for r in rows):
             raise DataFileError(f"{path}: some rows have no value in the pair_id column")
-        ids = [r[col].strip() for r in rows]
+        ids = [csv_unquote(r[col].strip()) for r in rows]
     elif suffix == ".txt":
         ids = p.read_text(encoding="utf-8").replace(",", " ").split()
     else:
@@ -162,13 +164,32 @@ def _first_line(e: BaseException) -> str:
     return text[0] if text else type(e).__name__
 
 
+def _load_npy(p: Path, path) -> np.ndarray:
+    """The array in a ``.npy`` file (no pickle)."""
+    try:
+        a = np.load(p, allow_pickle=False)
+    except Exception as e:  # OSError, ValueError, EOFError, ...
+        raise DataFileError(f"{path}: not a readable .npy file ({_first_line(e)})") from None
+    if not isinstance(a, np.ndarray):       # np.load opens a .npz archive whatever its name
+        a.close()
+        raise DataFileError(f"{path}: is a .npz archive, not a single .npy array; rename it to .npz")
+    return a
+
+
 def _read(path, *, matrix_ok: bool) -> dict[str, np.ndarray]:
     """The named arrays of a file; a plain 2-D ``.npy`` becomes ``{"_matrix": a}`` when ``matrix_ok``."""
     p = _existing(path)
     suffix = p.suffix.lower()
     if suffix == ".npz":
         try:
-            with np.load(p, allow_pickle=False) as z:
+            z = np.load(p, allow_pickle=False)
+        except Exception as e:  # zipfile.BadZipFile, OSError, EOFError, ValueError
+            raise DataFileError(f"{path}: not a readable .npz file ({_first_line(e)})") from None
+        if not isinstance(z, np.lib.npyio.NpzFile):
+            raise DataFileError(f"{path}: is a single .npy array, not a .npz archive; rename it to .npy, or save "
+                                "named arrays with np.savez")
+        try:
+            with z:
                 return {k: z[k] for k in z.files}
         except ValueError as e:
             if "pickle" in str(e):
@@ -180,10 +201,7 @@ def _read(path, *, matrix_ok: bool) -> dict[str, np.ndarray]:
     if suffix == ".parquet":
         return _read_parquet(p, path)
     if suffix == ".npy":
-        try:
-            a = np.load(p, allow_pickle=False)
-        except (OSError, ValueError) as e:
-            raise DataFileError(f"{path}: not a readable .npy file ({_first_line(e)})") from None
+        a = _load_npy(p, path)
         if a.dtype.names:
             return {name: a[name] for name in a.dtype.names}
         if matrix_ok:

@@ -17,18 +17,31 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import signal
 import sys
+import threading
 import warnings
 
-from ..errors import BackendUnavailableError, ECIFInputError, NotPositiveDefiniteError
-from .checkpoint import CheckpointError
-from .commands import COMMANDS
-from .session import Console, UsageError
-from .data_files import DataFileError
+# Only the standard library at import time: torch loads inside main(), under its Ctrl-C handling.
 
-USER_ERRORS = (DataFileError, CheckpointError, UsageError, FileExistsError, PermissionError, ECIFInputError,
-               NotPositiveDefiniteError, BackendUnavailableError)
 BACKENDS = ("torch", "cpp", "triton")
+DEBUG_ENV = "ECIF_FAST_DEBUG"   # set to 1: unexpected errors show their traceback instead of one line
+SEED_LIMIT = 2 ** 63            # torch.manual_seed / torch.Generator take seeds below this
+# the logit scale s enters as t = exp(s); beyond this t (or 1/t) overflows float32
+LOGIT_SCALE_LIMIT = math.floor(math.log(3.4e38))
+
+
+def user_errors() -> tuple:
+    """The exception types that are the user's to fix: one line on stderr, exit status 2."""
+    from ..errors import BackendUnavailableError, ECIFInputError, NotPositiveDefiniteError
+    from .checkpoint import CheckpointError
+    from .data_files import DataFileError
+    from .session import UsageError
+    from ..report.output import OutputLocationError
+
+    return (DataFileError, CheckpointError, UsageError, OutputLocationError, FileExistsError, PermissionError,
+            ECIFInputError, NotPositiveDefiniteError, BackendUnavailableError)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -58,13 +71,35 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not 0 <= value < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 2**63), got {text}")
+    return value
+
+
+def _logit_scale(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not abs(value) <= LOGIT_SCALE_LIMIT:     # also NaN
+        raise argparse.ArgumentTypeError(
+            f"must be a finite number in [-{LOGIT_SCALE_LIMIT}, {LOGIT_SCALE_LIMIT}] (it is the log of the "
+            f"softmax multiplier t = exp(s); CLIP uses log(1/0.07) = 2.66), got {text}")
+    return value
+
+
 def _batch_size(text: str) -> str:
     return "all" if text == "all" else str(_positive_int(text))
 
 
 def _output_flags(p, *, out_help: str, out_default=None) -> None:
     p.add_argument("--out", required=out_default is None, default=out_default, help=out_help)
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="random seed in [0, 2**63) (default 0)")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object (result summary and output paths) on stdout, nothing else")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
@@ -85,6 +120,9 @@ def _analysis(sub, name: str, help: str) -> argparse.ArgumentParser:
                    help="damping delta of H (default: the checkpoint's training damping)")
     p.add_argument("--batch-size", type=_batch_size, metavar="N|all",
                    help="override the checkpoint's training batches (not recommended)")
+    p.add_argument("--allow-data-mismatch", action="store_true",
+                   help="analyse although --train is not the file the checkpoint was trained on (not recommended: "
+                        "influence assumes the model is at the optimum for these pairs)")
     return p
 
 
@@ -107,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pairs per batch, consecutive chunks (default: the file's batch_ids column, else 256)")
     p.add_argument("--damping", type=_positive_float, default=1.0,
                    help="weight decay towards the initialisation (default 1.0)")
-    p.add_argument("--logit-scale", type=float, default=math.log(1 / 0.07),
+    p.add_argument("--logit-scale", type=_logit_scale, default=math.log(1 / 0.07),
                    help="log of the softmax temperature multiplier (default log(1/0.07))")
     p.add_argument("--train-scale", action="store_true", help="also train the logit scale")
     p.add_argument("--no-normalize", action="store_true", help="do not L2-normalise the embeddings")
@@ -161,41 +199,123 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
     print(f"ecif-fast: warning: {' '.join(str(message).split())}", file=sys.stderr)
 
 
+def _one_line(text) -> str:
+    return " ".join(str(text).split())
+
+
+def _failure(e: BaseException) -> int:
+    """Report an exception raised by a command as one line on stderr; returns the exit status (2)."""
+    try:
+        known = user_errors()
+    except Exception:                            # the failure was in loading these very modules
+        known = ()
+    if isinstance(e, known):
+        message = _one_line(e) or type(e).__name__
+    elif isinstance(e, ImportError) and "pip install" in str(e):     # a missing optional dependency
+        message = _one_line(e)
+    elif isinstance(e, MemoryError) or "can't allocate memory" in str(e):
+        message = ("out of memory; use smaller inputs, a smaller --embed-dim, or the cg solver "
+                   "(--solver cg) instead of a dense one")
+    elif isinstance(e, OSError) and e.strerror:
+        where = f"{e.filename}: " if e.filename else ""
+        message = f"{where}{e.strerror}"
+    else:
+        if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            raise e
+        message = (f"unexpected {type(e).__name__}: {_one_line(e)[:300]} (this is a bug in ecif-fast; please "
+                   f"report it with the command line; {DEBUG_ENV}=1 shows the traceback)")
+    print(f"ecif-fast: error: {message}", file=sys.stderr)
+    return 2
+
+
+class _Interrupts:
+    """Ctrl-C (SIGINT) during a run: the first one raises KeyboardInterrupt, so that outputs being written
+    are rolled back and the run ends with status 130; a second one while that unwinds ends the process at
+    once (status 130); one that comes after the run has finished is ignored."""
+
+    def __init__(self):
+        self.previous = None
+        self.state = "off"
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+            return                                  # an embedding program handles Ctrl-C itself
+        self.previous = signal.signal(signal.SIGINT, self._handle)
+        self.state = "running"
+
+    def _handle(self, signum, frame):
+        if self.state == "running":
+            self.state = "interrupted"
+            raise KeyboardInterrupt
+        if self.state == "interrupted":
+            os.write(2, b"ecif-fast: interrupted\n")
+            os._exit(130)
+        # finished: the result stands
+
+    def finish(self, *, restore: bool) -> None:
+        if self.state == "off":
+            return
+        self.state = "finished"
+        if restore:
+            signal.signal(signal.SIGINT, self.previous)
+
+
 def main(argv=None) -> int:
-    """Run ``ecif-fast`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    """Run ``ecif-fast`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status: 0 done, 2 a
+    problem with the inputs or options (one line on stderr), 130 interrupted."""
+    return _guarded(argv, restore=True)
+
+
+def run() -> int:
+    """The ``ecif-fast`` console script: :func:`main`, with Ctrl-C after the run ignored up to the exit."""
+    return _guarded(None, restore=False)
+
+
+def _guarded(argv, *, restore: bool) -> int:
+    interrupts = _Interrupts()
+    interrupts.install()
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("ecif-fast: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        interrupts.finish(restore=restore)
+
+
+def _main(argv) -> int:
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else 0 if e.code is None else 2
-    con = Console(quiet=args.quiet, json=args.json)
     try:
         with warnings.catch_warnings():          # restores showwarning afterwards
             warnings.showwarning = _show_warning
             # torch's own forward-AD decompositions call torch.jit.script (deprecated in torch >= 2.14):
             # nothing a user can act on.
             warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated")
+            from .commands import COMMANDS
+            from .session import Console
+
+            con = Console(quiet=args.quiet, json=args.json)
             result = COMMANDS[args.command](args, con)
-    except USER_ERRORS as e:
-        message = " ".join(str(e).split()) or type(e).__name__
-        print(f"ecif-fast: error: {message}", file=sys.stderr)
-        return 2
-    except ImportError as e:
-        if "pip install" not in str(e):     # a missing optional dependency names its fix; others are bugs
-            raise
-        print(f"ecif-fast: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("ecif-fast: interrupted", file=sys.stderr)
-        return 130
+    except Exception as e:
+        return _failure(e)
     if result is None or isinstance(result, int):
         return result or 0
     text = result.pop("text", [])
-    if args.json:
-        print(json.dumps(to_json(result), allow_nan=False))
-    elif not args.quiet:
-        print("\n".join(text))
+    try:
+        if args.json:
+            print(json.dumps(to_json(result), allow_nan=False))
+        elif not args.quiet:
+            print("\n".join(text))
+        sys.stdout.flush()
+    except BrokenPipeError:                      # e.g. `ecif-fast ... | head -1`: the outputs are written
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run())

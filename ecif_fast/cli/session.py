@@ -14,7 +14,8 @@ from tqdm.auto import tqdm
 
 from .. import ECIF, LinearHeads, contrastive_loss
 from ..report import write_report
-from .checkpoint import load_checkpoint, model_config, trained_vector
+from ..report.output import MARKER, check_output_dir, check_output_file
+from .checkpoint import is_checkpoint, load_checkpoint, model_config, trained_vector
 from .data_files import DataFileError, PairsData, check_width, load_classes, load_pairs
 
 EXACT_MAX_PARAMS = 4096   # default solver: dense Cholesky up to this many parameters, else CG
@@ -32,8 +33,14 @@ class Console:
     json: bool = False
 
     @property
-    def progress(self) -> bool:
+    def verbose(self) -> bool:
+        """Messages about the steps of a run (not with --quiet or --json)."""
         return not (self.quiet or self.json)
+
+    @property
+    def progress(self) -> bool:
+        """Progress bars: on a terminal only (a log or a pipe gets no carriage-return updates)."""
+        return self.verbose and sys.stderr.isatty()
 
     def warn(self, message: str) -> None:
         print(f"ecif-fast: warning: {message}", file=sys.stderr)
@@ -66,18 +73,25 @@ class Steps:
 
 # ============================================================================================ shared
 
-def check_out(path, force: bool, *, is_file: bool = False) -> None:
-    """Refuse to overwrite a non-empty ``--out`` (a file for ``train``) unless ``--force``."""
-    p = Path(path)
-    if is_file and p.is_dir():
-        raise UsageError(f"{path}: is a folder; give a checkpoint file name for --out, e.g. heads.pt")
-    if force or not (p.exists() or p.is_symlink()):
-        return
+INPUT_OPTIONS = ("train", "model", "val", "test", "classes", "remove", "eval")
+
+
+def input_files(args) -> list[str]:
+    """The files the command reads (its file options that are set): ``--out`` must never replace them."""
+    return [str(getattr(args, name)) for name in INPUT_OPTIONS if getattr(args, name, None) is not None]
+
+
+def check_out(args, *, is_file: bool = False) -> None:
+    """Check ``--out`` before any work (a checkpoint file for ``train``, else a folder): refused are ``""``,
+    the working folder or a folder above it, an input file or a folder that holds one (whatever ``--force``),
+    a location that cannot be written or whose names are too long, an existing non-empty folder without the
+    ``.ecif-fast-output`` marker or a file that is not an ecif-fast checkpoint (whatever ``--force``: they
+    may hold anything), and an earlier ecif-fast output without ``--force``."""
     if is_file:
-        raise UsageError(f"{path}: exists; pass --force to overwrite it, or choose another --out")
-    if not p.is_dir() or any(p.iterdir()):
-        raise UsageError(f"output folder {path} exists and is not empty; pass --force to replace it, or "
-                         "choose another --out")
+        check_output_file(args.out, overwrite=args.force, inputs=input_files(args), replaceable=is_checkpoint,
+                          what="an ecif-fast checkpoint")
+    else:
+        check_output_dir(args.out, overwrite=args.force, inputs=input_files(args))
 
 
 @dataclass
@@ -102,15 +116,21 @@ class Setup:
         return None if x is None else x.to(self.dtype)
 
     def pairs(self, path, *, need_texts: bool = True, hint: str = "") -> PairsData:
-        """Load another pairs file and check its widths against the checkpoint."""
+        """Load another pairs file and check its widths against the checkpoint. Image-text pairs
+        (``need_texts``) are scored by their contrastive loss, which needs at least 2 of them."""
         data = load_pairs(path, need_texts=need_texts, hint=hint)
         check_width(data.images, self.model.image_proj.in_features, "image_features", path)
         check_width(data.texts, self.model.text_proj.in_features, "text_features", path)
+        if need_texts and data.n < 2:
+            raise DataFileError(f"{path}: has 1 pair; the contrastive loss of a single pair is constant (it has "
+                                "no negatives), so every influence on it would be 0: give at least 2 pairs")
         return data
 
     def classes(self, path) -> PairsData:
         data = load_classes(path)
         check_width(data.texts, self.model.text_proj.in_features, "text_features", path)
+        if data.n < 2:
+            raise DataFileError(f"{path}: has 1 class; zero-shot prediction needs at least 2 class rows")
         return data
 
     def fit(self, con: Console) -> ECIF:
@@ -123,15 +143,20 @@ class Setup:
 
 def setup(args, con: Console) -> Setup:
     """Check ``--out``, load the checkpoint and the training file, pick batches, damping and solver."""
-    check_out(args.out, args.force)
+    check_out(args)
     model, training = load_checkpoint(args.model)
     data = load_pairs(args.train)
     check_width(data.images, model.image_proj.in_features, "image_features", args.train)
     check_width(data.texts, model.text_proj.in_features, "text_features", args.train)
     if training.get("fingerprint") not in (None, data.fingerprint()):
-        con.warn(f"{args.train} is not the file {args.model} was trained on (its features differ); influence "
-                 "assumes the heads are at the optimum for these pairs: retrain with `ecif-fast train`")
+        why = (f"{args.train} is not the file {args.model} was trained on (its features differ); influence "
+               "assumes the heads are at the optimum for these pairs")
+        if not getattr(args, "allow_data_mismatch", False):
+            raise DataFileError(f"{why}: pass the checkpoint's training file, retrain with `ecif-fast train`, or "
+                                "pass --allow-data-mismatch to analyse anyway")
+        con.warn(f"{why} (--allow-data-mismatch)")
     batches, desc = _checkpoint_batches(args, training, data, con)
+    check_negatives(batches, data.n, str(args.model))
     damping = float(training["damping"])
     if args.damping is not None and args.damping != damping:
         con.warn(f"--damping {args.damping:g} overrides the checkpoint's {damping:g}; H is no longer the "
@@ -148,6 +173,7 @@ def setup(args, con: Console) -> Setup:
 def _checkpoint_batches(args, training: dict, data: PairsData, con: Console):
     """The training batches (batch ids or size) and a description; ``--batch-size`` overrides with a warning."""
     if args.batch_size is not None:
+        check_negatives(batch_arg(args.batch_size), data.n, "--batch-size")
         con.warn(f"--batch-size {args.batch_size} overrides the checkpoint's batches; H is no longer the "
                  "curvature of the training objective")
         return batch_arg(args.batch_size), f"size {args.batch_size}"
@@ -163,6 +189,21 @@ def _checkpoint_batches(args, training: dict, data: PairsData, con: Console):
 
 def batch_arg(value: str):
     return None if value == "all" else int(value)
+
+
+def check_negatives(batches, n: int, source: str) -> None:
+    """Refuse batches in which every pair is alone: the contrastive loss of a lone pair is constant (no
+    negatives), so nothing would be learned and every influence would be 0. ``batches``: None (one
+    batch), a batch size or ``(n,)`` batch ids; ``source`` names where they come from."""
+    if n < 2:
+        raise DataFileError(f"{source}: has {n} pair; contrastive training needs at least 2 pairs (a pair's "
+                            "negatives are the other pairs of its batch)")
+    if isinstance(batches, int) and batches < 2:
+        raise UsageError(f"{source}: batches of {batches} pair leave every pair without negatives (its loss is "
+                         "constant); use a batch size of at least 2, or all")
+    if torch.is_tensor(batches) and int(torch.unique(batches, return_counts=True)[1].max()) < 2:
+        raise DataFileError(f"{source}: every batch id is different, so every pair is alone in its batch "
+                            "without negatives; give pairs of the same batch the same id")
 
 
 def pairs_loss(model, images, texts) -> float:
@@ -186,8 +227,9 @@ def write_outputs(args, report: dict, tables: dict, extra: dict | None = None) -
     """Write ``--out`` atomically: the report, summary.json, the tables, and ``extra`` files
     (``name -> writer(path)``). Returns ``{file name: absolute path}``."""
     out = Path(os.path.abspath(args.out))
-    write_report(out, report, tables, overwrite=args.force, extra_files=extra)
-    return {p.name: str(out / p.name) for p in sorted(out.iterdir())}
+    write_report(out, report, tables, overwrite=args.force, extra_files=extra, command=args.command,
+                 inputs=input_files(args))
+    return {p.name: str(out / p.name) for p in sorted(out.iterdir()) if p.name != MARKER}
 
 
 def command_result(command: str, args, summary: dict, files: dict, text: list[str]) -> dict:

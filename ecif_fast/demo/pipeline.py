@@ -179,9 +179,13 @@ def run_demo(out: str = "ecif-demo-report", *, seed: int = 0, backend: str | Non
              config: DemoConfig | None = None) -> dict:
     """Run the demo and write the report folder ``out`` (report.html, summary.json, scores.csv/.parquet).
 
-    Returns the summary dict (also ``out/summary.json``).
+    Returns the summary dict (also ``out/summary.json``). ``out`` is checked before any work: an existing
+    folder is replaced only when it is empty or an earlier ecif-fast output (with ``overwrite``).
     """
     from ..report import write_report
+    from ..report.output import check_output_dir
+
+    check_output_dir(out, overwrite=overwrite)
 
     cfg = config or (QUICK if quick else DemoConfig())
     t_start = time.perf_counter()
@@ -232,7 +236,7 @@ def run_demo(out: str = "ecif-demo-report", *, seed: int = 0, backend: str | Non
     tables = {"scores": main["detection"].table, "cleaning": cleaning.table}
     if trace_table is not None:
         tables["traceback"] = trace_table
-    path = write_report(out, report, tables, overwrite=overwrite)
+    path = write_report(out, report, tables, overwrite=overwrite, command="demo")
     if json_out:
         print(json.dumps({"report": str(path), "summary": summary}, default=float))
     else:

@@ -149,11 +149,13 @@ def render_report(report: dict, *, files: list[str] | None = None) -> str:
 
 
 def write_report(out_dir, report: dict, tables: dict | None = None, *, overwrite: bool = True,
-                 extra_files: dict | None = None) -> Path:
+                 extra_files: dict | None = None, command: str = "report", inputs=()) -> Path:
     """Write ``out_dir/`` = report.html, summary.json and ``name.csv`` / ``name.parquet`` per table.
 
-    The folder appears complete or not at all (:func:`~ecif_fast.report.output.atomic_output_dir`);
-    ``overwrite=False`` refuses an existing non-empty ``out_dir``. ``summary.json`` is
+    The folder appears complete or not at all (:func:`~ecif_fast.report.output.atomic_output_dir`, which
+    also writes the marker ``.ecif-fast-output`` naming ``command``). An existing ``out_dir`` is replaced
+    only when it is empty or an earlier ecif-fast output (with ``overwrite``); never the working folder, a
+    folder above it, or one that holds a path of ``inputs``. ``summary.json`` is
     ``report["summary"]`` with indent 2, NaN / ±inf as null, numpy values as plain numbers.
     ``tables``: ``{name: DataFrame}``, ``name`` a plain file stem (letters, digits, ``._-``).
     ``extra_files``: ``{file name: writer(path)}`` for further files (e.g. checkpoints), written inside the
@@ -165,8 +167,7 @@ def write_report(out_dir, report: dict, tables: dict | None = None, *, overwrite
             if not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*", str(name)):
                 raise ValueError(f"{kind} name {name!r} is not a plain file stem (letters, digits, '._-')")
     summary = json.dumps(_jsonable(report.get("summary", {}), "summary"), indent=2, allow_nan=False)
-    out_dir = Path(out_dir)
-    with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+    with atomic_output_dir(out_dir, overwrite=overwrite, command=command, inputs=inputs) as tmp:
         written = []
         for name, df in tables.items():
             written += [p.name for p in write_table(df, tmp, str(name))]
@@ -176,7 +177,7 @@ def write_report(out_dir, report: dict, tables: dict | None = None, *, overwrite
         (tmp / "summary.json").write_text(summary + "\n", encoding="utf-8")
         html = render_report(report, files=["summary.json", *written])
         (tmp / "report.html").write_text(html, encoding="utf-8")
-    return out_dir / "report.html"
+    return Path(out_dir) / "report.html"
 
 
 def _e(value) -> str:
