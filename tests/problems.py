@@ -16,6 +16,13 @@ def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a * b).sum() / (a.norm() * b.norm()))
 
 
+def small_split(n: int = 12, n_test: int = 4, *, seed: int = 5, scale: float = 0.3):
+    """``(X, Y, X_test, Y_test)``: ``n`` training and ``n_test`` test pairs of :func:`paired_features`, scaled."""
+    X, Y = paired_features(n + n_test, seed=seed)
+    X, Y = scale * X, scale * Y
+    return X[:n], Y[:n], X[n:], Y[n:]
+
+
 def heads(normalize: bool, *, train_scale: bool = False, scale: float | None = None, image_dim: int = 6,
           text_dim: int = 5, embed_dim: int = 8, seed: int = 0):
     """Float64 LinearHeads initialised at a random reference point θ_ref (returned too)."""

@@ -3,6 +3,7 @@ every failure is one line on stderr with exit status 2 (130 for Ctrl-C), found b
 and nothing is written."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -48,7 +49,7 @@ def one_line_error(rc, stdout, err, *words):
 # ------------------------------------------------------------------------------------ option values
 
 @pytest.mark.parametrize("value,words", [("1180591620717411303424", "[0, 2**63)"), ("-1", "[0, 2**63)"),
-                                         ("2**70", "whole number")])
+                                         ("2**70", "whole number in [0, 2**63)")])
 def test_seed_out_of_range(data, tmp_path, capsys, value, words):
     rc, out, err = run(capsys, "train", "--train", data.train, "--out", tmp_path / "h.pt", "--seed", value)
     assert rc == 2 and "--seed" in err and words in err and not (tmp_path / "h.pt").exists()
@@ -184,3 +185,38 @@ def test_sigint_at_any_moment_is_130_without_traceback(data, tmp_path, delay):
     assert err.strip().splitlines()[-1] == "ecif-fast: interrupted" and "Traceback" not in err, err
     assert not out.exists()
     assert not (tmp_path / "res").exists() or list((tmp_path / "res").iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------------ warnings
+
+@pytest.mark.parametrize("curvature", ["gauss-newton", "hessian"])
+def test_lowrank_reports_what_it_keeps(data, tmp_path, capsys, curvature):
+    """--solver lowrank: the summary says what the factorisation keeps; below the significant spectrum (the
+    exact Hessian here: full rank; the plain heads' Gauss–Newton matrix has rank < 64) a one-line warning says
+    by how much H⁻¹ is off in the dropped directions."""
+    ckpt = tmp_path / "wide.pt"
+    assert main(["train", "--train", str(data.train), "--out", str(ckpt), "--quiet", "--embed-dim", "12",
+                 "--no-normalize", "--logit-scale", "0"]) == 0          # P = (6 + 5)·12 = 132 > rank 64
+    argv = analysis(data, "detect", tmp_path / "o", "--scoring", "self", "--solver", "lowrank", "--json",
+                    "--curvature", curvature)
+    argv[argv.index("--model") + 1] = ckpt
+    rc, out, err = run(capsys, *argv)
+    low = json.loads(out)["summary"]["settings"]["lowrank"]
+    assert rc == 0 and low["rank"] == 64 and 0 < low["captured"] <= 1
+    warned = [line for line in err.splitlines() if "low-rank solver" in line]
+    assert (low["dropped_error"] > 0.05) == bool(warned) == (curvature == "hessian"), (low, err)
+    assert all(line.startswith("ecif-fast: warning: ") for line in err.strip().splitlines()), err
+
+
+def test_cg_not_converging_warns_once_per_command(data, tmp_path, capsys):
+    """--cg-maxiter 2 stops every CG solve early: one warning line for the whole self-influence pass (120
+    right-hand sides), the results still written; a --cg-tol outside (0, 1) is refused."""
+    argv = analysis(data, "detect", tmp_path / "o", "--scoring", "self", "--solver", "cg", "--cg-maxiter", "2",
+                    "--json")
+    rc, out, err = run(capsys, *argv)
+    warned = [line for line in err.splitlines() if "CG did not converge" in line]
+    assert rc == 0 and len(warned) == 1 and warned[0].startswith("ecif-fast: warning: "), err
+    assert "120 of 120 right-hand side(s)" in warned[0] and json.loads(out)["summary"]["settings"]["cg_maxiter"] == 2
+    for bad in ("0", "1", "-1e-3", "nan"):
+        rc, out, err = run(capsys, *analysis(data, "detect", tmp_path / "p", "--solver", "cg", "--cg-tol", bad))
+        assert rc == 2 and "--cg-tol" in err and not (tmp_path / "p").exists()

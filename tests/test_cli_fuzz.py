@@ -4,7 +4,7 @@ Whatever the input, a run must end with status 0 or 2, print no traceback (statu
 ``ecif-fast: error:`` line), change no file outside its ``--out``, and leave nothing partial: no temporary
 entries, and after a failure ``--out`` as it was before. The examples are derandomised (the same in every
 run); ``ECIF_FAST_FUZZ_EXAMPLES`` raises their number and ``ECIF_FAST_FUZZ_RANDOM=1`` draws new ones,
-for a longer local search.
+for a longer local search; ``ECIF_FAST_FUZZ_SHOW=1`` prints every run's arguments and outcome.
 """
 from __future__ import annotations
 
@@ -190,12 +190,14 @@ BAD_OPTIONS = {
     "--top-harmful": ["0.1", "0", "1", "0.99", "nan", "-0.5"],
     "--solver": ["exact", "cg", "lowrank", "newton"], "--curvature": ["hessian", "gauss-newton", "x"],
     "--backend": ["torch", "cpp", "triton", "cuda"], "--scoring": ["validation", "self", "combined", "x"],
-    "--method": ["auto", "newton", "lbfgs", "sgd"],
+    "--method": ["auto", "newton", "lbfgs", "sgd"], "--cg-tol": ["1e-6", "0", "1", "nan", "x"],
+    "--cg-maxiter": ["1", "0", "5", "x"],
 }
 BAD_FLAGS = ["--force", "--json", "--quiet", "--retrain", "--only-wrong", "--no-normalize", "--float32",
              "--train-scale", "--allow-data-mismatch", "--quick"]
 ANALYSIS = {"--seed": ["0", "7"], "--solver": ["exact", "cg", "lowrank"], "--curvature": ["hessian", "gauss-newton"],
-            "--damping": ["0.5", "2"], "--backend": ["torch", "cpp"], "--batch-size": ["all", "6"]}
+            "--damping": ["0.5", "2"], "--backend": ["torch", "cpp"], "--batch-size": ["all", "6"],
+            "--cg-maxiter": ["3", "50"], "--cg-tol": ["1e-6"]}
 GOOD_OPTIONS = {
     "train": {"--seed": ["0", "3"], "--damping": ["0.5", "2"], "--batch-size": ["all", "6", "12"],
               "--logit-scale": ["0", "1"], "--embed-dim": ["2", "3"], "--max-iter": ["5", "30"],
@@ -208,10 +210,14 @@ GOOD_FLAGS = {"train": ["--float32", "--train-scale", "--json", "--quiet"],
               "clean": ["--retrain", "--json", "--quiet"], "demo": ["--quick", "--quiet"]}
 ACCEPTED = {  # the options each command takes (a one-fault example puts a bad value in one of these)
     "train": ["--seed", "--damping", "--batch-size", "--logit-scale", "--embed-dim", "--max-iter", "--method"],
-    "value": ["--seed", "--damping", "--batch-size", "--solver", "--curvature", "--backend"],
-    "detect": ["--seed", "--damping", "--batch-size", "--solver", "--curvature", "--backend", "--scoring"],
-    "trace": ["--seed", "--damping", "--batch-size", "--solver", "--curvature", "--backend", "--k"],
-    "clean": ["--seed", "--damping", "--batch-size", "--solver", "--curvature", "--backend", "--top-harmful"],
+    "value": ["--seed", "--damping", "--batch-size", "--solver", "--curvature", "--backend", "--cg-tol",
+              "--cg-maxiter"],
+    "detect": ["--seed", "--damping", "--batch-size", "--solver", "--curvature", "--backend", "--cg-tol",
+              "--cg-maxiter", "--scoring"],
+    "trace": ["--seed", "--damping", "--batch-size", "--solver", "--curvature", "--backend", "--cg-tol",
+              "--cg-maxiter", "--k"],
+    "clean": ["--seed", "--damping", "--batch-size", "--solver", "--curvature", "--backend", "--cg-tol",
+              "--cg-maxiter", "--top-harmful"],
     "demo": ["--seed", "--backend"],
 }
 SLOTS = {"train": ["train"], "value": ["train", "model", "val"], "detect": ["train", "model", "val"],
@@ -359,7 +365,7 @@ def test_cli_fuzz(base, capsys, demo_stub, case):
             stdout, err = capsys.readouterr()
         tag = f"argv={argv}\nstderr={err}"
         STATS[command, rc] = STATS.get((command, rc), 0) + 1
-        if os.environ.get("FUZZ_SHOW"):
+        if os.environ.get("ECIF_FAST_FUZZ_SHOW"):
             print(rc, argv[0], kinds, values, flags, out_kind, "|", err.strip().splitlines()[-1:] if err.strip() else "",
                   file=sys.__stderr__)
         if rc is None:                      # the stubbed demo: its checks passed, it wrote nothing yet

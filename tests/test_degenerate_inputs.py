@@ -11,7 +11,7 @@ from torch import nn
 import ecif_fast as ef
 from ecif_fast import ECIFInputError, NotPositiveDefiniteError
 from ecif_fast.solvers import CGSolver, Curvature, ExactSolver, LowRankSolver
-from problems import heads, paired_features
+from problems import heads, small_split
 
 N, N_TEST = 12, 4
 DAMPING = 300.0  # untrained models: a large damping keeps H positive definite
@@ -19,9 +19,7 @@ DAMPING = 300.0  # untrained models: a large damping keeps H positive definite
 
 @pytest.fixture(scope="module")
 def data():
-    X, Y = paired_features(N + N_TEST, seed=5)
-    X, Y = 0.3 * X, 0.3 * Y
-    return X[:N], Y[:N], X[N:], Y[N:]
+    return small_split(N, N_TEST)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import ecif_fast as ef
 from ecif_fast import ECIFInputError
-from problems import heads, paired_features
+from problems import heads, paired_features, small_split
 
 N, N_TEST = 12, 4
 DAMPING = 300.0  # untrained models: a large damping keeps H positive definite
@@ -14,9 +14,7 @@ DAMPING = 300.0  # untrained models: a large damping keeps H positive definite
 
 @pytest.fixture(scope="module")
 def data():
-    X, Y = paired_features(N + N_TEST, seed=5)
-    X, Y = 0.3 * X, 0.3 * Y
-    return X[:N], Y[:N], X[N:], Y[N:]
+    return small_split(N, N_TEST)
 
 
 @pytest.fixture(scope="module")

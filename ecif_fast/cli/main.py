@@ -51,46 +51,38 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _positive_int(text: str) -> int:
+def _number(text: str, parse, ok, need: str):
+    """``parse(text)`` if it gives a value for which ``ok(value)``, else an argparse error saying ``need``."""
     try:
-        value = int(text)
+        value = parse(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+        value = None
+    if value is None or not ok(value):
+        raise argparse.ArgumentTypeError(f"expected {need}, got {text!r}")
     return value
+
+
+def _positive_int(text: str) -> int:
+    return _number(text, int, lambda v: v >= 1, "a positive integer")
 
 
 def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0 or not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
+    return _number(text, float, lambda v: 0 < v < math.inf, "a positive number")
+
+
+def _unit_interval(text: str) -> float:
+    return _number(text, float, lambda v: 0 < v < 1, "a number in (0, 1)")
 
 
 def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if not 0 <= value < SEED_LIMIT:
-        raise argparse.ArgumentTypeError(f"must lie in [0, 2**63), got {text}")
-    return value
+    return _number(text, int, lambda v: 0 <= v < SEED_LIMIT, "a whole number in [0, 2**63)")
 
 
 def _logit_scale(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not abs(value) <= LOGIT_SCALE_LIMIT:     # also NaN
-        raise argparse.ArgumentTypeError(
-            f"must be a finite number in [-{LOGIT_SCALE_LIMIT}, {LOGIT_SCALE_LIMIT}] (it is the log of the "
-            f"softmax multiplier t = exp(s); CLIP uses log(1/0.07) = 2.66), got {text}")
-    return value
+    # |s| <= limit also refuses NaN; t = exp(s) is the softmax multiplier, CLIP's log(1/0.07) = 2.66
+    return _number(text, float, lambda v: abs(v) <= LOGIT_SCALE_LIMIT,
+                   f"a finite number in [-{LOGIT_SCALE_LIMIT}, {LOGIT_SCALE_LIMIT}] (the log of the softmax "
+                   "multiplier t = exp(s); CLIP uses log(1/0.07) = 2.66)")
 
 
 def _batch_size(text: str) -> str:
@@ -118,6 +110,10 @@ def _analysis(sub, name: str, help: str) -> argparse.ArgumentParser:
                    help="curvature matrix H (default gauss-newton)")
     p.add_argument("--damping", type=_positive_float,
                    help="damping delta of H (default: the checkpoint's training damping)")
+    p.add_argument("--cg-tol", type=_unit_interval, default=1e-10,
+                   help="cg solver: relative residual to stop at, in (0, 1) (default 1e-10)")
+    p.add_argument("--cg-maxiter", type=_positive_int,
+                   help="cg solver: iterations per solve (default max(100, 2 x parameters))")
     p.add_argument("--batch-size", type=_batch_size, metavar="N|all",
                    help="override the checkpoint's training batches (not recommended)")
     p.add_argument("--allow-data-mismatch", action="store_true",

@@ -137,8 +137,12 @@ class Setup:
         torch.manual_seed(self.args.seed)
         ecif = ECIF(self.model, damping=self.damping, batches=self.batches, hessian=self.solver,
                     curvature=self.args.curvature, backend=self.args.backend, progress=con.progress,
-                    seed=self.args.seed)
-        return ecif.fit(self.t(self.train.images), self.t(self.train.texts))
+                    seed=self.args.seed, cg_tol=self.args.cg_tol, cg_maxiter=self.args.cg_maxiter)
+        ecif.fit(self.t(self.train.images), self.t(self.train.texts))
+        if self.solver == "lowrank":   # what the factorisation keeps (it warns when the rest is not negligible)
+            self.settings["lowrank"] = {"rank": ecif.solver.rank, "captured": ecif.solver.captured,
+                                        "dropped_error": ecif.solver.dropped_error}
+        return ecif
 
 
 def setup(args, con: Console) -> Setup:
@@ -167,6 +171,8 @@ def setup(args, con: Console) -> Setup:
     settings = {"train": str(args.train), "model": str(args.model), "n_train": data.n, "parameters": n_params,
                 "damping": damping, "batches": desc, "solver": solver, "curvature": args.curvature,
                 "backend": args.backend or "auto", "dtype": model_config(model)["dtype"], "seed": args.seed}
+    if solver == "cg":
+        settings.update(cg_tol=args.cg_tol, cg_maxiter=args.cg_maxiter)
     return Setup(args, model, training, data, batches, damping, solver, settings)
 
 

