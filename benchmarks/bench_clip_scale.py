@@ -10,7 +10,7 @@ at the first EOS under a causal mask, so the padding changes nothing). n trainin
 (batch negatives), F = contrastive loss of the validation pairs as one batch.
 
 Measured in one process, side by side, as ratios to **one forward+backward pass over the training set**
-(the SPEC §2 loss of every training batch, backward to the selected parameters, one batch at a time, through
+(the docs/math.md §2 loss of every training batch, backward to the selected parameters, one batch at a time, through
 the wrapper, i.e. the SDPA math kernel the JVP needs; the default SDPA kernel is timed too):
 
 * ECIF stages: fit (embeddings of all pairs), ∇F, solve (matrix-free CG on the Gauss–Newton product,
@@ -181,7 +181,7 @@ def train_only(model, names):
 
 # ---------------------------------------------------------------------------------------------- baseline
 def fwd_bwd(model, X, Y, batch: int, default_sdpa: bool = False):
-    """One forward+backward over the training set: the SPEC §2 loss of each batch, backward to the parameters
+    """One forward+backward over the training set: the docs/math.md §2 loss of each batch, backward to the parameters
     with ``requires_grad`` (gradients accumulate over the batches, one batch of activations alive at once).
     ``default_sdpa``: the towers through CLIP's own call (default SDPA dispatch) instead of the math kernel."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -551,9 +551,9 @@ def describe(res: dict, command: str) -> str:
              f"**Data:** n = {a['n']} training pairs (random pixel values; random token ids, BOS + 14–30 ids + "
              f"EOS, padded with EOS to 32 — CLIP pools at the first EOS under a causal mask, so the padding is "
              f"inert), batch negatives with batch {a['batch']} ({e['num_batches']} batches), `negative_term="
-             f"\"exact\"`; F = SPEC §2 contrastive loss of {a['val']} held-out pairs as one batch.",
+             f"\"exact\"`; F = docs/math.md §2 contrastive loss of {a['val']} held-out pairs as one batch.",
              "",
-             f"**Baseline** (1.00×): one forward+backward over the training set — the SPEC §2 loss of each "
+             f"**Baseline** (1.00×): one forward+backward over the training set — the docs/math.md §2 loss of each "
              f"training batch, backward to θ, gradients accumulated batch by batch (one batch of activations "
              f"alive, as the engine's `chunk_size={a['chunk_size']}`), through the wrapper, i.e. under the SDPA "
              f"math kernel that the engine's JVP needs; timed in the same process, same threads, as everything "

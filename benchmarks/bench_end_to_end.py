@@ -7,7 +7,7 @@ factor (``x = zA + 0.5ε``), the heads are trained for a few hundred Adam steps 
 is peaked as in a trained CLIP head.
 
 The solve uses what a user at this scale would: matrix-free CG on the Gauss–Newton curvature, subsampled
-to ``--hessian-batches`` random training batches (SPEC §4 "optional Hessian subsampling"), relative
+to ``--hessian-batches`` random training batches (docs/math.md §4 "optional Hessian subsampling"), relative
 residual ``--cg-tol`` or ``--cg-maxiter`` iterations, damping ``--damping-scale`` × the "auto" value
 (default 100, i.e. δ = 0.1·tr(C)/P: at n = 4096 float32 CG at the auto value 1e-3·tr(C)/P still had a
 relative residual of 0.17 after 200 iterations, at 10× it reached 0.013, at 100× 3e-5, where 50

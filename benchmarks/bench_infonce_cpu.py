@@ -3,7 +3,7 @@
 "All" negatives (one batch of n pairs), d = 256, float32, unit-norm embeddings, t = 20. Per size:
 
 * ``cpp``: ``cpp_backend.infonce(U, V, t, plan, with_scale=True)`` — loss, dU, dV, d log_scale;
-* ``GEMM limit`` (SPEC §5): 3 × the time of ``torch.mm`` of an (n×d)·(d×n) product, timed in the same
+* ``GEMM limit`` (docs/math.md §5): 3 × the time of ``torch.mm`` of an (n×d)·(d×n) product, timed in the same
   process, interleaved with the cpp runs, on the same thread count;
 * ``twin``: the streaming torch twin ``torch_ref.infonce.infonce`` (chunked torch matmuls, same contract);
 * ``naive``: what a user writes — ``S = t·U@V.T``, ``log_softmax`` over rows and columns, the

@@ -17,7 +17,7 @@ CPU: growth of ``ru_maxrss`` over the footprint after the inputs exist (one call
 CUDA: ``torch.cuda.max_memory_allocated`` growth. Times are minima of ``--reps`` calls, and every worker
 also times the score GEMM of its case (``torch.mm`` of (n×d)·(d×n), or ``bmm`` over the batches) interleaved
 with its own calls (for "all" above n = 8192 on column blocks of 8192, without an n×n output): the
-**GEMM limit** of SPEC §5 is 3 × that time. Ratios between methods compare
+**GEMM limit** of docs/math.md §5 is 3 × that time. Ratios between methods compare
 GEMM-normalised times, ``(t/gemm)_a / (t/gemm)_b``, so a load change between workers cancels out.
 
 Run::

@@ -485,7 +485,7 @@ def summary(out, env_info, stages, wall, dry) -> str:
     else:
         L.append("Median ms of up to 5 calls (twin, naive: 3; slow ones fewer) after a warm-up call (CUDA events). Ratios < 1: Triton is faster. "
                  "diff = max |x − triton| / max |triton| over the outputs. GEMM = the case's score GEMM "
-                 "(`mm`/`bmm`, same dtype); the fused infonce's limit (SPEC §5) is 3 × GEMM. (!) = diff above "
+                 "(`mm`/`bmm`, same dtype); the fused infonce's limit (docs/math.md §5) is 3 × GEMM. (!) = diff above "
                  f"{DIFF_TWIN:g} (twin) / {DIFF_NAIVE['float32']:g} float32, {DIFF_NAIVE['bfloat16']:g} bfloat16 "
                  "(naive: its bfloat16 scores are rounded to bfloat16).")
         L.append("")
@@ -615,7 +615,7 @@ def _call(op, fn, U, V, dU, dV, plan):
 
 
 def _naive(torch, op, U, V, dU, dV, B):
-    """What a user writes: dense per-batch scores by ``bmm`` (float32 softmax), formulas of SPEC §4."""
+    """What a user writes: dense per-batch scores by ``bmm`` (float32 softmax), formulas of docs/math.md §4."""
     n, d = U.shape
     nb = n // B
     F = torch.nn.functional

@@ -320,7 +320,7 @@ Raises ValueError on bad shapes/dtypes/plan.)doc");
     m.def("ecif_reductions", &ecif_reductions, py::arg("U"), py::arg("V"), py::arg("scale"), py::arg("perm"),
           py::arg("offsets"), py::arg("dU"), py::arg("dV"), py::arg("dlog_scale"), py::arg("exact"), py::kw_only(),
           py::arg("isa") = "auto", py::arg("num_threads") = 0,
-          R"doc(Positive and negative influence parts of every pair along Q query directions (SPEC §4).
+          R"doc(Positive and negative influence parts of every pair along Q query directions (docs/math.md §4).
 
 Per batch, S = scale U_b V_b^T and dS = scale (dU_q V_b^T + U_b dV_q^T) + dlog_scale[q] S:
   positive_k = m_k + mc_k - 2 dS_kk  (m, mc: row / column softmax means of dS);
@@ -333,7 +333,7 @@ Raises ValueError on bad shapes/dtypes/plan.)doc");
     m.def("gauss_newton_product", &gauss_newton_product, py::arg("U"), py::arg("V"), py::arg("scale"),
           py::arg("perm"), py::arg("offsets"), py::arg("dU"), py::arg("dV"), py::arg("dlog_scale"), py::kw_only(),
           py::arg("isa") = "auto", py::arg("num_threads") = 0,
-          R"doc(Embedding-space Gauss-Newton product (SPEC §4), S and dS as for ecif_reductions():
+          R"doc(Embedding-space Gauss-Newton product (docs/math.md §4), S and dS as for ecif_reductions():
   G = P o (dS - m) + Qc o (dS - mc);  gU = scale G V_b;  gV = scale G^T U_b;  gs = sum G o S.
 Arguments as for ecif_reductions() (no exact). Returns (gU, gV: (Q, n, d), gs: (Q,)), input dtype;
 gs is zero when dlog_scale is None. Raises ValueError on bad shapes/dtypes/plan.)doc");

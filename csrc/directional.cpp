@@ -1,5 +1,5 @@
 // Drivers of the directional ops (ecif_reductions, Gauss-Newton product): task lists, OpenMP,
-// per-thread column partials and their merge, and the per-pair assembly (SPEC §4).
+// per-thread column partials and their merge, and the per-pair assembly (docs/math.md §4).
 //
 // Passes (B = batch size, Q queries; cost in units of B^2 d multiply-adds per batch):
 //   ecif_reductions   1. line statistics of S (top, arg, rest, lse per row and column)      1
@@ -416,7 +416,7 @@ void reductions_driver(const DirProblem<T>& p, T* positive, T* negative, const s
         T* o3[1] = {p.mW};
         run_pass(p, kern, pl, kDirRed3, int(Q), 1, o3, nullptr);
     }
-    // Per pair: positive, the regular negative terms, and the two line-maximum terms (SPEC §4,
+    // Per pair: positive, the regular negative terms, and the two line-maximum terms (docs/math.md §4,
     // torch_ref/softmax.py): p_ia (δS_ia - Σ_{j≠a} r_ij δS_ij) credited to the row's max pair a and
     // the column analogue. They are computed per pair in parallel, then scattered in a fixed order.
     const i64 npairs = nb > 0 ? p.offsets[nb] : 0;

@@ -1,4 +1,4 @@
-// Public interface of the C++ directional ops (SPEC §4): ecif_reductions and the embedding-space
+// Public interface of the C++ directional ops (docs/math.md §4): ecif_reductions and the embedding-space
 // Gauss-Newton product. No Python / pybind11 types here.
 //
 // Both work in "δS form": per batch b, S = t U_b V_b^T and, per query q,
@@ -34,7 +34,7 @@ struct DirProblem {
     const T* dV;
     const T* ds;
     bool exact;
-    // line statistics of S, per pair (row i of its batch / column j of its batch), SPEC §4:
+    // line statistics of S, per pair (row i of its batch / column j of its batch), docs/math.md §4:
     // st: top = max, l = lse - top, arg = batch-local position of the max (lse.hpp); the rest (the line
     // without its max; ecif_reductions only) as rest = rm + rl, rm its own max (-inf, rl = 0 if empty).
     LineStats<T> st;

@@ -4,7 +4,7 @@
 // .cpp defines ECIF_ISA_NS, ECIF_VEC_BYTES and optionally ECIF_MR. A task (batch b, row tile rt)
 // packs its rows of U and of every δU_q into MR-row panels, then per column tile:
 //   1. S = t U_I V_J^T with the shared micro-kernel (tile_common.hpp);
-//   2. the softmax weights the mode needs, once per tile (SPEC §3-§4, torch_ref/softmax.py), from the
+//   2. the softmax weights the mode needs, once per tile (docs/math.md §3-§4, torch_ref/softmax.py), from the
 //      line statistics (lse.hpp, LineStats):
 //        P  = exp(z_r - l_r[i]),   Qc = exp(z_c - l_c[j]),   z = S - top off the line's max, 0 at it,
 //        Wr = P/(1-P) (exact) or P, 0 at i == j and (exact) at the row max j == arg_r[i],
@@ -73,7 +73,7 @@ void dir_gemm(const T* ECIF_RESTRICT Ap, const T* ECIF_RESTRICT Bp, int npu, i64
 // Fold a tile's line statistics into a running line state (top, arg, rest as (rM, rS): reference and
 // sum of exp(x - rM) over the rest). (a, ja): the tile's max and its position; (b2, ts): the rest of
 // the tile as (reference, sum). The smaller of the two maxima joins the rest. Ties keep the earlier
-// entry (either choice is exact, SPEC §4).
+// entry (either choice is exact, docs/math.md §4).
 template <class T>
 ECIF_INLINE void line_merge(T& top, i64& arg, T& rM, T& rS, T a, i64 ja, T b2, T ts) {
     T loser;

@@ -1,7 +1,7 @@
 """ecif_fast: influence functions for contrastive (CLIP-style) models (ECIF, arXiv 2411.11667).
 
 The pair removal effect has two parts: the pair's own loss term (positive role) and its presence in
-the softmax denominators of every other anchor in its batch (negative role). See SPEC §3.
+the softmax denominators of every other anchor in its batch (negative role). See docs/math.md §3.
 
 The public names below are imported on first use (PEP 562), so that ``import ecif_fast`` is cheap and
 the command line can install its signal handling before torch loads.
@@ -46,7 +46,7 @@ def __dir__():
 
 
 def contrastive_loss(U, V, scale, batches=None):
-    """SPEC §2 contrastive loss ``Σ_b Σ_{k∈b} ℓ_k`` (row + column terms, summed, no ½).
+    """docs/math.md §2 contrastive loss ``Σ_b Σ_{k∈b} ℓ_k`` (row + column terms, summed, no ½).
 
     Args:
         U, V: ``(n, d)`` image and text embeddings. scale: the multiplier ``t = exp(logit_scale)``.

@@ -1,4 +1,4 @@
-"""The ECIF engine: one solve per test function, one JVP pass, softmax-weighted reductions (SPEC §3–§4)."""
+"""The ECIF engine: one solve per test function, one JVP pass, softmax-weighted reductions (docs/math.md §3–§4)."""
 from __future__ import annotations
 
 import copy
@@ -419,7 +419,7 @@ class ECIF:
     @_cg_summary
     def relative_influence(self, test_images=None, test_texts=None, *, fn: TestFn | None = None,
                            per_test: bool = False) -> torch.Tensor:
-        """RelatIF-style trace-back score ``∇Fᵀ H⁻¹ g_k / sqrt(g_kᵀ H⁻¹ g_k)`` (SPEC §3), shape as ``influence``."""
+        """RelatIF-style trace-back score ``∇Fᵀ H⁻¹ g_k / sqrt(g_kᵀ H⁻¹ g_k)`` (docs/math.md §3), shape as ``influence``."""
         return self.relative(self.influence(test_images, test_texts, fn=fn, per_test=per_test).total)
 
     def relative(self, total: torch.Tensor) -> torch.Tensor:
@@ -446,7 +446,7 @@ class ECIF:
     @_cg_summary
     def group_influence(self, indices, test_images=None, test_texts=None, *, fn: TestFn | None = None,
                         per_test: bool = False) -> InfluenceResult:
-        """Influence of removing the whole set ``indices`` at once (exact group formula, SPEC §3).
+        """Influence of removing the whole set ``indices`` at once (exact group formula, docs/math.md §3).
 
         ``indices``: ints in ``[0, n)`` or an ``(n,)`` boolean mask, distinct, not every pair; test pairs as in
         :meth:`influence`. Returns an :class:`InfluenceResult` of 0-d tensors (``(Q,)`` for several test
@@ -470,7 +470,7 @@ class ECIF:
         return self._result(torch.stack(pos), torch.stack(neg), Hq, fn, per_test)
 
     def group_gradient(self, indices) -> torch.Tensor:
-        """``(P,)`` parameter-space ``g(D*) = g⁺(D*) + g⁻(D*)`` (SPEC §3) for the set ``indices``."""
+        """``(P,)`` parameter-space ``g(D*) = g⁺(D*) + g⁻(D*)`` (docs/math.md §3) for the set ``indices``."""
         self._require_fit()
         removed = self._removed(indices)
         groups, objective = self._group_objective(removed)
@@ -490,7 +490,7 @@ class ECIF:
 
     @_cg_summary
     def removal_update(self, indices) -> dict[str, torch.Tensor]:
-        """Parameters after removing ``indices`` by one Newton step ``θ̂ + H⁻¹ g(D*)`` (SPEC §3).
+        """Parameters after removing ``indices`` by one Newton step ``θ̂ + H⁻¹ g(D*)`` (docs/math.md §3).
 
         ``indices``: ints in ``[0, n)`` (list, tuple, set, tensor or array) or an ``(n,)`` boolean mask; distinct,
         and at least one pair must remain.

@@ -8,7 +8,7 @@ import torch
 
 @dataclass(frozen=True)
 class InfluenceResult:
-    """Predicted change of the test function(s) F when training pairs are removed (SPEC §3 sign).
+    """Predicted change of the test function(s) F when training pairs are removed (docs/math.md §3 sign).
 
     ``total = positive + negative``; shapes ``(n_train,)`` for one F, ``(Q, n_train)`` for ``Q`` test
     functions (group influence: ``()`` or ``(Q,)``). For F = validation loss, ``total > 0`` means

@@ -1,4 +1,4 @@
-"""Train a contrastive model to the optimum of ``R(θ)`` (SPEC §2).
+"""Train a contrastive model to the optimum of ``R(θ)`` (docs/math.md §2).
 
 Influence functions describe the optimum; this helper gets a model there (float64 recommended) and
 is what the leave-one-out checks retrain with. ``method="newton"`` (damped Newton with a

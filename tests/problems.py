@@ -1,4 +1,4 @@
-"""Small, well-posed float64 test problems shared by the tests (SPEC §6 practical notes)."""
+"""Small, well-posed float64 test problems shared by the tests (docs/math.md §6 practical notes)."""
 from __future__ import annotations
 
 import math

@@ -68,7 +68,7 @@ def test_value_data_is_the_influence_with_metadata(fitted):
 
 
 def _brute_pair_loss(ecif):
-    """ℓ_k of every pair straight from SPEC §2 (row + column cross-entropy inside its batch)."""
+    """ℓ_k of every pair straight from docs/math.md §2 (row + column cross-entropy inside its batch)."""
     out = torch.empty(ecif.n, dtype=torch.float64)
     t = ecif.log_scale.exp()
     for g in ecif.plan.groups():

@@ -1,4 +1,4 @@
-"""Peer adapters (benchmarks/evaluation/peers.py): dattri, TRAK and kronfluence in our sign convention (SPEC §3)."""
+"""Peer adapters (benchmarks/evaluation/peers.py): dattri, TRAK and kronfluence in our sign convention (docs/math.md §3)."""
 import dataclasses
 import sys
 

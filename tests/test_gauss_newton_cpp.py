@@ -1,4 +1,4 @@
-"""C++ ``gauss_newton_product`` vs the torch twin (SPEC §4, §6).
+"""C++ ``gauss_newton_product`` vs the torch twin (docs/math.md §4, §6).
 
 Oracle: ``torch_ref.gauss_newton.gauss_newton_product`` in float64 on the inputs as the kernel sees them
 (float16/bfloat16 rounded, then upcast exactly); the twin itself is checked against autograd in

@@ -1,5 +1,5 @@
 """Fused ``infonce`` op (torch twin, streaming path) and the ``InfoNCE`` autograd function vs autograd of
-the materialising ``contrastive_loss`` (SPEC §2, §6.3)."""
+the materialising ``contrastive_loss`` (docs/math.md §2, §6.3)."""
 from __future__ import annotations
 
 import os

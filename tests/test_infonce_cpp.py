@@ -1,4 +1,4 @@
-"""C++ fused InfoNCE forward + backward vs autograd of the materialising torch loss (SPEC §2, §4, §6).
+"""C++ fused InfoNCE forward + backward vs autograd of the materialising torch loss (docs/math.md §2, §4, §6).
 
 Oracle: ``torch.autograd.grad`` of ``torch_ref.loss.contrastive_loss`` (per-batch ``U@V.T``,
 ``logsumexp``) in float64 on the inputs as the kernel sees them (fp16/bf16 rounded, then upcast

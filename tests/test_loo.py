@@ -1,4 +1,4 @@
-"""Ground truth (SPEC §6.1): ECIF predictions vs leave-one-out retraining to the optimum, float64."""
+"""Ground truth (docs/math.md §6.1): ECIF predictions vs leave-one-out retraining to the optimum, float64."""
 import copy
 
 import pytest

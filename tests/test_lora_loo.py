@@ -1,11 +1,11 @@
-"""Ground truth (SPEC §6.1) on a LoRA fine-tuning: ECIF vs leave-one-out retraining of a ``peft`` LoRA on a
+"""Ground truth (docs/math.md §6.1) on a LoRA fine-tuning: ECIF vs leave-one-out retraining of a ``peft`` LoRA on a
 tiny Hugging Face CLIP, float64, nothing downloaded.
 
 The problem is the evaluation suite's ``clip_lora()`` (``benchmarks/evaluation/lora_problem.py``, whose docstring
 describes the construction): a tiny randomly initialised CLIP "pre-trained" on domain A, LoRA r = 2 (P = 192,
 θ_ref = the LoRA init) fine-tuned on n = 32 domain-B pairs (pairs 0 and 9 carry another class's caption) to
 max|∇R| < 1e-9 by ``ecif_fast.train`` (L-BFGS, then Newton); every leave-one-out model likewise, warm-started from
-θ̂, same batches with the pair deleted (SPEC §3). F = the contrastive loss of 16 held-out domain-B pairs as one
+θ̂, same batches with the pair deleted (docs/math.md §3). F = the contrastive loss of 16 held-out domain-B pairs as one
 batch; fine-tuning lowers it from 59.11 to 51.58 (batches of 8; 52.17 with "all" negatives).
 
 Damping δ = 300. The damped Hessian at θ̂ has eigenvalues 159.4 … 1729.1 (the loss Hessian alone is indefinite,

@@ -1,4 +1,4 @@
-"""C++ lse kernel vs the torch twin and a float64 brute force (SPEC §6.3)."""
+"""C++ lse kernel vs the torch twin and a float64 brute force (docs/math.md §6.3)."""
 from __future__ import annotations
 
 import math

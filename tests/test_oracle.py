@@ -1,4 +1,4 @@
-"""SPEC §6.2: the embedding-space path equals brute-force autograd (``g_k = ∇R − ∇R_{−k}``) to 1e-10."""
+"""docs/math.md §6.2: the embedding-space path equals brute-force autograd (``g_k = ∇R − ∇R_{−k}``) to 1e-10."""
 import itertools
 
 import pytest

@@ -243,7 +243,7 @@ def test_custom_model_end_to_end(data):
     moved = select_params(cleaned).flat(cleaned) - engine.theta
     assert _rel(moved, step) < 1e-10
     # and points where retraining without the pair goes (n = 12 is small: one removal is not tiny, so
-    # only the direction is checked; SPEC §6)
+    # only the direction is checked; docs/math.md §6)
     keep = torch.ones(N, dtype=torch.bool)
     keep[removed] = False
     retrained = _two_towers()

@@ -1,4 +1,4 @@
-"""Torch twins of the embedding-space ops vs autograd in embedding space (SPEC §4, §6.3)."""
+"""Torch twins of the embedding-space ops vs autograd in embedding space (docs/math.md §4, §6.3)."""
 import pytest
 import torch
 from hypothesis import given, settings

@@ -1,4 +1,4 @@
-"""Solvers and curvature (SPEC §4): exact vs CG vs low-rank, Gauss–Newton built independently, damping, subsampling."""
+"""Solvers and curvature (docs/math.md §4): exact vs CG vs low-rank, Gauss–Newton built independently, damping, subsampling."""
 import re
 
 import pytest
@@ -24,7 +24,7 @@ def _rel(a, b):
 def _problem(normalize, *, train_scale=False, dims=SMALL, seed=1, n=N, batch=BATCH):
     """A float64 model trained to the optimum of R with damping TRAIN_DAMPING towards θ_ref.
 
-    (Normalised heads: not every seed / damping has a well-posed optimum, see SPEC §6; this one does.)
+    (Normalised heads: not every seed / damping has a well-posed optimum, see docs/math.md §6; this one does.)
     """
     X, Y = paired_features(n + N_TEST, image_dim=dims["image_dim"], text_dim=dims["text_dim"], latent=3, seed=seed)
     X, Y = 0.5 * X, 0.5 * Y

@@ -1,4 +1,4 @@
-"""Triton ``gauss_newton_product`` vs a float64 brute force and the torch twin (SPEC §4, §6.3), on the
+"""Triton ``gauss_newton_product`` vs a float64 brute force and the torch twin (docs/math.md §4, §6.3), on the
 CPU in Triton's interpreter (``TRITON_INTERPRET=1`` per test, via monkeypatch), or with
 ``ECIF_FAST_TEST_DEVICE=cuda`` the compiled kernels on a GPU (``kernel_cases.on_test_device``).
 

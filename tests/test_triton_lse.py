@@ -1,4 +1,4 @@
-"""Triton lse kernel vs the torch twin and a float64 brute force (SPEC §6.3), run on the CPU in
+"""Triton lse kernel vs the torch twin and a float64 brute force (docs/math.md §6.3), run on the CPU in
 Triton's interpreter (``TRITON_INTERPRET=1``, set per test with monkeypatch so that it does not leak
 into other test modules; the backend builds interpreted kernels when it sees it at call time).
 With ``ECIF_FAST_TEST_DEVICE=cuda`` the same tests run the compiled kernels on a GPU

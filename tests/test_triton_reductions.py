@@ -1,4 +1,4 @@
-"""Triton ``ecif_reductions`` vs the torch twin (SPEC §4, §6.3), run on the CPU in Triton's interpreter
+"""Triton ``ecif_reductions`` vs the torch twin (docs/math.md §4, §6.3), run on the CPU in Triton's interpreter
 (``TRITON_INTERPRET=1``, set per test with monkeypatch), plus ahead-of-time sm_90 compiles of the kernels.
 With ``ECIF_FAST_TEST_DEVICE=cuda`` the same tests run the compiled kernels on a GPU
 (``kernel_cases.on_test_device``; the twin stays on the CPU) and the CPU-interpreter tests skip.

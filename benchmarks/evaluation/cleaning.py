@@ -1,4 +1,4 @@
-"""Experiment 3: cleaning (SPEC §7 Tables 1–2 analogues). Remove the top ``fraction`` most suspicious pairs by
+"""Experiment 3: cleaning (docs/math.md §7 Tables 1–2 analogues). Remove the top ``fraction`` most suspicious pairs by
 each method's detection score, retrain from θ̂ on the rest (same batches and damping), and measure zero-shot
 accuracy on the held-out test digits; references: no removal, a seeded random removal, and removing only
 truly swapped pairs (as many as the others remove, the best a detector can do). For ECIF the closed-form update

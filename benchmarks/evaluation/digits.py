@@ -40,7 +40,7 @@ class DigitRun:
     train_seconds: float
 
     def accuracy(self, model=None) -> float:
-        """Zero-shot accuracy on the held-out test digits (class prompts, SPEC §3 zero-shot use)."""
+        """Zero-shot accuracy on the held-out test digits (class prompts, docs/math.md §3 zero-shot use)."""
         return zero_shot_accuracy(self.problem.model if model is None else model, self.data, self.split.test)
 
 

@@ -15,11 +15,11 @@ uses the same problem. Construction (all seeds fixed; ``seed`` offsets every one
   ``init_lora_weights=False`` because it takes influences at the untrained model, where B = 0 makes ∇F vanish on
   A; here they are taken at θ̂, where B ≠ 0.) n = 32 pairs of a shifted domain B (new image prototypes,
   correlated with A's); fixed batches of 8 that each hold every class once; pairs 0 and 9 carry another class's
-  caption. F = the SPEC §2 contrastive loss of 16 held-out domain-B pairs as one batch (``Problem.F``, the ``F``
+  caption. F = the docs/math.md §2 contrastive loss of 16 held-out domain-B pairs as one batch (``Problem.F``, the ``F``
   of ``ECIF.influence(Xv, Yv)``); with seed 0 and batches of 8 fine-tuning lowers it from 59.11 to 51.58.
 - Optimum: ``ecif_fast.train``, L-BFGS (500 iterations) then Newton (5 steps), to max|∇R| < 1e-9 (reached:
   ~1e-13); L-BFGS alone stalls at max|∇R| ~ 1e-7…1e-6, where R's decrease is below float64 resolution.
-  ``Problem.retrain`` runs the same two stages, warm-started from θ̂, same batches with the pairs deleted (SPEC §3).
+  ``Problem.retrain`` runs the same two stages, warm-started from θ̂, same batches with the pairs deleted (docs/math.md §3).
 - Damping δ = 300: see ``tests/test_lora_loo.py`` for the Hessian spectrum and why this δ.
 
 The LoRA parameters are the only trainable ones (the base is frozen), so ``params=None`` selects exactly them.

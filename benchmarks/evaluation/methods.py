@@ -1,4 +1,4 @@
-"""Influence estimates of every method on a :class:`Problem`, all in one convention (SPEC §3): the predicted
+"""Influence estimates of every method on a :class:`Problem`, all in one convention (docs/math.md §3): the predicted
 change of the test function F when a training pair is removed (``(n,)`` float64, > 0 = the pair is valuable).
 
 - ``ecif``: ECIF with the exact negative term; ``ecif_taylor``: the paper's first-order negative term;

@@ -1,4 +1,4 @@
-"""Peer influence libraries run on an evaluation :class:`Problem`, in our convention (SPEC §3).
+"""Peer influence libraries run on an evaluation :class:`Problem`, in our convention (docs/math.md §3).
 
 Every adapter returns ``(scores, seconds, details)``: ``scores`` ``(n,)`` float64, the predicted change of F (the
 validation pairs' contrastive loss as one batch) when training pair k is removed (> 0: the pair is valuable);
@@ -63,7 +63,7 @@ def _selected(problem: Problem):
 
 
 def _validation_loss(call, Xv, Yv) -> torch.Tensor:
-    """F: the SPEC §2 loss of the validation pairs as one batch; ``call(x, y) -> (u, v, t)``."""
+    """F: the docs/math.md §2 loss of the validation pairs as one batch; ``call(x, y) -> (u, v, t)``."""
     u, v, t = call(Xv, Yv)
     return batch_loss(t * (u @ v.T))
 
@@ -83,7 +83,7 @@ def _agreement(scores: torch.Tensor, ref) -> dict:
 def dattri_positive_only(problem: Problem, *, compare: bool = True):
     """Classical influence functions by dattri's ``IFAttributorExplicit``: ``(n,)`` ``∇Fᵀ H⁻¹ ∇ℓ_k``.
 
-    dattri's "data" is the pair index k: its per-sample loss is ℓ_k (SPEC §2, row + column term) inside k's fixed
+    dattri's "data" is the pair index k: its per-sample loss is ℓ_k (docs/math.md §2, row + column term) inside k's fixed
     batch (padded to the largest batch, padding masked out), and its full-data loss (the one it takes the Hessian
     of) is ``Σ_k ℓ_k`` over all batches, a sum as in R; ``regularization=δ`` makes ``H = ∇²R``. dattri's score
     ``∇ℓ_kᵀ H⁻¹ ∇F`` is already "the change of F when k is removed" (``θ̂_{−k} − θ̂ ≈ H⁻¹∇ℓ_k``): no sign flip.

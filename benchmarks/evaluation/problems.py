@@ -1,5 +1,5 @@
 """The evaluation problems: a model trained to the optimum of R, its training and validation pairs, and the
-retraining that gives the ground truth (SPEC §6.1).
+retraining that gives the ground truth (docs/math.md §6.1).
 
 (a) ``linear_plain``: unnormalised LinearHeads on synthetic paired features (a shared latent factor);
 (b) ``linear_normalized``: L2-normalised LinearHeads on real digit images (PCA of the pixels) and MiniLM caption
@@ -28,7 +28,7 @@ class Problem:
     Attributes:
         name: key in ``results.json``. description: one line for the report.
         model: the trained model (θ̂). X, Y: ``(n, ...)`` training pairs. Xv, Yv: ``(m, ...)`` validation pairs.
-        batch_ids: ``(n,)`` fixed batch of every pair (kept when pairs are removed, SPEC §3).
+        batch_ids: ``(n,)`` fixed batch of every pair (kept when pairs are removed, docs/math.md §3).
         damping: δ of R. theta_ref: ``(P,)`` reference point of R.
         train_kwargs: extra arguments of ``ecif_fast.train`` for retraining (method, max_iter, tol); a list of such
             dicts trains in stages, one ``ecif_fast.train`` call each, in order (e.g. L-BFGS, then Newton).
@@ -62,7 +62,7 @@ class Problem:
         return ef.ECIF(self.model, **args).fit(self.X, self.Y)
 
     def F(self, model: nn.Module | None = None) -> float:
-        """The test function: SPEC §2 contrastive loss of the validation pairs as one batch."""
+        """The test function: docs/math.md §2 contrastive loss of the validation pairs as one batch."""
         m = self.model if model is None else model
         with torch.no_grad():
             return float(ef.contrastive_loss(m.encode_image(self.Xv), m.encode_text(self.Yv), m.logit_scale.exp()))

@@ -48,7 +48,7 @@ FULL = Mode("full", loo={"linear_plain": None, "linear_normalized": None, "clip_
 MODES = {"quick": QUICK, "full": FULL}
 
 # the normalised problem (b): δ = 10 is the smallest damping at which every half-subset retrain reaches an optimum
-# (δ = 0.3 / 1 / 3: Newton stalls on some subsets as embeddings approach zero norm, SPEC §6 practical notes)
+# (δ = 0.3 / 1 / 3: Newton stalls on some subsets as embeddings approach zero norm, docs/math.md §6 practical notes)
 NORMALIZED_DAMPING = 10.0
 
 

@@ -1,4 +1,4 @@
-"""Applications built on ECIF (SPEC §1): valuation, misalignment detection, trace-back, cleaning."""
+"""Applications built on ECIF (docs/math.md §1): valuation, misalignment detection, trace-back, cleaning."""
 from .cleaning import Cleaning, clean
 from .detection import SCORINGS, Detection, baseline_scores, detect_misaligned
 from .metrics import auroc, average_precision, detection_metrics, precision_at_k

@@ -19,7 +19,7 @@ class Cleaning:
     """Result of :func:`clean`.
 
     Attributes:
-        model: copy of the model with the ECIF removal update ``θ̂ + H⁻¹g(D*)`` (SPEC §3).
+        model: copy of the model with the ECIF removal update ``θ̂ + H⁻¹g(D*)`` (docs/math.md §3).
         retrained: copy retrained without the pairs (warm start from θ̂), or None.
         removed: ``(K,)`` indices of the removed pairs.
         timings_s: ``{"ecif_update": s, "retrain": s}``.

@@ -1,6 +1,6 @@
 """Misalignment detection: rank training pairs by how likely their caption does not fit the image.
 
-Scores are "higher = more suspicious". ECIF scorings (SPEC §3):
+Scores are "higher = more suspicious". ECIF scorings (docs/math.md §3):
 
 - ``"validation"``: ``−I_F(k)`` with ``F`` the loss on trusted validation pairs (removing a misaligned
   pair lowers the validation loss, so its influence is negative);

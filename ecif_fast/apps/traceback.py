@@ -1,4 +1,4 @@
-"""Misprediction trace-back: which training pairs are responsible for a test prediction (SPEC §1, §3).
+"""Misprediction trace-back: which training pairs are responsible for a test prediction (docs/math.md §1, §3).
 
 For each test function ``F_j`` (the loss of a test pair, or the zero-shot loss of a test image at its
 true class) the score of training pair ``k`` is the RelatIF-style relative influence

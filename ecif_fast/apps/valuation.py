@@ -1,4 +1,4 @@
-"""Data valuation: the influence of every training pair on a trusted validation set (SPEC §1, §3)."""
+"""Data valuation: the influence of every training pair on a trusted validation set (docs/math.md §1, §3)."""
 from __future__ import annotations
 
 from ..engine import ECIF, TestFn
@@ -11,7 +11,7 @@ def value_data(ecif: ECIF, val_images=None, val_texts=None, *, fn: TestFn | None
 
     Args:
         ecif: a fitted :class:`~ecif_fast.ECIF`.
-        val_images, val_texts: ``(m, ...)`` trusted validation pairs; ``F`` = their SPEC §2 loss as one batch.
+        val_images, val_texts: ``(m, ...)`` trusted validation pairs; ``F`` = their docs/math.md §2 loss as one batch.
         fn: instead of validation pairs, a scalar test function ``fn(model)``.
         info: metadata (ids, captions, paths) to carry into the table.
     Returns:

@@ -213,7 +213,7 @@ def check_negatives(batches, n: int, source: str) -> None:
 
 
 def pairs_loss(model, images, texts) -> float:
-    """SPEC §2 loss of the pairs as one batch (summed over pairs), as the validation ``F`` of value/detect."""
+    """docs/math.md §2 loss of the pairs as one batch (summed over pairs), as the validation ``F`` of value/detect."""
     with torch.no_grad():
         return float(contrastive_loss(model.encode_image(images), model.encode_text(texts), model.logit_scale.exp()))
 

@@ -4,7 +4,7 @@ For each noise level a fraction of the training captions is replaced by a captio
 CLIP-style linear heads are trained contrastively with batch negatives; ECIF scores every pair; the
 report compares ECIF's scorings with the CLIP-score, loss and positive-only baselines. At the main noise
 level the report adds a gallery of the flagged pairs, trace-back of zero-shot mispredictions, and the
-cleaning table (no removal / ECIF closed-form update / real retraining, SPEC §7 Table 2 analogue).
+cleaning table (no removal / ECIF closed-form update / real retraining, docs/math.md §7 Table 2 analogue).
 """
 from __future__ import annotations
 

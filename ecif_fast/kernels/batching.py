@@ -1,4 +1,4 @@
-"""Partition of training pairs into the fixed batches of the contrastive loss (SPEC §2).
+"""Partition of training pairs into the fixed batches of the contrastive loss (docs/math.md §2).
 
 A :class:`BatchPlan` is the one representation every kernel receives: ``perm`` lists the pair
 indices batch by batch, ``offsets`` delimits the batches inside ``perm`` (CSR-style), so batch ``b``

@@ -1,9 +1,9 @@
-"""C++/OpenMP CPU backend (the compiled extension ``ecif_fast._C``, SPEC §5).
+"""C++/OpenMP CPU backend (the compiled extension ``ecif_fast._C``, docs/math.md §5).
 
 The extension is imported lazily, so ``import ecif_fast`` works without a compiler-built module;
 :func:`available` says whether it loaded. Tensors cross into C++ as zero-copy numpy views
 (``tensor.numpy()``); the extension accepts float32 and float64 only, so float16/bfloat16 inputs are
-upcast to float32 here (accumulation dtype, SPEC §5). The number of threads follows
+upcast to float32 here (accumulation dtype, docs/math.md §5). The number of threads follows
 ``torch.get_num_threads()``. ``ECIF_FAST_CPU_ISA`` (``auto``, ``avx512``, ``avx2``, ``generic``)
 forces one compiled instruction-set variant (default ``auto``: the best the CPU supports).
 """
@@ -130,7 +130,7 @@ def lse(U: torch.Tensor, V: torch.Tensor, scale, plan: BatchPlan) -> tuple[torch
 
 
 def infonce(U: torch.Tensor, V: torch.Tensor, scale, plan: BatchPlan, with_scale: bool):
-    """Fused contrastive loss forward + backward (SPEC §2, §4); same contract as the torch twin.
+    """Fused contrastive loss forward + backward (docs/math.md §2, §4); same contract as the torch twin.
 
     Returns ``(loss 0-d, dU (n, d), dV (n, d), dlog_scale 0-d or None)``: float32 (float64 for
     float64 ``U``) CPU tensors. ``scale`` is ``t`` (a number or a 0-d tensor, not tracked). Not
@@ -212,7 +212,7 @@ def _directions(name: str, U: torch.Tensor, V: torch.Tensor, scale, plan: BatchP
 
 def ecif_reductions(U: torch.Tensor, V: torch.Tensor, scale, plan: BatchPlan, dU: torch.Tensor, dV: torch.Tensor,
                     dlog_scale=None, negative_term: str = "exact"):
-    """Positive and negative influence parts along ``Q`` query directions (SPEC §4); same contract as the
+    """Positive and negative influence parts along ``Q`` query directions (docs/math.md §4); same contract as the
     torch twin (``torch_ref/reductions.py``).
 
     Args:
@@ -252,7 +252,7 @@ def ecif_reductions(U: torch.Tensor, V: torch.Tensor, scale, plan: BatchPlan, dU
 
 def gauss_newton_product(U: torch.Tensor, V: torch.Tensor, scale, plan: BatchPlan, dU: torch.Tensor,
                          dV: torch.Tensor, dlog_scale=None):
-    """Embedding-space Gauss–Newton product (SPEC §4); same contract as the torch twin
+    """Embedding-space Gauss–Newton product (docs/math.md §4); same contract as the torch twin
     (``torch_ref/gauss_newton.py``).
 
     Args: as for :func:`ecif_reductions` (no ``negative_term``).

@@ -1,6 +1,6 @@
 """``InfoNCE``: the fused contrastive loss as a ``torch.autograd.Function`` over any backend's raw op.
 
-The forward runs the backend's fused ``infonce`` op once (loss and all gradients, SPEC §4) and keeps
+The forward runs the backend's fused ``infonce`` op once (loss and all gradients, docs/math.md §4) and keeps
 the gradients; the backward only scales them by the incoming gradient. Memory: O(n·d) saved tensors,
 never an n x n score matrix. Not twice differentiable.
 """
@@ -15,7 +15,7 @@ from .batching import BatchPlan
 
 
 class InfoNCE(torch.autograd.Function):
-    """``InfoNCE.apply(U, V, scale, plan, op)`` -> 0-d loss ``Σ_b Σ_{k∈b} ℓ_k`` (SPEC §2).
+    """``InfoNCE.apply(U, V, scale, plan, op)`` -> 0-d loss ``Σ_b Σ_{k∈b} ℓ_k`` (docs/math.md §2).
 
     ``op`` is a raw ``infonce(U, V, scale, plan, with_scale)`` callable (a backend's op). ``scale`` is
     the multiplier ``t``: a number, or a 0-d tensor that receives ``∂loss/∂t = dlog_scale / t``.

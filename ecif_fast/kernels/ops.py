@@ -71,7 +71,7 @@ def _check_scale(scale):
 
 def lse(U: torch.Tensor, V: torch.Tensor, scale, batches: BatchesArg = None, *,
         backend: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-batch row and column log-sum-exp of the scores ``S = t·U Vᵀ`` (SPEC §2).
+    """Per-batch row and column log-sum-exp of the scores ``S = t·U Vᵀ`` (docs/math.md §2).
 
     ``row[i] = log Σ_{j∈b(i)} exp(t<u_i, v_j>)`` and ``col[j] = log Σ_{i∈b(j)} exp(t<u_i, v_j>)``,
     where ``b(i)`` is the batch of pair ``i``.
@@ -138,7 +138,7 @@ def _check_directions(U, V, dU, dV, dlog_scale):
 def ecif_reductions(U: torch.Tensor, V: torch.Tensor, scale, batches: BatchesArg, dU: torch.Tensor,
                     dV: torch.Tensor, dlog_scale=None, negative_term: str = "exact", *,
                     backend: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Positive and negative influence parts of every training pair along query directions (SPEC §4).
+    """Positive and negative influence parts of every training pair along query directions (docs/math.md §4).
 
     Args:
         U, V: ``(n, d)`` embeddings at the optimum; scale: ``t``; batches: as for :func:`lse`.
@@ -160,7 +160,7 @@ def ecif_reductions(U: torch.Tensor, V: torch.Tensor, scale, batches: BatchesArg
 
 def gauss_newton_product(U: torch.Tensor, V: torch.Tensor, scale, batches: BatchesArg, dU: torch.Tensor,
                          dV: torch.Tensor, dlog_scale=None, *, backend: Optional[str] = None):
-    """Embedding-space Gauss–Newton product of the loss (SPEC §4), for matrix-free solvers.
+    """Embedding-space Gauss–Newton product of the loss (docs/math.md §4), for matrix-free solvers.
 
     Args: as for :func:`ecif_reductions`.
     Returns:
@@ -176,7 +176,7 @@ def gauss_newton_product(U: torch.Tensor, V: torch.Tensor, scale, batches: Batch
 
 def infonce(U: torch.Tensor, V: torch.Tensor, scale, batches: BatchesArg = None, *, with_scale: bool = False,
             backend: Optional[str] = None):
-    """Fused contrastive loss and its gradients (SPEC §2), the raw op every backend implements.
+    """Fused contrastive loss and its gradients (docs/math.md §2), the raw op every backend implements.
 
     Returns:
         ``(loss, dU, dV, dlog_scale)``: 0-d loss ``Σ_b Σ_{k∈b} ℓ_k``, ``(n, d)`` gradients with respect
@@ -191,7 +191,7 @@ def infonce(U: torch.Tensor, V: torch.Tensor, scale, batches: BatchesArg = None,
 
 def infonce_loss(U: torch.Tensor, V: torch.Tensor, scale, batches: BatchesArg = None, *,
                  backend: Optional[str] = None) -> torch.Tensor:
-    """Differentiable contrastive loss ``Σ_b Σ_{k∈b} ℓ_k`` (SPEC §2: row + column terms, no ½, no mean).
+    """Differentiable contrastive loss ``Σ_b Σ_{k∈b} ℓ_k`` (docs/math.md §2: row + column terms, no ½, no mean).
 
     Forward and backward come from one fused ``infonce`` call (O(n·d) memory for any batch size); the
     gradients flow to ``U``, ``V`` and a tensor ``scale`` (the multiplier ``t``, not ``log t``).

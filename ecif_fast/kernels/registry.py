@@ -1,4 +1,4 @@
-"""Kernel backend registry (SPEC §5), in the style of Liger-Kernel's dispatch.
+"""Kernel backend registry (docs/math.md §5), in the style of Liger-Kernel's dispatch.
 
 Every backend is a module exposing the *same op names* (``lse``, ...) with the same contract as the
 torch twins. A backend declares its name, the device types it serves and its module path; it may

@@ -4,7 +4,7 @@
 ``encode_image(images)`` / ``encode_text(tokens)`` are open_clip's own features with its own
 normalisation (``encode_*(..., normalize=True)``, what open_clip trains with); ``logit_scale`` is the
 model's parameter (named ``clip.logit_scale``). Models with a ``logit_bias`` (SigLIP) are refused: their
-loss is the sigmoid loss, not the softmax contrastive loss of SPEC §2.
+loss is the sigmoid loss, not the softmax contrastive loss of docs/math.md §2.
 
 Attention. open_clip's towers use ``nn.MultiheadAttention`` (default blocks) or its own ``Attention``
 (custom blocks), both ending in ``F.scaled_dot_product_attention``. Two fused CPU kernels break the

@@ -1,4 +1,4 @@
-"""What ECIF needs from a model: two encoders and a logit scale (SPEC §2)."""
+"""What ECIF needs from a model: two encoders and a logit scale (docs/math.md §2)."""
 from __future__ import annotations
 
 from typing import Protocol, runtime_checkable

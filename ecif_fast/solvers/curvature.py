@@ -1,4 +1,4 @@
-"""Curvature of the data term of R at θ̂: exact Hessian or Gauss–Newton (SPEC §4), undamped."""
+"""Curvature of the data term of R at θ̂: exact Hessian or Gauss–Newton (docs/math.md §4), undamped."""
 from __future__ import annotations
 
 import torch

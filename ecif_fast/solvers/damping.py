@@ -20,7 +20,7 @@ def resolve_damping(damping, curvature: Curvature, dense: torch.Tensor | None = 
     seed, so the value is deterministic). It scales with the loss like the curvature does and is small
     enough to leave the well-determined directions untouched. Use it for models trained without
     weight decay; for models trained with ``(δ/2)||θ − θ_ref||²`` pass that δ, so ``H`` is the true
-    Hessian of the training objective (SPEC §2).
+    Hessian of the training objective (docs/math.md §2).
     """
     if isinstance(damping, str):
         if damping != "auto":

@@ -32,7 +32,7 @@ def scale_value(scale, dtype: torch.dtype, device) -> torch.Tensor:
 
 
 def acc_dtype(x: torch.Tensor) -> torch.dtype:
-    """Accumulation dtype (SPEC §5): float64 for float64 inputs, float32 otherwise."""
+    """Accumulation dtype (docs/math.md §5): float64 for float64 inputs, float32 otherwise."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 

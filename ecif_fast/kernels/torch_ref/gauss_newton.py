@@ -1,4 +1,4 @@
-"""Torch twin of the embedding-space Gauss–Newton product (SPEC §4).
+"""Torch twin of the embedding-space Gauss–Newton product (docs/math.md §4).
 
 ``(H_S δS)_ij = p_ij(δS_ij − m_i) + q_ij(δS_ij − m'_j)`` is the Hessian of the loss with respect to
 the scores applied to ``δS``; it is mapped back to the embeddings by ``∂/∂u_i = t Σ_j G_ij v_j``,

@@ -1,4 +1,4 @@
-"""Torch twin of the fused ``infonce`` op: contrastive loss forward + backward (SPEC §2, §4).
+"""Torch twin of the fused ``infonce`` op: contrastive loss forward + backward (docs/math.md §2, §4).
 
 For one batch with scores ``S = t·U Vᵀ``, row LSE ``r`` and column LSE ``c``::
 
@@ -72,7 +72,7 @@ def _batch_stream(Ub, Vb, t, with_scale, chunk):
 
 def infonce(U: torch.Tensor, V: torch.Tensor, scale, plan: BatchPlan, with_scale: bool, *,
             chunk: Optional[int] = None):
-    """Fused loss and gradients of ``Σ_batches Σ_{k∈b} ℓ_k`` (SPEC §2; row + column terms, summed).
+    """Fused loss and gradients of ``Σ_batches Σ_{k∈b} ℓ_k`` (docs/math.md §2; row + column terms, summed).
 
     Args:
         U, V: ``(n, d)`` embeddings (float16/bfloat16/float32/float64). scale: ``t`` (number or 0-d

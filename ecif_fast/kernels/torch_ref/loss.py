@@ -1,4 +1,4 @@
-"""Torch twin of the contrastive loss (SPEC §2), differentiable by autograd."""
+"""Torch twin of the contrastive loss (docs/math.md §2), differentiable by autograd."""
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,4 @@
-"""Torch twin of the ``lse`` op: per-batch row and column log-sum-exp of ``S = t·U Vᵀ`` (SPEC §2)."""
+"""Torch twin of the ``lse`` op: per-batch row and column log-sum-exp of ``S = t·U Vᵀ`` (docs/math.md §2)."""
 from __future__ import annotations
 
 import torch

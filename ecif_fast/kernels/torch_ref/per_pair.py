@@ -1,4 +1,4 @@
-"""Per-pair embedding-space gradients and group-removal objectives (SPEC §3, §4).
+"""Per-pair embedding-space gradients and group-removal objectives (docs/math.md §3, §4).
 
 ``ℓ̃_k = ℓ_k + Σ_{i≠k} (ℓ_i(b) − ℓ_i(b∖k))`` is the part of ``R`` that pair ``k`` accounts for; its
 gradient is ``g_k``. With respect to the scores of its batch (exact or taylor weights ``w``, ``w'``)::
@@ -70,7 +70,7 @@ def removal_objective(S: torch.Tensor, removed: torch.Tensor, exact: bool):
         S: ``(B, B)`` scores (differentiable). removed: ``(B,)`` bool, the pairs of ``D*`` in this batch.
     Returns:
         ``(positive, negative)`` 0-d tensors. Exact: the negative part is the difference of the
-        log-sum-exps over all and over the remaining columns/rows (SPEC §3, no ``log(1−P)``
+        log-sum-exps over all and over the remaining columns/rows (docs/math.md §3, no ``log(1−P)``
         cancellation); taylor: ``Σ_{i∉D*} Σ_{k∈D*} (p_ik + q_ki)``.
     """
     diag = S.diagonal()

@@ -1,6 +1,6 @@
 """Torch twin of ``ecif_reductions``: the influence of every training pair along query directions.
 
-SPEC §4: with ``δS_ij = t(<δu_i, v_j> + <u_i, δv_j>) + δs·S_ij``, row means ``m_i = Σ_j p_ij δS_ij``,
+docs/math.md §4: with ``δS_ij = t(<δu_i, v_j> + <u_i, δv_j>) + δs·S_ij``, row means ``m_i = Σ_j p_ij δS_ij``,
 column means ``m'_j = Σ_i q_ij δS_ij``::
 
     positive_k = (m_k − δS_kk) + (m'_k − δS_kk)

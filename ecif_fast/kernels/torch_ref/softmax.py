@@ -1,4 +1,4 @@
-"""Negative-role weights of one batch (SPEC §3–§4), arranged so that p → 1 never cancels.
+"""Negative-role weights of one batch (docs/math.md §3–§4), arranged so that p → 1 never cancels.
 
 For a line (row) ``i`` of scores, the exact weight of entry ``k`` is ``w_ik = p_ik / (1 − p_ik)``.
 Only the line maximum can have ``p > 1/2``; every other entry has ``w ≤ 1`` and is safe. At the

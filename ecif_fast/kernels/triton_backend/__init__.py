@@ -1,4 +1,4 @@
-"""Triton GPU backend (SPEC §5): the same op names and contracts as the torch twins.
+"""Triton GPU backend (docs/math.md §5): the same op names and contracts as the torch twins.
 
 Registered in :mod:`ecif_fast.kernels.registry` for CUDA devices. :func:`available` is True when
 ``triton`` imports. CPU tensors run only when the backend is requested explicitly (``backend="triton"``

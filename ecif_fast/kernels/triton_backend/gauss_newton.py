@@ -1,4 +1,4 @@
-"""Triton ``gauss_newton_product`` op: the embedding-space Gauss–Newton product (SPEC §4).
+"""Triton ``gauss_newton_product`` op: the embedding-space Gauss–Newton product (docs/math.md §4).
 
 Per batch, with ``S = t·U Vᵀ``, ``P`` its row softmax, ``Qc`` its column softmax
 and, per query ``q``, ``δS = t(δU Vᵀ + U δVᵀ) + δs·S``::

@@ -1,4 +1,4 @@
-"""Triton ``infonce`` op: fused contrastive loss and gradients (SPEC §2, §4), flash-attention style.
+"""Triton ``infonce`` op: fused contrastive loss and gradients (docs/math.md §2, §4), flash-attention style.
 
 Design (no atomics, deterministic; nothing bigger than a ``BLOCK_M × BLOCK_N`` tile of ``S`` exists):
 

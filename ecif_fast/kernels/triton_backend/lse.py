@@ -1,4 +1,4 @@
-"""Triton ``lse`` op: per-batch row and column log-sum-exp of ``S = t·U Vᵀ`` (SPEC §4–§5).
+"""Triton ``lse`` op: per-batch row and column log-sum-exp of ``S = t·U Vᵀ`` (docs/math.md §4–§5).
 
 Design (one kernel, launched twice):
 

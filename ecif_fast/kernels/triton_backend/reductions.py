@@ -1,4 +1,4 @@
-"""Triton ``ecif_reductions``: positive and negative influence parts along query directions (SPEC §4).
+"""Triton ``ecif_reductions``: positive and negative influence parts along query directions (docs/math.md §4).
 
 Same contract as the torch twin (:mod:`ecif_fast.kernels.torch_ref.reductions`), computed in "δS form":
 per batch ``S = t·U_b V_bᵀ`` and, per query ``q``, ``δS = t(δU V_bᵀ + U_b δVᵀ) + δs·S`` exist only as
@@ -446,7 +446,7 @@ def ecif_reductions(U: torch.Tensor, V: torch.Tensor, scale, plan: BatchPlan, dU
                     block_m: Optional[int] = None, block_n: Optional[int] = None,
                     block_k: Optional[int] = None, block_q: Optional[int] = None,
                     split: Optional[int] = None):
-    """Positive and negative influence parts of every pair along ``Q`` query directions (SPEC §4).
+    """Positive and negative influence parts of every pair along ``Q`` query directions (docs/math.md §4).
 
     Same contract as the torch twin :func:`ecif_fast.kernels.torch_ref.reductions.ecif_reductions`.
 
