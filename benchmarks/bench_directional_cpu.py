@@ -20,7 +20,7 @@ import torch
 
 from ecif_fast.kernels import cpp_backend
 from ecif_fast.kernels import torch_ref
-from ecif_fast.kernels.batching import resolve_batches
+from ecif_fast.core.batches import resolve_batches
 
 
 def best_time(fn, repeats: int, warmup: bool = True) -> float:

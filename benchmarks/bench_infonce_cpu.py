@@ -72,7 +72,7 @@ def _timed(fn, reps):
 def worker(method: str, n: int, threads: int, reps: int) -> dict:
     torch.set_num_threads(threads)
     from ecif_fast.kernels import cpp_backend
-    from ecif_fast.kernels.batching import resolve_batches
+    from ecif_fast.core.batches import resolve_batches
 
     U, V = _inputs(n)
     plan = resolve_batches(None, n)

@@ -143,7 +143,7 @@ def _timed(fn, device) -> float:
 
 def worker(op, method, case, device, threads, reps) -> dict:
     torch.set_num_threads(threads)
-    from ecif_fast.kernels.batching import resolve_batches
+    from ecif_fast.core.batches import resolve_batches
     kind, n, B, d = parse_case(case)
     U, V, dU, dV = inputs(n, d, device)
     plan = resolve_batches(None if B == n else B, n)
@@ -309,7 +309,7 @@ try:
     @pytest.mark.parametrize("case,op,method", _pytest_params())
     def test_op(benchmark, case, op, method):
         kind, n, B, d = parse_case(case)
-        from ecif_fast.kernels.batching import resolve_batches
+        from ecif_fast.core.batches import resolve_batches
         U, V, dU, dV = inputs(n, d, "cpu")
         plan = resolve_batches(None if B == n else B, n)
         fn = method_fn(op, method, U, V, dU, dV, plan, B)

@@ -702,7 +702,7 @@ def stage_warm(a) -> int:
     import warnings
     torch, dev = _setup(a.dry_run_cpu)
     from ecif_fast.kernels import registry
-    from ecif_fast.kernels.batching import resolve_batches
+    from ecif_fast.core.batches import resolve_batches
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
     groups = [(op, dt) for op in OPS for dt in DTYPE_NAMES]
     mine = [g for i, g in enumerate(groups) if i % a.groups == a.group]
@@ -735,7 +735,7 @@ def stage_timing(a) -> int:
     import warnings
     torch, dev = _setup(a.dry_run_cpu)
     from ecif_fast.kernels import registry, triton_backend
-    from ecif_fast.kernels.batching import resolve_batches
+    from ecif_fast.core.batches import resolve_batches
     t_end = a.deadline or time.time() + 60
     dry = a.dry_run_cpu
     path = os.path.join(a.out, "timing.jsonl")

@@ -39,7 +39,7 @@ def main() -> int:
     import triton
 
     from ecif_fast.kernels import registry, triton_backend
-    from ecif_fast.kernels.batching import resolve_batches
+    from ecif_fast.core.batches import resolve_batches
     from ecif_fast.kernels.ops import lse as ops_lse
     from ecif_fast.kernels.torch_ref.lse import lse as twin_lse
 

@@ -86,7 +86,7 @@ def probe(dtypes):
     import test_triton_infonce as TI
     import test_triton_reductions as TR
     from ecif_fast.kernels import triton_backend
-    from ecif_fast.kernels.batching import resolve_batches
+    from ecif_fast.core.batches import resolve_batches
     lse_mod = triton_backend.lse_module
     from kernel_cases import on_test_device, ragged_ids, unit
 

@@ -18,8 +18,8 @@ _EXPORTS = {
     "LinearHeads": ".models.linear_heads",
     "ContrastiveModel": ".models.protocol",
     "InfluenceResult": ".results",
-    "BatchPlan": ".kernels.batching",
-    "resolve_batches": ".kernels.batching",
+    "BatchPlan": ".core.batches",
+    "resolve_batches": ".core.batches",
     "train": ".training",
     "wrap": ".models.wrap",
     "ECIFInputError": ".errors",
@@ -55,8 +55,8 @@ def contrastive_loss(U, V, scale, batches=None):
         0-d tensor, differentiable with respect to ``U``, ``V`` and a tensor ``scale``.
     """
     from .errors import ECIFInputError as _E
-    from .kernels.batching import resolve_batches as _resolve
-    from .kernels.torch_ref.loss import contrastive_loss as _loss
+    from .core.batches import resolve_batches as _resolve
+    from .core.loss import contrastive_loss as _loss
     from .validation import check_tensor
 
     U = check_tensor(U, "U")

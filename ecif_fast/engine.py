@@ -12,9 +12,9 @@ from torch.func import jacrev, jvp
 from tqdm.auto import tqdm
 
 from .errors import ECIFInputError
-from .kernels.batching import BatchesArg, BatchPlan, resolve_batches
-from .kernels.torch_ref.loss import batch_loss, per_pair_loss
-from .kernels.torch_ref.per_pair import pair_embedding_gradients, removal_objective
+from .core.batches import BatchesArg, BatchPlan, resolve_batches
+from .core.loss import batch_loss, per_pair_loss
+from .core.pair_terms import pair_embedding_gradients, removal_objective
 from .kernels import ops
 from .models.functional import ChunkedVJP, FunctionalModel, chunked_jvp, row_slices
 from .models.params import ParamsArg, select_params

@@ -8,8 +8,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .kernels.batching import BatchesArg, BatchPlan, resolve_batches
-from .kernels.torch_ref.loss import contrastive_loss
+from .core.batches import BatchesArg, BatchPlan, resolve_batches
+from .core.loss import contrastive_loss
 from .models.functional import FunctionalModel
 from .models.params import ParamsArg, select_params
 

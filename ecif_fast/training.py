@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .kernels.batching import BatchesArg, resolve_batches
-from .kernels.torch_ref.loss import contrastive_loss
+from .core.batches import BatchesArg, resolve_batches
+from .core.loss import contrastive_loss
 from .models.functional import FunctionalModel
 from .models.params import ParamsArg, select_params
 from .errors import ECIFInputError

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from ecif_fast.kernels.batching import BatchPlan, resolve_batches
+from ecif_fast.core.batches import BatchPlan, resolve_batches
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 SCALES = [0.01, 1.0, 100.0]

@@ -5,7 +5,7 @@ import sys
 import pytest
 import torch
 
-from ecif_fast.kernels.torch_ref.loss import batch_loss
+from ecif_fast.core.loss import batch_loss
 from evaluation import peers
 from evaluation.problems import linear_plain
 from problems import pearson

@@ -33,7 +33,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ecif_fast.kernels import cpp_backend, registry
-from ecif_fast.kernels.batching import resolve_batches
+from ecif_fast.core.batches import resolve_batches
 from ecif_fast.kernels.torch_ref.gauss_newton import gauss_newton_product as twin
 from kernel_cases import (DTYPES, SCALES, constant_direction, directions, mixed_plan, ragged_ids, shifted_logits, unit,
                           on_every_isa_and_thread_count)

@@ -12,10 +12,10 @@ import torch
 
 from ecif_fast.errors import ECIFInputError
 from ecif_fast.kernels import ops
-from ecif_fast.kernels.batching import resolve_batches
+from ecif_fast.core.batches import resolve_batches
 from ecif_fast.kernels.torch_ref import common
 from ecif_fast.kernels.torch_ref.infonce import infonce, stream_lse
-from ecif_fast.kernels.torch_ref.loss import contrastive_loss
+from ecif_fast.core.loss import contrastive_loss
 
 
 def make(n, d, seed, dtype=torch.float64):
@@ -185,7 +185,7 @@ def test_raw_op_and_validation():
 MEMORY_SCRIPT = textwrap.dedent("""
     import resource, sys, torch
     torch.set_num_threads(2)
-    from ecif_fast.kernels.batching import resolve_batches
+    from ecif_fast.core.batches import resolve_batches
     from ecif_fast.kernels.torch_ref.infonce import infonce
     n, d = 16384, 64
     g = torch.Generator().manual_seed(0)

@@ -1,6 +1,6 @@
 """C++ fused InfoNCE forward + backward vs autograd of the materialising torch loss (docs/math.md §2, §4, §6).
 
-Oracle: ``torch.autograd.grad`` of ``torch_ref.loss.contrastive_loss`` (per-batch ``U@V.T``,
+Oracle: ``torch.autograd.grad`` of ``ecif_fast.core.loss.contrastive_loss`` (per-batch ``U@V.T``,
 ``logsumexp``) in float64 on the inputs as the kernel sees them (fp16/bf16 rounded, then upcast
 exactly), with ``scale = exp(log_scale)`` so that the derivative w.r.t. ``log_scale`` is checked too.
 
@@ -22,8 +22,8 @@ import torch
 
 from ecif_fast.errors import ECIFInputError
 from ecif_fast.kernels import cpp_backend
-from ecif_fast.kernels.batching import BatchPlan, resolve_batches
-from ecif_fast.kernels.torch_ref.loss import contrastive_loss
+from ecif_fast.core.batches import BatchPlan, resolve_batches
+from ecif_fast.core.loss import contrastive_loss
 from kernel_cases import DTYPES, SCALES, ragged_ids, shifted_logits, unit, on_every_isa_and_thread_count
 
 pytestmark = pytest.mark.skipif(not cpp_backend.available(),

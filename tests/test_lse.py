@@ -9,7 +9,7 @@ import torch
 
 from ecif_fast.errors import ECIFInputError
 from ecif_fast.kernels import cpp_backend
-from ecif_fast.kernels.batching import resolve_batches
+from ecif_fast.core.batches import resolve_batches
 from ecif_fast.kernels.ops import lse as ops_lse
 from ecif_fast.kernels.torch_ref.lse import lse as twin_lse
 from kernel_cases import DTYPES, SCALES, brute_lse64, ragged_ids, unit

@@ -106,7 +106,7 @@ def test_group_gradient_matches_retraining_gradient_difference(data):
     keep = torch.ones(N, dtype=torch.bool)
     keep[removed] = False
     from ecif_fast.oracle import _loss_on
-    from ecif_fast.kernels.batching import resolve_batches
+    from ecif_fast.core.batches import resolve_batches
     theta = engine.space.flat(model).requires_grad_(True)
     full = torch.autograd.grad(_loss_on(engine.fm, theta, X, Y, resolve_batches(batches, N)), theta)[0]
     rest = torch.autograd.grad(_loss_on(engine.fm, theta, X[keep], Y[keep], resolve_batches(batches[keep], int(keep.sum()))), theta)[0]

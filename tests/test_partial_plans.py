@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from ecif_fast.kernels import ops
-from ecif_fast.kernels.batching import resolve_batches
+from ecif_fast.core.batches import resolve_batches
 
 BACKENDS = ["torch", "cpp", "triton"]
 

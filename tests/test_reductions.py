@@ -5,10 +5,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.func import grad, jvp, vjp
 
-from ecif_fast.kernels.batching import resolve_batches
+from ecif_fast.core.batches import resolve_batches
 from ecif_fast.kernels.torch_ref import ecif_reductions, gauss_newton_product
-from ecif_fast.kernels.torch_ref.loss import batch_loss, per_pair_loss
-from ecif_fast.kernels.torch_ref.per_pair import pair_score_gradients
+from ecif_fast.core.loss import batch_loss, per_pair_loss
+from ecif_fast.core.pair_terms import pair_score_gradients
 
 
 def ref_parts(U, V, s, plan, dU, dV, ds, exact):

@@ -7,7 +7,7 @@ from torch.func import functional_call, hessian, jacrev
 
 import ecif_fast as ef
 from ecif_fast import ECIFInputError, NotPositiveDefiniteError
-from ecif_fast.kernels.batching import resolve_batches
+from ecif_fast.core.batches import resolve_batches
 from ecif_fast.oracle import dense_hessian
 from ecif_fast.solvers import AUTO_FRACTION, CGSolver, LowRankSolver, resolve_damping, top_eigenpairs
 from problems import heads, paired_features

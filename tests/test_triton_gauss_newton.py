@@ -36,7 +36,7 @@ from hypothesis import strategies as st
 
 from ecif_fast.errors import ECIFInputError
 from ecif_fast.kernels import ops, registry, triton_backend
-from ecif_fast.kernels.batching import resolve_batches
+from ecif_fast.core.batches import resolve_batches
 from ecif_fast.kernels.torch_ref.gauss_newton import gauss_newton_product as twin_gn
 from kernel_cases import ON_CUDA, constant_direction, on_test_device, ragged_ids, shifted_logits, unit
 from test_triton_infonce import compile_grad_rows

@@ -33,9 +33,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ecif_fast.kernels import ops, registry, triton_backend
-from ecif_fast.kernels.batching import BatchPlan, resolve_batches
+from ecif_fast.core.batches import BatchPlan, resolve_batches
 from ecif_fast.kernels.torch_ref.infonce import infonce as twin_infonce
-from ecif_fast.kernels.torch_ref.loss import contrastive_loss
+from ecif_fast.core.loss import contrastive_loss
 from kernel_cases import ON_CUDA, TEST_DEVICE, on_test_device, ragged_ids, shifted_logits, unit
 
 

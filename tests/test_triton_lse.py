@@ -21,7 +21,7 @@ import torch
 
 from ecif_fast.errors import BackendUnavailableError, ECIFInputError
 from ecif_fast.kernels import registry, triton_backend
-from ecif_fast.kernels.batching import resolve_batches
+from ecif_fast.core.batches import resolve_batches
 from ecif_fast.kernels.ops import lse as ops_lse
 from ecif_fast.kernels.torch_ref.lse import lse as twin_lse
 from kernel_cases import ON_CUDA, brute_lse64, cpu_interpreter_only, on_test_device, ragged_ids

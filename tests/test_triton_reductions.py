@@ -37,7 +37,7 @@ from hypothesis import strategies as st
 
 from ecif_fast.errors import BackendUnavailableError, ECIFInputError
 from ecif_fast.kernels import ops, registry, triton_backend
-from ecif_fast.kernels.batching import resolve_batches
+from ecif_fast.core.batches import resolve_batches
 from ecif_fast.kernels.torch_ref.reductions import ecif_reductions as twin
 from kernel_cases import ON_CUDA, cpu_interpreter_only, on_test_device, ragged_ids, unit
 

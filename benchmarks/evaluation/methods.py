@@ -16,7 +16,7 @@ import torch
 from torch.func import grad, jacrev
 
 import ecif_fast as ef
-from ecif_fast.kernels.torch_ref.loss import batch_loss, per_pair_loss
+from ecif_fast.core.loss import batch_loss, per_pair_loss
 from ecif_fast.models.functional import FunctionalModel
 from ecif_fast.models.params import select_params
 from ecif_fast.oracle import brute_force_influence

@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 import ecif_fast as ef
-from ecif_fast.kernels.torch_ref.loss import batch_loss, contrastive_loss
+from ecif_fast.core.loss import batch_loss, contrastive_loss
 from ecif_fast.models.params import select_params
 
 from .problems import Problem

@@ -19,7 +19,7 @@ import torch
 
 from ..engine import ECIF
 from ..errors import ECIFInputError
-from ..kernels.torch_ref.loss import per_pair_loss
+from ..core.loss import per_pair_loss
 from .metrics import detection_metrics
 from .pairs import PairInfo, score_table
 

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from ..errors import BackendUnavailableError, ECIFInputError
-from .batching import BatchPlan
+from ..core.batches import BatchPlan
 
 NAME = "cpp"
 DEVICES = frozenset({"cpu"})

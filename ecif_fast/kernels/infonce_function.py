@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 from torch.autograd.function import once_differentiable
 
-from .batching import BatchPlan
+from ..core.batches import BatchPlan
 
 
 class InfoNCE(torch.autograd.Function):

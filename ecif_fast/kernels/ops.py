@@ -10,7 +10,7 @@ import torch
 
 from ..errors import ECIFInputError
 from ..validation import check_tensor
-from .batching import BatchesArg, resolve_batches
+from ..core.batches import BatchesArg, resolve_batches
 from .registry import get_op
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -80,7 +80,7 @@ def lse(U: torch.Tensor, V: torch.Tensor, scale, batches: BatchesArg = None, *,
         U, V: ``(n, d)`` image / text embeddings (float16, bfloat16, float32 or float64; same device).
         scale: the logit multiplier ``t`` (a number or a 0-d tensor).
         batches: None (one batch, "all" negatives), an int batch size, ``(n,)`` integer batch ids,
-            or a :class:`~ecif_fast.kernels.batching.BatchPlan`.
+            or a :class:`~ecif_fast.core.batches.BatchPlan`.
         backend: force a backend (``"torch"``, ``"cpp"``, ``"triton"``); default: automatic
             (``ECIF_FAST_BACKEND`` if set).
     Returns:

@@ -5,9 +5,9 @@ import torch
 from torch.func import grad, jacfwd, jvp, vmap
 
 from ..errors import ECIFInputError
-from ..kernels.batching import BatchPlan
+from ..core.batches import BatchPlan
 from ..kernels import ops
-from ..kernels.torch_ref.loss import batch_loss, contrastive_loss
+from ..core.loss import batch_loss, contrastive_loss
 from ..models.functional import ChunkedVJP, FunctionalModel, chunked_jvp, row_slices
 
 CURVATURES = ("hessian", "gauss-newton")

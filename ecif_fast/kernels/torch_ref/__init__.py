@@ -1,7 +1,7 @@
 """Pure-torch twins of every op: readable, always available, the oracle for the other backends."""
 from .gauss_newton import gauss_newton_product
 from .infonce import infonce
-from .loss import contrastive_loss
+from ...core.loss import contrastive_loss
 from .lse import lse
 from .reductions import ecif_reductions
 

@@ -5,6 +5,8 @@ from typing import Optional
 
 import torch
 
+from ...core.loss import acc_dtype  # noqa: F401  (the twins' accumulation dtype)
+
 # Batches with more pairs than this are processed in CHUNK x CHUNK tiles of the score matrix (streaming,
 # O(B·d) extra memory) instead of materialising the B x B block. Read at call time, so tests can
 # monkeypatch it (or pass ``chunk=`` to an op) to exercise the streaming path at small n.
@@ -29,11 +31,6 @@ def scale_value(scale, dtype: torch.dtype, device) -> torch.Tensor:
     if torch.is_tensor(scale):
         scale = scale.detach().reshape(())
     return torch.as_tensor(scale, dtype=dtype, device=device)
-
-
-def acc_dtype(x: torch.Tensor) -> torch.dtype:
-    """Accumulation dtype (docs/math.md §5): float64 for float64 inputs, float32 otherwise."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def as_scale(scale, dtype: torch.dtype, device) -> torch.Tensor:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ..batching import BatchPlan
+from ...core.batches import BatchPlan
 from .common import chunk_size, prepare_directions, spans
 from .infonce import stream_lse
 

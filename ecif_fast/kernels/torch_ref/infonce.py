@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from ..batching import BatchPlan
+from ...core.batches import BatchPlan
 from .common import acc_dtype, chunk_size, scale_value, spans
 
 

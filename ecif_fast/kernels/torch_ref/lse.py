@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..batching import BatchPlan
+from ...core.batches import BatchPlan
 from .common import acc_dtype, batch_scores
 
 

@@ -8,7 +8,7 @@ column means ``m'_j = Σ_i q_ij δS_ij``::
 
 Every term is a softmax-weighted reduction, written as products of ``(B, B)`` weight matrices with
 ``(B, d)`` embeddings, so ``δS`` is never formed per query. Entries at a line maximum use the
-cancellation-free form of ``softmax.py`` (exact weights).
+cancellation-free form of :mod:`ecif_fast.core.lines` (exact weights).
 
 Batches larger than the chunk size (:data:`common.CHUNK`, e.g. "all" negatives at large n) are
 streamed over ``chunk x chunk`` tiles, never forming the ``B x B`` block: pass 1 gathers per-row and
@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import torch
 
-from ..batching import BatchPlan
+from ...core.batches import BatchPlan
 from .common import chunk_size, prepare_directions, spans
-from .softmax import Tile, line_weights, stream_line_stats
+from ...core.lines import Tile, line_weights, stream_line_stats
 
 
 def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

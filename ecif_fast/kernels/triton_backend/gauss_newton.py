@@ -31,7 +31,7 @@ import torch
 import triton
 
 from ...errors import ECIFInputError
-from ..batching import BatchPlan
+from ...core.batches import BatchPlan
 from .infonce import run_passes, scale_tensor, side_args, stats_launches
 from .lse import check_inputs
 

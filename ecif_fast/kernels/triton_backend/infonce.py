@@ -47,7 +47,7 @@ import triton
 import triton.language as tl
 
 from ...errors import ECIFInputError
-from ..batching import BatchPlan
+from ...core.batches import BatchPlan
 from .lse import (_TL_DTYPES, _max_combine, _p2, _plan_tables, _sum_combine, check_inputs, dot_setup,
                   fp_fusion, kernel_for)
 from .reductions import _min_combine

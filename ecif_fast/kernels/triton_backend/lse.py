@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 
 from ...errors import BackendUnavailableError, ECIFInputError
-from ..batching import BatchPlan
+from ...core.batches import BatchPlan
 
 INTERPRET_ENV = "TRITON_INTERPRET"
 FP32_DOT_ENV = "ECIF_FAST_TRITON_FP32_DOT"

@@ -11,7 +11,7 @@ Design (one "line" kernel family, no atomics, deterministic):
   Every kernel is launched once for rows and once with the roles swapped; a program owns ``BLOCK_M``
   lines of one batch (the CSR row tiles of :mod:`.lse`) and streams over the batch's column tiles,
   so each output element is written by exactly one program.
-* Stats kernel: per line the online "top-1 + rest" of :func:`torch_ref.softmax.stream_line_stats` —
+* Stats kernel: per line the online "top-1 + rest" of :func:`ecif_fast.core.lines.stream_line_stats` —
   maximum ``top``, its pair index ``arg`` and the rest (the line without ``arg``) as its own running
   maximum ``rest_m`` and sum ``Σ exp(S − rest_m)``, so it stays exact when the rest is ~200 below the
   top. The host turns them into ``l = lse − top`` and ``rest − rest_m`` (both in ``[0, log B]``): the
@@ -21,7 +21,7 @@ Design (one "line" kernel family, no atomics, deterministic):
   ``x_k = Σ_j W_kj δS_kj`` where ``W`` is the removal weight of the *other* side's line ``j``
   (``Wc_kj`` for rows, ``Wr_jk`` for columns: its ``top``/``l``/``arg`` come in as vectors) and, exact only,
   ``e_k = δS_{k,arg_k} − Σ_{j≠arg_k} exp(S_kj − rest_k) δS_kj`` (the cancellation-free line-maximum
-  term of :mod:`torch_ref.softmax`, including the single δS entry at the maximum).
+  term of :mod:`ecif_fast.core.lines`, including the single δS entry at the maximum).
 * Pass 3 kernel, per own line ``k``: ``z_k = Σ_j [arg_j = k ≠ j] c_j − Σ_j W_kj mean_j`` with the other
   side's means ``mean_j`` (``m'`` for rows, ``m`` for columns) and line-maximum terms
   ``c_j = exp(−l_j)·e_j``: the mean part of the negative term and the crediting of every
@@ -62,7 +62,7 @@ import triton
 import triton.language as tl
 
 from ...errors import ECIFInputError
-from ..batching import BatchPlan
+from ...core.batches import BatchPlan
 from .lse import (_TL_DTYPES, _Cfg, _max_combine, _p2, _plan_tables, _sm_count, _sum_combine, check_inputs,
                   dot_setup, fp_fusion, kernel_for)
 

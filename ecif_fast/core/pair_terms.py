@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import torch
 
-from .softmax import line_weights
+from .lines import line_weights
 
 
 def pair_score_gradients(S: torch.Tensor, exact: bool, ks: torch.Tensor | None = None) -> torch.Tensor:
     """``(K, B, B)`` tensor ``E[a] = ∂ℓ̃_{ks[a]}/∂S`` for one ``(B, B)`` score block (all pairs if ``ks`` is None).
 
-    Exact weights are assembled without forming ``w·(1 − p)`` (see ``softmax.py``): the entry at
+    Exact weights are assembled without forming ``w·(1 − p)`` (see :mod:`.lines`): the entry at
     column ``k`` of row ``i`` is ``p_ik`` itself and the others are ``−w_ik p_ij`` (``−p_ik r_ij`` at a maximum).
     """
     B = S.shape[0]

@@ -1,10 +1,15 @@
-"""Torch twin of the contrastive loss (docs/math.md §2), differentiable by autograd."""
+"""The contrastive loss (docs/math.md §2) in plain torch, differentiable by autograd (twice: Newton training
+and exact Hessians use it); also the torch twin of the fused loss."""
 from __future__ import annotations
 
 import torch
 
-from ..batching import BatchPlan
-from .common import acc_dtype
+from .batches import BatchPlan
+
+
+def acc_dtype(x: torch.Tensor) -> torch.dtype:
+    """Accumulation dtype (docs/math.md §5): float64 for float64 inputs, float32 otherwise."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def batch_loss(S: torch.Tensor) -> torch.Tensor:
