@@ -206,7 +206,7 @@ def fwd_bwd(model, X, Y, batch: int, default_sdpa: bool = False):
 def ecif_stages(st: Stages, model, X, Y, Xv, Yv, args, params, prefix: str):
     """Fit, ∇F, CG solve, JVP pass, reductions, each timed; returns the engine, h, influences and solve info."""
     sub = pick_batches(X.shape[0], args)
-    eng = ef.ECIF(model, damping=1.0, batches=args.batch, hessian="cg", curvature="gauss-newton", params=params,
+    eng = ef.ECIF(model, damping=1.0, batches=args.batch, solver="cg", curvature="gauss-newton", params=params,
                   cg_tol=1e-12, cg_maxiter=args.cg_iters, hessian_batches=sub, chunk_size=args.chunk_size)
     st.run(f"{prefix}fit", eng.fit, X, Y)
     # damping: damping_fraction × tr(C)/P, tr(C) by Hutchinson with a few probes (set-up, timed apart)
@@ -277,9 +277,9 @@ def oracle(st: Stages, eng, h, ks):
 
 # ---------------------------------------------------------------------------------------------- TRAK
 def trak_scores(st: Stages, model, X, Y, Xv, Yv, args, lora_names):
-    """TRAK's CLIP task on the same pairs and LoRA parameters, each stage timed (``evaluation.peers.trak_clip``, with
-    the traker 0.3.2 workarounds); ``(scores (n, n_val), details)``."""
-    from evaluation.peers import trak_clip  # benchmarks/evaluation
+    """TRAK's CLIP task on the same pairs and LoRA parameters, each stage timed
+    (``ecif_fast.evaluation.peers.trak_clip``, with the traker 0.3.2 workarounds); ``(scores (n, n_val), details)``."""
+    from ecif_fast.evaluation.peers import trak_clip
 
     return trak_clip(model, lora_names, X, Y, Xv, Yv, batch=args.batch, proj_dim=args.proj_dim, seed=args.seed + 7,
                      run=st.run)
@@ -319,7 +319,7 @@ def run(args, log=print) -> dict:
         f"load {load_start}")
     # warm-up (first calls pay one-time start-up costs): a small fwd+bwd, a JVP, a per-sample grad
     fwd_bwd(model, X[:4], Y[:4], 4)
-    w = ef.ECIF(model, damping=1.0, batches=4, hessian="cg", curvature="gauss-newton", cg_maxiter=1,
+    w = ef.ECIF(model, damping=1.0, batches=4, solver="cg", curvature="gauss-newton", cg_maxiter=1,
                 chunk_size=4).fit(X[:4], Y[:4])
     w._directions(torch.ones(w.space.size, 1))
     del w
@@ -565,7 +565,7 @@ def describe(res: dict, command: str) -> str:
              "shown beside them. *Threads busy* = process CPU time / wall time (2.0: both threads ran throughout; "
              "well below 2: another job held a core for part of that stage, and its wall time is inflated).",
              "",
-             f"**ECIF** (`hessian=\"cg\"`, `curvature=\"gauss-newton\"`, `chunk_size={a['chunk_size']}`, engine "
+             f"**ECIF** (`solver=\"cg\"`, `curvature=\"gauss-newton\"`, `chunk_size={a['chunk_size']}`, engine "
              f"defaults otherwise): the solve is matrix-free CG, **{e['iterations']} iterations** (fixed; CG's "
              f"relative "
              f"residual after them {e['residual']:.2g}), on the Gauss–Newton product subsampled to "
@@ -699,13 +699,13 @@ def memory_probe(args, log=print) -> dict:
     X, Y = make_pairs(n, args.seed + 2, args.tiny)
     Xv, Yv = make_pairs(n, args.seed + 3, args.tiny)
     fwd_bwd(model, X[:4], Y[:4], 4)  # warm-ups: first calls pay one-time start-up costs
-    w = ef.ECIF(model, damping=1.0, batches=2, hessian="cg", curvature="gauss-newton", cg_maxiter=1,
+    w = ef.ECIF(model, damping=1.0, batches=2, solver="cg", curvature="gauss-newton", cg_maxiter=1,
                 chunk_size=4).fit(X[:4], Y[:4])
     w.curvature.matvec(torch.ones(w.space.size, 1))
     w.pair_gradients([0])
     w._test_gradients(Xv[:2], Yv[:2], None, False)
     del w
-    common = dict(damping=1.0, hessian="cg", curvature="gauss-newton", cg_maxiter=1, chunk_size=c)
+    common = dict(damping=1.0, solver="cg", curvature="gauss-newton", cg_maxiter=1, chunk_size=c)
     batch = ef.ECIF(model, batches=c, **common).fit(X, Y)
     whole = ef.ECIF(model, batches=None, **common).fit(X, Y)
     v = torch.randn(batch.space.size, 1, generator=torch.Generator().manual_seed(0))

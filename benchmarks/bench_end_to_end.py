@@ -80,7 +80,7 @@ def run(args) -> dict:
     sub_main = subsample(args.hessian_batches)
 
     def engine(sub):
-        return ef.ECIF(model, damping=args.damping, batches=args.batch, hessian="cg", curvature="gauss-newton",
+        return ef.ECIF(model, damping=args.damping, batches=args.batch, solver="cg", curvature="gauss-newton",
                        cg_tol=args.cg_tol, cg_maxiter=args.cg_maxiter, hessian_batches=sub, backend=args.backend)
 
     times = {}

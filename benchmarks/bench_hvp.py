@@ -1,7 +1,7 @@
 """Exact Hessian-vector products: all columns vmapped per chunk of batches vs one column and one batch at a time.
 
 Setting: ``LinearHeads(6, 5, 8, normalize=True)`` in float64 (P = 88) trained on 200 pairs, batches of 20,
-``ECIF(hessian="cg", curvature="hessian")``. Timed side by side in one process (one thread):
+``ECIF(solver="cg", curvature="hessian")``. Timed side by side in one process (one thread):
 
 (a) ``Curvature.matvec`` on P columns (the vmapped product) vs ``Curvature._hessian_columnwise`` (the former
     implementation: ``jvp(grad)`` per column per batch), and that both agree with the dense Hessian;
@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__))))
 import ecif_fast as ef  # noqa: E402
-from evaluation.problems import paired_features  # noqa: E402
+from ecif_fast.evaluation.problems import paired_features  # noqa: E402
 from sections import write_section  # noqa: E402
 
 HEADING = "## Exact Hessian products (`cg` / `lowrank` with `curvature=\"hessian\"`)"
@@ -57,7 +57,7 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(1)
     model, X, Y, batch = problem()
-    engine = ef.ECIF(model, damping=1.0, batches=batch, hessian="cg", curvature="hessian",
+    engine = ef.ECIF(model, damping=1.0, batches=batch, solver="cg", curvature="hessian",
                      cg_maxiter=args.maxiter).fit(X, Y)
     curv = engine.curvature
     P = curv.size

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "directional.hpp"
@@ -27,19 +28,70 @@ std::string shape_str(const py::array& a) {
 }
 
 using Index = py::array_t<std::int64_t, py::array::c_style | py::array::forcecast>;
+template <class T>
+using Arr = py::array_t<T, py::array::c_style | py::array::forcecast>;
+
+// U and V: (n, d) arrays of one dtype, float32 or float64. Returns true for float32.
+bool check_embeddings(const std::string& o, const py::array& U, const py::array& V) {
+    if (U.ndim() != 2 || V.ndim() != 2)
+        throw py::value_error(o + ": U and V must be 2-D (n, d) arrays, got U of shape " + shape_str(U) +
+                              " and V of shape " + shape_str(V));
+    if (U.shape(0) != V.shape(0) || U.shape(1) != V.shape(1))
+        throw py::value_error(o + ": U and V must have the same shape (n, d), got U " + shape_str(U) + " and V " +
+                              shape_str(V));
+    const bool f32 = U.dtype().equal(py::dtype::of<float>());
+    if (!f32 && !U.dtype().equal(py::dtype::of<double>()))
+        throw py::value_error(o + ": U must be float32 or float64, got " + dtype_name(U) +
+                              " (convert float16/bfloat16 to float32 first)");
+    if (!V.dtype().equal(U.dtype()))
+        throw py::value_error(o + ": U and V must have the same dtype, got " + dtype_name(U) + " and " +
+                              dtype_name(V));
+    return f32;
+}
+
+// The batch plan as int64 arrays, after validate_plan.
+struct Plan {
+    Index perm, offsets;
+};
+
+// perm / offsets: 1-D integer arrays forming a valid plan over the n pairs; scale: finite. The kernels'
+// memory safety rests on these checks.
+Plan check_plan(const std::string& o, py::ssize_t n, double scale, const py::array& perm_in,
+                const py::array& offsets_in) {
+    if (perm_in.ndim() != 1 || offsets_in.ndim() != 1)
+        throw py::value_error(o + ": perm and offsets must be 1-D, got shapes " + shape_str(perm_in) + " and " +
+                              shape_str(offsets_in));
+    for (const auto& [name, a] : {std::pair<const char*, const py::array*>{"perm", &perm_in}, {"offsets", &offsets_in}})
+        if (a->dtype().kind() != 'i' && a->dtype().kind() != 'u')
+            throw py::value_error(o + ": " + name + " must be an integer array, got " + dtype_name(*a));
+    if (!std::isfinite(scale)) throw py::value_error(o + ": scale must be finite, got " + std::to_string(scale));
+    Plan plan{Index::ensure(perm_in), Index::ensure(offsets_in)};
+    if (!plan.perm || !plan.offsets) throw py::error_already_set();
+    ecif::validate_plan(o.c_str(), n, plan.perm.data(), plan.perm.size(), plan.offsets.data(), plan.offsets.size());
+    return plan;
+}
+
+// A C-contiguous view of `a` in dtype T (a copy only for a strided input; the dtype already matches).
+template <class T>
+Arr<T> contiguous(const py::array& a) {
+    Arr<T> out = Arr<T>::ensure(a);
+    if (!out) throw py::error_already_set();
+    return out;
+}
+
+// The common problem fields over U, V (kept alive by the caller) and the plan.
+template <class T>
+ecif::Problem<T> problem(const Arr<T>& U, const Arr<T>& V, double scale, const Plan& plan) {
+    return {U.data(),          V.data(),           U.shape(0), U.shape(1), static_cast<T>(scale),
+            plan.perm.data(), plan.offsets.data(), static_cast<std::int64_t>(plan.offsets.size()) - 1};
+}
 
 template <class T>
-py::tuple lse_typed(const py::array& U_in, const py::array& V_in, double scale, const Index& perm,
-                    const Index& offsets, const std::string& isa, int num_threads) {
-    using Arr = py::array_t<T, py::array::c_style | py::array::forcecast>;
-    // dtype already matches; forcecast only makes a contiguous copy when the input is strided.
-    Arr U = Arr::ensure(U_in);
-    Arr V = Arr::ensure(V_in);
-    if (!U || !V) throw py::error_already_set();
-    const std::int64_t n = U.shape(0), d = U.shape(1);
-    Arr row(n), col(n);
-    ecif::LseProblem<T> p{U.data(), V.data(), n, d, static_cast<T>(scale), perm.data(), offsets.data(),
-                          static_cast<std::int64_t>(offsets.size()) - 1, row.mutable_data(), col.mutable_data()};
+py::tuple lse_typed(const py::array& U_in, const py::array& V_in, double scale, const Plan& plan,
+                    const std::string& isa, int num_threads) {
+    const Arr<T> U = contiguous<T>(U_in), V = contiguous<T>(V_in);
+    Arr<T> row(U.shape(0)), col(U.shape(0));
+    const ecif::LseProblem<T> p{problem(U, V, scale, plan), row.mutable_data(), col.mutable_data()};
     const std::string resolved = ecif::resolve_isa(isa);
     {
         py::gil_scoped_release nogil;
@@ -48,53 +100,25 @@ py::tuple lse_typed(const py::array& U_in, const py::array& V_in, double scale, 
     return py::make_tuple(row, col);
 }
 
-py::tuple lse(const py::array& U, const py::array& V, double scale, const py::array& perm_in,
-              const py::array& offsets_in, const std::string& isa, int num_threads) {
-    if (U.ndim() != 2 || V.ndim() != 2)
-        throw py::value_error("lse: U and V must be 2-D (n, d) arrays, got U of shape " + shape_str(U) +
-                              " and V of shape " + shape_str(V));
-    if (U.shape(0) != V.shape(0) || U.shape(1) != V.shape(1))
-        throw py::value_error("lse: U and V must have the same shape (n, d), got U " + shape_str(U) +
-                              " and V " + shape_str(V));
-    const bool f32 = U.dtype().equal(py::dtype::of<float>());
-    const bool f64 = U.dtype().equal(py::dtype::of<double>());
-    if (!f32 && !f64)
-        throw py::value_error("lse: U must be float32 or float64, got " + dtype_name(U) +
-                              " (convert float16/bfloat16 to float32 first)");
-    if (!V.dtype().equal(U.dtype()))
-        throw py::value_error("lse: U and V must have the same dtype, got " + dtype_name(U) + " and " +
-                              dtype_name(V));
-    if (perm_in.ndim() != 1 || offsets_in.ndim() != 1)
-        throw py::value_error("lse: perm and offsets must be 1-D, got shapes " + shape_str(perm_in) + " and " +
-                              shape_str(offsets_in));
-    if (perm_in.dtype().kind() != 'i' && perm_in.dtype().kind() != 'u')
-        throw py::value_error("lse: perm must be an integer array, got " + dtype_name(perm_in));
-    if (offsets_in.dtype().kind() != 'i' && offsets_in.dtype().kind() != 'u')
-        throw py::value_error("lse: offsets must be an integer array, got " + dtype_name(offsets_in));
-    Index perm = Index::ensure(perm_in);
-    Index offsets = Index::ensure(offsets_in);
-    if (!perm || !offsets) throw py::error_already_set();
-    ecif::validate_plan(U.shape(0), perm.data(), perm.size(), offsets.data(), offsets.size());
-    if (f32) return lse_typed<float>(U, V, scale, perm, offsets, isa, num_threads);
-    return lse_typed<double>(U, V, scale, perm, offsets, isa, num_threads);
+py::tuple lse(const py::array& U, const py::array& V, double scale, const py::array& perm, const py::array& offsets,
+              const std::string& isa, int num_threads) {
+    const bool f32 = check_embeddings("lse", U, V);
+    const Plan plan = check_plan("lse", U.shape(0), scale, perm, offsets);
+    if (f32) return lse_typed<float>(U, V, scale, plan, isa, num_threads);
+    return lse_typed<double>(U, V, scale, plan, isa, num_threads);
 }
 
 template <class T>
-py::tuple infonce_typed(const py::array& U_in, const py::array& V_in, double scale, const Index& perm,
-                        const Index& offsets, bool with_scale, const std::string& isa, int num_threads) {
-    using Arr = py::array_t<T, py::array::c_style | py::array::forcecast>;
-    Arr U = Arr::ensure(U_in);
-    Arr V = Arr::ensure(V_in);
-    if (!U || !V) throw py::error_already_set();
+py::tuple infonce_typed(const py::array& U_in, const py::array& V_in, double scale, const Plan& plan,
+                        bool with_scale, const std::string& isa, int num_threads) {
+    const Arr<T> U = contiguous<T>(U_in), V = contiguous<T>(V_in);
     const std::int64_t n = U.shape(0), d = U.shape(1);
-    Arr dU({n, d}), dV({n, d});
+    Arr<T> dU({n, d}), dV({n, d});
     std::vector<T> st(static_cast<size_t>(4 * n));
     std::vector<std::int64_t> args(static_cast<size_t>(2 * n));
     const ecif::LineStats<T> stats{st.data(), st.data() + n, args.data(), st.data() + 2 * n, st.data() + 3 * n,
                                    args.data() + n};
-    ecif::InfonceProblem<T> p{U.data(), V.data(), n, d, static_cast<T>(scale), perm.data(), offsets.data(),
-                              static_cast<std::int64_t>(offsets.size()) - 1, stats, dU.mutable_data(),
-                              dV.mutable_data()};
+    const ecif::InfonceProblem<T> p{problem(U, V, scale, plan), stats, dU.mutable_data(), dV.mutable_data()};
     const std::string resolved = ecif::resolve_isa(isa);
     ecif::InfonceScalars r{};
     {
@@ -104,62 +128,26 @@ py::tuple infonce_typed(const py::array& U_in, const py::array& V_in, double sca
     return py::make_tuple(r.loss, dU, dV, with_scale ? py::object(py::float_(r.dlog_scale)) : py::object(py::none()));
 }
 
-py::tuple infonce(const py::array& U, const py::array& V, double scale, const py::array& perm_in,
-                  const py::array& offsets_in, bool with_scale, const std::string& isa, int num_threads) {
-    if (U.ndim() != 2 || V.ndim() != 2)
-        throw py::value_error("infonce: U and V must be 2-D (n, d) arrays, got U of shape " + shape_str(U) +
-                              " and V of shape " + shape_str(V));
-    if (U.shape(0) != V.shape(0) || U.shape(1) != V.shape(1))
-        throw py::value_error("infonce: U and V must have the same shape (n, d), got U " + shape_str(U) +
-                              " and V " + shape_str(V));
-    const bool f32 = U.dtype().equal(py::dtype::of<float>());
-    const bool f64 = U.dtype().equal(py::dtype::of<double>());
-    if (!f32 && !f64)
-        throw py::value_error("infonce: U must be float32 or float64, got " + dtype_name(U) +
-                              " (convert float16/bfloat16 to float32 first)");
-    if (!V.dtype().equal(U.dtype()))
-        throw py::value_error("infonce: U and V must have the same dtype, got " + dtype_name(U) + " and " +
-                              dtype_name(V));
-    if (perm_in.ndim() != 1 || offsets_in.ndim() != 1)
-        throw py::value_error("infonce: perm and offsets must be 1-D, got shapes " + shape_str(perm_in) +
-                              " and " + shape_str(offsets_in));
-    if (perm_in.dtype().kind() != 'i' && perm_in.dtype().kind() != 'u')
-        throw py::value_error("infonce: perm must be an integer array, got " + dtype_name(perm_in));
-    if (offsets_in.dtype().kind() != 'i' && offsets_in.dtype().kind() != 'u')
-        throw py::value_error("infonce: offsets must be an integer array, got " + dtype_name(offsets_in));
-    if (!std::isfinite(scale))
-        throw py::value_error("infonce: scale must be finite, got " + std::to_string(scale));
-    Index perm = Index::ensure(perm_in);
-    Index offsets = Index::ensure(offsets_in);
-    if (!perm || !offsets) throw py::error_already_set();
-    ecif::validate_plan(U.shape(0), perm.data(), perm.size(), offsets.data(), offsets.size());
-    if (f32) return infonce_typed<float>(U, V, scale, perm, offsets, with_scale, isa, num_threads);
-    return infonce_typed<double>(U, V, scale, perm, offsets, with_scale, isa, num_threads);
+py::tuple infonce(const py::array& U, const py::array& V, double scale, const py::array& perm,
+                  const py::array& offsets, bool with_scale, const std::string& isa, int num_threads) {
+    const bool f32 = check_embeddings("infonce", U, V);
+    const Plan plan = check_plan("infonce", U.shape(0), scale, perm, offsets);
+    if (f32) return infonce_typed<float>(U, V, scale, plan, with_scale, isa, num_threads);
+    return infonce_typed<double>(U, V, scale, plan, with_scale, isa, num_threads);
 }
 
-// Shared validation of the directional ops' arguments; returns the number of queries Q.
-py::ssize_t check_directional(const char* op, const py::array& U, const py::array& V, double scale,
-                              const py::array& perm_in, const py::array& offsets_in, const py::array& dU,
-                              const py::array& dV, const py::object& ds) {
+// Validation of the directional ops' arguments; returns whether they are float32 and the plan.
+std::pair<bool, Plan> check_directional(const char* op, const py::array& U, const py::array& V, double scale,
+                                        const py::array& perm, const py::array& offsets, const py::array& dU,
+                                        const py::array& dV, const py::object& ds) {
     const std::string o(op);
-    if (U.ndim() != 2 || V.ndim() != 2)
-        throw py::value_error(o + ": U and V must be 2-D (n, d) arrays, got U of shape " + shape_str(U) +
-                              " and V of shape " + shape_str(V));
-    if (U.shape(0) != V.shape(0) || U.shape(1) != V.shape(1))
-        throw py::value_error(o + ": U and V must have the same shape (n, d), got U " + shape_str(U) + " and V " +
-                              shape_str(V));
-    const bool f32 = U.dtype().equal(py::dtype::of<float>());
-    const bool f64 = U.dtype().equal(py::dtype::of<double>());
-    if (!f32 && !f64)
-        throw py::value_error(o + ": U must be float32 or float64, got " + dtype_name(U) +
-                              " (convert float16/bfloat16 to float32 first)");
-    for (const py::array* a : {&V, &dU, &dV})
-        if (!a->dtype().equal(U.dtype()))
-            throw py::value_error(o + ": U, V, dU and dV must have the same dtype, got " + dtype_name(U) + ", " +
-                                  dtype_name(V) + ", " + dtype_name(dU) + " and " + dtype_name(dV));
+    const bool f32 = check_embeddings(o, U, V);
+    if (!dU.dtype().equal(U.dtype()) || !dV.dtype().equal(U.dtype()))
+        throw py::value_error(o + ": U, V, dU and dV must have the same dtype, got " + dtype_name(U) + ", " +
+                              dtype_name(V) + ", " + dtype_name(dU) + " and " + dtype_name(dV));
     if (dU.ndim() != 3 || dV.ndim() != 3 || dU.shape(1) != U.shape(0) || dU.shape(2) != U.shape(1) ||
         dV.shape(0) != dU.shape(0) || dV.shape(1) != U.shape(0) || dV.shape(2) != U.shape(1))
-        throw py::value_error(o + ": dU and dV must both have shape (Q, n, d) = (Q, " + std::to_string(U.shape(0)) +
+        throw py::value_error(o + ": dU and dV must have shape (Q, n, d) = (Q, " + std::to_string(U.shape(0)) +
                               ", " + std::to_string(U.shape(1)) + "), got dU " + shape_str(dU) + " and dV " +
                               shape_str(dV));
     const py::ssize_t Q = dU.shape(0);
@@ -169,50 +157,28 @@ py::ssize_t check_directional(const char* op, const py::array& U, const py::arra
             throw py::value_error(o + ": dlog_scale must be None or a 1-D array of Q = " + std::to_string(Q) +
                                   " entries of the dtype of U");
     }
-    if (perm_in.ndim() != 1 || offsets_in.ndim() != 1)
-        throw py::value_error(o + ": perm and offsets must be 1-D, got shapes " + shape_str(perm_in) + " and " +
-                              shape_str(offsets_in));
-    if (perm_in.dtype().kind() != 'i' && perm_in.dtype().kind() != 'u')
-        throw py::value_error(o + ": perm must be an integer array, got " + dtype_name(perm_in));
-    if (offsets_in.dtype().kind() != 'i' && offsets_in.dtype().kind() != 'u')
-        throw py::value_error(o + ": offsets must be an integer array, got " + dtype_name(offsets_in));
-    if (!std::isfinite(scale)) throw py::value_error(o + ": scale must be finite, got " + std::to_string(scale));
-    return Q;
+    return {f32, check_plan(o, U.shape(0), scale, perm, offsets)};
 }
 
 template <class T>
 struct DirArrays {
-    using Arr = py::array_t<T, py::array::c_style | py::array::forcecast>;
-    Arr U, V, dU, dV, ds;
-    bool has_ds;
+    Arr<T> U, V, dU, dV, ds;
     std::vector<T> scratch;
     std::vector<std::int64_t> args;
     ecif::DirProblem<T> p{};
     DirArrays(const py::array& U_in, const py::array& V_in, const py::array& dU_in, const py::array& dV_in,
-              const py::object& ds_in, double scale, const Index& perm, const Index& offsets)
-        : U(Arr::ensure(U_in)), V(Arr::ensure(V_in)), dU(Arr::ensure(dU_in)), dV(Arr::ensure(dV_in)),
-          has_ds(!ds_in.is_none()) {
-        if (!U || !V || !dU || !dV) throw py::error_already_set();
-        if (has_ds) {
-            ds = Arr::ensure(ds_in);
-            if (!ds) throw py::error_already_set();
-        }
-        const std::int64_t n = U.shape(0), d = U.shape(1), Q = dU.shape(0);
+              const py::object& ds_in, double scale, const Plan& plan)
+        : U(contiguous<T>(U_in)), V(contiguous<T>(V_in)), dU(contiguous<T>(dU_in)), dV(contiguous<T>(dV_in)) {
+        if (!ds_in.is_none()) ds = contiguous<T>(ds_in);
+        const std::int64_t n = U.shape(0), Q = dU.shape(0);
         scratch.assign(size_t(8 * n + 8 * Q * n), T(0));
         args.assign(size_t(2 * n), 0);
         T* s = scratch.data();
-        p.U = U.data();
-        p.V = V.data();
-        p.n = n;
-        p.d = d;
-        p.scale = static_cast<T>(scale);
-        p.perm = perm.data();
-        p.offsets = offsets.data();
-        p.num_batches = static_cast<std::int64_t>(offsets.size()) - 1;
+        static_cast<ecif::Problem<T>&>(p) = problem(U, V, scale, plan);
         p.Q = Q;
         p.dU = dU.data();
         p.dV = dV.data();
-        p.ds = has_ds ? ds.data() : nullptr;
+        p.ds = ds_in.is_none() ? nullptr : ds.data();
         p.st = ecif::LineStats<T>{s, s + n, args.data(), s + 2 * n, s + 3 * n, args.data() + n};
         p.rrm = s + 4 * n;
         p.rrl = s + 5 * n;
@@ -231,13 +197,13 @@ struct DirArrays {
 };
 
 template <class T>
-py::tuple reductions_typed(const py::array& U, const py::array& V, double scale, const Index& perm,
-                           const Index& offsets, const py::array& dU, const py::array& dV, const py::object& ds,
-                           bool exact, const std::string& isa, int num_threads) {
-    DirArrays<T> A(U, V, dU, dV, ds, scale, perm, offsets);
+py::tuple reductions_typed(const py::array& U, const py::array& V, double scale, const Plan& plan,
+                           const py::array& dU, const py::array& dV, const py::object& ds, bool exact,
+                           const std::string& isa, int num_threads) {
+    DirArrays<T> A(U, V, dU, dV, ds, scale, plan);
     A.p.exact = exact;
     const std::int64_t n = A.p.n, Q = A.p.Q;
-    typename DirArrays<T>::Arr pos({Q, n}), neg({Q, n});
+    Arr<T> pos({Q, n}), neg({Q, n});
     const std::string resolved = ecif::resolve_isa(isa);
     {
         py::gil_scoped_release nogil;
@@ -247,12 +213,11 @@ py::tuple reductions_typed(const py::array& U, const py::array& V, double scale,
 }
 
 template <class T>
-py::tuple gn_typed(const py::array& U, const py::array& V, double scale, const Index& perm, const Index& offsets,
-                   const py::array& dU, const py::array& dV, const py::object& ds, const std::string& isa,
-                   int num_threads) {
-    DirArrays<T> A(U, V, dU, dV, ds, scale, perm, offsets);
+py::tuple gn_typed(const py::array& U, const py::array& V, double scale, const Plan& plan, const py::array& dU,
+                   const py::array& dV, const py::object& ds, const std::string& isa, int num_threads) {
+    DirArrays<T> A(U, V, dU, dV, ds, scale, plan);
     const std::int64_t n = A.p.n, d = A.p.d, Q = A.p.Q;
-    typename DirArrays<T>::Arr gU({Q, n, d}), gV({Q, n, d}), gs(Q);
+    Arr<T> gU({Q, n, d}), gV({Q, n, d}), gs(Q);
     A.p.gU = gU.mutable_data();
     A.p.gV = gV.mutable_data();
     std::vector<double> g(size_t(Q), 0.0);
@@ -265,30 +230,21 @@ py::tuple gn_typed(const py::array& U, const py::array& V, double scale, const I
     return py::make_tuple(gU, gV, gs);
 }
 
-py::tuple ecif_reductions(const py::array& U, const py::array& V, double scale, const py::array& perm_in,
-                          const py::array& offsets_in, const py::array& dU, const py::array& dV,
+py::tuple ecif_reductions(const py::array& U, const py::array& V, double scale, const py::array& perm,
+                          const py::array& offsets, const py::array& dU, const py::array& dV,
                           const py::object& dlog_scale, bool exact, const std::string& isa, int num_threads) {
-    check_directional("ecif_reductions", U, V, scale, perm_in, offsets_in, dU, dV, dlog_scale);
-    Index perm = Index::ensure(perm_in);
-    Index offsets = Index::ensure(offsets_in);
-    if (!perm || !offsets) throw py::error_already_set();
-    ecif::validate_plan(U.shape(0), perm.data(), perm.size(), offsets.data(), offsets.size());
-    if (U.dtype().equal(py::dtype::of<float>()))
-        return reductions_typed<float>(U, V, scale, perm, offsets, dU, dV, dlog_scale, exact, isa, num_threads);
-    return reductions_typed<double>(U, V, scale, perm, offsets, dU, dV, dlog_scale, exact, isa, num_threads);
+    const auto [f32, plan] = check_directional("ecif_reductions", U, V, scale, perm, offsets, dU, dV, dlog_scale);
+    if (f32) return reductions_typed<float>(U, V, scale, plan, dU, dV, dlog_scale, exact, isa, num_threads);
+    return reductions_typed<double>(U, V, scale, plan, dU, dV, dlog_scale, exact, isa, num_threads);
 }
 
-py::tuple gauss_newton_product(const py::array& U, const py::array& V, double scale, const py::array& perm_in,
-                               const py::array& offsets_in, const py::array& dU, const py::array& dV,
+py::tuple gauss_newton_product(const py::array& U, const py::array& V, double scale, const py::array& perm,
+                               const py::array& offsets, const py::array& dU, const py::array& dV,
                                const py::object& dlog_scale, const std::string& isa, int num_threads) {
-    check_directional("gauss_newton_product", U, V, scale, perm_in, offsets_in, dU, dV, dlog_scale);
-    Index perm = Index::ensure(perm_in);
-    Index offsets = Index::ensure(offsets_in);
-    if (!perm || !offsets) throw py::error_already_set();
-    ecif::validate_plan(U.shape(0), perm.data(), perm.size(), offsets.data(), offsets.size());
-    if (U.dtype().equal(py::dtype::of<float>()))
-        return gn_typed<float>(U, V, scale, perm, offsets, dU, dV, dlog_scale, isa, num_threads);
-    return gn_typed<double>(U, V, scale, perm, offsets, dU, dV, dlog_scale, isa, num_threads);
+    const auto [f32, plan] =
+        check_directional("gauss_newton_product", U, V, scale, perm, offsets, dU, dV, dlog_scale);
+    if (f32) return gn_typed<float>(U, V, scale, plan, dU, dV, dlog_scale, isa, num_threads);
+    return gn_typed<double>(U, V, scale, plan, dU, dV, dlog_scale, isa, num_threads);
 }
 
 }  // namespace

@@ -162,7 +162,6 @@ void run_pass(const DirProblem<T>& p, const DirKernels<T>& kern, const DirPlan<T
     const i64 ntasks = pl.ntasks(), nbig = pl.nbig, Q = p.Q;
     const size_t wsz = size_t(dir_workspace_elems(p.d, Q));
     const int nt = pl.nt;
-    const bool rows = mode == kDirGn3;
     std::unique_ptr<T[]> ws(new T[size_t(nt) * wsz]);
     std::vector<double> gsp(size_t(nt) * size_t(Q + 8), 0.0);
     int team = 1;
@@ -202,33 +201,6 @@ void run_pass(const DirProblem<T>& p, const DirKernels<T>& kern, const DirPlan<T
     if (gs_out)
         for (int t = 0; t < team; ++t)
             for (i64 q = 0; q < Q; ++q) gs_out[q] += gsp[size_t(t) * size_t(Q + 8) + size_t(q)];
-}
-
-template <class T>
-void line_merge_scalar(T& top, i64& arg, T& rM, T& rS, T a, i64 ja, T b2, T ts) {
-    const T ninf = -std::numeric_limits<T>::infinity();
-    T loser;
-    if (a > top) {
-        loser = top;
-        top = a;
-        arg = ja;
-    } else {
-        loser = a;
-    }
-    T M = rM;
-    if (ts != T(0) && b2 > M) M = b2;
-    if (loser > M) M = loser;
-    if (M == ninf) {
-        rM = M;
-        rS = T(0);
-        return;
-    }
-    T s = T(0);
-    if (rS != T(0)) s += rS * std::exp(rM - M);
-    if (ts != T(0)) s += ts * std::exp(b2 - M);
-    if (loser > ninf) s += std::exp(loser - M);
-    rM = M;
-    rS = s;
 }
 
 // Final line statistics of a column from its (top, arg, rest reference, rest sum) state (as the
@@ -280,8 +252,8 @@ void stats_pass(const DirProblem<T>& p, const DirKernels<T>& kern, const DirPlan
             i64 arg = 0;
             for (int t = 0; t < team; ++t) {
                 const T* tp = pT.get() + size_t(t) * size_t(nbig) * 3;
-                line_merge_scalar<T>(top, arg, rM, rS, tp[c], pA[size_t(t) * size_t(nbig) + size_t(c)],
-                                     tp[nbig + c], tp[2 * nbig + c]);
+                line_merge<T>(top, arg, rM, rS, tp[c], pA[size_t(t) * size_t(nbig) + size_t(c)], tp[nbig + c],
+                              tp[2 * nbig + c]);
             }
             finish_col(p, p.perm[pl.bigpos[size_t(c)]], top, arg, rM, rS);
         }
@@ -486,8 +458,7 @@ void gn_driver(const DirProblem<T>& p, double* gs, const std::string& isa_in, in
                                          {kDirGn3, int(p.Q), p.d, nullptr, kDirReadS | kDirReadD}};
         run_batches(p, kern, pl, steps, true, true, gs);
     } else {
-        const LseProblem<T> lp{p.U, p.V, p.n, p.d, p.scale, p.perm, p.offsets, p.num_batches, nullptr, nullptr,
-                               &p.st};
+        const LseProblem<T> lp{p, nullptr, nullptr, &p.st};
         lse(lp, isa, num_threads);
         pack_all(p, kern, pl, true);
         run_pass(p, kern, pl, kDirGn2, int(p.Q), 1, o2, nullptr);

@@ -15,27 +15,18 @@
 
 namespace ecif {
 
-// One directional problem. Pointers are borrowed, C-contiguous. Batch b holds pairs
-// perm[offsets[b] .. offsets[b+1]). dU, dV: (Q, n, d); ds: (Q,) or null (δs = 0).
+// One directional problem. dU, dV: (Q, n, d), C-contiguous; ds: (Q,) or null (δs = 0).
 // The remaining pointers are (n,) or (Q, n) scratch / outputs owned by the driver's caller; which of
 // them a pass reads or writes is listed at dir_pass_task.
 template <class T>
-struct DirProblem {
-    const T* U;
-    const T* V;
-    std::int64_t n;
-    std::int64_t d;
-    T scale;
-    const std::int64_t* perm;
-    const std::int64_t* offsets;
-    std::int64_t num_batches;
+struct DirProblem : Problem<T> {
     std::int64_t Q;
     const T* dU;
     const T* dV;
     const T* ds;
     bool exact;
     // line statistics of S, per pair (row i of its batch / column j of its batch), docs/math.md §4:
-    // st: top = max, l = lse - top, arg = batch-local position of the max (lse.hpp); the rest (the line
+    // st: top = max, l = lse - top, arg = batch-local position of the max (problem.hpp); the rest (the line
     // without its max; ecif_reductions only) as rest = rm + rl, rm its own max (-inf, rl = 0 if empty).
     LineStats<T> st;
     T* rrm;

@@ -5,7 +5,7 @@
 // packs its rows of U and of every δU_q into MR-row panels, then per column tile:
 //   1. S = t U_I V_J^T with the shared micro-kernel (tile_common.hpp);
 //   2. the softmax weights the mode needs, once per tile (docs/math.md §3-§4, torch_ref/softmax.py), from the
-//      line statistics (lse.hpp, LineStats):
+//      line statistics (problem.hpp, LineStats):
 //        P  = exp(z_r - l_r[i]),   Qc = exp(z_c - l_c[j]),   z = S - top off the line's max, 0 at it,
 //        Wr = P/(1-P) (exact) or P, 0 at i == j and (exact) at the row max j == arg_r[i],
 //        Wc likewise from Qc, 0 at i == j and (exact) at the column max i == arg_c[j],
@@ -68,36 +68,6 @@ void dir_gemm(const T* ECIF_RESTRICT Ap, const T* ECIF_RESTRICT Bp, int npu, i64
                                                TC, accumulate || k0 > 0);
         }
     }
-}
-
-// Fold a tile's line statistics into a running line state (top, arg, rest as (rM, rS): reference and
-// sum of exp(x - rM) over the rest). (a, ja): the tile's max and its position; (b2, ts): the rest of
-// the tile as (reference, sum). The smaller of the two maxima joins the rest. Ties keep the earlier
-// entry (either choice is exact, docs/math.md §4).
-template <class T>
-ECIF_INLINE void line_merge(T& top, i64& arg, T& rM, T& rS, T a, i64 ja, T b2, T ts) {
-    T loser;
-    if (a > top) {
-        loser = top;
-        top = a;
-        arg = ja;
-    } else {
-        loser = a;
-    }
-    T M = rM;
-    if (ts != T(0) && b2 > M) M = b2;
-    if (loser > M) M = loser;
-    if (M == -kInf<T>) {
-        rM = M;
-        rS = T(0);
-        return;
-    }
-    T s = T(0);
-    if (rS != T(0)) s += rS * std::exp(rM - M);
-    if (ts != T(0)) s += ts * std::exp(b2 - M);
-    if (loser > -kInf<T>) s += std::exp(loser - M);
-    rM = M;
-    rS = s;
 }
 
 template <class T>

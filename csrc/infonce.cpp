@@ -139,7 +139,11 @@ InfonceScalars infonce_per_batch(const InfonceProblem<T>& p, const IfKernels<T>&
                 continue;
             }
             const i64 sub_off[2] = {0, B};
-            const LseProblem<T> lp{p.U, p.V, p.n, d, p.scale, p.perm + off, sub_off, 1, nullptr, nullptr, &p.stats};
+            Problem<T> one = p;  // this batch alone
+            one.perm += off;
+            one.offsets = sub_off;
+            one.num_batches = 1;
+            const LseProblem<T> lp{one, nullptr, nullptr, &p.stats};
             lse(lp, isa, 1);
             const i64 nct = (B + kIfCols - 1) / kIfCols, nrt = (B + kIfRows - 1) / kIfRows;
             for (i64 ct = 0; ct < nct; ++ct) kern.pack(p, b, ct, fv + size_t(ct) * vtile);
@@ -186,7 +190,7 @@ InfonceScalars infonce_driver(const InfonceProblem<T>& p, const std::string& isa
     using i64 = std::int64_t;
     const std::string isa = resolve_isa(isa_in);
     const IfKernels<T> kern = infonce_kernels_for<T>(isa);
-    const i64 nb = p.num_batches, n = p.n, d = p.d;
+    const i64 nb = p.num_batches, d = p.d;
     InfonceScalars out{0.0, 0.0};
 
     // Mode choice: the rule of the directional ops (directional.cpp, DirPlan): per-batch mode when
@@ -206,7 +210,7 @@ InfonceScalars infonce_driver(const InfonceProblem<T>& p, const std::string& isa
     }
 
     // Pass 1: row and column line statistics of every batch (streamed, the lse kernel).
-    const LseProblem<T> lp{p.U, p.V, n, d, p.scale, p.perm, p.offsets, nb, nullptr, nullptr, &p.stats};
+    const LseProblem<T> lp{p, nullptr, nullptr, &p.stats};
     lse(lp, isa, num_threads);
 
 

@@ -8,22 +8,13 @@
 
 namespace ecif {
 
-// One fused InfoNCE problem. Pointers are borrowed; U, V, dU, dV are C-contiguous (n, d).
-// Batch b holds pairs perm[offsets[b] .. offsets[b+1]).
+// One fused InfoNCE problem; dU, dV are C-contiguous (n, d) outputs.
 //   loss      = sum_b sum_{k in b} [LSE_j S_kj - S_kk] + [LSE_i S_ik - S_kk],  S = scale * U_b V_b^T
 //   G         = P + Qc - 2 I      (P, Qc: row and column softmax of S, per batch)
 //   dU        = scale * G V,  dV = scale * G^T U,  dlog_scale = sum G o S
-// stats: (n,) scratch for the per-pair line statistics of S (pass 1, computed by the driver; lse.hpp).
+// stats: (n,) scratch for the per-pair line statistics of S (pass 1, computed by the driver; problem.hpp).
 template <class T>
-struct InfonceProblem {
-    const T* U;
-    const T* V;
-    std::int64_t n;
-    std::int64_t d;
-    T scale;
-    const std::int64_t* perm;
-    const std::int64_t* offsets;
-    std::int64_t num_batches;
+struct InfonceProblem : Problem<T> {
     LineStats<T> stats;
     T* dU;
     T* dV;

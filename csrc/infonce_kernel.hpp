@@ -11,7 +11,7 @@
 // dV = G^T U). Per column tile the kIfCols columns of V are packed the same two ways. Then
 //   1. S tile (TR x TC) = U_tile V_tile^T with the MR x NR micro-kernel (KC-blocked inner dimension);
 //   2. G tile in place: g_ij = p_ij + q_ij - 2 delta_ij, scaled by t, with the softmax weights
-//      evaluated from the line statistics (lse.hpp, LineStats) as exp((s - top) - l), s - top taken as
+//      evaluated from the line statistics (problem.hpp, LineStats) as exp((s - top) - l), s - top taken as
 //      exactly 0 at the line's maximum (if_form_g). When the tile's maxima are within kReuse of each
 //      other (the common case) the column weight reuses the row exponential (one exponential per
 //      score instead of two);
@@ -80,7 +80,7 @@ void if_pack_rows(const T* ECIF_RESTRICT src, const i64* ECIF_RESTRICT idx, int 
     tc_pack_rows<T, IfCfg<T>::NR>(src, idx, cnt, tot, d, dp, Q);
 }
 
-// Line statistics of one score tile in the layout the G step reads (lse.hpp, LineStats): per row i
+// Line statistics of one score tile in the layout the G step reads (problem.hpp, LineStats): per row i
 // (< TR) its top, l and the tile-local column of its maximum (-1 when that lies in another column
 // tile); per column j (< TC) the same with the tile-local row, 1 / 0 for columns in / past the batch
 // (past it: top = +inf and l = 0, so that every weight there is 0) and j itself. Ar, Bc and

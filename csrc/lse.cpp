@@ -15,32 +15,33 @@
 
 namespace ecif {
 
-void validate_plan(std::int64_t n, const std::int64_t* perm, std::int64_t perm_len,
+void validate_plan(const char* op, std::int64_t n, const std::int64_t* perm, std::int64_t perm_len,
                    const std::int64_t* offsets, std::int64_t offsets_len) {
+    const std::string o = std::string(op) + ": ";
     if (perm_len != n)
-        throw std::invalid_argument("lse: perm must have one entry per pair: expected length " +
-                                    std::to_string(n) + ", got " + std::to_string(perm_len));
+        throw std::invalid_argument(o + "the batch plan covers " + std::to_string(perm_len) + " pairs but U has " +
+                                    std::to_string(n) + " rows (perm must have one entry per pair)");
     if (offsets_len < 1)
-        throw std::invalid_argument("lse: offsets must have at least one entry (offsets[0] == 0)");
+        throw std::invalid_argument(o + "offsets must have at least one entry (offsets[0] == 0)");
     if (offsets[0] != 0)
-        throw std::invalid_argument("lse: offsets[0] must be 0, got " + std::to_string(offsets[0]));
+        throw std::invalid_argument(o + "offsets[0] must be 0, got " + std::to_string(offsets[0]));
     for (std::int64_t b = 0; b + 1 < offsets_len; ++b) {
         if (offsets[b + 1] < offsets[b])
-            throw std::invalid_argument("lse: offsets must be non-decreasing, but offsets[" +
-                                        std::to_string(b + 1) + "] = " + std::to_string(offsets[b + 1]) +
-                                        " < offsets[" + std::to_string(b) + "] = " + std::to_string(offsets[b]));
+            throw std::invalid_argument(o + "offsets must be non-decreasing, but offsets[" + std::to_string(b + 1) +
+                                        "] = " + std::to_string(offsets[b + 1]) + " < offsets[" +
+                                        std::to_string(b) + "] = " + std::to_string(offsets[b]));
     }
     if (offsets[offsets_len - 1] != n)
-        throw std::invalid_argument("lse: offsets[-1] must equal the number of pairs " + std::to_string(n) +
+        throw std::invalid_argument(o + "offsets[-1] must equal the number of pairs " + std::to_string(n) +
                                     ", got " + std::to_string(offsets[offsets_len - 1]));
     std::vector<char> seen(static_cast<size_t>(n), 0);
     for (std::int64_t k = 0; k < n; ++k) {
         const std::int64_t i = perm[k];
         if (i < 0 || i >= n)
-            throw std::invalid_argument("lse: perm[" + std::to_string(k) + "] = " + std::to_string(i) +
+            throw std::invalid_argument(o + "perm[" + std::to_string(k) + "] = " + std::to_string(i) +
                                         " is out of range [0, " + std::to_string(n) + ")");
         if (seen[static_cast<size_t>(i)])
-            throw std::invalid_argument("lse: perm is not a permutation: pair " + std::to_string(i) +
+            throw std::invalid_argument(o + "perm is not a permutation: pair " + std::to_string(i) +
                                         " appears twice");
         seen[static_cast<size_t>(i)] = 1;
     }

@@ -5,45 +5,18 @@
 #include <string>
 #include <vector>
 
+#include "problem.hpp"
+
 namespace ecif {
 
-// Line statistics of S, per pair k (its row, its column): top = the maximum, l = lse - top (in
-// [0, log B]) and arg = the batch-local position of the maximum. The kernels that re-evaluate softmax
-// weights use exp((S - top) - l), with S - top taken as exactly 0 at arg: the weight at a line's
-// maximum is then exp(-l) whatever rounding the recomputed score gets (another micro-kernel or ISA,
-// fma contraction), and no weight carries the rounding of a large lse (eps |S|). Each array is (n,).
+// Row / column log-sum-exp of every batch: row and col are (n,) outputs (or null) and, when stats is set,
+// the line statistics are written there too.
 template <class T>
-struct LineStats {
-    T* rtop;
-    T* rl;
-    std::int64_t* rarg;
-    T* ctop;
-    T* cl;
-    std::int64_t* carg;
-};
-
-// Description of one lse problem. Pointers are borrowed; U and V are C-contiguous (n, d).
-// Batch b holds pairs perm[offsets[b] .. offsets[b+1]); row/col are (n,) outputs (or null) and, when
-// stats is set, the line statistics are written there too.
-template <class T>
-struct LseProblem {
-    const T* U;
-    const T* V;
-    std::int64_t n;
-    std::int64_t d;
-    T scale;
-    const std::int64_t* perm;
-    const std::int64_t* offsets;
-    std::int64_t num_batches;
+struct LseProblem : Problem<T> {
     T* row;
     T* col;
     const LineStats<T>* stats = nullptr;
 };
-
-// Check that perm is a permutation of 0..n-1 and offsets is a valid CSR split of it.
-// Throws std::invalid_argument (mapped to ValueError by pybind11) with a clear message.
-void validate_plan(std::int64_t n, const std::int64_t* perm, std::int64_t perm_len,
-                   const std::int64_t* offsets, std::int64_t offsets_len);
 
 // Instruction-set variants compiled into this build, best first (e.g. {"avx2", "generic"}),
 // and those usable on the running CPU.

@@ -17,7 +17,7 @@
 //      (huge logit spread, +-inf) the column sums take their own exp(s_ij - b_j): one exponential
 //      per score in the common case, two in the rare one;
 //   4. fold (a_i, rowsum_i) and (b_j, colsum_j) into the running (reference, sum) states.
-// The references are the running maxima, so with line statistics (p.stats, lse.hpp) top = reference
+// The references are the running maxima, so with line statistics (p.stats, problem.hpp) top = reference
 // and l = log(sum) come for free; the position of each maximum is tracked alongside (a row's first
 // position of its tile maximum when that beats the running one; a column's row index, vectorised).
 #include <cmath>

@@ -7,19 +7,15 @@
     ecif = ECIF(model, damping=..., batches=64).fit(loader)                     # or:
     pixel_values, input_ids = encode_pairs(model, images, captions, batch_size=64)
 
-Defaults per model (``model`` is an ``ecif_fast.wrap``-ed model holding the CLIP model in ``.clip``, or the raw
-CLIP model; ``peft`` wrappers are seen through):
+Defaults come from the model's family (:mod:`ecif_fast.models.families`; ``model`` is an ``ecif_fast.wrap``-ed
+model holding the CLIP model in ``.clip``, or the raw CLIP model; ``peft`` wrappers are seen through):
 
-- **open_clip**: ``open_clip.image_transform`` (evaluation mode) built from the model's own preprocessing
-  config (``open_clip.get_model_preprocess_cfg``: ``visual.preprocess_cfg``, set by ``create_model``, or the
-  legacy ``image_size`` / ``image_mean`` / ``image_std``), and ``open_clip.tokenizer.SimpleTokenizer`` with the
-  model's ``context_length`` (its BPE vocabulary ships inside the package: nothing is downloaded). Every
-  caption is padded (with 0) or truncated (keeping the end-of-text token) to ``context_length``: open_clip's
-  text tower takes exactly that length.
-- **Hugging Face CLIP**: no default (the preprocessing lives in the checkpoint's files): pass ``processor=``
-  (a ``CLIPProcessor``) or ``image_transform=`` / ``tokenizer=``. A Hugging Face tokenizer pads each batch on
-  the right to its longest caption (``padding="longest"``) and truncates to the model's
-  ``max_position_embeddings``.
+- **open_clip**: the model's own ``open_clip.image_transform`` (evaluation mode) and ``SimpleTokenizer`` with its
+  ``context_length`` (nothing is downloaded); every caption is padded with 0, or truncated keeping the
+  end-of-text token, to ``context_length``: open_clip's text tower takes exactly that length.
+- **Hugging Face CLIP**: none (the preprocessing lives in the checkpoint's files): pass ``processor=`` (a
+  ``CLIPProcessor``) or ``image_transform=`` / ``tokenizer=``. A Hugging Face tokenizer pads each batch on the
+  right to its longest caption and truncates to the model's ``max_position_embeddings``.
 
 Right padding is harmless: CLIP's text tower runs under a causal mask and pools at the end-of-text token, so
 tokens after it never reach the feature (``tests/test_data.py`` checks this for both implementations). That
@@ -28,6 +24,7 @@ is why batches padded to different lengths can be concatenated with more padding
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Callable, Sequence
 
@@ -37,6 +34,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .errors import ECIFInputError
+from .models.families import clip_of, image_batcher, library_family, text_batcher
 
 __all__ = ["CaptionedImages", "PairCollate", "pair_collate", "encode_pairs"]
 
@@ -112,85 +110,32 @@ class CaptionedImages(Dataset):
 
 
 # ---------------------------------------------------------------------------------------------- collate
-def _core(model: nn.Module) -> nn.Module:
-    """The CLIP model inside an adapter (``.clip``) and a peft wrapper (``.base_model.model``)."""
-    m = getattr(model, "clip", model)
-    return getattr(getattr(m, "base_model", None), "model", m)
-
-
-def _is_open_clip(core) -> bool:
-    return type(core).__module__.startswith("open_clip")
-
-
-def _is_hf_image_processor(t) -> bool:
-    try:
-        from transformers.image_processing_base import ImageProcessingMixin
-    except ImportError:
-        return False
-    return isinstance(t, ImageProcessingMixin)
-
-
-def _is_hf_tokenizer(t) -> bool:
-    try:
-        from transformers import PreTrainedTokenizerBase
-    except ImportError:
-        return False
-    return isinstance(t, PreTrainedTokenizerBase)
-
-
-def _open_clip_defaults(core):
-    import open_clip
-    from open_clip.transform import PreprocessCfg, merge_preprocess_dict
-
-    cfg = PreprocessCfg(**merge_preprocess_dict(PreprocessCfg(), dict(open_clip.get_model_preprocess_cfg(core))))
-    transform = open_clip.image_transform(cfg.size, is_train=False, mean=cfg.mean, std=cfg.std,
-                                          resize_mode=cfg.resize_mode, interpolation=cfg.interpolation,
-                                          fill_color=cfg.fill_color)
-    text = getattr(core, "text", None)
-    if text is not None and type(text).__name__ == "HFTextEncoder":
-        return transform, None
-    tok_cfg = open_clip.get_model_tokenize_cfg(core)
-    context = tok_cfg.get("context_length") or getattr(core, "context_length", None)
-    tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=context)
-    vocab = tok_cfg.get("vocab_size")
-    if vocab is not None and vocab < tokenizer.vocab_size:
-        raise ECIFInputError(f"this open_clip model's text vocabulary has {vocab} tokens but open_clip's "
-                             f"SimpleTokenizer gives ids up to {tokenizer.vocab_size - 1}; pass the model's own "
-                             "tokenizer= (open_clip.get_tokenizer(model_name))")
-    return transform, tokenizer
+def _per_image(transform: Callable, images: list) -> torch.Tensor:
+    """A per-image callable (PIL image → ``(3, H, W)``) applied to a batch."""
+    return torch.stack([torch.as_tensor(transform(im)) for im in images])
 
 
 class PairCollate:
     """``collate_fn`` mapping ``[(image, caption), ...]`` to ``(pixel_values (B, 3, H, W), input_ids (B, L))``.
 
-    Built by :func:`pair_collate`. ``pad_token_id`` is the id it pads captions with (None when the tokenizer
-    is a plain callable whose padding is unknown); ``ECIF.fit`` uses it to join batches padded to different
-    lengths.
+    Built by :func:`pair_collate` from two batch functions: ``image_batch`` (``list[PIL image] -> (B, 3, H, W)``)
+    and ``text_batch`` (``list[str] ->`` right-padded ids, or a mapping with ``input_ids``). ``pad_token_id`` is
+    the id captions are padded with (None when the tokenizer is a plain callable whose padding is unknown);
+    ``ECIF.fit`` uses it to join batches padded to different lengths.
     """
 
-    def __init__(self, image_transform: Callable, tokenizer: Callable, dtype: torch.dtype,
-                 max_length: int | None, pad_token_id: int | None):
-        self.image_transform, self.tokenizer, self.dtype = image_transform, tokenizer, dtype
-        self.max_length, self.pad_token_id = max_length, pad_token_id
+    def __init__(self, image_batch: Callable, text_batch: Callable, dtype: torch.dtype, pad_token_id: int | None):
+        self.image_batch, self.text_batch, self.dtype, self.pad_token_id = image_batch, text_batch, dtype, pad_token_id
 
     def images(self, images: list) -> torch.Tensor:
-        pils = [to_pil(im, where=f"image {i} of the batch") for i, im in enumerate(images)]
-        if _is_hf_image_processor(self.image_transform):
-            px = self.image_transform(images=pils, return_tensors="pt")["pixel_values"]
-        else:
-            px = torch.stack([torch.as_tensor(self.image_transform(im)) for im in pils])
+        px = self.image_batch([to_pil(im, where=f"image {i} of the batch") for i, im in enumerate(images)])
         if px.dim() != 4:
             raise ECIFInputError(f"image_transform must give (3, H, W) per image, got a batch of shape "
                                  f"{tuple(px.shape)}")
         return px.to(self.dtype)
 
     def texts(self, captions: list[str]) -> torch.Tensor:
-        tok = self.tokenizer
-        if _is_hf_tokenizer(tok):
-            out = tok(captions, padding="longest", truncation=self.max_length is not None,
-                      max_length=self.max_length, return_tensors="pt")
-        else:
-            out = tok(captions)
+        out = self.text_batch(captions)
         if isinstance(out, dict) or hasattr(out, "keys"):
             out = out["input_ids"]
         try:
@@ -218,58 +163,38 @@ def pair_collate(model: nn.Module, *, image_transform: Callable | None = None, t
     Args:
         model: the model given to ECIF (an adapter from :func:`ecif_fast.wrap` or the raw CLIP model).
         image_transform: per-image callable (PIL RGB image → ``(3, H, W)`` tensor, e.g. torchvision), or a
-            Hugging Face image processor (applied to the whole batch). Default: open_clip's own.
+            Hugging Face image processor (applied to the whole batch). Default: the model family's own, where it
+            has one (open_clip).
         tokenizer: a Hugging Face tokenizer (right-padded to the batch's longest caption, truncated to the
             model's maximum length), or a callable ``list[str] -> (B, L)`` ids (or a mapping with
-            ``input_ids``) that pads itself. Default: open_clip's ``SimpleTokenizer``.
+            ``input_ids``) that pads itself. Default: the model family's own, where it has one (open_clip's
+            ``SimpleTokenizer``).
         processor: a Hugging Face ``CLIPProcessor``: its ``image_processor`` and ``tokenizer`` are used where
             ``image_transform`` / ``tokenizer`` are not given.
         dtype: pixel dtype; default the model's floating-point parameter dtype.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    core = _core(model)
+    clip = clip_of(model)
+    family = library_family(clip)
     if processor is not None:
         if image_transform is None:
             image_transform = getattr(processor, "image_processor", None)
         if tokenizer is None:
             tokenizer = getattr(processor, "tokenizer", None)
-    if (image_transform is None or tokenizer is None) and _is_open_clip(core):
-        default_transform, default_tokenizer = _open_clip_defaults(core)
-        image_transform = default_transform if image_transform is None else image_transform
-        tokenizer = default_tokenizer if tokenizer is None else tokenizer
-        if tokenizer is None:
-            raise ECIFInputError("this open_clip model has a Hugging Face text tower: pass its tokenizer= "
-                                 "(open_clip.get_tokenizer(model_name))")
+    if (image_transform is None or tokenizer is None) and family is not None:
+        image_transform, tokenizer = family.fill_preprocessing(clip, image_transform, tokenizer)
     missing = [n for n, v in (("image_transform", image_transform), ("tokenizer", tokenizer)) if v is None]
     if missing:
-        what = ("a Hugging Face CLIP model has no built-in preprocessing: pass processor=CLIPProcessor"
-                ".from_pretrained(<the checkpoint's name or folder>), or image_transform= (CLIPImageProcessor or "
-                "a PIL → (3, H, W) callable) and tokenizer= (CLIPTokenizer or a list[str] → (B, L) callable)"
-                if type(core).__module__.startswith("transformers") else
-                "pass image_transform= (PIL image → (3, H, W) tensor) and tokenizer= (list[str] → (B, L) ids) "
-                "matching how the model was trained")
-        raise ECIFInputError(f"pair_collate: no {' and no '.join(missing)} for {type(core).__name__}; {what}")
+        hint = family.preprocessing_hint if family is not None else None
+        what = hint or ("pass image_transform= (PIL image → (3, H, W) tensor) and tokenizer= (list[str] → (B, L) ids) "
+                        "matching how the model was trained")
+        raise ECIFInputError(f"pair_collate: no {' and no '.join(missing)} for {type(clip).__name__}; {what}")
     if dtype is None:
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    max_length, pad = None, None
-    if _is_hf_tokenizer(tokenizer):
-        if tokenizer.pad_token_id is None:
-            raise ECIFInputError("the tokenizer has no pad token; set tokenizer.pad_token = tokenizer.eos_token "
-                                 "(CLIP pads with its end-of-text token)")
-        if getattr(tokenizer, "padding_side", "right") != "right":
-            raise ECIFInputError("the tokenizer pads on the left; CLIP's causal text tower needs right padding: "
-                                 "set tokenizer.padding_side = 'right'")
-        pad = int(tokenizer.pad_token_id)
-        text_cfg = getattr(getattr(core, "config", None), "text_config", None)
-        max_length = getattr(text_cfg, "max_position_embeddings", None)
-    elif _is_open_clip_tokenizer(tokenizer):
-        pad = 0
-    return PairCollate(image_transform, tokenizer, dtype, max_length, pad)
-
-
-def _is_open_clip_tokenizer(t) -> bool:
-    return type(t).__module__.startswith("open_clip") and type(t).__name__ == "SimpleTokenizer"
+    image_batch = image_batcher(image_transform) or functools.partial(_per_image, image_transform)
+    text_batch, pad = text_batcher(tokenizer, clip) or (tokenizer, None)
+    return PairCollate(image_batch, text_batch, dtype, pad)
 
 
 def pad_right(ids: Sequence[torch.Tensor], pad_token_id: int | None) -> list[torch.Tensor]:

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import copy
-import functools
-import warnings
 from typing import Callable, Sequence, Union
 
 import torch
@@ -18,84 +16,16 @@ from .core.pair_terms import pair_embedding_gradients, removal_objective
 from .kernels import ops
 from .models.functional import ChunkedVJP, FunctionalModel, chunked_jvp, row_slices
 from .models.params import ParamsArg, select_params
+from .engine_inputs import collect_pairs, default_chunks, encodes, hessian_batches_arg, solver_arg
 from .results import InfluenceResult
-from .solvers import CURVATURES, SOLVERS, CGSolver, Curvature, ExactSolver, LowRankSolver, resolve_damping
+from .solvers import CURVATURES, Curvature, resolve_damping
+from .solvers.cg import cg_summary_per_call
+from .solvers.registry import SolverOptions, solver_class
 from .validation import (NEGATIVE_TERMS, cast_inputs, check_batch_sizes, check_choice, check_embeddings, check_indices,
                          check_int, check_like_training, check_logit_scale, check_pairs, check_params, check_tolerance,
                          declares_normalized)
 
 TestFn = Union[Callable[[nn.Module], torch.Tensor], Sequence[Callable[[nn.Module], torch.Tensor]]]
-
-
-def _collect(data, texts):
-    """Tensors ``(images, texts)`` from two tensors or from an iterable (DataLoader) of pairs."""
-    if texts is not None or torch.is_tensor(data):
-        return data, texts
-    xs, ys = [], []
-    for item in data:
-        if not isinstance(item, (tuple, list)) or len(item) != 2:
-            raise ECIFInputError("a DataLoader passed to fit must yield (images, texts) pairs")
-        xs.append(torch.as_tensor(item[0]))
-        ys.append(torch.as_tensor(item[1]))
-    if not xs:
-        raise ECIFInputError("empty data: the DataLoader yielded no pairs")
-    if len({y.shape[1:] for y in ys}) > 1 and all(y.dim() == 2 and not y.is_floating_point() for y in ys):
-        from .data import pad_right  # token batches padded to their own longest caption (ecif_fast.data)
-
-        ys = pad_right(ys, getattr(getattr(data, "collate_fn", None), "pad_token_id", None))
-    return torch.cat(xs), torch.cat(ys)
-
-
-def _hessian_batches(value):
-    """``hessian_batches`` as a list of ints (the range is checked against the batches in :meth:`ECIF.fit`)."""
-    if value is None:
-        return None
-    if torch.is_tensor(value):
-        if value.dtype.is_floating_point or value.dtype == torch.bool or value.dim() != 1:
-            raise ECIFInputError(f"hessian_batches must be a 1-d integer tensor or a list of batch numbers, got "
-                                 f"a {value.dtype} tensor of shape {tuple(value.shape)}")
-        value = value.tolist()
-    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
-        raise ECIFInputError(f"hessian_batches must be None or a list of batch numbers (ints), got {value!r}")
-    return [check_int(b, "each entry of hessian_batches") for b in value]
-
-
-def _cg_summary(method):
-    """Run a public method with the CG solver's per-solve warnings collected, then warn once: how many
-    right-hand sides did not converge, of how many, and the worst residual. Nested public calls report in
-    the outermost one."""
-
-    @functools.wraps(method)
-    def call(self, *args, **kwargs):
-        solver = getattr(self, "solver", None)
-        if not isinstance(solver, CGSolver) or solver.log is not None:
-            return method(self, *args, **kwargs)
-        solver.log = []
-        try:
-            out = method(self, *args, **kwargs)
-            log = solver.log
-        finally:
-            solver.log = None
-        bad = sum(entry[1] for entry in log)
-        if bad:
-            worst = max(entry[2] for entry in log)
-            total = sum(entry[0] for entry in log)
-            warnings.warn(
-                f"ECIF.{method.__name__}: CG did not converge for {bad} of {total} right-hand side(s) in "
-                f"cg_maxiter = {solver.maxiter} iterations (worst relative residual {worst:.2e} > cg_tol "
-                f"{solver.tol:.1e}), so these results are approximate; raise cg_maxiter or damping, loosen cg_tol, "
-                "or use hessian='exact' (up to a few thousand parameters) or 'lowrank'", RuntimeWarning, stacklevel=2)
-        return out
-
-    return call
-
-
-def default_chunks(model: nn.Module) -> tuple[int, int]:
-    """``(chunk_size, tangent_chunk)`` for a model: ``(4096, 256)`` under 2 million parameters (embedding
-    heads: activations are tiny, bigger calls amortise overhead), else ``(64, 8)`` (transformer towers: one
-    chunk of 64 pairs already holds gigabytes of activations in a ViT-B/32)."""
-    size = sum(p.numel() for p in model.parameters()) if isinstance(model, nn.Module) else 0
-    return (4096, 256) if size < 2_000_000 else (64, 8)
 
 
 class ECIF:
@@ -107,7 +37,8 @@ class ECIF:
         damping: δ > 0, or ``"auto"`` (see :func:`ecif_fast.solvers.resolve_damping`).
         batches: the fixed training batches: ``None`` ("all" negatives), an int batch size, or ``(n,)`` ids.
         negative_term: ``"exact"`` (``−log(1−P)``, default) or ``"taylor"`` (``P``, the paper's form).
-        hessian: solver: ``"exact"`` (dense Cholesky), ``"cg"`` (matrix-free) or ``"lowrank"``.
+        solver: a registered solver name (:func:`ecif_fast.solvers.solver_names`): ``"exact"`` (dense Cholesky,
+            the default), ``"cg"`` (matrix-free) or ``"lowrank"``. ``hessian=`` is its deprecated alias.
         curvature: ``"hessian"`` (exact second derivatives) or ``"gauss-newton"`` (PSD).
         params: which parameters are trained (see :func:`ecif_fast.models.params.select_params`).
         rank: eigenpairs kept by the low-rank solver (an int >= 1; it warns when the rest of the spectrum is
@@ -139,12 +70,12 @@ class ECIF:
     """
 
     def __init__(self, model: nn.Module, *, damping, batches: BatchesArg = None, negative_term: str = "exact",
-                 hessian: str = "exact", curvature: str = "hessian", params: ParamsArg = None, rank: int = 64,
+                 solver: str | None = None, curvature: str = "hessian", params: ParamsArg = None, rank: int = 64,
                  cg_tol: float = 1e-10, cg_maxiter: int | None = None, hessian_batches=None,
                  chunk_size: int | None = None, tangent_chunk: int | None = None, progress: bool = False,
-                 seed: int = 0, backend: str | None = None):
+                 seed: int = 0, backend: str | None = None, hessian: str | None = None):
         self.negative_term = check_choice(negative_term, "negative_term", NEGATIVE_TERMS)
-        self.solver_name = check_choice(hessian, "hessian", SOLVERS)
+        self.solver_name = solver_arg(solver, hessian)
         self.curvature_kind = check_choice(curvature, "curvature", CURVATURES)
         if isinstance(damping, str) and damping != "auto":
             raise ECIFInputError(f"damping must be a positive number or 'auto', got {damping!r}")
@@ -160,7 +91,7 @@ class ECIF:
         self.cg_tol = check_tolerance(cg_tol, "cg_tol")
         self.cg_maxiter = check_int(cg_maxiter, "cg_maxiter", minimum=1, allow_none=True)
         self.seed = check_int(seed, "seed")
-        self.hessian_batches = _hessian_batches(hessian_batches)
+        self.hessian_batches = hessian_batches_arg(hessian_batches)
         self.model = model
         self.space = select_params(model, params)
         self.fm = FunctionalModel(model, self.space)
@@ -189,7 +120,7 @@ class ECIF:
 
         Raises :class:`~ecif_fast.ECIFInputError` for unusable data or model state (see the class docstring).
         """
-        X, Y = check_pairs(*_collect(train_images, train_texts), what="train")
+        X, Y = check_pairs(*collect_pairs(train_images, train_texts), what="train")
         self._fitted = False  # until this fit has succeeded
         self.dtype = check_params(dict(self.model.named_parameters()), self.space.names)
         X, Y = cast_inputs(X, self.dtype), cast_inputs(Y, self.dtype)
@@ -204,14 +135,12 @@ class ECIF:
         self.curvature = Curvature(self.fm, self.theta, X, Y, self.plan, self.curvature_kind, self.hessian_batches,
                                    backend=self.backend, chunk_pairs=self.chunk_size,
                                    tangent_chunk=self.tangent_chunk)
-        dense = self.curvature.dense() if self.solver_name == "exact" else None
+        solver_type = solver_class(self.solver_name)
+        # a solver that forms the dense curvature shares it with damping="auto" (its exact trace)
+        dense = self.curvature.dense() if solver_type.needs_dense else None
         self.damping = resolve_damping(self.damping_arg, self.curvature, dense)
-        if self.solver_name == "exact":
-            self.solver = ExactSolver(self.curvature, self.damping, dense)
-        elif self.solver_name == "cg":
-            self.solver = CGSolver(self.curvature, self.damping, self.cg_tol, self.cg_maxiter)
-        else:
-            self.solver = LowRankSolver(self.curvature, self.damping, self.rank, self.seed)
+        options = SolverOptions(rank=self.rank, seed=self.seed, cg_tol=self.cg_tol, cg_maxiter=self.cg_maxiter)
+        self.solver = solver_type.from_engine(self.curvature, self.damping, dense, options)
         self._self_influence = None  # all pairs, computed on first use (detection, trace-back, RelatIF)
         self._fitted = True
         return self
@@ -241,7 +170,7 @@ class ECIF:
     def _encoder_failure(self, err, X, Y, names) -> ECIFInputError:
         """Which encoder cannot take its input (probed on two rows), as an error naming the argument."""
         culprit = [n for n, f, x in zip(names, (self.model.encode_image, self.model.encode_text), (X, Y))
-                   if not _encodes(f, x[:2])] or list(names)
+                   if not encodes(f, x[:2])] or list(names)
         shapes = ", ".join(f"{n} {tuple(x.shape)} {x.dtype}" for n, x in zip(names, (X, Y)))
         train = (f"; the training inputs were {tuple(self.X.shape)} {self.X.dtype} and {tuple(self.Y.shape)} "
                  f"{self.Y.dtype}" if names[0].startswith("test") else "")
@@ -316,7 +245,7 @@ class ECIF:
                     "weight p/(1-p) overflows in this dtype; use float64 (model.double()) or "
                     "negative_term='taylor'")
 
-    @_cg_summary
+    @cg_summary_per_call
     def influence(self, test_images=None, test_texts=None, *, fn: TestFn | None = None,
                   per_test: bool = False) -> InfluenceResult:
         """Influence of every training pair on the test function(s).
@@ -394,7 +323,7 @@ class ECIF:
                 gU, gV, gs = pair_embedding_gradients(self.U[group], self.V[group], t, exact, True, ks)
                 yield row_of[group[ks]], pull(gU, gV, gs)
 
-    @_cg_summary
+    @cg_summary_per_call
     def self_influence(self, indices=None) -> torch.Tensor:
         """``(K,)`` self-influence ``g_kᵀ H⁻¹ g_k`` (all pairs by default): an outlier / misalignment score.
 
@@ -416,7 +345,7 @@ class ECIF:
             out[rows] = (G * self.solver.solve(G.T.contiguous()).T).sum(1)
         return out[inverse]
 
-    @_cg_summary
+    @cg_summary_per_call
     def relative_influence(self, test_images=None, test_texts=None, *, fn: TestFn | None = None,
                            per_test: bool = False) -> torch.Tensor:
         """RelatIF-style trace-back score ``∇Fᵀ H⁻¹ g_k / sqrt(g_kᵀ H⁻¹ g_k)`` (docs/math.md §3), shape as ``influence``."""
@@ -443,7 +372,7 @@ class ECIF:
 
         return groups, objective
 
-    @_cg_summary
+    @cg_summary_per_call
     def group_influence(self, indices, test_images=None, test_texts=None, *, fn: TestFn | None = None,
                         per_test: bool = False) -> InfluenceResult:
         """Influence of removing the whole set ``indices`` at once (exact group formula, docs/math.md §3).
@@ -488,7 +417,7 @@ class ECIF:
             out += pull(gU[None], gV[None], gs.reshape(1) if i == 0 else None)[0]
         return out
 
-    @_cg_summary
+    @cg_summary_per_call
     def removal_update(self, indices) -> dict[str, torch.Tensor]:
         """Parameters after removing ``indices`` by one Newton step ``θ̂ + H⁻¹ g(D*)`` (docs/math.md §3).
 
@@ -504,19 +433,10 @@ class ECIF:
             state[name] = val.detach().clone()
         return state
 
-    @_cg_summary
+    @cg_summary_per_call
     def cleaned_model(self, indices) -> nn.Module:
         """A deep copy of the model with :meth:`removal_update` loaded (the original is untouched)."""
         state = self.removal_update(indices)
         clone = copy.deepcopy(self.model)
         clone.load_state_dict(state)
         return clone
-
-
-def _encodes(encode, x) -> bool:
-    try:
-        with torch.no_grad():
-            encode(x)
-        return True
-    except Exception:  # noqa: BLE001 - any failure means this input is the culprit
-        return False

@@ -8,13 +8,15 @@ import warnings
 import torch
 
 from .errors import ECIFInputError
+from .options import NEGATIVE_TERMS  # noqa: F401  (callers check negative_term against it)
 
 #: Dtypes ECIF computes in. Half precision (float16 / bfloat16) is refused: second derivatives, forward-mode
 #: JVPs and the dense solves have neither the range nor the precision (nor CPU kernels) there.
 COMPUTE_DTYPES = (torch.float32, torch.float64)
 
 
-def check_tensor(x, name: str) -> torch.Tensor:
+def check_tensor(x, name: str, *, finite: bool = True) -> torch.Tensor:
+    """``x``: a real tensor on a real device with a non-empty leading pair axis, and (``finite``) no NaN or Inf."""
     if not torch.is_tensor(x):
         raise ECIFInputError(f"{name} must be a torch.Tensor, got {type(x).__name__}; convert with torch.as_tensor")
     if x.is_meta:
@@ -24,7 +26,9 @@ def check_tensor(x, name: str) -> torch.Tensor:
         raise ECIFInputError(f"{name} must have a leading pair axis (n, ...), got a 0-d tensor")
     if x.shape[0] == 0:
         raise ECIFInputError(f"empty data: {name} has 0 rows; need at least one image-text pair")
-    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+    # a finite sum means finite entries (NaN and Inf propagate); only a sum that overflowed needs the entrywise test
+    if (finite and x.is_floating_point() and not bool(torch.isfinite(x.sum()))
+            and not bool(torch.isfinite(x).all())):
         bad = int((~torch.isfinite(x)).reshape(x.shape[0], -1).any(1).sum())
         raise ECIFInputError(f"{name} contains NaN or Inf values in {bad} row(s); clean or drop those pairs first")
     if x.is_complex():
@@ -234,7 +238,6 @@ def check_tolerance(value, name: str) -> float:
     return float(value)
 
 
-NEGATIVE_TERMS = ("exact", "taylor")
 
 
 def check_choice(value, name: str, choices) -> str:

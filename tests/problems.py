@@ -7,7 +7,26 @@ import torch
 
 import ecif_fast as ef
 from ecif_fast.models.params import select_params
-from evaluation.problems import paired_features  # noqa: F401  (shared with the evaluation suite)
+from ecif_fast.evaluation.problems import paired_features  # noqa: F401  (shared with the evaluation suite)
+
+#: training and test pairs of the shared small split (the ``split`` fixture of conftest.py)
+SPLIT_TRAIN, SPLIT_TEST = 12, 4
+#: damping for models at their random initialisation: large enough to keep H positive definite
+UNTRAINED_DAMPING = 300.0
+
+
+#: token pairs for the tiny CLIP towers of the model-family tests: vocabulary, sequence length, image side, and
+#: the end-of-text id (the largest, since open_clip pools the text at the argmax token id)
+VOCAB, SEQ, IMG, EOS = 40, 5, 8, 39
+
+
+def token_pairs(n: int, seed: int = 0):
+    """``(pixel values (n, 3, IMG, IMG), token ids (n, SEQ))`` in float64: BOS ... EOS, fixed length, no padding."""
+    g = torch.Generator().manual_seed(seed)
+    px = torch.randn(n, 3, IMG, IMG, generator=g, dtype=torch.float64)
+    ids = torch.randint(2, EOS, (n, SEQ), generator=g)
+    ids[:, 0], ids[:, -1] = 0, EOS
+    return px, ids
 
 
 def pearson(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -53,6 +53,32 @@ def test_metrics_match_sklearn():
         auroc([1, float("nan")], [True, False])
 
 
+def test_metrics_do_not_depend_on_the_order_of_tied_scores():
+    """A run of tied scores is one threshold (as in scikit-learn's AP); a cut through it at precision@k takes its
+    share of the run's positives; the ROC curve's area is the Mann–Whitney AUROC."""
+    from ecif_fast.apps.metrics import precision_curve, roc_curve
+
+    rng = np.random.default_rng(1)
+    s = rng.integers(0, 6, 120).astype(float)  # many ties
+    y = rng.random(120) < 0.3
+    first = None
+    for _ in range(4):
+        p = rng.permutation(s.size)
+        out = (auroc(s[p], y[p]), average_precision(s[p], y[p]), precision_at_k(s[p], y[p], 17),
+               precision_curve(s[p], y[p]), roc_curve(s[p], y[p]))
+        first = first or out
+        assert out[:3] == pytest.approx(first[:3], abs=1e-12)
+        np.testing.assert_allclose(out[3], first[3], atol=1e-12)
+    assert first[1] == pytest.approx(average_precision_score(y, s), abs=1e-12)
+    fpr, tpr, auc = first[4]
+    assert auc == first[0] == pytest.approx(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2), abs=1e-12)
+    top = s >= np.sort(s)[::-1][16]            # the 17th score's run straddles the cut
+    above = s > np.sort(s)[::-1][16]
+    run = top & ~above
+    expected = (y[above].sum() + (17 - above.sum()) * y[run].mean()) / 17
+    assert first[2] == pytest.approx(expected, abs=1e-12) and first[3][16] == first[2]
+
+
 def test_value_data_is_the_influence_with_metadata(fitted):
     ecif, X, Y, Xv, Yv, labels, _ = fitted
     caps = [f"caption {i}" for i in range(N)]

@@ -1,8 +1,5 @@
-"""The ``ecif-fast`` command line on tiny synthetic feature files (120 pairs, 20 % shuffled captions).
-
-Plain (unnormalised) heads with logit scale 0 are used: their training converges to a gradient of
-~1e-13 in a few Newton steps, so the analysis runs at a true optimum.
-"""
+"""The ``ecif-fast`` command line on the tiny synthetic feature files of ``cli_data.py`` (120 pairs, 20 % shuffled
+captions; the ``cli_data`` fixture)."""
 from __future__ import annotations
 
 import errno
@@ -11,7 +8,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -21,102 +17,20 @@ pd = pytest.importorskip("pandas")
 pa = pytest.importorskip("pyarrow")
 import pyarrow.parquet as pq  # noqa: E402
 
-from PIL import Image  # noqa: E402
-
 import ecif_fast as ef  # noqa: E402
+from cli_data import DI, DT, EMBED, HEADS, N, analysis, run  # noqa: E402
 from ecif_fast.apps import trace_back, value_data, zero_shot_logits  # noqa: E402
 from ecif_fast.cli import commands  # noqa: E402
 from ecif_fast.cli.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from ecif_fast.cli.main import main  # noqa: E402
-
-N, DI, DT, LATENT, EMBED = 120, 6, 5, 3, 4
-HEADS = ["--embed-dim", str(EMBED), "--no-normalize", "--logit-scale", "0"]
-
-
-def _write_parquet(path: Path, arrays: dict) -> None:
-    """image_features as a list column, text_features as a fixed-size list column, the rest plain."""
-    cols = {}
-    for name, a in arrays.items():
-        if name == "text_features":
-            cols[name] = pa.FixedSizeListArray.from_arrays(pa.array(a.ravel()), a.shape[1])
-        elif a.ndim == 2:
-            cols[name] = pa.array(a.tolist(), type=pa.list_(pa.float64()))
-        else:
-            cols[name] = pa.array(a.tolist())
-    pq.write_table(pa.table(cols), path)
-
-
-def make_data(folder: Path) -> SimpleNamespace:
-    """Train / validation / test pairs sharing a 3-d latent; 24 training captions shuffled among themselves."""
-    rng = np.random.default_rng(0)
-    A, B = rng.normal(size=(LATENT, DI)), rng.normal(size=(LATENT, DT))
-
-    def pairs(m):
-        Z = rng.normal(size=(m, LATENT))
-        return Z @ A + 0.2 * rng.normal(size=(m, DI)), Z @ B + 0.2 * rng.normal(size=(m, DT))
-
-    X, Y = pairs(N)
-    bad = rng.choice(N, N // 5, replace=False)
-    Y[bad] = Y[np.roll(bad, 1)]
-    misaligned = np.zeros(N, bool)
-    misaligned[bad] = True
-    (folder / "img").mkdir()
-    pixels = np.random.default_rng(1).integers(0, 256, (N, 8, 8), dtype=np.uint8)
-    for i in range(N):                                     # tiny images, paths relative to the data folder
-        Image.fromarray(pixels[i]).save(folder / "img" / f"{i}.png")
-    train = {"image_features": X, "text_features": Y, "misaligned": misaligned,
-             "pair_ids": np.arange(1000, 1000 + N), "batch_ids": np.arange(N) % 3,
-             "captions": np.array([f"caption {i}" for i in range(N)]),
-             "image_paths": np.array([f"img/{i}.png" for i in range(N)])}
-    np.savez(folder / "train.npz", **train)
-    _write_parquet(folder / "train.parquet", train)
-    structured = np.zeros(N, dtype=[(k, v.dtype, v.shape[1:]) for k, v in train.items()])
-    for k, v in train.items():
-        structured[k] = v
-    np.save(folder / "train_structured.npy", structured)
-    Xv, Yv = pairs(60)
-    np.savez(folder / "val.npz", image_features=Xv, text_features=Yv)
-    np.savez(folder / "test.npz", image_features=Xv[:5], text_features=Yv[:5],
-             captions=np.array([f"test caption {j}" for j in range(5)]))
-    centers = 1.5 * np.eye(LATENT)
-    labels = np.repeat(np.arange(LATENT), 4)
-    Zt = centers[labels] + 0.9 * rng.normal(size=(labels.size, LATENT))
-    np.savez(folder / "zs.npz", image_features=Zt @ A, text_features=Zt @ B, labels=labels)
-    np.savez(folder / "classes.npz", text_features=centers @ B, class_names=np.array(["cat", "dog", "car"]))
-    np.save(folder / "classes.npy", centers @ B)
-    return SimpleNamespace(dir=folder, X=torch.tensor(X), Y=torch.tensor(Y), Xv=torch.tensor(Xv),
-                           Yv=torch.tensor(Yv), misaligned=misaligned, train=folder / "train.npz",
-                           parquet=folder / "train.parquet", val=folder / "val.npz", test=folder / "test.npz",
-                           zs=folder / "zs.npz", classes=folder / "classes.npz",
-                           classes_npy=folder / "classes.npy", model=folder / "heads.pt")
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    d = make_data(tmp_path_factory.mktemp("cli"))
-    assert main(["train", "--train", str(d.train), "--out", str(d.model), "--quiet", *HEADS]) == 0
-    return d
-
-
-def run(capsys, *argv) -> tuple[int, str, str]:
-    capsys.readouterr()
-    rc = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def analysis(d, command: str, out: Path, *extra, train=None):
-    return [command, "--train", train or d.train, "--model", d.model, "--out", out, *extra]
-
 
 # ------------------------------------------------------------------------------------------- train
 
-def test_train_writes_checkpoint_that_loads_back(data, tmp_path, capsys):
-    model, training = load_checkpoint(data.model)
+def test_train_writes_checkpoint_that_loads_back(cli_data, tmp_path, capsys):
+    model, training = load_checkpoint(cli_data.model)
     torch.manual_seed(0)                                   # what `train --seed 0` does, by hand
     ref_model = ef.LinearHeads(DI, DT, EMBED, normalize=False, logit_scale=0.0).double()
     theta_ref = torch.cat([p.detach().reshape(-1) for p in ref_model.parameters() if p.requires_grad])
-    ef.train(ref_model, data.X, data.Y, batches=torch.arange(N) % 3, damping=1.0, theta_ref=theta_ref)
+    ef.train(ref_model, cli_data.X, cli_data.Y, batches=torch.arange(N) % 3, damping=1.0, theta_ref=theta_ref)
     for (name, p), q in zip(model.state_dict().items(), ref_model.state_dict().values()):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-10, msg=name)
     assert model.image_proj.weight.dtype == torch.float64
@@ -130,29 +44,29 @@ def test_train_writes_checkpoint_that_loads_back(data, tmp_path, capsys):
     assert torch.equal(training2["theta_ref"], training["theta_ref"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["copy.pt"]
     # --json, --batch-size and --float32; an existing --out needs --force
-    rc, out, err = run(capsys, "train", "--train", data.train, "--out", path, "--batch-size", "40", "--float32",
+    rc, out, err = run(capsys, "train", "--train", cli_data.train, "--out", path, "--batch-size", "40", "--float32",
                        "--max-iter", "3", "--json", "--force", *HEADS)
     summary = json.loads(out)["summary"]
     assert rc == 0 and summary["batches"] == "size 40" and summary["dtype"] == "float32"
     model32, training32 = load_checkpoint(path)
     assert model32.image_proj.weight.dtype == torch.float32 and training32["batch_size"] == 40
-    rc, out, err = run(capsys, "train", "--train", data.train, "--out", path, *HEADS)
+    rc, out, err = run(capsys, "train", "--train", cli_data.train, "--out", path, *HEADS)
     assert rc == 2 and str(path) in err and "--force" in err and len(err.strip().splitlines()) == 1
 
 
 # ------------------------------------------------------------------------------------ value, detect
 
-def test_value_table_equals_value_data(data, tmp_path, capsys):
+def test_value_table_equals_value_data(cli_data, tmp_path, capsys):
     out = tmp_path / "value"
-    rc, _, err = run(capsys, *analysis(data, "value", out, "--val", data.val, "--solver", "exact",
+    rc, _, err = run(capsys, *analysis(cli_data, "value", out, "--val", cli_data.val, "--solver", "exact",
                                        "--curvature", "hessian", "--quiet"))
     assert rc == 0 and err == ""
     assert sorted(p.name for p in out.iterdir()) == [".ecif-fast-output", "report.html", "scores.csv",
                                                        "scores.parquet", "summary.json"]
-    model, training = load_checkpoint(data.model)
-    ecif = ef.ECIF(model, damping=1.0, batches=training["batch_ids"], hessian="exact",
-                   curvature="hessian").fit(data.X, data.Y)
-    expected = value_data(ecif, data.Xv, data.Yv)
+    model, training = load_checkpoint(cli_data.model)
+    ecif = ef.ECIF(model, damping=1.0, batches=training["batch_ids"], solver="exact",
+                   curvature="hessian").fit(cli_data.X, cli_data.Y)
+    expected = value_data(ecif, cli_data.Xv, cli_data.Yv)
     got = pd.read_parquet(out / "scores.parquet")
     assert got["pair_id"].tolist() == list(range(1000, 1000 + N))
     for col in ("total", "positive", "negative"):
@@ -163,11 +77,11 @@ def test_value_table_equals_value_data(data, tmp_path, capsys):
     assert summary["settings"]["solver"] == "exact" and summary["settings"]["curvature"] == "hessian"
 
 
-def test_parquet_and_npz_inputs_give_identical_results(data, tmp_path, capsys):
+def test_parquet_and_npz_inputs_give_identical_results(cli_data, tmp_path, capsys):
     tables = []
-    for name, train in (("npz", data.train), ("parquet", data.parquet),
-                        ("npy", data.dir / "train_structured.npy")):
-        assert run(capsys, *analysis(data, "value", tmp_path / name, "--val", data.val, "--quiet",
+    for name, train in (("npz", cli_data.train), ("parquet", cli_data.parquet),
+                        ("npy", cli_data.dir / "train_structured.npy")):
+        assert run(capsys, *analysis(cli_data, "value", tmp_path / name, "--val", cli_data.val, "--quiet",
                                      train=train))[0] == 0
         tables.append(pd.read_parquet(tmp_path / name / "scores.parquet"))
     pd.testing.assert_frame_equal(tables[0], tables[1])
@@ -175,9 +89,9 @@ def test_parquet_and_npz_inputs_give_identical_results(data, tmp_path, capsys):
     assert {"caption", "image_path", "misaligned"} <= set(tables[0].columns)
 
 
-def test_detect_finds_shuffled_captions(data, tmp_path, capsys):
+def test_detect_finds_shuffled_captions(cli_data, tmp_path, capsys):
     out = tmp_path / "detect"
-    rc, stdout, err = run(capsys, *analysis(data, "detect", out, "--val", data.val, "--json"))
+    rc, stdout, err = run(capsys, *analysis(cli_data, "detect", out, "--val", cli_data.val, "--json"))
     assert rc == 0 and err == ""
     result = json.loads(stdout)                            # --json: one JSON object, nothing else
     assert result["command"] == "detect" and result["out"] == str(out)
@@ -186,18 +100,18 @@ def test_detect_finds_shuffled_captions(data, tmp_path, capsys):
     assert summary["scoring"] == "validation"
     assert set(summary["metrics"]["ecif"]) >= {"auroc", "average_precision", "precision_at_k", "k"}
     assert summary["auroc"] == summary["metrics"]["ecif"]["auroc"] > 0.8
-    assert summary["metrics"]["ecif"]["k"] == int(data.misaligned.sum())
+    assert summary["metrics"]["ecif"]["k"] == int(cli_data.misaligned.sum())
     table = pd.read_csv(out / "scores.csv")
-    assert table["misaligned"].tolist() == data.misaligned.tolist()
+    assert table["misaligned"].tolist() == cli_data.misaligned.tolist()
     assert table.sort_values("rank")["score"].is_monotonic_decreasing
     html = (out / "report.html").read_text()
     assert "Top flagged pairs" in html and "caption " in html and "<svg" in html
     assert html.count('src="data:image/png;base64,') == 24              # thumbnails from image_paths
 
 
-def test_detect_without_val_uses_self_influence_and_warns_on_overrides(data, tmp_path, capsys):
+def test_detect_without_val_uses_self_influence_and_warns_on_overrides(cli_data, tmp_path, capsys):
     out = tmp_path / "self"
-    rc, stdout, err = run(capsys, *analysis(data, "detect", out, "--damping", "2", "--batch-size", "40",
+    rc, stdout, err = run(capsys, *analysis(cli_data, "detect", out, "--damping", "2", "--batch-size", "40",
                                             "--json"))
     assert rc == 0
     summary = json.loads(stdout)["summary"]
@@ -205,36 +119,37 @@ def test_detect_without_val_uses_self_influence_and_warns_on_overrides(data, tmp
     assert summary["settings"]["damping"] == 2.0 and summary["settings"]["batches"] == "size 40"
     assert "warning: --damping 2 overrides" in err and "warning: --batch-size 40 overrides" in err
     # the features differ from the checkpoint's training file: an error, unless --allow-data-mismatch
-    np.savez(tmp_path / "other.npz", image_features=data.X.numpy() + 0.01, text_features=data.Y.numpy())
-    rc, _, err = run(capsys, *analysis(data, "detect", tmp_path / "o", "--quiet", train=tmp_path / "other.npz"))
+    np.savez(tmp_path / "other.npz", image_features=cli_data.X.numpy() + 0.01, text_features=cli_data.Y.numpy())
+    rc, _, err = run(capsys, *analysis(cli_data, "detect", tmp_path / "o", "--quiet", train=tmp_path / "other.npz"))
     assert rc == 2 and "is not the file" in err and "--allow-data-mismatch" in err and not (tmp_path / "o").exists()
-    rc, _, err = run(capsys, *analysis(data, "detect", tmp_path / "o", "--quiet", "--allow-data-mismatch",
+    rc, _, err = run(capsys, *analysis(cli_data, "detect", tmp_path / "o", "--quiet", "--allow-data-mismatch",
                                        train=tmp_path / "other.npz"))
     assert rc == 0 and "warning:" in err and "is not the file" in err
 
 
 # ------------------------------------------------------------------------------------------- trace
 
-def test_trace_per_test_pair(data, tmp_path, capsys):
+def test_trace_per_test_pair(cli_data, tmp_path, capsys):
     out = tmp_path / "trace"
-    rc, _, _ = run(capsys, *analysis(data, "trace", out, "--test", data.test, "--k", "3", "--quiet"))
+    rc, _, _ = run(capsys, *analysis(cli_data, "trace", out, "--test", cli_data.test, "--k", "3", "--quiet"))
     assert rc == 0
     table = pd.read_parquet(out / "traceback.parquet")
     assert len(table) == 5 * 3
     assert table["test_id"].tolist() == np.repeat(np.arange(5), 3).tolist()
     assert table["rank"].tolist() == [1, 2, 3] * 5
     assert table["test_caption"].tolist() == np.repeat([f"test caption {j}" for j in range(5)], 3).tolist()
-    model, training = load_checkpoint(data.model)
-    ecif = ef.ECIF(model, damping=1.0, batches=training["batch_ids"], curvature="gauss-newton").fit(data.X, data.Y)
-    expected = trace_back(ecif, data.Xv[:5], data.Yv[:5], k=3)
+    model, training = load_checkpoint(cli_data.model)
+    ecif = ef.ECIF(model, damping=1.0, batches=training["batch_ids"],
+                   curvature="gauss-newton").fit(cli_data.X, cli_data.Y)
+    expected = trace_back(ecif, cli_data.Xv[:5], cli_data.Yv[:5], k=3)
     assert table["train_index"].tolist() == expected["train_index"].tolist()
     np.testing.assert_allclose(table["relative_influence"], expected["relative_influence"], rtol=1e-10)
     assert "test pair 4" in (out / "report.html").read_text()
 
 
-def test_trace_zero_shot(data, tmp_path, capsys):
+def test_trace_zero_shot(cli_data, tmp_path, capsys):
     out = tmp_path / "zs"
-    rc, stdout, _ = run(capsys, *analysis(data, "trace", out, "--test", data.zs, "--classes", data.classes,
+    rc, stdout, _ = run(capsys, *analysis(cli_data, "trace", out, "--test", cli_data.zs, "--classes", cli_data.classes,
                                           "--k", "4", "--json"))
     assert rc == 0
     summary = json.loads(stdout)["summary"]
@@ -244,16 +159,16 @@ def test_trace_zero_shot(data, tmp_path, capsys):
     assert table.groupby("test_id").size().tolist() == [4] * m
     assert set(table["test_label"]) == {"cat", "dog", "car"}
     # which images are wrong, computed directly; --only-wrong traces exactly those (a plain .npy classes file)
-    model, _ = load_checkpoint(data.model)
-    zs = np.load(data.zs)
+    model, _ = load_checkpoint(cli_data.model)
+    zs = np.load(cli_data.zs)
     with torch.no_grad():
         pred = zero_shot_logits(model, torch.tensor(zs["image_features"]),
-                                torch.tensor(np.load(data.classes_npy))).argmax(1).numpy()
+                                torch.tensor(np.load(cli_data.classes_npy))).argmax(1).numpy()
     wrong = np.flatnonzero(pred != zs["labels"])
     assert 0 < wrong.size < m, "the data should give some but not all wrong zero-shot predictions"
     assert summary["accuracy"] == pytest.approx(1 - wrong.size / m)
     out2 = tmp_path / "wrong"
-    rc, _, _ = run(capsys, *analysis(data, "trace", out2, "--test", data.zs, "--classes", data.classes_npy,
+    rc, _, _ = run(capsys, *analysis(cli_data, "trace", out2, "--test", cli_data.zs, "--classes", cli_data.classes_npy,
                                      "--k", "2", "--only-wrong", "--quiet"))
     table = pd.read_csv(out2 / "traceback.csv")
     assert rc == 0 and len(table) == wrong.size * 2
@@ -264,18 +179,18 @@ def test_trace_zero_shot(data, tmp_path, capsys):
 
 # ------------------------------------------------------------------------------------------- clean
 
-def test_clean_remove_and_retrain(data, tmp_path, capsys):
+def test_clean_remove_and_retrain(cli_data, tmp_path, capsys):
     ids = tmp_path / "remove.csv"
     ids.write_text("pair_id,note\n1003,a\n1010,b\n1077,c\n")
     out = tmp_path / "clean"
-    rc, _, _ = run(capsys, *analysis(data, "clean", out, "--remove", ids, "--retrain", "--eval", data.zs,
-                                     "--classes", data.classes, "--curvature", "hessian", "--quiet"))
+    rc, _, _ = run(capsys, *analysis(cli_data, "clean", out, "--remove", ids, "--retrain", "--eval", cli_data.zs,
+                                     "--classes", cli_data.classes, "--curvature", "hessian", "--quiet"))
     assert rc == 0
     table = pd.read_csv(out / "cleaning.csv")
     assert table["setting"].tolist() == ["no removal", "ECIF update", "retrain"]
     assert {"eval_loss", "zero_shot_accuracy", "time_s"} <= set(table.columns)
     assert pd.read_csv(out / "removed.csv")["pair_id"].tolist() == [1003, 1010, 1077]
-    original, _ = load_checkpoint(data.model)
+    original, _ = load_checkpoint(cli_data.model)
     cleaned, record = load_checkpoint(out / "cleaned.pt")
     retrained, record2 = load_checkpoint(out / "retrained.pt")
     assert record["n_train"] == record2["n_train"] == N - 3 and record["batch_ids"].numel() == N - 3
@@ -286,9 +201,9 @@ def test_clean_remove_and_retrain(data, tmp_path, capsys):
     assert ratio < 0.2
 
 
-def test_clean_top_harmful_json(data, tmp_path, capsys):
+def test_clean_top_harmful_json(cli_data, tmp_path, capsys):
     out = tmp_path / "top"
-    rc, stdout, err = run(capsys, *analysis(data, "clean", out, "--top-harmful", "0.05", "--val", data.val,
+    rc, stdout, err = run(capsys, *analysis(cli_data, "clean", out, "--top-harmful", "0.05", "--val", cli_data.val,
                                             "--json"))
     assert rc == 0 and err == ""
     result = json.loads(stdout)
@@ -301,13 +216,14 @@ def test_clean_top_harmful_json(data, tmp_path, capsys):
     assert cleaning["ECIF update"]["eval_loss"] < cleaning["no removal"]["eval_loss"]
 
 
-def test_failure_while_writing_leaves_no_output(data, tmp_path, monkeypatch, capsys):
+def test_failure_while_writing_leaves_no_output(cli_data, tmp_path, monkeypatch, capsys):
     def boom(path, *a, **k):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
     monkeypatch.setattr(commands, "save_checkpoint", boom)      # fails after the report is written
     out = tmp_path / "clean"
-    rc, _, err = run(capsys, *analysis(data, "clean", out, "--top-harmful", "0.1", "--val", data.val, "--quiet"))
+    rc, _, err = run(capsys, *analysis(cli_data, "clean", out, "--top-harmful", "0.1", "--val", cli_data.val,
+                                       "--quiet"))
     assert rc == 2 and len(err.strip().splitlines()) == 1 and "No space left on device" in err
     assert list(tmp_path.iterdir()) == []
 
@@ -357,13 +273,13 @@ BAD = ["missing", "extension", "no_texts", "not_2d", "rows", "nan", "empty", "dt
 
 
 @pytest.mark.parametrize("case", BAD)
-def test_bad_input_file_exit_2_one_line_no_output(data, tmp_path, capsys, case):
-    path, flag, words = _bad_files(data, tmp_path)[case]
+def test_bad_input_file_exit_2_one_line_no_output(cli_data, tmp_path, capsys, case):
+    path, flag, words = _bad_files(cli_data, tmp_path)[case]
     out = tmp_path / "out"
     if flag == "--remove":
-        argv = analysis(data, "clean", out, "--remove", path)
+        argv = analysis(cli_data, "clean", out, "--remove", path)
     else:
-        argv = analysis(data, "value", out, "--val", data.val)
+        argv = analysis(cli_data, "value", out, "--val", cli_data.val)
         argv[argv.index(flag) + 1] = path
     rc, stdout, err = run(capsys, *argv)
     assert rc == 2 and stdout == ""
@@ -373,33 +289,33 @@ def test_bad_input_file_exit_2_one_line_no_output(data, tmp_path, capsys, case):
     assert not out.exists()
 
 
-def test_bad_options_exit_2(data, tmp_path, capsys):
+def test_bad_options_exit_2(cli_data, tmp_path, capsys):
     out = tmp_path / "out"
-    for extra, words in ((["--top-harmful", "1.5", "--val", data.val], "--top-harmful must lie in (0, 1)"),
+    for extra, words in ((["--top-harmful", "1.5", "--val", cli_data.val], "--top-harmful must lie in (0, 1)"),
                          (["--top-harmful", "0.1"], "needs trusted validation pairs")):
-        rc, _, err = run(capsys, *analysis(data, "clean", out, *extra))
+        rc, _, err = run(capsys, *analysis(cli_data, "clean", out, *extra))
         assert rc == 2 and err.startswith("ecif-fast: error: ") and words in err and not out.exists()
-    rc, _, err = run(capsys, *analysis(data, "detect", out, "--scoring", "combined"))
+    rc, _, err = run(capsys, *analysis(cli_data, "detect", out, "--scoring", "combined"))
     assert rc == 2 and "--val" in err and not out.exists()
     # a non-empty --out that ecif-fast did not write is refused, even with --force, and left as it was
     out.mkdir()
     (out / "keep.txt").write_text("keep")
     for force in ([], ["--force"]):
-        rc, _, err = run(capsys, *analysis(data, "value", out, "--val", data.val, *force))
+        rc, _, err = run(capsys, *analysis(cli_data, "value", out, "--val", cli_data.val, *force))
         assert rc == 2 and str(out) in err and "--force" in err and len(err.strip().splitlines()) == 1
         assert [p.name for p in out.iterdir()] == ["keep.txt"]
     # an earlier output is replaced with --force
     (out / "keep.txt").unlink()
-    assert run(capsys, *analysis(data, "value", out, "--val", data.val, "--quiet"))[0] == 0
-    rc, _, _ = run(capsys, *analysis(data, "value", out, "--val", data.val, "--force", "--quiet"))
+    assert run(capsys, *analysis(cli_data, "value", out, "--val", cli_data.val, "--quiet"))[0] == 0
+    rc, _, _ = run(capsys, *analysis(cli_data, "value", out, "--val", cli_data.val, "--force", "--quiet"))
     assert rc == 0 and (out / "scores.csv").exists()
 
 
-def test_module_entry_point_in_subprocess(data, tmp_path):
+def test_module_entry_point_in_subprocess(cli_data, tmp_path):
     out = tmp_path / "detect"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "ecif_fast.cli.main", *map(str, analysis(
-        data, "detect", out, "--scoring", "self", "--json"))], capture_output=True, text=True, env=env,
+        cli_data, "detect", out, "--scoring", "self", "--json"))], capture_output=True, text=True, env=env,
         timeout=120)
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
     assert json.loads(proc.stdout)["summary"]["scoring"] == "self"

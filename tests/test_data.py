@@ -184,7 +184,7 @@ def test_hf_fit_from_a_loader_equals_fit_from_tensors(images, tokenizer, image_p
     loader = torch.utils.data.DataLoader(CaptionedImages(images, CAPTIONS), batch_size=3, shuffle=False,
                                          collate_fn=pair_collate(model, processor=processor))
     assert len({b[1].shape[1] for b in loader}) > 1                           # batches padded to different lengths
-    kw = dict(damping=1e3, batches=4, params="heads", hessian="exact")
+    kw = dict(damping=1e3, batches=4, params="heads", solver="exact")
     by_loader = ef.ECIF(model, **kw).fit(loader)
     by_tensors = ef.ECIF(model, **kw).fit(X, Y)
     assert torch.equal(by_loader.X, X) and torch.equal(by_loader.Y, Y)
@@ -253,6 +253,8 @@ def test_open_clip_small_vocabulary_needs_a_tokenizer():
                                 text_cfg={"width": 8, "layers": 1, "heads": 2, "context_length": 6, "vocab_size": 50})
     with pytest.raises(ECIFInputError, match="vocabulary has 50 tokens .* pass the model's own tokenizer="):
         pair_collate(clip)
+    own = pair_collate(clip, tokenizer=lambda captions: torch.ones(len(captions), 6, dtype=torch.long))
+    assert own.pad_token_id is None                                          # the default transform, the given tokenizer
 
 
 def test_open_clip_right_padding_does_not_change_text_features():
@@ -279,7 +281,7 @@ def test_open_clip_fit_from_a_loader_equals_fit_from_tensors(images):
     X, Y = encode_pairs(model, images, CAPTIONS, batch_size=3)
     loader = torch.utils.data.DataLoader(CaptionedImages(images, CAPTIONS), batch_size=3, shuffle=False,
                                          collate_fn=pair_collate(model))
-    kw = dict(damping=1e3, batches=4, params="heads", hessian="exact")
+    kw = dict(damping=1e3, batches=4, params="heads", solver="exact")
     by_loader = ef.ECIF(model, **kw).fit(loader)
     by_tensors = ef.ECIF(model, **kw).fit(X, Y)
     assert torch.equal(by_loader.X, X) and torch.equal(by_loader.Y, Y) and Y.shape == (8, CONTEXT)

@@ -11,21 +11,7 @@ from torch import nn
 import ecif_fast as ef
 from ecif_fast import ECIFInputError, NotPositiveDefiniteError
 from ecif_fast.solvers import CGSolver, Curvature, ExactSolver, LowRankSolver
-from problems import heads, small_split
-
-N, N_TEST = 12, 4
-DAMPING = 300.0  # untrained models: a large damping keeps H positive definite
-
-
-@pytest.fixture(scope="module")
-def data():
-    return small_split(N, N_TEST)
-
-
-@pytest.fixture(scope="module")
-def fitted(data):
-    X, Y, _, _ = data
-    return ef.ECIF(heads(True)[0], damping=DAMPING, batches=4).fit(X, Y)
+from problems import SPLIT_TEST as N_TEST, SPLIT_TRAIN as N, UNTRAINED_DAMPING as DAMPING, heads
 
 
 def _model(normalize=True, **kw):
@@ -71,33 +57,33 @@ def _tokens(n, length, seed=0):
 
 
 # ---------------------------------------------------------------- one test pair
-def test_one_test_pair_is_refused_everywhere(fitted, data):
-    _, _, Xt, Yt = data
+def test_one_test_pair_is_refused_everywhere(fitted_normalized, split):
+    _, _, Xt, Yt = split
     calls = {
-        "influence": lambda: fitted.influence(Xt[:1], Yt[:1]),
-        "per_test": lambda: fitted.influence(Xt[:1], Yt[:1], per_test=True),
-        "relative": lambda: fitted.relative_influence(Xt[:1], Yt[:1]),
-        "group": lambda: fitted.group_influence([0, 1], Xt[:1], Yt[:1]),
+        "influence": lambda: fitted_normalized.influence(Xt[:1], Yt[:1]),
+        "per_test": lambda: fitted_normalized.influence(Xt[:1], Yt[:1], per_test=True),
+        "relative": lambda: fitted_normalized.relative_influence(Xt[:1], Yt[:1]),
+        "group": lambda: fitted_normalized.group_influence([0, 1], Xt[:1], Yt[:1]),
     }
     for name, call in calls.items():
         with pytest.raises(ECIFInputError, match=r"test_images and test_texts hold 1 pair.*at least 2 test pairs.*fn="):
             call()
 
 
-def test_one_test_image_through_fn_is_fine(fitted, data):
-    _, _, Xt, Yt = data
+def test_one_test_image_through_fn_is_fine(fitted_normalized, split):
+    _, _, Xt, Yt = split
 
     def zero_shot(m):  # one image against two class prompts: not constant
         return ef.contrastive_loss(m.encode_image(Xt[:1]).expand(2, -1), m.encode_text(Yt[:2]), 5.0)
 
-    res = fitted.influence(fn=zero_shot)
+    res = fitted_normalized.influence(fn=zero_shot)
     assert res.total.shape == (N,) and bool(res.total.abs().max() > 0)
 
 
 # ---------------------------------------------------------------- batches of one pair
 @pytest.mark.parametrize("batches", [1, torch.arange(N)], ids=["size-1", "distinct-ids"])
-def test_no_batch_with_two_pairs_is_refused(data, batches):
-    X, Y, _, _ = data
+def test_no_batch_with_two_pairs_is_refused(split, batches):
+    X, Y, _, _ = split
     with pytest.raises(ECIFInputError, match=r"no batch has 2 or more pairs \(batches gives 12 batch\(es\) of 1 pair\)"
                                              r".*batches of at least 2 pairs"):
         ef.ECIF(_model(), damping=DAMPING, batches=batches).fit(X, Y)
@@ -105,16 +91,16 @@ def test_no_batch_with_two_pairs_is_refused(data, batches):
         ef.train(_model(), X, Y, batches=batches, damping=1.0)
 
 
-def test_one_training_pair_is_refused(data):
-    X, Y, _, _ = data
+def test_one_training_pair_is_refused(split):
+    X, Y, _, _ = split
     with pytest.raises(ECIFInputError, match="no batch has 2 or more pairs"):
         ef.ECIF(_model(), damping=DAMPING).fit(X[:1], Y[:1])
     with pytest.raises(ECIFInputError, match="no batch has 2 or more pairs"):
         ef.train(_model(), X[:1], Y[:1], damping=1.0)
 
 
-def test_pairs_alone_in_a_batch_warn_once_and_have_zero_influence(data):
-    X, Y, Xt, Yt = data
+def test_pairs_alone_in_a_batch_warn_once_and_have_zero_influence(split):
+    X, Y, Xt, Yt = split
     with pytest.warns(UserWarning, match=r"1 training pair\(s\) sit alone in a batch of 1") as record:
         engine = ef.ECIF(_model(), damping=DAMPING, batches=11).fit(X, Y)  # 11 + 1
     assert len([w for w in record if "alone" in str(w.message)]) == 1
@@ -124,8 +110,8 @@ def test_pairs_alone_in_a_batch_warn_once_and_have_zero_influence(data):
     assert len([w for w in record if "alone" in str(w.message)]) == 1
 
 
-def test_hessian_batches_of_one_pair_are_refused(data):
-    X, Y, _, _ = data
+def test_hessian_batches_of_one_pair_are_refused(split):
+    X, Y, _, _ = split
     with pytest.warns(UserWarning, match="alone"):
         with pytest.raises(ECIFInputError, match="hessian_batches .* selects only batches of 1 pair"):
             ef.ECIF(_model(), damping=DAMPING, batches=11, hessian_batches=[1]).fit(X, Y)
@@ -133,8 +119,8 @@ def test_hessian_batches_of_one_pair_are_refused(data):
 
 # ---------------------------------------------------------------- embeddings that overflow or vanish
 @pytest.mark.parametrize("factor", [1e300, 1e-170], ids=["overflow", "underflow"])
-def test_normalised_embeddings_lost_to_norm_overflow(data, factor):
-    X, Y, _, _ = data
+def test_normalised_embeddings_lost_to_norm_overflow(split, factor):
+    X, Y, _, _ = split
     msg = r"embeddings of train_images have norm .* instead of 1 in 12 of 12 rows .*rescale or standardise the features"
     with pytest.raises(ECIFInputError, match=msg):
         ef.ECIF(_model(), damping=DAMPING, batches=4).fit(X * factor, Y)
@@ -142,36 +128,36 @@ def test_normalised_embeddings_lost_to_norm_overflow(data, factor):
         ef.train(_model(), X * factor, Y, batches=4, damping=1.0)
 
 
-def test_some_rows_zero_in_a_normalising_model(data):
-    X, Y, _, _ = data
+def test_some_rows_zero_in_a_normalising_model(split):
+    X, Y, _, _ = split
     Y = Y.clone()
     Y[[2, 7]] *= 1e300
     with pytest.raises(ECIFInputError, match=r"embeddings of train_texts have norm 0 instead of 1 in 2 of 12 rows \(first: row 2\)"):
         ef.ECIF(_model(), damping=DAMPING, batches=4).fit(X, Y)
 
 
-def test_generic_normalising_model_with_zero_rows(data):
-    X, Y, _, _ = data
+def test_generic_normalising_model_with_zero_rows(split):
+    X, Y, _, _ = split
     torch.manual_seed(0)
     with pytest.raises(ECIFInputError, match=r"embeddings of train_images have norm 0 instead of 1 in 1 of 12 rows"):
         ef.ECIF(Towers().double(), damping=DAMPING, batches=4).fit(torch.cat([X[:11], 1e300 * X[11:]]), Y)
 
 
-def test_zero_rows_in_a_model_that_does_not_normalise_are_fine(data):
-    X, Y, Xt, Yt = data
+def test_zero_rows_in_a_model_that_does_not_normalise_are_fine(split):
+    X, Y, Xt, Yt = split
     X = X.clone()
     X[3] = 0
     ef.ECIF(_model(False), damping=DAMPING, batches=4).fit(X, Y).influence(Xt, Yt)
 
 
-def test_unnormalised_embeddings_that_overflow_the_logits(data):
-    X, Y, _, _ = data
+def test_unnormalised_embeddings_that_overflow_the_logits(split):
+    X, Y, _, _ = split
     with pytest.raises(ECIFInputError, match=r"logits t·<u, v> of train_images and train_texts reach inf"):
         ef.ECIF(_model(False), damping=DAMPING, batches=4).fit(X * 1e300, Y)
 
 
-def test_non_finite_embeddings(data):
-    X, Y, Xt, Yt = data
+def test_non_finite_embeddings(split):
+    X, Y, Xt, Yt = split
 
     class NaNText(Towers):
         def encode_text(self, y):
@@ -193,8 +179,8 @@ def test_linear_heads_refuses_bad_logit_scale(scale):
 
 
 @pytest.mark.parametrize("scale", [float("nan"), 1e4])
-def test_model_with_bad_logit_scale_is_refused(data, scale):
-    X, Y, _, _ = data
+def test_model_with_bad_logit_scale_is_refused(split, scale):
+    X, Y, _, _ = split
     model = _model()
     with torch.no_grad():
         model.logit_scale.fill_(scale)  # set after construction
@@ -213,8 +199,8 @@ def test_model_with_bad_logit_scale_is_refused(data, scale):
         engine.fit(X, Y)
 
 
-def test_huge_finite_scale_is_a_clear_error(data):
-    X, Y, _, _ = data
+def test_huge_finite_scale_is_a_clear_error(split):
+    X, Y, _, _ = split
     model = ef.LinearHeads(6, 5, 8, logit_scale=50.0).double()  # t = 5e21: S has no precision left
     with pytest.raises(ECIFInputError, match=r"logits t·<u, v> .* reach 5.18e\+21 .*lower the logit scale"):
         ef.train(model, X, Y, batches=4, damping=1e-3)
@@ -222,8 +208,8 @@ def test_huge_finite_scale_is_a_clear_error(data):
         ef.ECIF(model, damping=DAMPING, batches=4).fit(X, Y)
 
 
-def test_newton_linalg_failure_is_a_clear_error(data, monkeypatch):
-    X, Y, _, _ = data
+def test_newton_linalg_failure_is_a_clear_error(split, monkeypatch):
+    X, Y, _, _ = split
 
     def fail(*args, **kwargs):
         raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
@@ -234,8 +220,8 @@ def test_newton_linalg_failure_is_a_clear_error(data, monkeypatch):
         ef.train(_model(), X, Y, batches=4, damping=1.0)
 
 
-def test_training_that_turns_non_finite_is_a_clear_error(data, monkeypatch):
-    X, Y, _, _ = data
+def test_training_that_turns_non_finite_is_a_clear_error(split, monkeypatch):
+    X, Y, _, _ = split
     model = _model()
     real = torch.func.jacfwd
 
@@ -248,8 +234,8 @@ def test_training_that_turns_non_finite_is_a_clear_error(data, monkeypatch):
 
 
 # ---------------------------------------------------------------- parameters
-def test_nan_parameter_is_named(data):
-    X, Y, _, _ = data
+def test_nan_parameter_is_named(split):
+    X, Y, _, _ = split
     model = _model()
     with torch.no_grad():
         model.text_proj.weight[1, 2] = float("nan")
@@ -265,28 +251,28 @@ def test_nan_parameter_is_named(data):
         engine.fit(X, Y)
 
 
-def test_exact_solver_never_raises_a_raw_linalg_error(fitted, monkeypatch):
-    C = fitted.curvature.dense()
+def test_exact_solver_never_raises_a_raw_linalg_error(fitted_normalized, monkeypatch):
+    C = fitted_normalized.curvature.dense()
     bad = C.clone()
     bad[0, 0] = float("nan")
     with pytest.raises(ECIFInputError, match="the hessian matrix has NaN or Inf entries"):
-        ExactSolver(fitted.curvature, 1.0, bad)
+        ExactSolver(fitted_normalized.curvature, 1.0, bad)
 
     def fail(*args, **kwargs):
         raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
 
     monkeypatch.setattr(torch.linalg, "eigvalsh", fail)
     with pytest.raises(NotPositiveDefiniteError, match="eigendecomposition of the hessian matrix failed.*increase damping"):
-        ExactSolver(fitted.curvature, -1e9, C)  # Cholesky fails, then the eigenvalue for the message too
+        ExactSolver(fitted_normalized.curvature, -1e9, C)  # Cholesky fails, then the eigenvalue for the message too
 
 
 # ---------------------------------------------------------------- meta tensors, half precision, dtypes
-def test_meta_inputs_and_parameters(data, fitted):
-    X, Y, Xt, Yt = data
+def test_meta_inputs_and_parameters(split, fitted_normalized):
+    X, Y, Xt, Yt = split
     with pytest.raises(ECIFInputError, match="train_images is on the 'meta' device"):
         ef.ECIF(_model(), damping=DAMPING, batches=4).fit(X.to("meta"), Y)
     with pytest.raises(ECIFInputError, match="test_texts is on the 'meta' device"):
-        fitted.influence(Xt, Yt.to("meta"))
+        fitted_normalized.influence(Xt, Yt.to("meta"))
     with pytest.raises(ECIFInputError, match="train_texts is on the 'meta' device"):
         ef.train(_model(), X, Y.to("meta"), damping=1.0)
     meta = _model().to("meta")
@@ -298,8 +284,8 @@ def test_meta_inputs_and_parameters(data, fitted):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision_model_is_refused(data, dtype):
-    X, Y, _, _ = data
+def test_half_precision_model_is_refused(split, dtype):
+    X, Y, _, _ = split
     model = _model().to(dtype)
     name = str(dtype).replace("torch.", "")
     with pytest.raises(ECIFInputError, match=rf"the model has torch.{name} parameters.*model.float\(\).*model.double\(\)"):
@@ -308,8 +294,8 @@ def test_half_precision_model_is_refused(data, dtype):
         ef.train(model, X, Y, damping=1.0)
 
 
-def test_floating_inputs_are_cast_to_the_parameter_dtype(data):
-    X, Y, Xt, Yt = data
+def test_floating_inputs_are_cast_to_the_parameter_dtype(split):
+    X, Y, Xt, Yt = split
     torch.manual_seed(0)
     model = Towers().double()
     ref = ef.ECIF(model, damping=DAMPING, batches=4).fit(X, Y)
@@ -323,20 +309,21 @@ def test_floating_inputs_are_cast_to_the_parameter_dtype(data):
 
 
 # ---------------------------------------------------------------- test inputs shaped unlike the training inputs
-def test_test_feature_width_mismatch(fitted, data):
-    _, _, Xt, Yt = data
+def test_test_feature_width_mismatch(fitted_normalized, split):
+    _, _, Xt, Yt = split
     msg = (r"test_images has shape \(4, 5\) but the training inputs have shape \(12, 6\): every row after the first "
            r"axis must match \(6,\); use the same feature extractor")
-    for call in (lambda: fitted.influence(Xt[:, :5], Yt), lambda: fitted.relative_influence(Xt[:, :5], Yt),
-                 lambda: fitted.group_influence([1], Xt[:, :5], Yt)):
+    e = fitted_normalized
+    for call in (lambda: e.influence(Xt[:, :5], Yt), lambda: e.relative_influence(Xt[:, :5], Yt),
+                 lambda: e.group_influence([1], Xt[:, :5], Yt)):
         with pytest.raises(ECIFInputError, match=msg):
             call()
     with pytest.raises(ECIFInputError, match=r"test_texts has shape \(4, 7\) but the training inputs have shape \(12, 5\)"):
-        fitted.influence(Xt, torch.cat([Yt, Yt[:, :2]], 1))
+        fitted_normalized.influence(Xt, torch.cat([Yt, Yt[:, :2]], 1))
 
 
-def test_token_inputs_may_differ_in_length_not_in_dims(data):
-    X, _, Xt, _ = data
+def test_token_inputs_may_differ_in_length_not_in_dims(split):
+    X, _, Xt, _ = split
     torch.manual_seed(0)
     model = TokenTowers().double()
     engine = ef.ECIF(model, damping=DAMPING, batches=4).fit(X, _tokens(N, 5))
@@ -352,8 +339,8 @@ def test_token_inputs_may_differ_in_length_not_in_dims(data):
         engine.influence(Xt, padded.double())
 
 
-def test_encoder_failure_on_test_data_names_the_argument(data):
-    X, _, Xt, _ = data
+def test_encoder_failure_on_test_data_names_the_argument(split):
+    X, _, Xt, _ = split
     torch.manual_seed(0)
     model = TokenTowers().double()
     engine = ef.ECIF(model, damping=DAMPING, batches=4).fit(X, _tokens(N, 5))
@@ -366,33 +353,35 @@ def test_encoder_failure_on_test_data_names_the_argument(data):
 
 # ---------------------------------------------------------------- indices
 @pytest.mark.parametrize("indices", ["3", None, ["a"], [[0, "b"]], object()], ids=["str", "None", "list-str", "nested", "object"])
-def test_non_integer_indices(fitted, data, indices):
-    _, _, Xt, Yt = data
+def test_non_integer_indices(fitted_normalized, split, indices):
+    _, _, Xt, Yt = split
     msg = r"indices must be (training-pair positions|integers in \[0, 12\))"
-    for call in (lambda: fitted.group_influence(indices, Xt, Yt), lambda: fitted.cleaned_model(indices),
-                 lambda: fitted.removal_update(indices), lambda: fitted.group_gradient(indices)):
+    e = fitted_normalized
+    for call in (lambda: e.group_influence(indices, Xt, Yt), lambda: e.cleaned_model(indices),
+                 lambda: e.removal_update(indices), lambda: e.group_gradient(indices)):
         with pytest.raises(ECIFInputError, match=msg):
             call()
     if indices is not None:  # None means "all pairs" there
-        for call in (lambda: fitted.pair_gradients(indices), lambda: fitted.self_influence(indices=indices)):
+        for call in (lambda: e.pair_gradients(indices), lambda: e.self_influence(indices=indices)):
             with pytest.raises(ECIFInputError, match=msg):
                 call()
 
 
-def test_set_of_indices_is_accepted(fitted):
-    a, b = fitted.removal_update({5, 2}), fitted.removal_update([2, 5])
+def test_set_of_indices_is_accepted(fitted_normalized):
+    a, b = fitted_normalized.removal_update({5, 2}), fitted_normalized.removal_update([2, 5])
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.parametrize("everything", [list(range(N)), torch.ones(N, dtype=torch.bool)], ids=["list", "mask"])
-def test_removing_every_pair_is_refused(fitted, data, everything):
-    _, _, Xt, Yt = data
+def test_removing_every_pair_is_refused(fitted_normalized, split, everything):
+    _, _, Xt, Yt = split
     msg = "indices removes all 12 training pairs: at least one pair must remain"
-    for call in (lambda: fitted.group_influence(everything, Xt, Yt), lambda: fitted.group_gradient(everything),
-                 lambda: fitted.removal_update(everything), lambda: fitted.cleaned_model(everything)):
+    e = fitted_normalized
+    for call in (lambda: e.group_influence(everything, Xt, Yt), lambda: e.group_gradient(everything),
+                 lambda: e.removal_update(everything), lambda: e.cleaned_model(everything)):
         with pytest.raises(ECIFInputError, match=msg):
             call()
-    fitted.removal_update(list(range(N - 1)))  # one pair left is fine
+    e.removal_update(list(range(N - 1)))  # one pair left is fine
 
 
 # ---------------------------------------------------------------- solver options
@@ -419,19 +408,19 @@ def test_removing_every_pair_is_refused(fitted, data, everything):
 ])
 def test_solver_options_are_validated(option, value, msg):
     with pytest.raises(ECIFInputError, match=msg):
-        ef.ECIF(_model(), damping=DAMPING, hessian="cg", **{option: value})
+        ef.ECIF(_model(), damping=DAMPING, solver="cg", **{option: value})
 
 
-def test_valid_solver_options_are_kept(data):
-    X, Y, _, _ = data
-    engine = ef.ECIF(_model(), damping=DAMPING, batches=4, hessian="cg", cg_maxiter=7, cg_tol=1e-6,
+def test_valid_solver_options_are_kept(split):
+    X, Y, _, _ = split
+    engine = ef.ECIF(_model(), damping=DAMPING, batches=4, solver="cg", cg_maxiter=7, cg_tol=1e-6,
                      hessian_batches=torch.tensor([0, 2])).fit(X, Y)
     assert engine.solver.maxiter == 7 and engine.solver.tol == 1e-6 and engine.hessian_batches == [0, 2]
-    assert ef.ECIF(_model(), damping=DAMPING, hessian="cg").fit(X, Y).solver.maxiter == max(100, 2 * engine.space.size)
+    assert ef.ECIF(_model(), damping=DAMPING, solver="cg").fit(X, Y).solver.maxiter == max(100, 2 * engine.space.size)
 
 
-def test_solver_constructors_validate(fitted):
-    curv = fitted.curvature
+def test_solver_constructors_validate(fitted_normalized):
+    curv = fitted_normalized.curvature
     with pytest.raises(ECIFInputError, match="maxiter must be >= 1 or None, got 0"):
         CGSolver(curv, 1.0, maxiter=0)
     with pytest.raises(ECIFInputError, match=r"tol must be a number in \(0, 1\) .* got -1"):
@@ -443,8 +432,8 @@ def test_solver_constructors_validate(fitted):
     assert isinstance(curv, Curvature)
 
 
-def test_valid_inputs_give_no_warning(data):
-    X, Y, Xt, Yt = data
+def test_valid_inputs_give_no_warning(split):
+    X, Y, Xt, Yt = split
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         engine = ef.ECIF(_model(), damping=DAMPING, batches=4).fit(X, Y)

@@ -10,7 +10,7 @@ import sys
 import pandas as pd
 import pytest
 
-from test_report import _chromium
+from chromium import run_chromium
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +57,6 @@ def test_demo_cleaning_update_tracks_retraining(demo):
 
 
 def test_demo_report_renders(demo, tmp_path):
-    dom = _chromium(tmp_path, "--dump-dom", (demo[0] / "report.html").resolve().as_uri()).stdout
+    dom = run_chromium(tmp_path, "--dump-dom", (demo[0] / "report.html").resolve().as_uri()).stdout
     assert "Top flagged pairs" in dom and "Trace-back" in dom and "Cleaning" in dom
     assert dom.count("<img") >= 12 and dom.count("<svg") >= 3

@@ -1,4 +1,4 @@
-"""Peer adapters (benchmarks/evaluation/peers.py): dattri, TRAK and kronfluence in our sign convention (docs/math.md §3)."""
+"""Peer adapters (ecif_fast/evaluation/peers.py): dattri, TRAK and kronfluence in our sign convention (docs/math.md §3)."""
 import dataclasses
 import sys
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from ecif_fast.core.loss import batch_loss
-from evaluation import peers
-from evaluation.problems import linear_plain
+from ecif_fast.evaluation import peers
+from ecif_fast.evaluation.problems import linear_plain
 from problems import pearson
 
 

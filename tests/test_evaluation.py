@@ -1,15 +1,15 @@
-"""The evaluation suite (benchmarks/evaluate.py): its building blocks against independent oracles, and the quick
-mode end to end, asserting the headline orderings of the full run recorded in EVALUATION.md."""
+"""The evaluation suite (``python -m ecif_fast.evaluation``): its building blocks against independent oracles, and
+the quick mode end to end, asserting the headline orderings of the full run recorded in EVALUATION.md."""
 import json
 
 import numpy as np
 import pytest
 import torch
 
-import evaluate
+from ecif_fast.evaluation import fidelity, methods, stats
+from ecif_fast.evaluation.main import RUN_NEEDS, main
+from ecif_fast.evaluation.problems import linear_plain
 from ecif_fast.oracle import brute_force_pair_gradients
-from evaluation import fidelity, methods, stats
-from evaluation.problems import linear_plain
 
 HEADLINE_METHODS = ("ecif", "ecif_taylor", "positive_only", "tracin", "trak", "clip_score")
 
@@ -55,10 +55,17 @@ def test_bootstrap_intervals():
         stats.correlations(x, x[:10])
 
 
+def test_missing_peer_names_the_eval_extra_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.setitem(RUN_NEEDS, "no_such_module", "traker")
+    with pytest.raises(SystemExit, match=r'missing traker: pip install "ecif-fast\[eval\]"'):
+        main(["--quick", "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("evaluation")
-    evaluate.main(["--quick", "--out", str(out), "--no-progress"])
+    main(["--quick", "--out", str(out), "--no-progress"])
     with open(out / "results.json") as f:
         return json.load(f)
 

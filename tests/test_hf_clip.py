@@ -9,29 +9,7 @@ import torch
 import ecif_fast as ef
 from ecif_fast import oracle
 from problems import assert_cleaned_copy_updates_only_lora
-
-from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
-
-VOCAB, SEQ, IMG, EOS = 40, 5, 8, 39
-
-
-def tiny_clip(seed=0, attn="sdpa"):
-    torch.manual_seed(seed)
-    text = CLIPTextConfig(vocab_size=VOCAB, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
-                          num_attention_heads=2, max_position_embeddings=SEQ, eos_token_id=EOS, bos_token_id=0,
-                          pad_token_id=1, projection_dim=4)
-    vision = CLIPVisionConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
-                              image_size=IMG, patch_size=4, num_channels=3, projection_dim=4)
-    cfg = CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=4)
-    return CLIPModel._from_config(cfg, attn_implementation=attn).double().eval()
-
-
-def pairs(n, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    px = torch.randn(n, 3, IMG, IMG, generator=g, dtype=torch.float64)
-    ids = torch.randint(2, EOS, (n, SEQ), generator=g)
-    ids[:, 0], ids[:, -1] = 0, EOS  # BOS ... EOS, fixed length, no padding
-    return px, ids
+from tiny_hf_clip import pairs, tiny_clip
 
 
 def test_wrap_gives_clips_own_normalised_features():
@@ -61,7 +39,7 @@ def test_influence_equals_the_brute_force_oracle(params, damping, batches):
     model = ef.wrap(tiny_clip())
     px, ids = pairs(12)
     tpx, tids = pairs(4, seed=1)
-    ecif = ef.ECIF(model, damping=damping, batches=batches, params=params, hessian="exact").fit(px, ids)
+    ecif = ef.ECIF(model, damping=damping, batches=batches, params=params, solver="exact").fit(px, ids)
     res = ecif.influence(tpx, tids)
 
     def F(mm):
@@ -89,7 +67,7 @@ def test_lora_influence_and_cleaned_copy():
     cleaned model is a copy whose LoRA weights (only) carry the removal update."""
     clip = lora_clip()
     model = ef.wrap(clip)
-    ecif = ef.ECIF(model, damping=5e3, batches=4, hessian="exact")
+    ecif = ef.ECIF(model, damping=5e3, batches=4, solver="exact")
     assert ecif.space.names and all("lora_" in n for n in ecif.space.names)
     px, ids = pairs(12)
     tpx, tids = pairs(4, seed=1)

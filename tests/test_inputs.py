@@ -6,22 +6,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import ecif_fast as ef
 from ecif_fast import ECIFInputError
-from problems import heads, paired_features, small_split
-
-N, N_TEST = 12, 4
-DAMPING = 300.0  # untrained models: a large damping keeps H positive definite
-
-
-@pytest.fixture(scope="module")
-def data():
-    return small_split(N, N_TEST)
-
-
-@pytest.fixture(scope="module")
-def fitted(data):
-    X, Y, _, _ = data
-    model, _ = heads(False)
-    return ef.ECIF(model, damping=DAMPING, batches=4).fit(X, Y)
+from problems import SPLIT_TRAIN as N, UNTRAINED_DAMPING as DAMPING, heads, paired_features
 
 
 def _model():
@@ -29,22 +14,22 @@ def _model():
 
 
 # ---------------------------------------------------------------- data
-def test_mismatched_train_lengths(data):
-    X, Y, _, _ = data
+def test_mismatched_train_lengths(split):
+    X, Y, _, _ = split
     with pytest.raises(ECIFInputError, match="mismatched lengths: train_images has 12 rows but train_texts has 11"):
         ef.ECIF(_model(), damping=DAMPING).fit(X, Y[:-1])
 
 
-def test_mismatched_test_lengths(fitted, data):
-    _, _, Xt, Yt = data
+def test_mismatched_test_lengths(fitted_plain, split):
+    _, _, Xt, Yt = split
     with pytest.raises(ECIFInputError, match="mismatched lengths: test_images has 4 rows but test_texts has 3"):
-        fitted.influence(Xt, Yt[:-1])
+        fitted_plain.influence(Xt, Yt[:-1])
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 @pytest.mark.parametrize("where", ["images", "texts"])
-def test_non_finite_train_features(data, bad, where):
-    X, Y, _, _ = data
+def test_non_finite_train_features(split, bad, where):
+    X, Y, _, _ = split
     X, Y = X.clone(), Y.clone()
     (X if where == "images" else Y)[3, 1] = bad
     with pytest.raises(ECIFInputError, match=rf"train_{where} contains NaN or Inf values in 1 row"):
@@ -53,68 +38,68 @@ def test_non_finite_train_features(data, bad, where):
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 @pytest.mark.parametrize("where", ["images", "texts"])
-def test_non_finite_test_features(fitted, data, bad, where):
-    _, _, Xt, Yt = data
+def test_non_finite_test_features(fitted_plain, split, bad, where):
+    _, _, Xt, Yt = split
     Xt, Yt = Xt.clone(), Yt.clone()
     (Xt if where == "images" else Yt)[0, 0] = bad
     with pytest.raises(ECIFInputError, match=rf"test_{where} contains NaN or Inf"):
-        fitted.influence(Xt, Yt)
+        fitted_plain.influence(Xt, Yt)
 
 
-def test_empty_tensors(data):
-    X, Y, _, _ = data
+def test_empty_tensors(split):
+    X, Y, _, _ = split
     with pytest.raises(ECIFInputError, match="empty data: train_images has 0 rows"):
         ef.ECIF(_model(), damping=DAMPING).fit(X[:0], Y[:0])
 
 
-def test_empty_test_tensors(fitted, data):
-    _, _, Xt, Yt = data
+def test_empty_test_tensors(fitted_plain, split):
+    _, _, Xt, Yt = split
     with pytest.raises(ECIFInputError, match="empty data: test_images has 0 rows"):
-        fitted.influence(Xt[:0], Yt[:0])
+        fitted_plain.influence(Xt[:0], Yt[:0])
 
 
-def test_empty_dataloader(data):
-    X, Y, _, _ = data
+def test_empty_dataloader(split):
+    X, Y, _, _ = split
     loader = DataLoader(TensorDataset(X[:0], Y[:0]), batch_size=5)
     with pytest.raises(ECIFInputError, match="empty data: the DataLoader yielded no pairs"):
         ef.ECIF(_model(), damping=DAMPING).fit(loader)
 
 
-def test_dataloader_of_non_pairs(data):
-    X, _, _, _ = data
+def test_dataloader_of_non_pairs(split):
+    X, _, _, _ = split
     with pytest.raises(ECIFInputError, match=r"must yield \(images, texts\) pairs"):
         ef.ECIF(_model(), damping=DAMPING).fit(DataLoader(TensorDataset(X), batch_size=5))
 
 
-def test_non_tensor_features(data):
-    X, Y, _, _ = data
+def test_non_tensor_features(split):
+    X, Y, _, _ = split
     with pytest.raises(ECIFInputError, match="train_images must be a torch.Tensor, got list"):
         ef.ECIF(_model(), damping=DAMPING).fit(X.tolist(), Y)
 
 
 # ---------------------------------------------------------------- batches
-def test_batch_ids_wrong_length(data):
-    X, Y, _, _ = data
+def test_batch_ids_wrong_length(split):
+    X, Y, _, _ = split
     ids = torch.zeros(N - 2, dtype=torch.int64)
     with pytest.raises(ECIFInputError, match=r"one entry per pair: expected shape \(12,\), got \(10,\)"):
         ef.ECIF(_model(), damping=DAMPING, batches=ids).fit(X, Y)
 
 
-def test_float_batch_ids(data):
-    X, Y, _, _ = data
+def test_float_batch_ids(split):
+    X, Y, _, _ = split
     with pytest.raises(ECIFInputError, match="batch ids must be an integer tensor, got dtype torch.float"):
         ef.ECIF(_model(), damping=DAMPING, batches=torch.arange(N) / 4.0).fit(X, Y)
 
 
 @pytest.mark.parametrize("size", [0, -3])
-def test_batch_size_not_positive(data, size):
-    X, Y, _, _ = data
+def test_batch_size_not_positive(split, size):
+    X, Y, _, _ = split
     with pytest.raises(ECIFInputError, match=f"batch size must be >= 1, got {size}"):
         ef.ECIF(_model(), damping=DAMPING, batches=size).fit(X, Y)
 
 
-def test_bool_batches(data):
-    X, Y, _, _ = data
+def test_bool_batches(split):
+    X, Y, _, _ = split
     with pytest.raises(ECIFInputError, match="got a bool"):
         ef.ECIF(_model(), damping=DAMPING, batches=True).fit(X, Y)
 
@@ -134,7 +119,7 @@ def test_damping_bad_value(damping):
 
 @pytest.mark.parametrize("option,value,choices", [
     ("negative_term", "first-order", "['exact', 'taylor']"),
-    ("hessian", "kfac", "['exact', 'cg', 'lowrank']"),
+    ("solver", "kfac", "['exact', 'cg', 'lowrank']"),
     ("curvature", "fisher", "['hessian', 'gauss-newton']"),
 ])
 def test_unknown_option(option, value, choices):
@@ -177,8 +162,8 @@ def test_model_not_a_module():
 
 
 # ---------------------------------------------------------------- call order and test functions
-def test_influence_before_fit(data):
-    _, _, Xt, Yt = data
+def test_influence_before_fit(split):
+    _, _, Xt, Yt = split
     engine = ef.ECIF(_model(), damping=DAMPING)
     with pytest.raises(RuntimeError, match=r"call \.fit\(train_images, train_texts\) before"):
         engine.influence(Xt, Yt)
@@ -192,31 +177,31 @@ def test_influence_before_fit(data):
             call()
 
 
-def test_both_test_pairs_and_fn(fitted, data):
-    _, _, Xt, Yt = data
+def test_both_test_pairs_and_fn(fitted_plain, split):
+    _, _, Xt, Yt = split
     with pytest.raises(ECIFInputError, match="pass either test pairs or fn=, not both"):
-        fitted.influence(Xt, Yt, fn=lambda m: m.logit_scale)
+        fitted_plain.influence(Xt, Yt, fn=lambda m: m.logit_scale)
 
 
-def test_neither_test_pairs_nor_fn(fitted, data):
-    _, _, Xt, _ = data
+def test_neither_test_pairs_nor_fn(fitted_plain, split):
+    _, _, Xt, _ = split
     with pytest.raises(ECIFInputError, match="give test_images and test_texts"):
-        fitted.influence(Xt)
+        fitted_plain.influence(Xt)
 
 
-def test_fn_returning_non_scalar(fitted, data):
-    _, _, Xt, _ = data
+def test_fn_returning_non_scalar(fitted_plain, split):
+    _, _, Xt, _ = split
     with pytest.raises(ECIFInputError, match="fn\\(model\\) must return a scalar tensor"):
-        fitted.influence(fn=lambda m: m.encode_image(Xt))
+        fitted_plain.influence(fn=lambda m: m.encode_image(Xt))
     with pytest.raises(ECIFInputError, match="must return a scalar tensor"):
-        fitted.influence(fn=lambda m: 1.0)
+        fitted_plain.influence(fn=lambda m: 1.0)
 
 
-def test_fn_not_callable(fitted):
+def test_fn_not_callable(fitted_plain):
     with pytest.raises(ECIFInputError, match="fn must be a callable"):
-        fitted.influence(fn=[])
+        fitted_plain.influence(fn=[])
     with pytest.raises(ECIFInputError, match="fn must be a callable"):
-        fitted.influence(fn=[lambda m: m.logit_scale, 3])
+        fitted_plain.influence(fn=[lambda m: m.logit_scale, 3])
 
 
 # ---------------------------------------------------------------- removal indices
@@ -234,22 +219,22 @@ BAD_INDICES = [
 
 
 @pytest.mark.parametrize("indices,exc,msg", BAD_INDICES)
-def test_group_influence_bad_indices(fitted, data, indices, exc, msg):
-    _, _, Xt, Yt = data
+def test_group_influence_bad_indices(fitted_plain, split, indices, exc, msg):
+    _, _, Xt, Yt = split
     with pytest.raises(exc, match=msg):
-        fitted.group_influence(indices, Xt, Yt)
+        fitted_plain.group_influence(indices, Xt, Yt)
 
 
 @pytest.mark.parametrize("indices,exc,msg", BAD_INDICES)
-def test_removal_update_bad_indices(fitted, indices, exc, msg):
+def test_removal_update_bad_indices(fitted_plain, indices, exc, msg):
     with pytest.raises(exc, match=msg):
-        fitted.removal_update(indices)
+        fitted_plain.removal_update(indices)
 
 
-def test_bool_mask_indices_accepted(fitted):
+def test_bool_mask_indices_accepted(fitted_plain):
     mask = torch.zeros(N, dtype=torch.bool)
     mask[[2, 5]] = True
-    a, b = fitted.removal_update(mask), fitted.removal_update([2, 5])
+    a, b = fitted_plain.removal_update(mask), fitted_plain.removal_update([2, 5])
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -278,8 +263,8 @@ def _all_outputs(engine, Xt, Yt):
 
 
 @pytest.mark.parametrize("normalize", [False, True])
-def test_dataloader_equals_tensors(data, normalize):
-    X, Y, Xt, Yt = data
+def test_dataloader_equals_tensors(split, normalize):
+    X, Y, Xt, Yt = split
     model, _ = heads(normalize, scale=3.0)
     from_tensors = ef.ECIF(model, damping=DAMPING, batches=4).fit(X, Y)
     loader = DataLoader(TensorDataset(X, Y), batch_size=5)  # ragged: 5 + 5 + 2, unlike the training batches
@@ -297,7 +282,7 @@ def test_deterministic(hessian):
     runs = []
     for _ in range(2):
         model, _ = heads(True, train_scale=True, scale=3.0, image_dim=3, text_dim=3, embed_dim=3)
-        engine = ef.ECIF(model, damping=DAMPING, batches=None, hessian=hessian, rank=3).fit(X, Y)
+        engine = ef.ECIF(model, damping=DAMPING, batches=None, solver=hessian, rank=3).fit(X, Y)
         if hessian == "lowrank":
             assert engine.solver.rank + 10 < engine.space.size  # the seeded subspace iteration is used
         runs.append(_all_outputs(engine, Xt, Yt))
@@ -305,8 +290,8 @@ def test_deterministic(hessian):
         assert torch.equal(a, b)
 
 
-def test_model_parameters_untouched(data):
-    X, Y, Xt, Yt = data
+def test_model_parameters_untouched(split):
+    X, Y, Xt, Yt = split
     model, _ = heads(True, train_scale=True, scale=3.0)
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     flags = {k: p.requires_grad for k, p in model.named_parameters()}

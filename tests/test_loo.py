@@ -69,8 +69,8 @@ def test_solvers_agree_on_trained_problem(loo):
     normalize, (model, X, Y, Xv, Yv, pairs, actual) = loo
     exact = ef.ECIF(model, damping=DAMPING, batches=BATCH).fit(X, Y)
     ref = exact.influence(Xv, Yv).total
-    cg = ef.ECIF(model, damping=DAMPING, batches=BATCH, hessian="cg", cg_maxiter=3000).fit(X, Y).influence(Xv, Yv).total
-    lr = ef.ECIF(model, damping=DAMPING, batches=BATCH, hessian="lowrank", rank=10_000).fit(X, Y).influence(Xv, Yv).total
+    cg = ef.ECIF(model, damping=DAMPING, batches=BATCH, solver="cg", cg_maxiter=3000).fit(X, Y).influence(Xv, Yv).total
+    lr = ef.ECIF(model, damping=DAMPING, batches=BATCH, solver="lowrank", rank=10_000).fit(X, Y).influence(Xv, Yv).total
     assert torch.allclose(cg, ref, rtol=1e-6, atol=1e-9 * ref.abs().max())
     # Low rank at rank >= P is exact up to rounding: both solves of H h = ∇F are backward stable, so each h is
     # off by up to ~eps·κ(H)·||h||, and I_k = g_kᵀh by ||g_k|| times that. The exact Hessian can be
@@ -82,7 +82,7 @@ def test_solvers_agree_on_trained_problem(loo):
     h = exact.solver.solve(exact._test_gradients(Xv, Yv, None, False)[0].reshape(-1))
     bound = 2 * torch.finfo(torch.float64).eps * kappa * float(h.norm()) * exact.pair_gradients().norm(dim=1)
     assert bool(((lr - ref).abs() <= bound).all()), float(((lr - ref).abs() / bound).max())
-    gn = ef.ECIF(model, damping=DAMPING, batches=BATCH, curvature="gauss-newton", hessian="cg", cg_maxiter=3000).fit(X, Y)
+    gn = ef.ECIF(model, damping=DAMPING, batches=BATCH, curvature="gauss-newton", solver="cg", cg_maxiter=3000).fit(X, Y)
     assert pearson(gn.influence(Xv, Yv).total[pairs], actual) >= 0.9
 
 

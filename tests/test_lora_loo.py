@@ -1,7 +1,7 @@
 """Ground truth (docs/math.md §6.1) on a LoRA fine-tuning: ECIF vs leave-one-out retraining of a ``peft`` LoRA on a
 tiny Hugging Face CLIP, float64, nothing downloaded.
 
-The problem is the evaluation suite's ``clip_lora()`` (``benchmarks/evaluation/lora_problem.py``, whose docstring
+The problem is the evaluation suite's ``clip_lora()`` (``ecif_fast/evaluation/lora_problem.py``, whose docstring
 describes the construction): a tiny randomly initialised CLIP "pre-trained" on domain A, LoRA r = 2 (P = 192,
 θ_ref = the LoRA init) fine-tuned on n = 32 domain-B pairs (pairs 0 and 9 carry another class's caption) to
 max|∇R| < 1e-9 by ``ecif_fast.train`` (L-BFGS, then Newton); every leave-one-out model likewise, warm-started from
@@ -22,8 +22,8 @@ F (59.11 -> 56.43).
 The test can fail: the negative role dropped (positive part only, classical IF) gives Pearson 0.838, the negative
 role with the wrong sign 0.606; both are asserted to be clearly below the exact ECIF.
 
-"All" negatives (one batch of 32) is checked here for the Hessian and the removal update only: its leave-one-out
-run (another ~15 s) does not fit the file's time budget. Measured once over all 32 pairs: Pearson 0.960, Spearman
+"All" negatives (one batch of 32) is checked here for the Hessian and the removal update only: a second
+leave-one-out run does not fit the file's time budget. Measured once over all 32 pairs: Pearson 0.960, Spearman
 0.922, positive-only 0.903, wrong sign 0.782, Taylor 0.958; there the misaligned pairs are predicted mildly
 harmful (−0.12, −0.05) but removing them raised F (+0.30, +0.12).
 """
@@ -41,7 +41,7 @@ from problems import pearson
 
 pytest.importorskip("peft")
 pytest.importorskip("transformers")
-from evaluation.lora_problem import P, clip_lora  # noqa: E402
+from ecif_fast.evaluation.lora_problem import P, clip_lora  # noqa: E402
 
 BATCH = 8
 
@@ -55,7 +55,7 @@ def _problem(batch):
     F_start = pb.F(at_init)
     print(f"\nF: {F_start:.2f} at the LoRA init, {pb.F():.2f} at θ̂")
     assert pb.F() < F_start - 5  # the fine-tuning learns something
-    ecif = pb.ecif(hessian="exact")
+    ecif = pb.ecif(solver="exact")
     assert ecif.space.size == P and all("lora_" in n for n in ecif.space.names)
     return pb, ecif
 

@@ -13,13 +13,13 @@ import torch
 import ecif_fast as ef
 from ecif_fast import oracle
 from ecif_fast.models.functional import FunctionalModel
-from ecif_fast.models.open_clip import OpenCLIP
+from ecif_fast.models.families.open_clip import OpenCLIP
 from ecif_fast.models.params import select_params
-from problems import assert_cleaned_copy_updates_only_lora
+from problems import IMG, SEQ, VOCAB, assert_cleaned_copy_updates_only_lora, token_pairs as pairs
 
 import open_clip  # noqa: E402  (a dev dependency: missing, these tests fail rather than skip)
 
-N, VOCAB, SEQ, IMG, EOS = 8, 40, 5, 8, 39  # open_clip pools the text at the argmax token id: EOS is the largest
+N = 8
 VISION = dict(layers=1, width=8, head_width=4, mlp_ratio=2.0, patch_size=4, image_size=IMG)       # 2 heads
 TEXT = dict(context_length=SEQ, vocab_size=VOCAB, width=8, heads=2, layers=1, mlp_ratio=2.0)
 
@@ -27,14 +27,6 @@ TEXT = dict(context_length=SEQ, vocab_size=VOCAB, width=8, heads=2, layers=1, ml
 def tiny_clip(seed=0, **kwargs):
     torch.manual_seed(seed)
     return open_clip.model.CLIP(embed_dim=4, vision_cfg=VISION, text_cfg=TEXT, **kwargs).double().eval()
-
-
-def pairs(n, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    px = torch.randn(n, 3, IMG, IMG, generator=g, dtype=torch.float64)
-    ids = torch.randint(2, EOS, (n, SEQ), generator=g)
-    ids[:, 0], ids[:, -1] = 0, EOS  # BOS ... EOS, fixed length, no padding
-    return px, ids
 
 
 def val_loss(tpx, tids):
@@ -45,7 +37,7 @@ def val_loss(tpx, tids):
 
 def solve_by_hvp_cg(model, px, ids, b, *, batches, params, damping, tol=1e-14):
     """``(C + δI)⁻¹ b`` by plain CG on Hessian-vector products by double backward (reverse over reverse,
-    no vmap): the oracle's ``H⁻¹∇F`` without its dense Hessian, which takes P backward passes (a minute for
+    no vmap): the oracle's ``H⁻¹∇F`` without its dense Hessian, which takes P backward passes (slow for
     the ~2,100 parameters of the whole tiny model) and is used where P is small."""
     space = select_params(model, params)
     fm = FunctionalModel(model, space)
@@ -131,7 +123,7 @@ def test_influence_equals_the_brute_force_oracle(params, damping, batches):
     """Untrained model: the damping makes H positive definite; the identity I = ∇Fᵀ H⁻¹ g_k holds at any θ."""
     model = ef.wrap(tiny_clip())
     px, ids = pairs(N)
-    ecif = ef.ECIF(model, damping=damping, batches=batches, params=params, hessian="exact").fit(px, ids)
+    ecif = ef.ECIF(model, damping=damping, batches=batches, params=params, solver="exact").fit(px, ids)
     assert_matches_oracle(ecif, model, px, ids, batches=batches, params=params, damping=damping,
                           dense_hessian=params is not None)
 
@@ -142,7 +134,7 @@ def test_trained_logit_scale(nonscalar):
     model = ef.wrap(tiny_clip(nonscalar_logit_scale=nonscalar))
     px, ids = pairs(N)
     params = ["clip.visual.proj", "clip.text_projection", "clip.logit_scale"]
-    ecif = ef.ECIF(model, damping=2.5e4, batches=4, params=params, hessian="exact").fit(px, ids)
+    ecif = ef.ECIF(model, damping=2.5e4, batches=4, params=params, solver="exact").fit(px, ids)
     assert ecif.fm.scale_trained
     assert_matches_oracle(ecif, model, px, ids, batches=4, params=params, damping=2.5e4)
 
@@ -157,7 +149,7 @@ def test_custom_attention_blocks(batches):
     model = ef.wrap(clip)
     px, ids = pairs(N)
     params = ["clip.visual.transformer.resblocks.0.ln_1", "clip.transformer.resblocks.0.ln_1"]
-    ecif = ef.ECIF(model, damping=1.5e3, batches=batches, params=params, hessian="exact").fit(px, ids)
+    ecif = ef.ECIF(model, damping=1.5e3, batches=batches, params=params, solver="exact").fit(px, ids)
     assert_matches_oracle(ecif, model, px, ids, batches=batches, params=params, damping=1.5e3)  # λmin −357
 
 
@@ -186,7 +178,7 @@ def test_lora_influence_equals_the_brute_force_oracle(batches):
     """peft LoRA: the default selection is the trained LoRA weights (of both towers)."""
     model = ef.wrap(lora_clip())
     assert isinstance(model, OpenCLIP)
-    ecif = ef.ECIF(model, damping=5e3, batches=batches, hessian="exact")
+    ecif = ef.ECIF(model, damping=5e3, batches=batches, solver="exact")
     names = ecif.space.names
     assert names and all("lora_" in n for n in names)
     assert any(".visual." in n for n in names) and any(".visual." not in n for n in names)
@@ -198,7 +190,7 @@ def test_lora_influence_equals_the_brute_force_oracle(batches):
 def test_lora_cleaned_copy_changes_only_lora_weights():
     model = ef.wrap(lora_clip())
     px, ids = pairs(N)
-    ecif = ef.ECIF(model, damping=5e3, batches=4, hessian="exact").fit(px, ids)
+    ecif = ef.ECIF(model, damping=5e3, batches=4, solver="exact").fit(px, ids)
     assert_cleaned_copy_updates_only_lora(ecif, model, [0, 5])
 
 
@@ -210,7 +202,7 @@ def test_matrix_free_cg_matches_the_exact_solver(batches):
     px, ids = pairs(N)
     tpx, tids = pairs(4, seed=1)
     common = dict(damping=1e3, batches=batches, curvature="gauss-newton")
-    exact = ef.ECIF(model, hessian="exact", **common).fit(px, ids).influence(tpx, tids)
-    cg = ef.ECIF(model, hessian="cg", cg_tol=1e-12, **common).fit(px, ids).influence(tpx, tids)
+    exact = ef.ECIF(model, solver="exact", **common).fit(px, ids).influence(tpx, tids)
+    cg = ef.ECIF(model, solver="cg", cg_tol=1e-12, **common).fit(px, ids).influence(tpx, tids)
     for a, b in ((cg.total, exact.total), (cg.positive, exact.positive), (cg.negative, exact.negative)):
         assert float((a - b).abs().max() / b.abs().max()) < 1e-6

@@ -152,7 +152,7 @@ def test_every_backend_gauss_newton_cg_equals_dense(data, backend_env, backend):
     model, _ = heads(True, train_scale=True, scale=3.0)
     batches = _batches("batch")
     dense = ef.ECIF(model, damping=DAMPING, batches=batches, curvature="gauss-newton", backend="torch").fit(X, Y)
-    cg = ef.ECIF(model, damping=DAMPING, batches=batches, curvature="gauss-newton", hessian="cg", cg_tol=1e-13,
+    cg = ef.ECIF(model, damping=DAMPING, batches=batches, curvature="gauss-newton", solver="cg", cg_tol=1e-13,
                  backend=backend).fit(X, Y)
     ref = dense.influence(Xt, Yt).total
     assert _rel(cg.influence(Xt, Yt).total, ref) < 1e-9

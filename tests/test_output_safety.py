@@ -22,20 +22,12 @@ pytest.importorskip("pyarrow")
 from ecif_fast.cli import commands, session  # noqa: E402
 from ecif_fast.cli.checkpoint import is_checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
 from ecif_fast.cli.data_files import load_ids  # noqa: E402
-from ecif_fast.cli.main import main  # noqa: E402
 from ecif_fast.report import output  # noqa: E402
 from ecif_fast.report.output import (MARKER, TMP_PREFIX, OutputLocationError, atomic_output_dir,  # noqa: E402
                                      atomic_output_file, check_writable, csv_quote, write_table)
-from test_cli import HEADS, make_data  # noqa: E402
+from cli_data import HEADS, run  # noqa: E402
 
 LINUX = sys.platform.startswith("linux")
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    d = make_data(tmp_path_factory.mktemp("safety"))
-    assert main(["train", "--train", str(d.train), "--out", str(d.model), "--quiet", *HEADS]) == 0
-    return d
 
 
 class Computed(BaseException):
@@ -51,13 +43,6 @@ def no_computation(monkeypatch):
     for module, name in ((session, "load_checkpoint"), (session, "load_pairs"), (commands, "load_pairs"),
                          (commands, "train_heads"), (session.ECIF, "fit")):
         monkeypatch.setattr(module, name, guard)
-
-
-def run(capsys, *argv) -> tuple[int, str, str]:
-    capsys.readouterr()
-    rc = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def detect(d, out, *extra):
@@ -94,86 +79,86 @@ def work(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("force", [False, True])
 @pytest.mark.parametrize("where", [".", "..", "", "cwd", "ancestor", "root"])
-def test_working_folder_and_above_are_refused(data, work, capsys, no_computation, where, force):
+def test_working_folder_and_above_are_refused(cli_data, work, capsys, no_computation, where, force):
     out = {"cwd": str(work), "ancestor": str(work.parent.parent), "root": "/"}.get(where, where)
     before = snapshot(work.parent.parent)
-    rc, stdout, err = run(capsys, *detect(data, out, *(["--force"] if force else [])))
+    rc, stdout, err = run(capsys, *detect(cli_data, out, *(["--force"] if force else [])))
     refused(rc, stdout, err, "empty" if where == "" else "working folder")
     assert snapshot(work.parent.parent) == before
 
 
-def test_folder_holding_an_input_is_refused(data, tmp_path, capsys, no_computation):
-    before = snapshot(data.dir)
-    rc, stdout, err = run(capsys, *detect(data, data.dir, "--force"))
-    refused(rc, stdout, err, str(data.dir), "holds the input file")
-    (tmp_path / "link").symlink_to(data.dir)                       # the same folder through a link
-    rc, stdout, err = run(capsys, *detect(data, tmp_path / "link", "--force"))
+def test_folder_holding_an_input_is_refused(cli_data, tmp_path, capsys, no_computation):
+    before = snapshot(cli_data.dir)
+    rc, stdout, err = run(capsys, *detect(cli_data, cli_data.dir, "--force"))
+    refused(rc, stdout, err, str(cli_data.dir), "holds the input file")
+    (tmp_path / "link").symlink_to(cli_data.dir)                       # the same folder through a link
+    rc, stdout, err = run(capsys, *detect(cli_data, tmp_path / "link", "--force"))
     refused(rc, stdout, err, "holds the input file")
-    rc, stdout, err = run(capsys, *detect(data, data.dir.parent, "--force"))
+    rc, stdout, err = run(capsys, *detect(cli_data, cli_data.dir.parent, "--force"))
     refused(rc, stdout, err, "holds the input file")
-    assert snapshot(data.dir) == before
+    assert snapshot(cli_data.dir) == before
 
 
-def test_input_file_is_refused_as_out(data, tmp_path, capsys, no_computation):
-    before = snapshot(data.dir)
-    rc, stdout, err = run(capsys, *detect(data, data.model, "--force"))          # --out = --model
-    refused(rc, stdout, err, str(data.model), "is the input file")
-    rc, stdout, err = run(capsys, *train(data, data.train, "--force"))           # train --out = --train
-    refused(rc, stdout, err, str(data.train), "is the input file")
-    os.link(data.train, tmp_path / "same.npz")                                   # a hard link to --train
-    rc, stdout, err = run(capsys, *train(data, tmp_path / "same.npz", "--force"))
+def test_input_file_is_refused_as_out(cli_data, tmp_path, capsys, no_computation):
+    before = snapshot(cli_data.dir)
+    rc, stdout, err = run(capsys, *detect(cli_data, cli_data.model, "--force"))          # --out = --model
+    refused(rc, stdout, err, str(cli_data.model), "is the input file")
+    rc, stdout, err = run(capsys, *train(cli_data, cli_data.train, "--force"))           # train --out = --train
+    refused(rc, stdout, err, str(cli_data.train), "is the input file")
+    os.link(cli_data.train, tmp_path / "same.npz")                                   # a hard link to --train
+    rc, stdout, err = run(capsys, *train(cli_data, tmp_path / "same.npz", "--force"))
     refused(rc, stdout, err, "is the input file")
-    assert snapshot(data.dir) == before
+    assert snapshot(cli_data.dir) == before
 
 
-def test_unmarked_non_empty_folder_is_refused_even_with_force(data, tmp_path, capsys, no_computation):
+def test_unmarked_non_empty_folder_is_refused_even_with_force(cli_data, tmp_path, capsys, no_computation):
     out = tmp_path / "mine"
     out.mkdir()
     (out / "thesis.tex").write_text("years of work")
     for force in ([], ["--force"]):
-        rc, stdout, err = run(capsys, *detect(data, out, *force))
+        rc, stdout, err = run(capsys, *detect(cli_data, out, *force))
         refused(rc, stdout, err, str(out), "not written by ecif-fast", MARKER, "new or empty folder")
     assert [p.name for p in out.iterdir()] == ["thesis.tex"]
     (tmp_path / "file").write_text("x")                                          # a file where a folder goes
-    rc, stdout, err = run(capsys, *detect(data, tmp_path / "file", "--force"))
+    rc, stdout, err = run(capsys, *detect(cli_data, tmp_path / "file", "--force"))
     refused(rc, stdout, err, "not a folder")
     assert (tmp_path / "file").read_text() == "x"
 
 
-def test_earlier_output_is_replaced_with_force_and_empty_folder_is_fine(data, tmp_path, capsys):
+def test_earlier_output_is_replaced_with_force_and_empty_folder_is_fine(cli_data, tmp_path, capsys):
     out = tmp_path / "detect"
     out.mkdir()                                                                  # empty: no --force needed
-    rc, stdout, _ = run(capsys, *detect(data, out, "--json"))
+    rc, stdout, _ = run(capsys, *detect(cli_data, out, "--json"))
     assert rc == 0 and MARKER not in json.loads(stdout)["files"]
     assert json.loads((out / MARKER).read_text()) == {"tool": "ecif-fast", "command": "detect"}
     first = (out / "scores.csv").stat().st_mtime_ns
-    rc, stdout, err = run(capsys, *detect(data, out))                             # an earlier output: --force
+    rc, stdout, err = run(capsys, *detect(cli_data, out))                             # an earlier output: --force
     refused(rc, stdout, err, str(out), "--force")
-    rc, _, _ = run(capsys, *detect(data, out, "--force"))
+    rc, _, _ = run(capsys, *detect(cli_data, out, "--force"))
     assert rc == 0 and (out / "scores.csv").stat().st_mtime_ns != first
     assert sorted(p.name for p in tmp_path.iterdir()) == ["detect"]             # nothing left beside it
 
 
-def test_train_overwrites_only_an_ecif_fast_checkpoint(data, tmp_path, capsys, no_computation):
+def test_train_overwrites_only_an_ecif_fast_checkpoint(cli_data, tmp_path, capsys, no_computation):
     foreign = tmp_path / "weights.pt"
     torch.save({"weights": torch.zeros(3)}, foreign)
     text = tmp_path / "notes.pt"
     text.write_text("not a checkpoint")
     for path in (foreign, text):
         before = path.read_bytes()
-        rc, stdout, err = run(capsys, *train(data, path, "--force"))
+        rc, stdout, err = run(capsys, *train(cli_data, path, "--force"))
         refused(rc, stdout, err, str(path), "not an ecif-fast checkpoint")
         assert path.read_bytes() == before
-    rc, stdout, err = run(capsys, *train(data, tmp_path, "--force"))               # a folder
+    rc, stdout, err = run(capsys, *train(cli_data, tmp_path, "--force"))               # a folder
     refused(rc, stdout, err, "is a folder")
 
 
-def test_train_replaces_its_own_checkpoint_with_force(data, tmp_path, capsys):
+def test_train_replaces_its_own_checkpoint_with_force(cli_data, tmp_path, capsys):
     path = tmp_path / "heads.pt"
-    path.write_bytes(data.model.read_bytes())
-    rc, _, err = run(capsys, *train(data, path))
+    path.write_bytes(cli_data.model.read_bytes())
+    rc, _, err = run(capsys, *train(cli_data, path))
     refused(rc, "", err, str(path), "--force")
-    rc, _, _ = run(capsys, *train(data, path, "--force", "--max-iter", "2"))
+    rc, _, _ = run(capsys, *train(cli_data, path, "--force", "--max-iter", "2"))
     assert rc == 0 and load_checkpoint(path)[1]["max_iter"] == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["heads.pt"]
 
@@ -181,16 +166,16 @@ def test_train_replaces_its_own_checkpoint_with_force(data, tmp_path, capsys):
 # ------------------------------------------------------------------- checked before any work
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs /proc")
-def test_proc_is_refused_before_training(data, capsys, no_computation):
+def test_proc_is_refused_before_training(cli_data, capsys, no_computation):
     t0 = time.perf_counter()
-    rc, stdout, err = run(capsys, *train(data, "/proc/x.pt"))
+    rc, stdout, err = run(capsys, *train(cli_data, "/proc/x.pt"))
     refused(rc, stdout, err, "/proc/x.pt", "cannot write")
-    rc, stdout, err = run(capsys, *detect(data, "/proc/x"))
+    rc, stdout, err = run(capsys, *detect(cli_data, "/proc/x"))
     refused(rc, stdout, err, "/proc/x", "cannot write")
     assert time.perf_counter() - t0 < 5
 
 
-def test_read_only_folder_is_refused_before_any_work(data, tmp_path, capsys, monkeypatch, no_computation):
+def test_read_only_folder_is_refused_before_any_work(cli_data, tmp_path, capsys, monkeypatch, no_computation):
     ro = tmp_path / "ro"
     ro.mkdir()
     mkdir, open_ = os.mkdir, os.open
@@ -204,30 +189,30 @@ def test_read_only_folder_is_refused_before_any_work(data, tmp_path, capsys, mon
 
     monkeypatch.setattr(os, "mkdir", read_only(mkdir))      # as root, permission bits do not stop writes
     monkeypatch.setattr(os, "open", read_only(open_))
-    rc, stdout, err = run(capsys, *detect(data, ro / "a" / "b"))
+    rc, stdout, err = run(capsys, *detect(cli_data, ro / "a" / "b"))
     refused(rc, stdout, err, str(ro / "a" / "b"), "cannot write in", "Read-only file system")
-    rc, stdout, err = run(capsys, *train(data, ro / "heads.pt"))
+    rc, stdout, err = run(capsys, *train(cli_data, ro / "heads.pt"))
     refused(rc, stdout, err, "Read-only file system")
     assert list(ro.iterdir()) == []
 
 
-def test_names_too_long_are_refused_before_any_work(data, tmp_path, capsys, no_computation):
-    rc, stdout, err = run(capsys, *detect(data, tmp_path / ("a" * 300)))
+def test_names_too_long_are_refused_before_any_work(cli_data, tmp_path, capsys, no_computation):
+    rc, stdout, err = run(capsys, *detect(cli_data, tmp_path / ("a" * 300)))
     refused(rc, stdout, err, "300 bytes", "shorter name")
-    rc, stdout, err = run(capsys, *train(data, tmp_path / ("b" * 300 + ".pt")))
+    rc, stdout, err = run(capsys, *train(cli_data, tmp_path / ("b" * 300 + ".pt")))
     refused(rc, stdout, err, "303 bytes")
     deep = tmp_path / "/".join(["d" * 200] * 25)                                  # > PATH_MAX
-    rc, stdout, err = run(capsys, *detect(data, deep))
+    rc, stdout, err = run(capsys, *detect(cli_data, deep))
     refused(rc, stdout, err, "too long")
     assert list(tmp_path.iterdir()) == []
 
 
-def test_long_but_valid_names_work(data, tmp_path, capsys):
+def test_long_but_valid_names_work(cli_data, tmp_path, capsys):
     out = tmp_path / ("a" * 255)                       # the temporary siblings have short names
-    rc, _, _ = run(capsys, *detect(data, out))
+    rc, _, _ = run(capsys, *detect(cli_data, out))
     assert rc == 0 and (out / "report.html").is_file()
-    model = torch.load(data.model, weights_only=True)
-    path = save_checkpoint(tmp_path / ("b" * 252 + ".pt"), *load_checkpoint(data.model))
+    model = torch.load(cli_data.model, weights_only=True)
+    path = save_checkpoint(tmp_path / ("b" * 252 + ".pt"), *load_checkpoint(cli_data.model))
     assert is_checkpoint(path) and model["format"] == "ecif_fast.LinearHeads"
     assert sorted(len(p.name) for p in tmp_path.iterdir()) == [255, 255]
 
@@ -276,16 +261,16 @@ def test_writer_interrupted_leaves_previous_output(tmp_path):
         assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
-def test_cli_interrupted_while_writing_keeps_earlier_output(data, tmp_path, capsys, monkeypatch):
+def test_cli_interrupted_while_writing_keeps_earlier_output(cli_data, tmp_path, capsys, monkeypatch):
     out = tmp_path / "detect"
-    assert run(capsys, *detect(data, out))[0] == 0
+    assert run(capsys, *detect(cli_data, out))[0] == 0
     before = snapshot(out)
 
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr("ecif_fast.report.html.write_table", interrupt)
-    rc, _, err = run(capsys, *detect(data, out, "--force"))
+    rc, _, err = run(capsys, *detect(cli_data, out, "--force"))
     assert rc == 130 and "interrupted" in err
     assert snapshot(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["detect"]
 
@@ -332,8 +317,8 @@ def test_atomic_output_file_replaces_only_what_it_may(tmp_path):
     assert path.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["model.bin"]
 
 
-def test_save_checkpoint_never_overwrites_other_files(data, tmp_path):
-    model, training = load_checkpoint(data.model)
+def test_save_checkpoint_never_overwrites_other_files(cli_data, tmp_path):
+    model, training = load_checkpoint(cli_data.model)
     np.savez(tmp_path / "t.npz", a=np.zeros(3))
     torch.save({"format": "something else"}, tmp_path / "other.pt")
     for name in ("t.npz", "other.pt"):

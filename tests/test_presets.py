@@ -9,6 +9,9 @@ from torch import nn
 import ecif_fast as ef
 from ecif_fast import ECIFInputError, oracle
 from ecif_fast.models.params import select_params
+from ecif_fast.data import pair_collate
+from ecif_fast.models import families
+from ecif_fast.models.families.base import Adapter, Family, Tower
 from ecif_fast.models.presets import Preset, last_blocks, preset
 
 from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
@@ -166,7 +169,7 @@ def test_last_block_influence_equals_the_oracle():
     px, ids = pairs(8)
     tpx, tids = pairs(3, seed=1)
     damping = 5e4
-    ecif = ef.ECIF(model, damping=damping, batches=4, params="last:1", hessian="exact").fit(px, ids)
+    ecif = ef.ECIF(model, damping=damping, batches=4, params="last:1", solver="exact").fit(px, ids)
     assert set(ecif.space.names) == under(names_of(model), ["clip." + p for p in HF_LAST1])
     assert_matches_oracle(ecif, model, px, ids, tpx, tids, damping)
 
@@ -240,6 +243,60 @@ def test_open_clip_last_block_influence_equals_the_oracle():
     ids[:, 4], ids[:, 5] = 49, 0                                  # EOT (the largest id: argmax pooling), padding
     (px, tpx), (ids, tids) = px.split([8, 3]), ids.split([8, 3])
     damping = 5e4
-    ecif = ef.ECIF(model, damping=damping, batches=4, params="last:1", hessian="exact").fit(px, ids)
+    ecif = ef.ECIF(model, damping=damping, batches=4, params="last:1", solver="exact").fit(px, ids)
     assert set(ecif.space.names) == under(names_of(model), ["clip." + p for p in OC_LAST1])
     assert_matches_oracle(ecif, model, px, ids, tpx, tids, damping)
+
+
+# ------------------------------------------------------------------------------------------ a new family
+class ToyCLIP(nn.Module):
+    """A dual encoder of another "library": linear blocks per tower and two projections."""
+
+    def __init__(self):
+        super().__init__()
+        self.towers = nn.ModuleDict({t: nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3)) for t in ("image", "text")})
+        self.proj_image, self.proj_text = nn.Linear(3, 2), nn.Linear(3, 2)
+        self.logit_scale = nn.Parameter(torch.tensor(1.0))
+
+
+class ToyAdapter(Adapter):
+    def encode_image(self, x):
+        return self.clip.proj_image(self.clip.towers["image"](x))
+
+    def encode_text(self, y):
+        return self.clip.proj_text(self.clip.towers["text"](y))
+
+
+class ToyFamily(Family):
+    name, label, library = "toy", "ToyCLIP", __name__.split(".")[0]
+
+    def matches(self, model):
+        return isinstance(model, ToyCLIP)
+
+    def wrap(self, model):
+        return ToyAdapter(model)
+
+    def towers(self, module):
+        if not isinstance(module, ToyCLIP):
+            return None
+        return [Tower(t, module.towers[t], [], getattr(module, "proj_" + t)) for t in ("image", "text")]
+
+    def fill_preprocessing(self, clip, image_transform, tokenizer):
+        return image_transform or (lambda im: torch.zeros(3, 2, 2)), tokenizer or (lambda c: [[1, 2]] * len(c))
+
+
+def test_a_new_family_is_one_registry_entry(monkeypatch):
+    """wrap, the presets and pair_collate dispatch through ``FAMILIES``: registering a family is enough."""
+    toy = ToyCLIP()
+    monkeypatch.setattr(families, "FAMILIES", families.FAMILIES + (ToyFamily(),))
+    model = ef.wrap(toy)
+    assert isinstance(model, ToyAdapter) and model.clip is toy and model.logit_scale is toy.logit_scale
+    assert select_params(model, "heads").names == ("clip.proj_image.weight", "clip.proj_image.bias",
+                                                   "clip.proj_text.weight", "clip.proj_text.bias")
+    assert set(select_params(model, "last:1").names) == under(names_of(model), [
+        "clip.towers.image.1", "clip.towers.text.1", "clip.proj_image", "clip.proj_text"])
+    px, ids = pair_collate(model)([(torch.zeros(4, 4, 3, dtype=torch.uint8), "a caption")] * 2)
+    assert px.shape == (2, 3, 2, 2) and ids.tolist() == [[1, 2], [1, 2]]
+    monkeypatch.undo()
+    with pytest.raises(ECIFInputError, match=r"no CLIP architecture \(Hugging Face CLIPModel or open_clip CLIP\)"):
+        select_params(toy, "heads")

@@ -319,15 +319,15 @@ def test_engine_routes_through_ops_backend(monkeypatch):
 
     X, Y = paired_features(14, seed=4)
     model, _ = heads(True, scale=3.0)
-    base = ef.ECIF(model, damping=100.0, batches=5, curvature="gauss-newton", hessian="cg").fit(X, Y)
+    base = ef.ECIF(model, damping=100.0, batches=5, curvature="gauss-newton", solver="cg").fit(X, Y)
     ref = base.influence(X[:3], Y[:3])
     seen = []
     real = registry.get_op
     monkeypatch.setattr(ops, "get_op", lambda op, dev, backend=None: seen.append((op, backend)) or real(op, dev, backend))
-    eng = ef.ECIF(model, damping=100.0, batches=5, curvature="gauss-newton", hessian="cg", backend="torch").fit(X, Y)
+    eng = ef.ECIF(model, damping=100.0, batches=5, curvature="gauss-newton", solver="cg", backend="torch").fit(X, Y)
     out = eng.influence(X[:3], Y[:3])
     assert torch.allclose(out.total, ref.total, rtol=1e-10, atol=1e-12)
     assert ("ecif_reductions", "torch") in seen and ("gauss_newton_product", "torch") in seen
     with pytest.raises(BackendUnavailableError):
-        ef.ECIF(model, damping=100.0, batches=5, curvature="gauss-newton", hessian="cg",
+        ef.ECIF(model, damping=100.0, batches=5, curvature="gauss-newton", solver="cg",
                 backend="no-such-backend").fit(X, Y).influence(X[:3], Y[:3])

@@ -8,7 +8,6 @@ import math
 import os
 import re
 import shutil
-import subprocess
 import sys
 
 import numpy as np
@@ -22,11 +21,10 @@ except ImportError as e:
     pytest.fail(f'the report tests need matplotlib and pandas: pip install "ecif-fast[report]" ({e})',
                 pytrace=False)
 
-from ecif_fast.report import (atomic_output_dir, precision_at_k, render_report, roc_curve,  # noqa: E402
+from chromium import run_chromium  # noqa: E402
+from ecif_fast.report import (atomic_output_dir, precision_curve, render_report, roc_curve,  # noqa: E402
                               roc_plot, to_png_data_uri, write_report, write_table)
 from ecif_fast.report.output import MARKER, TMP_PREFIX  # noqa: E402
-
-CHROMIUM = "/usr/bin/chromium"
 
 
 # ------------------------------------------------------------------------------------------- output
@@ -148,7 +146,7 @@ def test_missing_matplotlib_names_the_fix(monkeypatch):
 
 
 def test_precision_at_k():
-    prec = precision_at_k([0.1, 0.9, np.nan, 0.5], [True, True, True, False])
+    prec = precision_curve([0.1, 0.9, np.nan, 0.5], [True, True, True, False])
     np.testing.assert_allclose(prec, [1.0, 0.5, 2 / 3, 3 / 4])                # NaN ranks last
 
 
@@ -274,22 +272,10 @@ def test_write_report_files(tmp_path):
 
 # ------------------------------------------------------------------------------- headless browser
 
-def _chromium(tmp_path, *args: str) -> subprocess.CompletedProcess:
-    if not os.path.exists(CHROMIUM):
-        pytest.fail(f"{CHROMIUM} not found: the report's browser test needs Chromium "
-                    "(apt-get install chromium; CI installs it)")
-    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           f"--user-data-dir={tmp_path / 'chromium-profile'}", *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, f"chromium failed ({proc.returncode}): {proc.stderr[-2000:]}"
-    return proc
-
-
 def test_report_in_headless_chromium(tmp_path):
     path = write_report(tmp_path / "report", _report())
     url = path.resolve().as_uri()
-    dom = _chromium(tmp_path, "--dump-dom", url).stdout
+    dom = run_chromium(tmp_path, "--dump-dom", url).stdout
     assert dom.count("<img ") == N_IMG and dom.count("<svg ") == N_SVG
     assert "<script" not in dom.lower()
     for text in SECTION_TITLES + ["a photo of the digit three", "caption &amp; no image",
@@ -297,7 +283,7 @@ def test_report_in_headless_chromium(tmp_path):
                                   "&lt;script&gt;alert(1)&lt;/script&gt;"]:
         assert text in dom, text
     shot = tmp_path / "shot.png"
-    _chromium(tmp_path, f"--screenshot={shot}", "--window-size=1280,2000", "--hide-scrollbars", url)
+    run_chromium(tmp_path, f"--screenshot={shot}", "--window-size=1280,2000", "--hide-scrollbars", url)
     assert shot.exists()
     px = np.asarray(Image.open(shot).convert("RGB"), dtype=np.float64)
     assert px.shape == (2000, 1280, 3)

@@ -77,7 +77,7 @@ def test_lowrank_randomized_path_estimates_the_dropped_trace(exact):
     C = exact.curvature.dense()
     rank = 20  # rank + oversample < P: randomized subspace iteration, Hutchinson estimate of the rest
     with pytest.warns(RuntimeWarning, match=r"low-rank solver: rank 20 of 88 leaves out 68 eigenvalues .*"
-                                            r"\(Hutchinson estimates\).*raise rank, or use hessian='cg' or 'exact'"):
+                                            r"\(Hutchinson estimates\).*raise rank, or use solver='cg' or 'exact'"):
         solver = LowRankSolver(exact.curvature, DAMPING, rank=rank)
     assert not solver.trace_exact
     lam = torch.linalg.eigvalsh(C)
@@ -90,7 +90,7 @@ def test_lowrank_randomized_path_estimates_the_dropped_trace(exact):
 def test_engine_lowrank_warns_once_per_fit_when_self_influence_is_off(trained, exact):
     model, X, Y, _, _ = trained
     with pytest.warns(RuntimeWarning) as record:
-        low = ef.ECIF(model, damping=DAMPING, batches=BATCH, hessian="lowrank", rank=5).fit(X, Y)
+        low = ef.ECIF(model, damping=DAMPING, batches=BATCH, solver="lowrank", rank=5).fit(X, Y)
     assert len(_lowrank_warnings(record)) == 1
     msg = str(_lowrank_warnings(record)[0].message)
     assert f"off by about {100 * low.solver.dropped_error:.0f} % (RMS) in those directions" in msg
@@ -98,7 +98,7 @@ def test_engine_lowrank_warns_once_per_fit_when_self_influence_is_off(trained, e
     assert float((ratio - 1).abs().max()) > 0.1  # what the warning is about
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
-        full = ef.ECIF(model, damping=DAMPING, batches=BATCH, hessian="lowrank", rank=exact.space.size).fit(X, Y)
+        full = ef.ECIF(model, damping=DAMPING, batches=BATCH, solver="lowrank", rank=exact.space.size).fit(X, Y)
     assert torch.allclose(full.self_influence(), exact.self_influence(), rtol=1e-9)
 
 
@@ -106,7 +106,7 @@ def test_engine_lowrank_warns_once_per_fit_when_self_influence_is_off(trained, e
 @pytest.fixture(scope="module")
 def capped(trained):
     model, X, Y, _, _ = trained
-    return ef.ECIF(model, damping=DAMPING, batches=BATCH, hessian="cg", cg_maxiter=2, tangent_chunk=7).fit(X, Y)
+    return ef.ECIF(model, damping=DAMPING, batches=BATCH, solver="cg", cg_maxiter=2, tangent_chunk=7).fit(X, Y)
 
 
 def _cg_warnings(record):
@@ -137,7 +137,7 @@ def test_cg_non_convergence_warns_once_per_call(trained, capped, call, name, rhs
 
 def test_cg_summary_reports_the_worst_residual(trained):
     model, X, Y, Xt, Yt = trained
-    engine = ef.ECIF(model, damping=DAMPING, batches=BATCH, hessian="cg", cg_maxiter=3).fit(X, Y)
+    engine = ef.ECIF(model, damping=DAMPING, batches=BATCH, solver="cg", cg_maxiter=3).fit(X, Y)
     with pytest.warns(RuntimeWarning) as record:
         engine.influence(Xt, Yt, per_test=True)
     worst = float(_cg_warnings(record)[0].split("worst relative residual ")[1].split(" ")[0])
@@ -147,7 +147,7 @@ def test_cg_summary_reports_the_worst_residual(trained):
 
 def test_converged_cg_is_silent_and_direct_solves_keep_their_warning(trained, capped):
     model, X, Y, Xt, Yt = trained
-    engine = ef.ECIF(model, damping=DAMPING, batches=BATCH, hessian="cg", cg_tol=1e-8).fit(X, Y)
+    engine = ef.ECIF(model, damping=DAMPING, batches=BATCH, solver="cg", cg_tol=1e-8).fit(X, Y)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         engine.influence(Xt, Yt)
@@ -174,7 +174,7 @@ def _columns(P, Q, seed=0):
 def test_batched_hessian_product_equals_column_loop_and_dense(trained, batches, subsample):
     model, X, Y, _, _ = trained
     model = heads(True, train_scale=True, scale=3.0, seed=1)[0]  # the scale is a parameter too
-    engine = ef.ECIF(model, damping=DAMPING, batches=batches, hessian="cg", hessian_batches=subsample,
+    engine = ef.ECIF(model, damping=DAMPING, batches=batches, solver="cg", hessian_batches=subsample,
                      tangent_chunk=16).fit(X, Y)
     curv = engine.curvature
     V = _columns(curv.size, 40)  # several tangent chunks
@@ -222,12 +222,12 @@ def test_batched_hessian_product_respects_the_score_budget(exact, monkeypatch):
 
 def test_batched_hessian_product_on_a_tiny_hf_clip():
     pytest.importorskip("transformers")
-    from test_hf_clip import pairs, tiny_clip
+    from tiny_hf_clip import pairs, tiny_clip
 
     model = ef.wrap(tiny_clip())
     px, ids = pairs(8)
     # the last block of each tower: layer norms whose input and weight both depend on θ
-    engine = ef.ECIF(model, damping=5e6, batches=4, params="last:1", hessian="cg", tangent_chunk=4).fit(px, ids)
+    engine = ef.ECIF(model, damping=5e6, batches=4, params="last:1", solver="cg", tangent_chunk=4).fit(px, ids)
     curv = engine.curvature
     V = _columns(curv.size, 6)
     fast = curv.matvec(V)

@@ -59,10 +59,10 @@ class _Matrix:
 def test_solvers_agree(trained, curvature):
     model, X, Y, Xt, Yt = trained
     kw = dict(damping=TRAIN_DAMPING, batches=BATCH, curvature=curvature)
-    exact = ef.ECIF(model, hessian="exact", **kw).fit(X, Y)
+    exact = ef.ECIF(model, solver="exact", **kw).fit(X, Y)
     P = exact.space.size
-    cg = ef.ECIF(model, hessian="cg", cg_tol=1e-13, **kw).fit(X, Y)
-    low = ef.ECIF(model, hessian="lowrank", rank=P, **kw).fit(X, Y)
+    cg = ef.ECIF(model, solver="cg", cg_tol=1e-13, **kw).fit(X, Y)
+    low = ef.ECIF(model, solver="lowrank", rank=P, **kw).fit(X, Y)
     assert low.solver.rank == P
 
     ref = exact.influence(Xt, Yt)
@@ -169,7 +169,7 @@ def test_gauss_newton_is_JT_HS_J(normalize, train_scale):
     X, Y = paired_features(10, **{k: SMALL[k] for k in ("image_dim", "text_dim")}, latent=3, seed=4)
     model, _ = heads(normalize, train_scale=train_scale, scale=3.0, **SMALL)
     batches = torch.tensor([0, 1, 0, 2, 1, 0, 2, 1, 0, 2])  # ragged: 4, 3, 3
-    engine = ef.ECIF(model, damping=1.0, batches=batches, curvature="gauss-newton", hessian="cg").fit(X, Y)
+    engine = ef.ECIF(model, damping=1.0, batches=batches, curvature="gauss-newton", solver="cg").fit(X, Y)
     theta, space = engine.theta, engine.space
     P = space.size
     GN = torch.zeros(P, P, dtype=torch.float64)
@@ -255,7 +255,7 @@ def test_cg_not_positive_definite_on_indefinite_matrix():
 def test_cg_not_positive_definite_in_engine():
     X, Y = paired_features(N, **{k: SMALL[k] for k in ("image_dim", "text_dim")}, latent=3, seed=1)
     model, _ = heads(True, scale=5.0, **SMALL)
-    engine = ef.ECIF(model, damping=1e-6, batches=BATCH, hessian="cg").fit(X, Y)
+    engine = ef.ECIF(model, damping=1e-6, batches=BATCH, solver="cg").fit(X, Y)
     with pytest.raises(NotPositiveDefiniteError, match="non-positive curvature"):
         engine.influence(X[:4], Y[:4])
 
@@ -296,7 +296,7 @@ def test_auto_damping_exact(trained):
 def test_auto_damping_matrix_free():
     model, X, Y, _, _ = _problem(False)
     exact = ef.ECIF(model, damping="auto", batches=BATCH, curvature="gauss-newton").fit(X, Y)
-    cg = ef.ECIF(model, damping="auto", batches=BATCH, curvature="gauss-newton", hessian="cg").fit(X, Y)
+    cg = ef.ECIF(model, damping="auto", batches=BATCH, curvature="gauss-newton", solver="cg").fit(X, Y)
     # a fresh estimate with the fixed seed gives the same value bitwise: deterministic
     assert cg.damping == AUTO_FRACTION * cg.curvature.trace_estimate() / cg.space.size
     assert cg.damping > 0
@@ -309,7 +309,7 @@ def test_gauss_newton_trace_estimate_is_the_parameter_space_hutchinson_sum(train
     parameter-space Hutchinson sum zᵀ(Cz) with the same probes, and chunking must not change it."""
     model, X, Y, _, _ = _problem(True, train_scale=train_scale)
     for chunk in (3, 1000):
-        eng = ef.ECIF(model, damping=1.0, batches=BATCH, curvature="gauss-newton", hessian="cg",
+        eng = ef.ECIF(model, damping=1.0, batches=BATCH, curvature="gauss-newton", solver="cg",
                       chunk_size=chunk).fit(X, Y)
         C = eng.curvature
         Z = torch.randint(0, 2, (C.size, 32), generator=torch.Generator().manual_seed(0)).to(torch.float64) * 2 - 1
@@ -328,7 +328,7 @@ def test_chunking_does_not_change_results(train_scale, batches):
     ref = ef.ECIF(model, **kw).fit(X, Y)
     assert (ref.chunk_size, ref.tangent_chunk) == ef.engine.default_chunks(model) == (4096, 256)
     want = ref.influence(Xt, Yt, per_test=True).total
-    ref_hessian = ef.ECIF(model, damping=5.0, batches=batches, hessian="cg").fit(X, Y)
+    ref_hessian = ef.ECIF(model, damping=5.0, batches=batches, solver="cg").fit(X, Y)
     for chunk, tangents in ((3, 1), (5, 2), (1000, 7)):
         eng = ef.ECIF(model, chunk_size=chunk, tangent_chunk=tangents, **kw).fit(X, Y)
         torch.testing.assert_close(eng.influence(Xt, Yt, per_test=True).total, want, rtol=1e-10, atol=1e-14)
@@ -341,7 +341,7 @@ def test_chunking_does_not_change_results(train_scale, batches):
                                    atol=1e-14)
         g_eng, g_ref = eng.group_influence([1, 6, 13], Xt, Yt), ref.group_influence([1, 6, 13], Xt, Yt)
         torch.testing.assert_close(g_eng.total, g_ref.total, rtol=1e-10, atol=1e-14)
-        hess = ef.ECIF(model, damping=5.0, batches=batches, hessian="cg", chunk_size=chunk,
+        hess = ef.ECIF(model, damping=5.0, batches=batches, solver="cg", chunk_size=chunk,
                        tangent_chunk=tangents).fit(X, Y)
         torch.testing.assert_close(hess.curvature.matvec(Z), ref_hessian.curvature.matvec(Z), rtol=1e-10, atol=1e-14)
 
@@ -373,8 +373,8 @@ def test_hessian_batches(trained, curvature):
     groups = resolve_batches(BATCH, N).groups()
     if curvature == "hessian":
         parts = [dense_hessian(model, X[groups[b]], Y[groups[b]]) for b in (0, 2)]
-    else:  # hessian="cg" builds no factorisation at fit time
-        parts = [ef.ECIF(model, damping=1.0, curvature=curvature, hessian="cg").fit(X[groups[b]], Y[groups[b]])
+    else:  # solver="cg" builds no factorisation at fit time
+        parts = [ef.ECIF(model, damping=1.0, curvature=curvature, solver="cg").fit(X[groups[b]], Y[groups[b]])
                  .curvature.dense() for b in (0, 2)]
     expected = 2.0 * (parts[0] + parts[1])  # 4 batches / 2 used
     assert _rel(sub.curvature.dense(), expected) < 1e-12

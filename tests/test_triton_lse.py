@@ -1,6 +1,6 @@
 """Triton lse kernel vs the torch twin and a float64 brute force (docs/math.md §6.3), run on the CPU in
-Triton's interpreter (``TRITON_INTERPRET=1``, set per test with monkeypatch so that it does not leak
-into other test modules; the backend builds interpreted kernels when it sees it at call time).
+Triton's interpreter (``TRITON_INTERPRET=1``, set per test by the ``triton_interpreter`` fixture; the
+backend builds interpreted kernels when it sees it at call time).
 With ``ECIF_FAST_TEST_DEVICE=cuda`` the same tests run the compiled kernels on a GPU
 (``kernel_cases.on_test_device``; the references stay on the CPU) and the CPU-interpreter tests skip.
 
@@ -11,10 +11,6 @@ column tiles, partial tiles, the split-column path and the blocked-d path.
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -24,26 +20,12 @@ from ecif_fast.kernels import registry, triton_backend
 from ecif_fast.core.batches import resolve_batches
 from ecif_fast.kernels.ops import lse as ops_lse
 from ecif_fast.kernels.torch_ref.lse import lse as twin_lse
-from kernel_cases import ON_CUDA, brute_lse64, cpu_interpreter_only, on_test_device, ragged_ids
+from kernel_cases import (ON_CUDA, TRITON_TYPES, brute_lse64, compile_sm90, cpu_interpreter_only, dot_consts,
+                          on_test_device, ragged_ids, run_in_fresh_interpreter, triton_op)
 
 
-def _tlse(*args, **kwargs):
-    assert triton_backend.available(), f"triton backend unavailable: {triton_backend.unavailable_reason()}"
-    return on_test_device(triton_backend.lse, *args, **kwargs)
-
-
-@pytest.fixture(autouse=True)
-def _interpret(monkeypatch):
-    if ON_CUDA:  # compiled kernels on the GPU (ECIF_FAST_TEST_DEVICE=cuda)
-        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    else:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.delenv(registry.ENV_VAR, raising=False)
-    monkeypatch.delenv("ECIF_FAST_TRITON_FP32_DOT", raising=False)
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+_tlse = triton_op("lse")
+pytestmark = pytest.mark.usefixtures("triton_interpreter")
 
 
 def test_triton_imports_and_backend_is_available():
@@ -208,9 +190,8 @@ def test_bad_device_and_options():
 
 @cpu_interpreter_only
 def test_interpreter_set_before_import_in_a_fresh_process():
-    """The usual way to run Triton on the CPU: TRITON_INTERPRET=1 before triton is imported, so
-    ``triton.jit`` itself returns interpreted kernels; dispatch through the public op."""
-    code = textwrap.dedent("""
+    """TRITON_INTERPRET=1 before triton is imported; dispatch through the public op."""
+    run_in_fresh_interpreter("""
         import torch
         from ecif_fast.kernels.ops import lse
         g = torch.Generator().manual_seed(0)
@@ -220,10 +201,6 @@ def test_interpreter_set_before_import_in_a_fresh_process():
         assert torch.allclose(r1, r2, atol=1e-5) and torch.allclose(c1, c2, atol=1e-5), (r1 - r2, c1 - c2)
         print("OK")
     """)
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    env.pop(registry.ENV_VAR, None)
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0 and "OK" in res.stdout, res.stdout + res.stderr
 
 
 @pytest.mark.parametrize("dtype, d, identity", [(torch.bfloat16, 512, False), (torch.float32, 512, True),
@@ -232,30 +209,16 @@ def test_compiles_for_hopper_without_a_gpu(dtype, d, identity):
     """The GPU code path (native 16-bit tl.dot, tf32x3, float64 dot, blocked d) is never run here;
     compile it ahead of time for sm_90 (triton ships ptxas) with the first-choice tile config, so a
     kernel the GPU compiler rejects fails here, not only on a GPU machine."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     mod = triton_backend.lse_module
     cfg = mod._gpu_configs(dtype, d)[0]
-    name = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}[dtype]
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    sig = {"A": "*" + name, "B": "*" + name, "out": "*" + ("fp64" if acc == torch.float64 else "fp32"),
-           "perm": "*i32", "offsets": "*i32", "tile_start": "*i32", "tile_batch": "*i32",
-           "scale_ptr": "*" + ("fp64" if acc == torch.float64 else "fp32"), "d": "i32", "sa0": "i32",
+    name = TRITON_TYPES[dtype]
+    acc = TRITON_TYPES[torch.float64 if dtype == torch.float64 else torch.float32]
+    sig = {"A": "*" + name, "B": "*" + name, "out": "*" + acc, "perm": "*i32", "offsets": "*i32",
+           "tile_start": "*i32", "tile_batch": "*i32", "scale_ptr": "*" + acc, "d": "i32", "sa0": "i32",
            "sa1": "constexpr", "sb0": "i32", "sb1": "constexpr", "split_stride": "i32", "nsplit": "i32"}
     consts = {"sa1": 1, "sb1": 1, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k,
-              "SINGLE_K": d <= cfg.block_k, "IDENTITY": identity, "DOT_DTYPE": mod._TL_DTYPES[dtype],
-              "ACC_DTYPE": mod._TL_DTYPES[acc], "BASE2": acc == torch.float32,
-              "PRECISION": {torch.float32: "tf32x3", torch.float64: "ieee"}.get(dtype, "tf32")}
-    sig.update({k: "constexpr" for k in consts if k not in sig})
-    kernel = mod._lse_rows_kernel
-    if not isinstance(kernel, triton.runtime.jit.JITFunction):
-        pytest.skip("triton was imported with TRITON_INTERPRET=1: its kernels are interpreted, not compiled")
-    compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts),
-                              target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
-    assert compiled.metadata.shared <= 227 * 1024, "needs more shared memory than an H100 has"
+              "SINGLE_K": d <= cfg.block_k, "IDENTITY": identity, "BASE2": acc == "fp32", **dot_consts(dtype)}
+    compile_sm90(mod._lse_rows_kernel, sig, consts, cfg)
 
 
 def test_gpu_tile_configs_are_valid_for_every_dtype_and_width():

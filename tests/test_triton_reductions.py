@@ -1,5 +1,6 @@
 """Triton ``ecif_reductions`` vs the torch twin (docs/math.md §4, §6.3), run on the CPU in Triton's interpreter
-(``TRITON_INTERPRET=1``, set per test with monkeypatch), plus ahead-of-time sm_90 compiles of the kernels.
+(``TRITON_INTERPRET=1``, set per test by the ``triton_interpreter`` fixture), plus ahead-of-time sm_90 compiles
+of the kernels.
 With ``ECIF_FAST_TEST_DEVICE=cuda`` the same tests run the compiled kernels on a GPU
 (``kernel_cases.on_test_device``; the twin stays on the CPU) and the CPU-interpreter tests skip.
 
@@ -25,10 +26,6 @@ with the twin fed the same 16-bit values, so their own rounding does not enter.
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -37,28 +34,14 @@ from hypothesis import strategies as st
 
 from ecif_fast.errors import BackendUnavailableError, ECIFInputError
 from ecif_fast.kernels import ops, registry, triton_backend
-from ecif_fast.core.batches import resolve_batches
+from ecif_fast.core.batches import BatchPlan, resolve_batches
 from ecif_fast.kernels.torch_ref.reductions import ecif_reductions as twin
-from kernel_cases import ON_CUDA, cpu_interpreter_only, on_test_device, ragged_ids, unit
+from kernel_cases import (ON_CUDA, TRITON_TYPES, compile_sm90, cpu_interpreter_only, dot_consts, on_test_device,
+                          ptxas_spill_bytes, ragged_ids, run_in_fresh_interpreter, triton_op, unit)
 
 
-def _tred(*args, **kwargs):
-    assert triton_backend.available(), f"triton backend unavailable: {triton_backend.unavailable_reason()}"
-    return on_test_device(triton_backend.ecif_reductions, *args, **kwargs)
-
-
-@pytest.fixture(autouse=True)
-def _interpret(monkeypatch):
-    if ON_CUDA:  # compiled kernels on the GPU (ECIF_FAST_TEST_DEVICE=cuda)
-        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    else:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.delenv(registry.ENV_VAR, raising=False)
-    monkeypatch.delenv("ECIF_FAST_TRITON_FP32_DOT", raising=False)
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+_tred = triton_op("ecif_reductions")
+pytestmark = pytest.mark.usefixtures("triton_interpreter")
 
 
 def directions(n, d, Q, gen, dtype, with_ds):
@@ -225,18 +208,12 @@ def test_constant_direction_has_no_influence_at_large_logits(scale):
         assert float(pos.abs().max()) <= bound and float(neg.abs().max()) <= bound, (pos.abs().max(), neg.abs().max())
 
 
-def test_pairs_outside_every_batch_and_empty_plan():
-    """A plan after removals (``BatchPlan.without``): removed pairs get 0, the rest match the twin."""
-    gen = torch.Generator().manual_seed(12)
-    n, d = 30, 4
-    U, V = unit(n, d, gen, torch.float32), unit(n, d, gen, torch.float32)
-    dU, dV, ds = directions(n, d, 2, gen, torch.float32, False)
-    plan = resolve_batches(few_batches(n, gen, 3), n).without(torch.tensor([0, 4, 5, 17]))
-    pos, neg = check(U, V, 9.0, plan, dU, dV, ds, "exact", "without", block_m=16, block_n=16)
-    assert torch.equal(pos[:, [0, 4, 5, 17]], torch.zeros(2, 4))
-    empty = resolve_batches(None, n).without(torch.arange(n))
-    pos, neg = _tred(U, V, 9.0, empty, dU, dV)
-    assert torch.equal(pos, torch.zeros(2, n)) and torch.equal(neg, torch.zeros(2, n))
+def test_no_pairs():
+    U = torch.zeros(0, 4)
+    dU = torch.zeros(2, 0, 4)
+    empty = BatchPlan(0, torch.zeros(0, dtype=torch.int64), torch.zeros(1, dtype=torch.int64))
+    pos, neg = _tred(U, U, 9.0, empty, dU, dU)
+    assert pos.shape == neg.shape == (2, 0)
 
 
 @settings(max_examples=6, deadline=None)
@@ -296,7 +273,7 @@ def test_gpu_launch_shape(monkeypatch):
     from types import SimpleNamespace
 
     mod = triton_backend.reductions_module
-    monkeypatch.setattr(mod, "_sm_count", lambda dev: 132)
+    monkeypatch.setattr(mod, "sm_count", lambda dev: 132)
     cfg = mod._gpu_configs(torch.bfloat16, 64)[0]
     cuda = torch.device("cuda")
 
@@ -335,9 +312,8 @@ def test_bad_inputs():
 
 @cpu_interpreter_only
 def test_interpreter_set_before_import_in_a_fresh_process():
-    """The usual way to run Triton on the CPU: TRITON_INTERPRET=1 before triton is imported, so
-    ``triton.jit`` itself returns interpreted kernels; dispatch through the public op."""
-    code = textwrap.dedent("""
+    """TRITON_INTERPRET=1 before triton is imported; dispatch through the public op."""
+    run_in_fresh_interpreter("""
         import torch
         from ecif_fast.kernels.ops import ecif_reductions
         g = torch.Generator().manual_seed(0)
@@ -349,27 +325,19 @@ def test_interpreter_set_before_import_in_a_fresh_process():
         assert all(torch.allclose(x, y, atol=1e-4, rtol=1e-4) for x, y in zip(a, b)), (a, b)
         print("OK")
     """)
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    env.pop(registry.ENV_VAR, None)
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0 and "OK" in res.stdout, res.stdout + res.stderr
 
 
 # ---------------------------------------------------------------------------------------------------
 # The GPU code path (native 16-bit tl.dot, tf32x3, float64 dot, blocked d) never runs here: compile the
-# first-choice config of each kernel ahead of time for sm_90 (triton ships ptxas), so a kernel the GPU
-# compiler rejects fails here and not only on a GPU machine.
-
-_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
-
+# first-choice config of each kernel ahead of time for sm_90 (kernel_cases.compile_sm90).
 
 def _signature(kernel: str, dtype, d: int, identity: bool, exact: bool, has_ds: bool):
-    """``(cfg, signature, constexprs, attrs)`` of a kernel's first GPU config, specialised as a launch with
+    """``(cfg, signature, constexprs, aligned)`` of a kernel's first GPU config, specialised as a launch with
     contiguous inputs, ``n`` a multiple of 16 and 16-byte aligned pointers would be."""
     mod = triton_backend.reductions_module
     cfg = mod._gpu_configs(dtype, d)[0]
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    ptr, accp = "*" + _NAMES[dtype], "*" + _NAMES[acc]
+    ptr, accp = "*" + TRITON_TYPES[dtype], "*" + TRITON_TYPES[acc]
     plan = {"perm": "*i32", "offsets": "*i32", "tile_start": "*i32", "tile_batch": "*i32", "scale_ptr": accp}
     if kernel == "stats":
         sig = {"A": ptr, "B": ptr, "top_out": accp, "arg_out": "*i32", "rest_m_out": accp,
@@ -391,36 +359,12 @@ def _signature(kernel: str, dtype, d: int, identity: bool, exact: bool, has_ds: 
                "sb0": "i32", "sb1": "constexpr", "vec_q_stride": "i32", "split_stride": "i32", "nsplit": "i32"}
         consts = {"sa1": 1, "sb1": 1, "BLOCK_Q": mod._GPU_MAX_BLOCK_Q, "EXACT": exact}
     consts.update(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SINGLE_K=d <= cfg.block_k,
-                  IDENTITY=identity, DOT_DTYPE=mod._TL_DTYPES[dtype], ACC_DTYPE=mod._TL_DTYPES[acc],
-                  PRECISION={torch.float32: "tf32x3", torch.float64: "ieee"}.get(dtype, "tf32"))
-    sig.update({k: "constexpr" for k in consts if k not in sig})
-    names = mod._KERNELS[kernel].arg_names
+                  IDENTITY=identity, **dot_consts(dtype))
     aligned = [k for k, v in sig.items() if v.startswith("*")]
     aligned += [k for k in ("sda_q", "sdb_q", "out_q_stride", "vec_q_stride", "split_stride") if k in sig]
     if d % 16 == 0:
         aligned += [k for k in ("d", "sa0", "sb0", "sda0", "sdb0") if k in sig]
-    attrs = {(names.index(k),): [["tt.divisibility", 16]] for k in aligned}
-    return cfg, sig, consts, attrs
-
-
-def _spill_bytes(compiled) -> int:
-    """Spill stores that triton's bundled ptxas reports for the compiled kernel's PTX (sm_90a)."""
-    import re
-    import tempfile
-
-    from triton.backends.nvidia.compiler import get_ptxas
-
-    ptxas = get_ptxas(90)
-    ptxas = getattr(ptxas, "path", ptxas)
-    with tempfile.TemporaryDirectory() as tmp:
-        with open(f"{tmp}/k.ptx", "w") as f:
-            f.write(compiled.asm["ptx"])
-        res = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", f"{tmp}/k.ptx", "-o", f"{tmp}/k.cubin"],
-                             capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stderr
-    found = re.findall(r"(\d+) bytes spill stores", res.stderr)
-    assert found, res.stderr
-    return sum(int(x) for x in found)
+    return cfg, sig, consts, aligned
 
 
 @pytest.mark.parametrize("kernel, dtype, d, identity, exact, has_ds", [
@@ -433,19 +377,8 @@ def _spill_bytes(compiled) -> int:
 def test_compiles_for_hopper_without_a_gpu(kernel, dtype, d, identity, exact, has_ds):
     """The GPU code path (native 16-bit tl.dot, tf32x3, float64 dot, blocked d) never runs here: compile
     the first-choice config ahead of time for sm_90 as a launch specialises it."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    mod = triton_backend.reductions_module
-    fn = mod._KERNELS[kernel]
-    if not isinstance(fn, triton.runtime.jit.JITFunction):
-        pytest.skip("triton was imported with TRITON_INTERPRET=1: its kernels are interpreted, not compiled")
-    cfg, sig, consts, attrs = _signature(kernel, dtype, d, identity, exact, has_ds)
-    compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
-                              target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
-                                       "enable_fp_fusion": False})  # as launched (lse.fp_fusion)
-    assert compiled.metadata.shared <= 227 * 1024, "needs more shared memory than an H100 has"
+    cfg, sig, consts, aligned = _signature(kernel, dtype, d, identity, exact, has_ds)
+    compiled = compile_sm90(triton_backend.reductions_module._KERNELS[kernel], sig, consts, cfg, aligned,
+                            fp_fusion=False)  # as launched (launch.fp_fusion)
     if dtype == torch.bfloat16:  # the common CLIP case: pass 2, the heaviest kernel, must not spill
-        assert _spill_bytes(compiled) == 0
+        assert ptxas_spill_bytes(compiled) == 0

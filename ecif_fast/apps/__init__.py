@@ -1,11 +1,23 @@
-"""Applications built on ECIF (docs/math.md §1): valuation, misalignment detection, trace-back, cleaning."""
-from .cleaning import Cleaning, clean
-from .detection import SCORINGS, Detection, baseline_scores, detect_misaligned
-from .metrics import auroc, average_precision, detection_metrics, precision_at_k
-from .pairs import PairInfo, score_table
-from .traceback import trace_back, zero_shot_logits, zero_shot_losses
-from .valuation import value_data
+"""Applications built on ECIF (docs/math.md §1): valuation, misalignment detection, trace-back, cleaning.
 
-__all__ = ["Cleaning", "clean", "SCORINGS", "Detection", "baseline_scores", "detect_misaligned", "auroc",
-           "average_precision", "detection_metrics", "precision_at_k", "PairInfo", "score_table",
-           "trace_back", "zero_shot_logits", "zero_shot_losses", "value_data"]
+Names are imported on first use (PEP 562), so that :mod:`ecif_fast.apps.metrics` (numpy only, shared with the
+report) loads without the engine.
+"""
+from __future__ import annotations
+
+from ..lazy import lazy_exports
+
+#: public name -> the submodule that defines it
+_EXPORTS = {
+    "Cleaning": ".cleaning", "clean": ".cleaning",
+    "SCORINGS": ".detection", "SCORING_METHODS": ".detection", "Detection": ".detection",
+    "baseline_scores": ".detection", "detect_misaligned": ".detection",
+    "auroc": ".metrics", "average_precision": ".metrics", "detection_metrics": ".metrics",
+    "precision_at_k": ".metrics",
+    "PairInfo": ".pairs", "score_table": ".pairs",
+    "trace_back": ".traceback", "zero_shot_logits": ".traceback", "zero_shot_losses": ".traceback",
+    "value_data": ".valuation",
+}
+
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = list(_EXPORTS)

@@ -17,13 +17,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..options import SCORING_METHODS, SCORINGS
 from ..engine import ECIF
 from ..errors import ECIFInputError
 from ..core.loss import per_pair_loss
 from .metrics import detection_metrics
 from .pairs import PairInfo, score_table
 
-SCORINGS = ("validation", "self", "combined")
 
 
 @dataclass
@@ -97,7 +97,7 @@ def detect_misaligned(ecif: ECIF, val_images=None, val_texts=None, *, scoring="v
         self_inf = ecif.self_influence().double().numpy()
         columns["self_influence"] = self_inf
     for s in wanted:
-        name = {"validation": "ecif", "self": "ecif_self", "combined": "ecif_combined"}[s]
+        name = SCORING_METHODS[s]
         if s == "validation":
             scores[name] = val_score
         elif s == "self":
@@ -105,7 +105,7 @@ def detect_misaligned(ecif: ECIF, val_images=None, val_texts=None, *, scoring="v
         else:
             scores[name] = 0.5 * (_percentile_rank(val_score) + _percentile_rank(self_inf))
     scores.update(baseline_scores(ecif))
-    primary = scores[{"validation": "ecif", "self": "ecif_self", "combined": "ecif_combined"}[wanted[0]]]
+    primary = scores[SCORING_METHODS[wanted[0]]]
     rank = np.empty(ecif.n, dtype=np.int64)
     rank[np.argsort(-primary, kind="stable")] = np.arange(1, ecif.n + 1)
     table = score_table(ecif.n, info, {"score": primary, **columns,

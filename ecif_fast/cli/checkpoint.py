@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from ..models.linear_heads import LinearHeads
+from ..options import TRAINING_METHODS
 from ..report.output import atomic_output_file
 
 FORMAT = "ecif_fast.LinearHeads"
@@ -149,7 +150,7 @@ def _training_problem(training: dict, n_params: int) -> str | None:
     for key in ("method", "max_iter"):
         if key in training and not isinstance(training[key], (str if key == "method" else int)):
             return f"has {key} {training[key]!r}"
-    if training.get("method", "auto") not in ("auto", "newton", "lbfgs"):
+    if training.get("method", "auto") not in TRAINING_METHODS:
         return f"has method {training['method']!r}; it must be auto, newton or lbfgs"
     if isinstance(training.get("max_iter"), int) and training["max_iter"] < 1:
         return f"has max_iter {training['max_iter']!r}; it must be >= 1"

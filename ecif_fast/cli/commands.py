@@ -15,7 +15,8 @@ import torch
 
 from .. import ECIF, LinearHeads, train as train_heads
 from ..training import objective
-from ..apps import clean as clean_pairs, detect_misaligned, trace_back, value_data, zero_shot_logits, zero_shot_losses
+from ..apps import (SCORING_METHODS, clean as clean_pairs, detect_misaligned, trace_back, value_data, zero_shot_logits,
+                    zero_shot_losses)
 from .checkpoint import save_checkpoint, trained_vector
 from .data_files import DataFileError, PairsData, ids_to_indices, load_ids, load_pairs
 from .session import (Console, Setup, UsageError, batch_arg, check_negatives, plain_ids, command_result, check_out,
@@ -120,9 +121,6 @@ def value(args, con: Console) -> dict:
 
 # ============================================================================================ detect
 
-METHOD = {"validation": "ecif", "self": "ecif_self", "combined": "ecif_combined"}
-
-
 def detect(args, con: Console) -> dict:
     """Rank training pairs by how likely they are misaligned; metrics when a ``misaligned`` column exists."""
     scoring = args.scoring or ("validation" if args.val else "self")
@@ -141,7 +139,7 @@ def detect(args, con: Console) -> dict:
         det = detect_misaligned(ecif, s.t(val.images) if val else None, s.t(val.texts) if val else None,
                                 scoring=scoring, labels=s.train.misaligned, info=s.train.info(with_misaligned=False))
     labels = s.train.misaligned
-    primary = METHOD[scoring]
+    primary = SCORING_METHODS[scoring]
     top = det.top(GALLERY)
     summary = {"command": "detect", "scoring": scoring, "val": str(args.val) if val else None,
                "top_flagged": plain_ids(top["pair_id"].to_numpy()[:10]), "metrics": det.metrics, "settings": s.settings}

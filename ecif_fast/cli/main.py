@@ -23,7 +23,9 @@ import sys
 import threading
 import warnings
 
-# Only the standard library at import time: torch loads inside main(), under its Ctrl-C handling.
+# Only the standard library (and the torch-free option names) at import time: torch loads inside main(), under
+# its Ctrl-C handling.
+from ..options import CURVATURES, SCORINGS, TRAINING_METHODS
 
 BACKENDS = ("torch", "cpp", "triton")
 DEBUG_ENV = "ECIF_FAST_DEBUG"   # set to 1: unexpected errors show their traceback instead of one line
@@ -99,14 +101,15 @@ def _output_flags(p, *, out_help: str, out_default=None) -> None:
 
 
 def _analysis(sub, name: str, help: str) -> argparse.ArgumentParser:
+    from ..solvers.registry import DEFAULT_POLICY, solver_names    # standard library only
+
     p = sub.add_parser(name, help=help, description=help)
     p.add_argument("--train", required=True, metavar="FILE", help="the training pairs the model was trained on")
     p.add_argument("--model", required=True, metavar="CKPT", help="checkpoint written by `ecif-fast train`")
     _output_flags(p, out_help="output folder (written atomically)")
     p.add_argument("--backend", choices=BACKENDS, help="kernel backend (default: fastest available)")
-    p.add_argument("--solver", choices=("exact", "cg", "lowrank"),
-                   help="inverse-curvature solver (default: exact up to 4096 parameters, else cg)")
-    p.add_argument("--curvature", choices=("hessian", "gauss-newton"), default="gauss-newton",
+    p.add_argument("--solver", choices=solver_names(), help=f"inverse-curvature solver (default: {DEFAULT_POLICY})")
+    p.add_argument("--curvature", choices=CURVATURES, default="gauss-newton",
                    help="curvature matrix H (default gauss-newton)")
     p.add_argument("--damping", type=_positive_float,
                    help="damping delta of H (default: the checkpoint's training damping)")
@@ -145,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="log of the softmax temperature multiplier (default log(1/0.07))")
     p.add_argument("--train-scale", action="store_true", help="also train the logit scale")
     p.add_argument("--no-normalize", action="store_true", help="do not L2-normalise the embeddings")
-    p.add_argument("--method", choices=("auto", "newton", "lbfgs"), default="auto",
+    p.add_argument("--method", choices=TRAINING_METHODS, default="auto",
                    help="optimiser (default auto: Newton up to 3000 parameters, else L-BFGS)")
     p.add_argument("--max-iter", type=_positive_int, default=200, help="optimiser iterations (default 200)")
     p.add_argument("--float32", action="store_true", help="train in float32 (default float64)")
@@ -155,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _analysis(sub, "detect", "rank training pairs by how likely they are misaligned")
     p.add_argument("--val", metavar="FILE", help="trusted validation pairs")
-    p.add_argument("--scoring", choices=("validation", "self", "combined"),
+    p.add_argument("--scoring", choices=SCORINGS,
                    help="ECIF score (default: validation with --val, else self)")
 
     p = _analysis(sub, "trace", "training pairs responsible for test predictions")
@@ -210,8 +213,10 @@ def _failure(e: BaseException) -> int:
     elif isinstance(e, ImportError) and "pip install" in str(e):     # a missing optional dependency
         message = _one_line(e)
     elif isinstance(e, MemoryError) or "can't allocate memory" in str(e):
-        message = ("out of memory; use smaller inputs, a smaller --embed-dim, or the cg solver "
-                   "(--solver cg) instead of a dense one")
+        from ..solvers.registry import MATRIX_FREE_SOLVER
+
+        message = ("out of memory; use smaller inputs, a smaller --embed-dim, or the matrix-free solver "
+                   f"(--solver {MATRIX_FREE_SOLVER}) instead of a dense one")
     elif isinstance(e, OSError) and e.strerror:
         where = f"{e.filename}: " if e.filename else ""
         message = f"{where}{e.strerror}"

@@ -15,10 +15,9 @@ from tqdm.auto import tqdm
 from .. import ECIF, LinearHeads, contrastive_loss
 from ..report import write_report
 from ..report.output import MARKER, check_output_dir, check_output_file
+from ..solvers.registry import default_solver, solver_class
 from .checkpoint import is_checkpoint, load_checkpoint, model_config, trained_vector
 from .data_files import DataFileError, PairsData, check_width, load_classes, load_pairs
-
-EXACT_MAX_PARAMS = 4096   # default solver: dense Cholesky up to this many parameters, else CG
 
 
 class UsageError(ValueError):
@@ -135,13 +134,13 @@ class Setup:
 
     def fit(self, con: Console) -> ECIF:
         torch.manual_seed(self.args.seed)
-        ecif = ECIF(self.model, damping=self.damping, batches=self.batches, hessian=self.solver,
+        ecif = ECIF(self.model, damping=self.damping, batches=self.batches, solver=self.solver,
                     curvature=self.args.curvature, backend=self.args.backend, progress=con.progress,
                     seed=self.args.seed, cg_tol=self.args.cg_tol, cg_maxiter=self.args.cg_maxiter)
         ecif.fit(self.t(self.train.images), self.t(self.train.texts))
-        if self.solver == "lowrank":   # what the factorisation keeps (it warns when the rest is not negligible)
-            self.settings["lowrank"] = {"rank": ecif.solver.rank, "captured": ecif.solver.captured,
-                                        "dropped_error": ecif.solver.dropped_error}
+        measured = ecif.solver.summary()   # e.g. what a low-rank factorisation keeps
+        if measured:
+            self.settings[self.solver] = measured
         return ecif
 
 
@@ -167,12 +166,12 @@ def setup(args, con: Console) -> Setup:
                  "curvature of the training objective")
         damping = float(args.damping)
     n_params = int(trained_vector(model).numel())
-    solver = args.solver or ("exact" if n_params <= EXACT_MAX_PARAMS else "cg")
+    solver = args.solver or default_solver(n_params)
     settings = {"train": str(args.train), "model": str(args.model), "n_train": data.n, "parameters": n_params,
                 "damping": damping, "batches": desc, "solver": solver, "curvature": args.curvature,
                 "backend": args.backend or "auto", "dtype": model_config(model)["dtype"], "seed": args.seed}
-    if solver == "cg":
-        settings.update(cg_tol=args.cg_tol, cg_maxiter=args.cg_maxiter)
+    # the options the solver reads (--cg-tol, --cg-maxiter for cg), as given
+    settings.update({name: getattr(args, name) for name in solver_class(solver).option_names if hasattr(args, name)})
     return Setup(args, model, training, data, batches, damping, solver, settings)
 
 

@@ -18,7 +18,8 @@ BatchesArg = Union[None, int, torch.Tensor, Sequence[int], "BatchPlan"]
 
 @dataclass(frozen=True)
 class BatchPlan:
-    """Fixed batches over ``n`` pairs.
+    """Fixed batches over ``n`` pairs; every pair is in exactly one batch (:func:`resolve_batches` checks a plan
+    it is given, the C++ backend checks ``perm`` is a permutation).
 
     Attributes:
         n: number of pairs.
@@ -54,21 +55,6 @@ class BatchPlan:
         ids[self.perm] = torch.repeat_interleave(torch.arange(self.num_batches), self.sizes)
         return ids
 
-    def without(self, removed: torch.Tensor) -> "BatchPlan":
-        """The plan over the remaining pairs (original indices kept) after deleting ``removed``.
-
-        Batches that become empty disappear. ``n`` stays the original count; removed pairs appear in
-        no batch.
-        """
-        keep = torch.ones(self.n, dtype=torch.bool)
-        keep[removed] = False
-        groups = [g[keep[g]] for g in self.groups()]
-        groups = [g for g in groups if g.numel() > 0]
-        if not groups:
-            return BatchPlan(self.n, torch.empty(0, dtype=torch.int64), torch.zeros(1, dtype=torch.int64))
-        sizes = torch.tensor([g.numel() for g in groups], dtype=torch.int64)
-        return BatchPlan(self.n, torch.cat(groups), torch.cat([torch.zeros(1, dtype=torch.int64), sizes.cumsum(0)]))
-
 
 def resolve_batches(batches: BatchesArg, n: int) -> BatchPlan:
     """Turn the user's ``batches`` argument into a :class:`BatchPlan`.
@@ -84,6 +70,9 @@ def resolve_batches(batches: BatchesArg, n: int) -> BatchPlan:
     if isinstance(batches, BatchPlan):
         if batches.n != n:
             raise ECIFInputError(f"BatchPlan covers {batches.n} pairs but the data has {n}")
+        if batches.perm.numel() != n or int(batches.offsets[-1]) != n:
+            raise ECIFInputError(f"BatchPlan must put each of its {n} pairs in one batch, but its batches hold "
+                                 f"{int(batches.offsets[-1])} pairs")
         return batches
     if batches is None:
         return BatchPlan(n, torch.arange(n, dtype=torch.int64), torch.tensor([0, n], dtype=torch.int64))

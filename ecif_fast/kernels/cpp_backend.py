@@ -17,6 +17,7 @@ import torch
 
 from ..errors import BackendUnavailableError, ECIFInputError
 from ..core.batches import BatchPlan
+from ..core.loss import acc_dtype
 
 NAME = "cpp"
 DEVICES = frozenset({"cpu"})
@@ -81,31 +82,14 @@ def _to_numpy(t: torch.Tensor, dtype: torch.dtype):
     return t.contiguous().numpy()  # zero-copy for contiguous CPU tensors of the right dtype
 
 
+def _scale(scale) -> float:
+    """``t`` as a Python float (a tensor scale is not tracked here)."""
+    return float(scale.detach().reshape(())) if torch.is_tensor(scale) else float(scale)
+
+
 def _plan_numpy(plan: BatchPlan):
     return (plan.perm.to("cpu", torch.int64).contiguous().numpy(),
             plan.offsets.to("cpu", torch.int64).contiguous().numpy())
-
-
-def _covered(plan: BatchPlan) -> Optional[torch.Tensor]:
-    """The pairs ``plan`` covers when it leaves some out (a ``BatchPlan.without`` plan), else None.
-
-    The kernels take plans that cover every row; such a plan is run on the covered rows with a compact
-    plan (:func:`_compact`) and the results are put back with :func:`_expand`.
-    """
-    covered = int(plan.offsets[-1])
-    return None if covered == plan.n else plan.perm[:covered].to(torch.int64)
-
-
-def _compact(plan: BatchPlan) -> BatchPlan:
-    m = int(plan.offsets[-1])
-    return BatchPlan(m, torch.arange(m, dtype=torch.int64), plan.offsets.to(torch.int64))
-
-
-def _expand(x: torch.Tensor, idx: torch.Tensor, n: int, axis: int, fill: float = 0.0) -> torch.Tensor:
-    """``x`` (results of the covered pairs along ``axis``) placed at ``idx`` in a length-``n`` axis."""
-    shape = list(x.shape)
-    shape[axis] = n
-    return x.new_full(shape, fill).index_copy_(axis % x.dim(), idx, x)
 
 
 def lse(U: torch.Tensor, V: torch.Tensor, scale, plan: BatchPlan) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,15 +100,9 @@ def lse(U: torch.Tensor, V: torch.Tensor, scale, plan: BatchPlan) -> tuple[torch
     """
     C = _require()
     _check_cpu(U=U, V=V)
-    dt = torch.float64 if U.dtype == torch.float64 else torch.float32
-    idx = _covered(plan)
-    if idx is not None:  # pairs in no batch: log of an empty sum
-        if idx.numel() == 0:
-            return (torch.full((plan.n,), float("-inf"), dtype=dt),) * 2
-        row, col = lse(U[idx], V[idx], scale, _compact(plan))
-        return _expand(row, idx, plan.n, 0, float("-inf")), _expand(col, idx, plan.n, 0, float("-inf"))
+    dt = acc_dtype(U)
     perm, offsets = _plan_numpy(plan)
-    row, col = C.lse(_to_numpy(U, dt), _to_numpy(V, dt), float(scale), perm, offsets,
+    row, col = C.lse(_to_numpy(U, dt), _to_numpy(V, dt), _scale(scale), perm, offsets,
                      isa=_isa(), num_threads=torch.get_num_threads())
     return torch.from_numpy(row), torch.from_numpy(col)
 
@@ -152,52 +130,33 @@ def infonce(U: torch.Tensor, V: torch.Tensor, scale, plan: BatchPlan, with_scale
       chunks (about 8 MiB of per-thread dV partials in all, at least 768 columns): per chunk, the
       (batch, row tile) tasks are split statically among the threads, dU of a row tile carries over
       between chunks exactly, and the chunk's dV partials are merged in thread order. Extra memory:
-      ``~num_threads·chunk·d`` elements of partials plus ``B·d`` of packed V (n = 65536, d = 256, two
-      threads: 202 MiB peak growth measured, dU/dV outputs included); bitwise reproducible for a
+      ``~num_threads·chunk·d`` elements of partials plus ``B·d`` of packed V (the peak growth at
+      n = 65536: BENCHMARKS.md, "Targets of the fused kernels"); bitwise reproducible for a
       given thread count (dU even across chunk sizes), equal up to rounding across thread counts.
     """
     C = _require()
     _check_cpu(U=U, V=V)
-    if U.dim() != 2 or V.dim() != 2 or U.shape != V.shape:
-        raise ValueError(f"infonce: U and V must both have shape (n, d), got {tuple(U.shape)} and {tuple(V.shape)}")
-    if plan.n != U.shape[0]:
-        raise ValueError(f"infonce: the batch plan covers {plan.n} pairs but U has {U.shape[0]} rows")
-    dt = torch.float64 if U.dtype == torch.float64 else torch.float32
-    t = float(scale.detach().reshape(())) if torch.is_tensor(scale) else float(scale)
-    idx = _covered(plan)
-    if idx is not None:  # pairs in no batch: no loss term, zero gradient
-        if idx.numel() == 0:
-            zero = torch.zeros((), dtype=dt)
-            return zero, torch.zeros(U.shape, dtype=dt), torch.zeros(U.shape, dtype=dt), (zero if with_scale else None)
-        loss, gU, gV, ds = infonce(U[idx], V[idx], scale, _compact(plan), with_scale)
-        return loss, _expand(gU, idx, plan.n, 0), _expand(gV, idx, plan.n, 0), ds
+    dt = acc_dtype(U)
     perm, offsets = _plan_numpy(plan)
-    loss, dU, dV, ds = C.infonce(_to_numpy(U, dt), _to_numpy(V, dt), t, perm, offsets, bool(with_scale),
+    loss, dU, dV, ds = C.infonce(_to_numpy(U, dt), _to_numpy(V, dt), _scale(scale), perm, offsets, bool(with_scale),
                                  isa=_isa(), num_threads=torch.get_num_threads())
     return (torch.tensor(loss, dtype=dt), torch.from_numpy(dU), torch.from_numpy(dV),
             torch.tensor(ds, dtype=dt) if with_scale else None)
 
 
-def _directions(name: str, U: torch.Tensor, V: torch.Tensor, scale, plan: BatchPlan, dU, dV, dlog_scale):
-    """Common prologue of the directional ops: checks, accumulation dtype, query axis, numpy views.
+def _directions(U: torch.Tensor, V: torch.Tensor, scale, plan: BatchPlan, dU, dV, dlog_scale):
+    """Common prologue of the directional ops: accumulation dtype, query axis, numpy views. Shapes were
+    checked by the dispatcher (``ops``); the extension re-checks what its memory safety needs.
 
-    Returns ``(C, dt, squeeze, t, args)`` with ``args = (U, V, t, perm, offsets, dU (Q, n, d),
-    dV (Q, n, d), ds (Q,) or None)`` as numpy views of the accumulation dtype.
+    Returns ``(C, squeeze, args)`` with ``args = (U, V, t, perm, offsets, dU (Q, n, d), dV (Q, n, d),
+    ds (Q,) or None)`` as numpy views of the accumulation dtype.
     """
     C = _require()
     _check_cpu(U=U, V=V, dU=dU, dV=dV)
-    if U.dim() != 2 or V.dim() != 2 or U.shape != V.shape:
-        raise ValueError(f"{name}: U and V must both have shape (n, d), got {tuple(U.shape)} and {tuple(V.shape)}")
-    if plan.n != U.shape[0]:
-        raise ValueError(f"{name}: the batch plan covers {plan.n} pairs but U has {U.shape[0]} rows")
     squeeze = dU.dim() == 2
     if squeeze:
         dU, dV = dU.unsqueeze(0), dV.unsqueeze(0)
-    if dU.dim() != 3 or dU.shape[1:] != U.shape or dV.shape != dU.shape:
-        raise ValueError(f"{name}: dU and dV must have shape (Q, n, d) or (n, d) matching U {tuple(U.shape)}, "
-                         f"got {tuple(dU.shape)} and {tuple(dV.shape)}")
-    dt = torch.float64 if U.dtype == torch.float64 else torch.float32
-    t = float(scale.detach().reshape(())) if torch.is_tensor(scale) else float(scale)
+    dt = acc_dtype(U)
     ds = None
     if dlog_scale is not None:
         if torch.is_tensor(dlog_scale):
@@ -206,8 +165,8 @@ def _directions(name: str, U: torch.Tensor, V: torch.Tensor, scale, plan: BatchP
         ds = (dlog_scale.detach().to("cpu", dt) if torch.is_tensor(dlog_scale) else torch.tensor(float(dlog_scale), dtype=dt))
         ds = ds.reshape(-1).expand(dU.shape[0]).contiguous().numpy()
     perm, offsets = _plan_numpy(plan)
-    return C, dt, squeeze, t, (_to_numpy(U, dt), _to_numpy(V, dt), t, perm, offsets, _to_numpy(dU, dt),
-                               _to_numpy(dV, dt), ds)
+    return C, squeeze, (_to_numpy(U, dt), _to_numpy(V, dt), _scale(scale), perm, offsets, _to_numpy(dU, dt),
+                        _to_numpy(dV, dt), ds)
 
 
 def ecif_reductions(U: torch.Tensor, V: torch.Tensor, scale, plan: BatchPlan, dU: torch.Tensor, dV: torch.Tensor,
@@ -231,18 +190,7 @@ def ecif_reductions(U: torch.Tensor, V: torch.Tensor, scale, plan: BatchPlan, dU
     negatives) are shared by all threads and never stored (extra memory O(threads·Q·B + (Q + 1)·B·d)).
     Bitwise reproducible for a given thread count.
     """
-    if negative_term not in ("exact", "taylor"):
-        raise ValueError(f"ecif_reductions: negative_term must be 'exact' or 'taylor', got {negative_term!r}")
-    idx = _covered(plan)
-    if idx is not None and idx.numel() > 0:  # pairs in no batch have no influence here: 0
-        pos, neg = ecif_reductions(U[idx], V[idx], scale, _compact(plan), dU.index_select(-2, idx),
-                                   dV.index_select(-2, idx), dlog_scale, negative_term)
-        return _expand(pos, idx, plan.n, -1), _expand(neg, idx, plan.n, -1)
-    if idx is not None:
-        dt = torch.float64 if U.dtype == torch.float64 else torch.float32
-        z = torch.zeros(dU.shape[:-1], dtype=dt)
-        return z, z.clone()
-    C, dt, squeeze, t, a = _directions("ecif_reductions", U, V, scale, plan, dU, dV, dlog_scale)
+    C, squeeze, a = _directions(U, V, scale, plan, dU, dV, dlog_scale)
     pos, neg = C.ecif_reductions(*a, negative_term == "exact", isa=_isa(), num_threads=torch.get_num_threads())
     pos, neg = torch.from_numpy(pos), torch.from_numpy(neg)
     if squeeze:
@@ -267,16 +215,7 @@ def gauss_newton_product(U: torch.Tensor, V: torch.Tensor, scale, plan: BatchPla
     Extra memory for a few big batches: O(threads·Q·B·d + (Q + 2)·B·d). Bitwise reproducible for a
     given thread count.
     """
-    idx = _covered(plan)
-    if idx is not None and idx.numel() > 0:  # pairs in no batch: no curvature, zero product
-        gU, gV, gs = gauss_newton_product(U[idx], V[idx], scale, _compact(plan), dU.index_select(-2, idx),
-                                          dV.index_select(-2, idx), dlog_scale)
-        return _expand(gU, idx, plan.n, -2), _expand(gV, idx, plan.n, -2), gs
-    if idx is not None:
-        dt = torch.float64 if U.dtype == torch.float64 else torch.float32
-        return (torch.zeros(dU.shape, dtype=dt), torch.zeros(dV.shape, dtype=dt),
-                torch.zeros(dU.shape[:-2], dtype=dt))
-    C, dt, squeeze, t, a = _directions("gauss_newton_product", U, V, scale, plan, dU, dV, dlog_scale)
+    C, squeeze, a = _directions(U, V, scale, plan, dU, dV, dlog_scale)
     gU, gV, gs = C.gauss_newton_product(*a, isa=_isa(), num_threads=torch.get_num_threads())
     gU, gV, gs = torch.from_numpy(gU), torch.from_numpy(gV), torch.from_numpy(gs)
     if squeeze:

@@ -2,16 +2,22 @@
 
 The forward runs the backend's fused ``infonce`` op once (loss and all gradients, docs/math.md §4) and keeps
 the gradients; the backward only scales them by the incoming gradient. Memory: O(n·d) saved tensors,
-never an n x n score matrix. Not twice differentiable.
+never an n × n score matrix.
+
+Second derivatives: a backward run with ``create_graph=True`` (double backward, Hessian-vector products by
+autograd) rebuilds the loss from the saved inputs with the materialising twin (``core/loss.py``) and returns
+its gradient with a graph, so it can be differentiated again. That costs what the twin costs (the ``B × B``
+scores of every batch); code that needs second derivatives throughout (Newton training, exact Hessians)
+calls the twin directly.
 """
 from __future__ import annotations
 
 from typing import Callable
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from ..core.batches import BatchPlan
+from ..core.loss import contrastive_loss as twin_loss
 
 
 class InfoNCE(torch.autograd.Function):
@@ -23,29 +29,37 @@ class InfoNCE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, U: torch.Tensor, V: torch.Tensor, scale, plan: BatchPlan, op: Callable):
-        want_scale = torch.is_tensor(scale) and ctx.needs_input_grad[2]
+        scale_is_tensor = torch.is_tensor(scale)
+        want_scale = scale_is_tensor and ctx.needs_input_grad[2]
         loss, dU, dV, ds = op(U, V, scale, plan, want_scale)
-        if want_scale:
-            t = scale.detach().to(ds.dtype)
-            ctx.save_for_backward(dU, dV, ds / t)
-        else:
-            ctx.save_for_backward(dU, dV)
-        ctx.want_scale = want_scale
-        ctx.in_dtypes = (U.dtype, V.dtype, scale.dtype if torch.is_tensor(scale) else None)
-        ctx.scale_shape = scale.shape if torch.is_tensor(scale) else None
+        dt = ds / scale.detach().to(ds.dtype) if want_scale else None
+        # the inputs are kept (no copy) for a differentiable backward, see the module docstring
+        ctx.save_for_backward(U, V, scale if scale_is_tensor else None, dU, dV, dt)
+        ctx.plan = plan
+        ctx.scale_number = None if scale_is_tensor else scale
         return loss
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
-        saved = ctx.saved_tensors
-        du_dt, dv_dt, s_dt = ctx.in_dtypes
+        U, V, t, dU, dV, dt = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True
+            return _twin_backward(ctx, grad_out, U, V, t)
         g = grad_out.reshape(())
         gU = gV = gt = None
         if ctx.needs_input_grad[0]:
-            gU = (g.to(saved[0].dtype) * saved[0]).to(du_dt)
+            gU = (g.to(dU.dtype) * dU).to(U.dtype)
         if ctx.needs_input_grad[1]:
-            gV = (g.to(saved[1].dtype) * saved[1]).to(dv_dt)
-        if ctx.want_scale:
-            gt = (g.to(saved[2].dtype) * saved[2]).to(s_dt).reshape(ctx.scale_shape)
+            gV = (g.to(dV.dtype) * dV).to(V.dtype)
+        if dt is not None:
+            gt = (g.to(dt.dtype) * dt).to(t.dtype).reshape(t.shape)
         return gU, gV, gt, None, None
+
+
+def _twin_backward(ctx, grad_out, U, V, t):
+    """The gradients as differentiable functions of ``U, V, t`` and ``grad_out``, by autograd of the twin."""
+    need = ctx.needs_input_grad[:3]
+    inputs = [x for x, wanted in zip((U, V, t), need) if wanted]
+    with torch.enable_grad():
+        loss = twin_loss(U, V, t if t is not None else ctx.scale_number, ctx.plan)
+    grads = iter(torch.autograd.grad(loss, inputs, grad_out, create_graph=True))
+    return tuple(next(grads) if wanted else None for wanted in need) + (None, None)

@@ -7,34 +7,42 @@ import math
 from typing import Optional
 
 import torch
+from torch.autograd import forward_ad
 
 from ..errors import ECIFInputError
-from ..validation import check_tensor
+from ..validation import NEGATIVE_TERMS, check_choice, check_tensor
 from ..core.batches import BatchesArg, resolve_batches
+from ..core.loss import contrastive_loss as twin_loss
+from .infonce_function import InfoNCE
 from .registry import get_op
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _check_embeddings(U, V) -> tuple[torch.Tensor, torch.Tensor]:
-    """``U, V``: floating ``(n, d)`` tensors, same shape and device, finite. Mixed dtypes are promoted
+def _check_embeddings(U, V, *, values: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """``U, V``: floating ``(n, d)`` tensors, same shape and device, finite (not checked with ``values=False``:
+    inside a ``torch.func`` transform, where a tensor's values cannot steer Python). Mixed dtypes are promoted
     to their common type (e.g. float16 + float32 -> float32)."""
-    U = check_tensor(U, "U")
-    V = check_tensor(V, "V")
+    U = check_tensor(U, "U", finite=values)
+    V = check_tensor(V, "V", finite=values)
+
+    def shape_error(detail: str) -> ECIFInputError:
+        return ECIFInputError(f"U and V must both be (n, d) with the same shape, got {tuple(U.shape)} and "
+                              f"{tuple(V.shape)}: {detail}")
+
     for name, x in (("U", U), ("V", V)):
         if x.dim() != 2:
-            raise ECIFInputError(f"{name} must be a 2-D (n, d) tensor of embeddings, got shape {tuple(x.shape)}")
+            raise shape_error(f"{name} is not a 2-D (n, d) tensor of embeddings")
         if x.dtype not in _FLOAT_DTYPES:
             raise ECIFInputError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}; "
                                  f"convert with {name}.float()")
         if x.shape[1] == 0:
             raise ECIFInputError(f"{name} has embedding dimension 0; need d >= 1")
     if U.shape[0] != V.shape[0]:
-        raise ECIFInputError(f"mismatched lengths: U has {U.shape[0]} rows but V has {V.shape[0]}; "
-                             "pass one text embedding per image embedding")
+        raise shape_error(f"mismatched lengths, {U.shape[0]} rows against {V.shape[0]}; pass one text embedding "
+                          "per image embedding")
     if U.shape[1] != V.shape[1]:
-        raise ECIFInputError(f"U and V must have the same embedding dimension d, got {U.shape[1]} and "
-                             f"{V.shape[1]}")
+        raise shape_error(f"the embedding dimension d differs, {U.shape[1]} against {V.shape[1]}")
     if U.device != V.device:
         raise ECIFInputError(f"U and V must be on the same device, got {U.device} and {V.device}")
     if U.dtype != V.dtype:
@@ -43,9 +51,10 @@ def _check_embeddings(U, V) -> tuple[torch.Tensor, torch.Tensor]:
     return U, V
 
 
-def _check_scale(scale):
-    """``t``: a finite real number or a 0-d / one-element floating tensor. Returned unchanged
-    (as a float for Python numbers) so that a tensor scale stays differentiable in the torch twin."""
+def _check_scale(scale, *, value: bool = True):
+    """``t``: a finite real number or a 0-d / one-element floating tensor (its value is not read with
+    ``value=False``). Returned unchanged (as a float for Python numbers, 0-d for tensors) so that a tensor
+    scale stays differentiable."""
     if isinstance(scale, bool):
         raise ECIFInputError("scale must be a real number (the logit multiplier t), got a bool")
     if torch.is_tensor(scale):
@@ -53,19 +62,21 @@ def _check_scale(scale):
             raise ECIFInputError(f"scale must be a number or a one-element tensor, got shape {tuple(scale.shape)}")
         if not (scale.is_floating_point() or scale.dtype in (torch.int32, torch.int64)):
             raise ECIFInputError(f"scale must be a real number, got a tensor of dtype {scale.dtype}")
-        value = float(scale.detach().reshape(()))
         out = scale.reshape(())
+        if not value:
+            return out
+        number = float(scale.detach().reshape(()))
     else:
         try:
-            value = float(scale)
+            number = float(scale)
         except (TypeError, ValueError):
             raise ECIFInputError(f"scale must be a real number (the logit multiplier t), got "
                                  f"{type(scale).__name__}") from None
         if isinstance(scale, complex):
             raise ECIFInputError("scale must be real, got a complex number")
-        out = value
-    if not math.isfinite(value):
-        raise ECIFInputError(f"scale must be finite, got {value}")
+        out = number
+    if not math.isfinite(number):
+        raise ECIFInputError(f"scale must be finite, got {number}")
     return out
 
 
@@ -152,8 +163,7 @@ def ecif_reductions(U: torch.Tensor, V: torch.Tensor, scale, batches: BatchesArg
     U, V = _check_embeddings(U, V)
     t = _check_scale(scale)
     U, V, dU, dV = _check_directions(U, V, dU, dV, dlog_scale)
-    if negative_term not in ("exact", "taylor"):
-        raise ECIFInputError(f"negative_term must be 'exact' or 'taylor', got {negative_term!r}")
+    check_choice(negative_term, "negative_term", NEGATIVE_TERMS)
     plan = resolve_batches(batches, U.shape[0])
     return get_op("ecif_reductions", U.device, backend)(U, V, t, plan, dU, dV, dlog_scale, negative_term)
 
@@ -189,24 +199,56 @@ def infonce(U: torch.Tensor, V: torch.Tensor, scale, batches: BatchesArg = None,
     return get_op("infonce", U.device, backend)(U, V, t, plan, bool(with_scale))
 
 
-def infonce_loss(U: torch.Tensor, V: torch.Tensor, scale, batches: BatchesArg = None, *,
-                 backend: Optional[str] = None) -> torch.Tensor:
-    """Differentiable contrastive loss ``Σ_b Σ_{k∈b} ℓ_k`` (docs/math.md §2: row + column terms, no ½, no mean).
+def contrastive_loss(U: torch.Tensor, V: torch.Tensor, scale, batches: BatchesArg = None, *, fused: bool = True,
+                     backend: Optional[str] = None) -> torch.Tensor:
+    """The contrastive loss ``Σ_b Σ_{k∈b} ℓ_k`` (docs/math.md §2: row + column terms, summed, no ½, no mean),
+    differentiable with respect to ``U``, ``V`` and a tensor ``scale`` (the multiplier ``t``, not ``log t``).
 
-    Forward and backward come from one fused ``infonce`` call (O(n·d) memory for any batch size); the
-    gradients flow to ``U``, ``V`` and a tensor ``scale`` (the multiplier ``t``, not ``log t``).
+    What runs:
+
+    * by default the backend's fused streaming ``infonce`` op under its own autograd (:class:`InfoNCE`):
+      forward and backward from one call, O(n·d) memory for any batch size, never the ``n × n`` scores;
+      when no input needs a gradient, the streaming ``lse`` op alone (forward only);
+    * the materialising twin (``core/loss.py``: plain torch, differentiable to any order, forward mode
+      included) inside a ``torch.func`` transform (``grad``, ``vjp``, ``jvp``, ``vmap``, ``jacrev``,
+      ``jacfwd``, ``hessian``), for forward-AD dual inputs (``torch.autograd.forward_ad``), and with
+      ``fused=False``;
+    * double backward through the fused op (``torch.autograd.grad(..., create_graph=True)`` and
+      differentiating the result) works: that backward recomputes the twin's gradient from the saved
+      inputs, at the twin's cost (see :mod:`ecif_fast.kernels.infonce_function`).
 
     Args:
-        U, V: ``(n, d)`` embeddings (float16, bfloat16, float32 or float64). scale: ``t``.
+        U, V: ``(n, d)`` embeddings (float16, bfloat16, float32 or float64). scale: ``t``, a number or a
+            one-element tensor.
         batches: None ("all" negatives), an int batch size, ``(n,)`` ids or a BatchPlan.
-        backend: force a backend; default automatic (``ECIF_FAST_BACKEND`` if set).
+        fused: False for the twin everywhere (e.g. many second derivatives at small n).
+        backend: force a backend for the fused op; default automatic (``ECIF_FAST_BACKEND`` if set).
     Returns:
         0-d loss, float32 (float64 for float64 inputs).
     """
-    from .infonce_function import InfoNCE
-
-    U, V = _check_embeddings(U, V)
-    t = _check_scale(scale)
+    transformed = _in_functorch_transform()
+    U, V = _check_embeddings(U, V, values=not transformed)
+    t = _check_scale(scale, value=not transformed)
     plan = resolve_batches(batches, U.shape[0])
-    op = get_op("infonce", U.device, backend)
-    return InfoNCE.apply(U, V, t, plan, op)
+    if not fused or transformed or _has_tangent(U, V, t):
+        return twin_loss(U, V, t, plan)
+    if not (torch.is_grad_enabled() and any(torch.is_tensor(x) and x.requires_grad for x in (U, V, t))):
+        row, col = get_op("lse", U.device, backend)(U, V, t, plan)
+        dt = row.dtype
+        own = float(t) * (U.to(dt) * V.to(dt)).sum(1)  # S_kk
+        return ((row - own) + (col - own)).sum()
+    return InfoNCE.apply(U, V, t, plan, get_op("infonce", U.device, backend))
+
+
+#: The same function under the name of its fused op.
+infonce_loss = contrastive_loss
+
+
+def _in_functorch_transform() -> bool:
+    """True inside a ``torch.func`` transform, where only plain torch ops (the twin) are differentiated."""
+    return torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def _has_tangent(*xs) -> bool:
+    """True when an input is a forward-AD dual tensor (``torch.autograd.forward_ad.make_dual``)."""
+    return any(torch.is_tensor(x) and forward_ad.unpack_dual(x).tangent is not None for x in xs)

@@ -79,12 +79,6 @@ def unregister_backend(name: str) -> None:
         _LOADED.pop(name, None)
 
 
-def clear_cache() -> None:
-    """Forget import/availability results, so the next lookup imports the modules again."""
-    with _lock:
-        _LOADED.clear()
-
-
 register_backend("triton", "ecif_fast.kernels.triton_backend", {"cuda"}, priority=10)
 register_backend("cpp", "ecif_fast.kernels.cpp_backend", {"cpu"}, priority=20)
 register_backend("torch", "ecif_fast.kernels.torch_ref", None, priority=100)

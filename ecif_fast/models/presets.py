@@ -1,15 +1,10 @@
 """Named parameter selections for CLIP models: ``params="heads"``, ``"last:K"``, ``"lora"``, ``"all"``, ``"trainable"``.
 
 A preset is resolved against the model's module tree, so it works on an adapter that holds the CLIP model
-in ``.clip`` (:class:`~ecif_fast.models.hf_clip.HFCLIP`, the open_clip adapter), on the raw CLIP model, and
-through a ``peft`` wrapper (whose names carry ``base_model.model.``). The architecture is recognised by the
-children a CLIP module holds, not by full names:
-
-- Hugging Face ``CLIPModel``: ``vision_model`` / ``text_model`` towers (``encoder.layers``), ``post_layernorm``,
-  ``final_layer_norm``, ``visual_projection``, ``text_projection``;
-- open_clip ``CLIP``: ``visual`` (``transformer.resblocks``, ``ln_post``, ``proj``), ``transformer.resblocks``,
-  ``ln_final``, ``text_projection`` (a parameter, or a module for ``proj_type="linear"``); ``CustomTextCLIP``
-  (a ``text`` tower holding its own ``transformer``, ``ln_final``, ``text_projection``) too.
+in ``.clip`` (:func:`ecif_fast.wrap`), on the raw CLIP model, and through a ``peft`` wrapper (whose names carry
+``base_model.model.``). The CLIP module is found by the children it holds, not by full names: each model family
+says where its towers, blocks, final norms and projections sit (:meth:`~ecif_fast.models.families.base.Family.towers`;
+the Hugging Face and open_clip layouts are described in their modules under :mod:`ecif_fast.models.families`).
 
 Precedence (see :func:`~ecif_fast.models.params.select_params`): a string that names a parameter or module of
 the model (exactly, or as a dotted prefix) selects by name, as before presets existed; only a string that
@@ -24,6 +19,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..errors import ECIFInputError
+from . import families
 
 PRESETS = ("heads", "last:K", "lora", "all", "trainable")
 _LAST = re.compile(r"last:(.*)")
@@ -95,44 +91,15 @@ def parse_preset(name: str) -> Preset | None:
 
 
 # ---------------------------------------------------------------------------------------------- architectures
-def _has(module: nn.Module, *children: str) -> bool:
-    """``module`` holds these as direct children or parameters (not through ``__getattr__`` forwarding, which a
-    peft wrapper does: only the real owner of the towers matches)."""
-    own = set(module._modules) | set(module._parameters)
-    return all(c in own and getattr(module, c) is not None for c in children)
-
-
-def _towers(core: nn.Module):
-    """``[(tower, blocks ModuleList, [final norms / pooling after the blocks], projection)]`` of a CLIP module, or
-    None if ``core`` is not one."""
-    if _has(core, "vision_model", "text_model", "visual_projection", "text_projection"):  # Hugging Face
-        vis, txt = core.vision_model, core.text_model
-        if not (_has(vis, "encoder") and _has(vis.encoder, "layers")
-                and _has(txt, "encoder") and _has(txt.encoder, "layers")):
-            return None
-        return [("vision", vis.encoder.layers, [getattr(vis, "post_layernorm", None)], core.visual_projection),
-                ("text", txt.encoder.layers, [getattr(txt, "final_layer_norm", None)], core.text_projection)]
-    if _has(core, "visual"):  # open_clip: CLIP (text tower inline) or CustomTextCLIP (text tower in .text)
-        visual = core.visual
-        text = core.text if _has(core, "text") else core
-        if not (_has(visual, "transformer", "proj") and _has(visual.transformer, "resblocks")
-                and _has(text, "transformer", "ln_final", "text_projection") and _has(text.transformer, "resblocks")):
-            return None
-        vpost = [getattr(visual, a) for a in ("attn_pool", "attn_pool_contrastive", "ln_post") if _has(visual, a)]
-        return [("vision", visual.transformer.resblocks, vpost, visual.proj),
-                ("text", text.transformer.resblocks, [text.ln_final], text.text_projection)]
-    return None
-
-
 def _find_clip(model: nn.Module):
-    return [(name, towers) for name, m in model.named_modules() if (towers := _towers(m)) is not None]
+    return [(name, towers) for name, m in model.named_modules() if (towers := families.towers_of(m)) is not None]
 
 
 def _tower_prefixes(model: nn.Module, p: Preset) -> list[str]:
     found = _find_clip(model)
     if not found:
-        raise ECIFInputError(f'params="{p}": no CLIP architecture (Hugging Face CLIPModel or open_clip CLIP) found '
-                             f"in {type(model).__name__}; {_HINT}")
+        known = " or ".join(f.label for f in families.FAMILIES)
+        raise ECIFInputError(f'params="{p}": no CLIP architecture ({known}) found in {type(model).__name__}; {_HINT}')
     if len(found) > 1:
         raise ECIFInputError(f'params="{p}": {type(model).__name__} holds {len(found)} CLIP models '
                              f"({', '.join(repr(n) for n, _ in found)}); {_HINT}")
@@ -140,13 +107,13 @@ def _tower_prefixes(model: nn.Module, p: Preset) -> list[str]:
     names = {id(m): n for n, m in model.named_modules()}
     names.update({id(t): n for n, t in model.named_parameters()})
     out = []
-    for tower, blocks, post, proj in towers:
+    for tower in towers:
         if p.kind == "last":
-            depth = len(blocks)
+            depth = len(tower.blocks)
             if p.k > depth:
-                raise ECIFInputError(f'params="{p}": the {tower} tower has {depth} transformer blocks, fewer than '
-                                     f"K = {p.k}; use K <= {min(len(t[1]) for t in towers)}, or \"all\"")
-            out += [names[id(b)] for b in list(blocks)[depth - p.k:]]
-            out += [names[id(m)] for m in post if m is not None]
-        out.append(names[id(proj)])
+                raise ECIFInputError(f'params="{p}": the {tower.name} tower has {depth} transformer blocks, fewer '
+                                     f"than K = {p.k}; use K <= {min(len(t.blocks) for t in towers)}, or \"all\"")
+            out += [names[id(b)] for b in list(tower.blocks)[depth - p.k:]]
+            out += [names[id(m)] for m in tower.post if m is not None]
+        out.append(names[id(tower.projection)])
     return out

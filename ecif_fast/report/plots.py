@@ -2,7 +2,7 @@
 
 ``curves`` arguments map a method name to ``(scores, labels)``: ``scores`` a ``(n,)`` float array where
 higher means more suspicious, ``labels`` a ``(n,)`` bool array, True = the pair is truly misaligned.
-Non-finite scores rank as least suspicious.
+The curves and their conventions (ties, non-finite scores) are :mod:`ecif_fast.apps.metrics`'.
 """
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ import re
 from contextlib import contextmanager
 
 import numpy as np
+
+from ..apps.metrics import precision_curve, roc_curve
 
 BAD, GOOD = "#c62828", "#2e7d32"      # misaligned / clean, as in the HTML gallery
 _RC = {"svg.hashsalt": "ecif-fast-report", "svg.fonttype": "path", "font.size": 9,
@@ -69,42 +71,6 @@ def _colours(n: int) -> list:
     return [cycle[i % len(cycle)] for i in range(n)]
 
 
-def _ranked(scores, labels) -> tuple[np.ndarray, np.ndarray]:
-    """``(scores, labels)`` sorted most suspicious first (stable, so ties keep input order)."""
-    s = np.asarray(scores, dtype=np.float64).ravel()
-    y = np.asarray(labels, dtype=bool).ravel()
-    if s.shape != y.shape:
-        raise ValueError(f"scores and labels must have the same length, got {s.shape} and {y.shape}")
-    s = np.where(np.isfinite(s), s, -np.inf)
-    order = np.argsort(-s, kind="stable")
-    return s[order], y[order]
-
-
-def roc_curve(scores, labels) -> tuple[np.ndarray, np.ndarray, float]:
-    """ROC of "flag when score ≥ threshold": ``(fpr, tpr, auroc)``, curves of shape ``(m,)``.
-
-    Tied scores form one step (a diagonal segment), so AUROC equals the Mann-Whitney probability that
-    a misaligned pair outscores a clean one, ties counting ½. Without positives or negatives the
-    curve is empty and AUROC is NaN.
-    """
-    s, y = _ranked(scores, labels)
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
-    if n_pos == 0 or n_neg == 0:
-        return np.zeros(0), np.zeros(0), float("nan")
-    last_of_tie = np.r_[s[1:] != s[:-1], True]
-    tp = np.cumsum(y)[last_of_tie]
-    fp = np.cumsum(~y)[last_of_tie]
-    tpr = np.r_[0.0, tp / n_pos]
-    fpr = np.r_[0.0, fp / n_neg]
-    return fpr, tpr, float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
-
-
-def precision_at_k(scores, labels) -> np.ndarray:
-    """``(n,)`` precision of the top ``k = 1..n`` pairs (ties broken by input order)."""
-    _, y = _ranked(scores, labels)
-    return np.cumsum(y) / np.arange(1, y.size + 1)
-
-
 def roc_plot(curves: dict) -> str:
     """ROC curve per method with its AUROC in the legend, and the chance diagonal. Returns ``<svg>``."""
     with _figure(5.2, 3.9) as (fig, ax):
@@ -127,7 +93,7 @@ def precision_at_k_plot(curves: dict, k_max: int | None = None) -> str:
     n_pos_seen, base_rates = [], []
     with _figure(5.2, 3.9) as (fig, ax):
         for (name, (scores, labels)), colour in zip(curves.items(), _colours(len(curves))):
-            prec = precision_at_k(scores, labels)
+            prec = precision_curve(scores, labels)
             k = min(prec.size, k_max) if k_max is not None else prec.size
             ax.plot(np.arange(1, k + 1), prec[:k], color=colour, lw=1.6, label=_label(name))
             n_pos = int(np.asarray(labels, dtype=bool).sum())

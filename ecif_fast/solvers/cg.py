@@ -1,6 +1,7 @@
 """Matrix-free conjugate gradients on ``(C + δI) x = b`` (Hessian or Gauss–Newton products)."""
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -8,9 +9,10 @@ import torch
 from ..errors import NotPositiveDefiniteError
 from ..validation import check_int, check_tolerance
 from .curvature import Curvature
+from .registry import Solver, SolverOptions
 
 
-class CGSolver:
+class CGSolver(Solver):
     """Block of independent CG runs, one per right-hand side column, sharing each matvec call.
 
     Args:
@@ -25,6 +27,12 @@ class CGSolver:
     """
 
     name = "cg"
+    option_names = ("cg_tol", "cg_maxiter")
+
+    @classmethod
+    def from_engine(cls, curvature: Curvature, damping: float, dense: torch.Tensor | None,
+                    options: SolverOptions) -> "CGSolver":
+        return cls(curvature, damping, options.cg_tol, options.cg_maxiter)
 
     def __init__(self, curvature: Curvature, damping: float, tol: float = 1e-10, maxiter: int | None = None):
         self.curvature = curvature
@@ -81,3 +89,33 @@ class CGSolver:
                           f"{self.last_residual:.2e} > tol {self.tol:.1e}; raise maxiter or damping",
                           RuntimeWarning, stacklevel=2)
         return X[:, 0] if vec else X
+
+
+def cg_summary_per_call(method):
+    """Decorate a public method of an object whose ``solver`` may be a :class:`CGSolver` (the engine): its solves
+    are logged instead of each warning, then one warning says how many right-hand sides did not converge, of
+    how many, and the worst residual. Nested public calls report in the outermost one."""
+
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        solver = getattr(self, "solver", None)
+        if not isinstance(solver, CGSolver) or solver.log is not None:
+            return method(self, *args, **kwargs)
+        solver.log = []
+        try:
+            out = method(self, *args, **kwargs)
+            log = solver.log
+        finally:
+            solver.log = None
+        bad = sum(entry[1] for entry in log)
+        if bad:
+            worst = max(entry[2] for entry in log)
+            total = sum(entry[0] for entry in log)
+            warnings.warn(
+                f"ECIF.{method.__name__}: CG did not converge for {bad} of {total} right-hand side(s) in "
+                f"cg_maxiter = {solver.maxiter} iterations (worst relative residual {worst:.2e} > cg_tol "
+                f"{solver.tol:.1e}), so these results are approximate; raise cg_maxiter or damping, loosen cg_tol, "
+                "or use solver='exact' (up to a few thousand parameters) or 'lowrank'", RuntimeWarning, stacklevel=2)
+        return out
+
+    return call

@@ -9,8 +9,8 @@ from ..core.batches import BatchPlan
 from ..kernels import ops
 from ..core.loss import batch_loss, contrastive_loss
 from ..models.functional import ChunkedVJP, FunctionalModel, chunked_jvp, row_slices
+from ..options import CURVATURES
 
-CURVATURES = ("hessian", "gauss-newton")
 
 #: An exact Hessian product forms every batch's ``B × B`` score matrix (and its tangent) once per column:
 #: columns are vmapped together only up to about this many score entries per call.

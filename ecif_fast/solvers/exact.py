@@ -5,6 +5,7 @@ import torch
 
 from ..errors import ECIFInputError, NotPositiveDefiniteError
 from .curvature import Curvature
+from .registry import Solver, SolverOptions
 
 
 def check_dense(A: torch.Tensor, kind: str) -> torch.Tensor:
@@ -28,7 +29,7 @@ def eigvalsh_or_raise(A: torch.Tensor, kind: str, vectors: bool = False):
             "increase damping, use curvature='gauss-newton', or check the model is at an optimum") from None
 
 
-class ExactSolver:
+class ExactSolver(Solver):
     """``H = C + δI`` formed densely and Cholesky-factorised once; ``P`` up to a few thousand.
 
     Raises :class:`~ecif_fast.ECIFInputError` when ``C`` is not finite and :class:`NotPositiveDefiniteError`
@@ -36,6 +37,12 @@ class ExactSolver:
     """
 
     name = "exact"
+    needs_dense = True
+
+    @classmethod
+    def from_engine(cls, curvature: Curvature, damping: float, dense: torch.Tensor | None,
+                    options: SolverOptions) -> "ExactSolver":
+        return cls(curvature, damping, dense)
 
     def __init__(self, curvature: Curvature, damping: float, dense: torch.Tensor | None = None):
         C = check_dense(curvature.dense() if dense is None else dense, curvature.kind)

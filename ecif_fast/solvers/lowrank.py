@@ -9,6 +9,7 @@ from ..errors import NotPositiveDefiniteError
 from ..validation import check_int
 from .curvature import Curvature
 from .exact import check_dense, eigvalsh_or_raise
+from .registry import Solver, SolverOptions
 
 #: Warn when the eigendirections left out have eigenvalues of RMS above this fraction of δ: each of them gets
 #: ``1/δ`` instead of ``1/(λ+δ)`` in ``H⁻¹``, a relative error of ``λ/δ``.
@@ -55,7 +56,7 @@ def _dropped_moments(curvature: Curvature, vecs: torch.Tensor, probes: int = 32,
     return float((Z * W).sum()) / probes, float((W * W).sum()) / probes
 
 
-class LowRankSolver:
+class LowRankSolver(Solver):
     """Inverse of ``C + δI`` restricted to the top-``rank`` eigenspace of ``C`` plus ``1/δ`` elsewhere.
 
     Exact when ``rank = P``. What is left out is measured once: exactly from all eigenvalues when the dense
@@ -77,6 +78,12 @@ class LowRankSolver:
     """
 
     name = "lowrank"
+    option_names = ("rank", "seed")
+
+    @classmethod
+    def from_engine(cls, curvature: Curvature, damping: float, dense: torch.Tensor | None,
+                    options: SolverOptions) -> "LowRankSolver":
+        return cls(curvature, damping, options.rank, options.seed)
 
     def __init__(self, curvature: Curvature, damping: float, rank: int = 64, seed: int = 0,
                  dense: torch.Tensor | None = None, oversample: int = 10):
@@ -118,7 +125,11 @@ class LowRankSolver:
                 f"{self.dropped_error:.3g} × the damping δ = {damping:.3g} ({how}), so H⁻¹ is off by {off} (RMS) "
                 f"in those directions (warns above {100 * DROPPED_ERROR_WARN:.0f} %; the part kept is "
                 f"{100 * self.captured:.1f} % of the damped spectrum, in ||C + δI||_F²); raise rank, or use "
-                "hessian='cg' or 'exact'", RuntimeWarning, stacklevel=2)
+                "solver='cg' or 'exact'", RuntimeWarning, stacklevel=2)
+
+    def summary(self) -> dict:
+        """``{"rank", "captured", "dropped_error"}``: what the factorisation keeps and how far off the rest is."""
+        return {"rank": self.rank, "captured": self.captured, "dropped_error": self.dropped_error}
 
     def solve(self, B: torch.Tensor) -> torch.Tensor:
         """``H⁻¹ B`` for ``B`` of shape ``(P,)`` or ``(P, Q)``."""

@@ -88,7 +88,7 @@ def infonce(U: torch.Tensor, V: torch.Tensor, scale, plan: BatchPlan, with_scale
     U, V = U.to(dt), V.to(dt)
     loss = U.new_zeros(())
     ds = U.new_zeros(()) if with_scale else None
-    whole = plan.is_single and plan.perm.numel() == plan.n  # "all" negatives: no gather copies
+    whole = plan.is_single  # "all" negatives: no gather copies (the loss is the same in any pair order)
     if not whole:
         dU = torch.zeros_like(U)
         dV = torch.zeros_like(V)

@@ -18,8 +18,8 @@ def lse(U: torch.Tensor, V: torch.Tensor, scale, plan: BatchPlan) -> tuple[torch
         ``col (n,)``: ``col[j] = log Σ_{i∈b(j)} exp(t<u_i, v_j>)``; float32 (float64 for float64 input).
     """
     dt = acc_dtype(U)
-    row = torch.full((plan.n,), float("-inf"), dtype=dt, device=U.device)  # -inf: pairs in no batch
-    col = torch.full((plan.n,), float("-inf"), dtype=dt, device=U.device)
+    row = torch.empty(plan.n, dtype=dt, device=U.device)  # every pair is in one batch
+    col = torch.empty(plan.n, dtype=dt, device=U.device)
     for idx in plan.groups():
         S = batch_scores(U, V, scale, idx)
         row[idx] = torch.logsumexp(S, dim=1)

@@ -5,8 +5,11 @@ Registered in :mod:`ecif_fast.kernels.registry` for CUDA devices. :func:`availab
 or ``ECIF_FAST_BACKEND=triton``) and ``TRITON_INTERPRET=1`` is set (Triton's interpreter, for tests):
 see :func:`supports_device`. Automatic choice never picks this backend for CPU tensors.
 
-Ops: ``lse``, ``infonce``, ``gauss_newton_product`` (float16/bfloat16/float32/float64; see :mod:`.lse`,
-:mod:`.infonce` and :mod:`.gauss_newton` for the kernel designs).
+Ops: ``lse``, ``infonce``, ``ecif_reductions``, ``gauss_newton_product`` (float16 / bfloat16 / float32 /
+float64). Modules: :mod:`.launch` (host side shared by the ops: inputs, dtypes, plan tables, launching
+with a fall-back), :mod:`.tiles` (device helpers: row and column tiles, products of tiles), one module
+per op with its kernels and design notes (:mod:`.lse`, :mod:`.infonce`, :mod:`.gauss_newton`,
+:mod:`.reductions`). Each op module's ``last_launch()`` says what its latest call launched.
 """
 from __future__ import annotations
 
@@ -23,13 +26,13 @@ except Exception as e:  # ImportError, or a broken installation raising somethin
     _IMPORT_ERROR = (f"triton could not be imported ({type(e).__name__}: {e}); install it with "
                      "`pip install triton` (or the package's `dev`/`triton` extras)")
 else:
-    from . import lse as lse_module  # the submodule (its name ``lse`` is taken by the op below)
-    from .lse import interpreting, last_launch, lse  # noqa: F401
-    from . import reductions as reductions_module  # the submodule of ``ecif_reductions``
-    from .reductions import ecif_reductions  # noqa: F401
-    from . import infonce as infonce_module  # the submodule (the name ``infonce`` is the op)
-    from .infonce import infonce  # noqa: F401
+    # the op modules under other names: ``lse`` and ``infonce`` are the ops themselves
+    from . import infonce as infonce_module, lse as lse_module, reductions as reductions_module  # noqa: F401
     from .gauss_newton import gauss_newton_product  # noqa: F401
+    from .infonce import infonce  # noqa: F401
+    from .launch import interpreting  # noqa: F401
+    from .lse import last_launch, lse  # noqa: F401
+    from .reductions import ecif_reductions  # noqa: F401
 
 
 def available() -> bool:
@@ -51,5 +54,5 @@ def supports_device(device_type: str) -> bool:
     return False
 
 
-__all__ = ["available", "unavailable_reason", "supports_device", "lse", "interpreting", "last_launch", "ecif_reductions", "infonce",
-           "gauss_newton_product"]
+__all__ = ["available", "unavailable_reason", "supports_device", "lse", "infonce", "ecif_reductions",
+           "gauss_newton_product", "interpreting", "last_launch"]

@@ -2,15 +2,15 @@
 
 Same contract as the torch twin (:mod:`ecif_fast.kernels.torch_ref.reductions`), computed in "δS form":
 per batch ``S = t·U_b V_bᵀ`` and, per query ``q``, ``δS = t(δU V_bᵀ + U_b δVᵀ) + δs·S`` exist only as
-``BLOCK_M × BLOCK_N`` tiles in registers.
+``BLOCK_M × BLOCK_N`` tiles in registers. Row tiles, dtypes and devices as in :mod:`.launch`.
 
 Design (one "line" kernel family, no atomics, deterministic):
 
 * A line is a row of ``S`` (own side ``A = U``, other side ``B = V``) or a column (``A = V, B = U``: the
   columns of ``S`` are the rows of ``Sᵀ = t·V Uᵀ``, and ``δSᵀ`` swaps ``δU`` and ``δV`` the same way).
   Every kernel is launched once for rows and once with the roles swapped; a program owns ``BLOCK_M``
-  lines of one batch (the CSR row tiles of :mod:`.lse`) and streams over the batch's column tiles,
-  so each output element is written by exactly one program.
+  lines of one batch and streams over the batch's column tiles, so each output element is written by
+  exactly one program.
 * Stats kernel: per line the online "top-1 + rest" of :func:`ecif_fast.core.lines.stream_line_stats` —
   maximum ``top``, its pair index ``arg`` and the rest (the line without ``arg``) as its own running
   maximum ``rest_m`` and sum ``Σ exp(S − rest_m)``, so it stays exact when the rest is ~200 below the
@@ -21,7 +21,7 @@ Design (one "line" kernel family, no atomics, deterministic):
   ``x_k = Σ_j W_kj δS_kj`` where ``W`` is the removal weight of the *other* side's line ``j``
   (``Wc_kj`` for rows, ``Wr_jk`` for columns: its ``top``/``l``/``arg`` come in as vectors) and, exact only,
   ``e_k = δS_{k,arg_k} − Σ_{j≠arg_k} exp(S_kj − rest_k) δS_kj`` (the cancellation-free line-maximum
-  term of :mod:`ecif_fast.core.lines`, including the single δS entry at the maximum).
+  term of :mod:`ecif_fast.core.lines`, including the single δS entry at the maximum; docs/math.md §8).
 * Pass 3 kernel, per own line ``k``: ``z_k = Σ_j [arg_j = k ≠ j] c_j − Σ_j W_kj mean_j`` with the other
   side's means ``mean_j`` (``m'`` for rows, ``m`` for columns) and line-maximum terms
   ``c_j = exp(−l_j)·e_j``: the mean part of the negative term and the crediting of every
@@ -34,45 +34,30 @@ of its chunk inside each tile. The loop shares the tile's ``S`` and every weight
 rest softmax: three exponentials per entry) among the chunk's queries, so a query costs two
 ``tl.dot`` of the tile plus a few multiply-adds per entry; the grid axis bounds the per-program
 accumulators (``BLOCK_Q × BLOCK_M`` each; at most 8 queries per program on the GPU) and adds
-parallelism when there are few row tiles (one
-"all" batch), at the price of recomputing ``S`` and the weights per chunk.
-Cost per batch of ``B`` pairs: ``2·(1 + (1 + 2Q) + 1)·B²d`` multiply-adds (stats, pass 2, pass 3;
-rows and columns) with one query chunk.
+parallelism when there are few row tiles (one "all" batch), at the price of recomputing ``S`` and
+the weights per chunk. Cost per batch of ``B`` pairs: ``2·(1 + (1 + 2Q) + 1)·B²d`` multiply-adds
+(stats, pass 2, pass 3; rows and columns) with one query chunk.
 
 Split columns (as in :mod:`.lse`): when row tiles × query chunks are too few to fill the GPU (one
 "all" batch of a few thousand pairs), grid axis 2 cuts each batch's column tiles into ``nsplit``
 contiguous chunks; every kernel writes one partial result per chunk into ``(nsplit, ...)`` buffers,
 merged on the host (the line statistics by "largest top wins, the other tops join the rest", the
 sums by adding) — deterministic, nothing recomputed.
-
-Dtypes: float16 / bfloat16 / float32 / float64 inputs (mixed inputs are promoted to one dtype);
-outputs float32 (float64 for float64 inputs), accumulation in the output dtype. Dot precision as
-in :mod:`.lse` (16-bit tiles as they are, float32 ``tf32x3`` by default, ``ieee`` float64; in the CPU
-interpreter tiles are cast to the accumulation dtype first).
-
-Devices: CUDA, and the CPU under ``TRITON_INTERPRET=1`` (Triton's interpreter; slow, for tests).
 """
 from __future__ import annotations
 
-import warnings
-from typing import Dict, NamedTuple, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from ...errors import ECIFInputError
 from ...core.batches import BatchPlan
-from .lse import (_TL_DTYPES, _Cfg, _max_combine, _p2, _plan_tables, _sm_count, _sum_combine, check_inputs,
-                  dot_setup, fp_fusion, kernel_for)
-
-# as in .lse: triton's own combine function, which the interpreter recognises (see lse.py)
-_min_combine = getattr(tl.standard, "_elementwise_min", None)
-if _min_combine is None:  # pragma: no cover - other triton versions
-
-    @triton.jit
-    def _min_combine(a, b):
-        return tl.minimum(a, b)
+from ...core.loss import acc_dtype
+from ...errors import ECIFInputError
+from .launch import Cfg, Launcher, check_queries, kernel_for, p2, plan_tables, scale_tensor, sm_count
+from .tiles import (col_chunk, col_tile, load_rows, max_combine, min_combine, row_tile, score_tiles, sum_combine,
+                    tile_dot)
 
 
 @triton.jit
@@ -86,66 +71,32 @@ def _line_stats_kernel(
     """Per own line ``r`` of the tile: ``top``, ``arg`` (pair index) and the rest as ``(rest_m, rest_s)`` (its
     largest entry and ``Σ exp(S − rest_m)``) of ``t·<A_r, B_c>`` over the columns ``c`` of chunk ``s`` of its
     batch (``top = rest_m = -inf``, ``rest_s = 0`` where empty)."""
-    pid = tl.program_id(0)
+    rid, mmask, b_lo, b_hi = row_tile(tile_start, tile_batch, offsets, perm, BLOCK_M, IDENTITY)
+    rows = rid.to(tl.int64)
     sid = tl.program_id(1)
-    t0 = tl.load(tile_start + pid)
-    b = tl.load(tile_batch + pid)
-    b_lo = tl.load(offsets + b)
-    b_hi = tl.load(offsets + b + 1)
-    # chunk ``sid`` of ``nsplit`` of this batch's column tiles (all of them when nsplit == 1)
-    n_ct = (b_hi - b_lo + BLOCK_N - 1) // BLOCK_N
-    per = (n_ct + nsplit - 1) // nsplit
-    c_lo = tl.minimum(b_lo + sid * per * BLOCK_N, b_hi)
-    c_hi = tl.minimum(c_lo + per * BLOCK_N, b_hi)
+    c_lo, c_hi = col_chunk(b_lo, b_hi, sid, nsplit, BLOCK_N)
     scale = tl.load(scale_ptr)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    pos_m = t0 + offs_m
-    mmask = pos_m < b_hi
-    if IDENTITY:
-        rows = pos_m.to(tl.int64)
-    else:
-        rows = tl.load(perm + pos_m, mask=mmask, other=0).to(tl.int64)
+    kk = tl.arange(0, BLOCK_K)
+    a = load_rows((A, sa0, sa1), rows, mmask, kk, kk < d, DOT_DTYPE) if SINGLE_K else None
 
     top = tl.full([BLOCK_M], float("-inf"), ACC_DTYPE)
     arg = tl.full([BLOCK_M], 0, tl.int32)
     rest_m = tl.full([BLOCK_M], float("-inf"), ACC_DTYPE)  # rest = rest_m + log(rest_s)
     rest_s = tl.full([BLOCK_M], 0.0, ACC_DTYPE)
-    if SINGLE_K:
-        kmask = offs_k < d
-        a = tl.load(A + rows[:, None] * sa0 + offs_k[None, :] * sa1,
-                    mask=mmask[:, None] & kmask[None, :], other=0.0).to(DOT_DTYPE)
     for c0 in range(c_lo, c_hi, BLOCK_N):
-        pos_n = c0 + offs_n
-        nmask = pos_n < c_hi
-        if IDENTITY:
-            cid = pos_n
-        else:
-            cid = tl.load(perm + pos_n, mask=nmask, other=0)
+        cid, nmask = col_tile(perm, c0, c_hi, BLOCK_N, IDENTITY)
         cols = cid.to(tl.int64)
-        if SINGLE_K:
-            bt = tl.load(B + cols[None, :] * sb0 + offs_k[:, None] * sb1,
-                         mask=kmask[:, None] & nmask[None, :], other=0.0).to(DOT_DTYPE)
-            s = tl.dot(a, bt, input_precision=PRECISION, out_dtype=ACC_DTYPE)
-        else:
-            s = tl.full([BLOCK_M, BLOCK_N], 0.0, ACC_DTYPE)
-            for k0 in range(0, d, BLOCK_K):
-                kk = k0 + offs_k
-                km = kk < d
-                ak = tl.load(A + rows[:, None] * sa0 + kk[None, :] * sa1,
-                             mask=mmask[:, None] & km[None, :], other=0.0).to(DOT_DTYPE)
-                bk = tl.load(B + cols[None, :] * sb0 + kk[:, None] * sb1,
-                             mask=km[:, None] & nmask[None, :], other=0.0).to(DOT_DTYPE)
-                s = tl.dot(ak, bk, s, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+        b = load_rows((B, sb0, sb1), cols, nmask, kk, kk < d, DOT_DTYPE) if SINGLE_K else None
+        s = tile_dot(tl.full([BLOCK_M, BLOCK_N], 0.0, ACC_DTYPE), (A, sa0, sa1), rows, mmask, a, (B, sb0, sb1),
+                     cols, nmask, b, d, BLOCK_K, SINGLE_K, DOT_DTYPE, PRECISION)
         s = tl.where(nmask[None, :], s * scale, float("-inf"))
         # the tile's top-1 (smallest pair index among ties) and the log-sum-exp of the tile's other entries
-        tv = tl.reduce(s, 1, _max_combine)
-        ti = tl.reduce(tl.where(s == tv[:, None], cid[None, :], 2147483647), 1, _min_combine)
+        tv = tl.reduce(s, 1, max_combine)
+        ti = tl.reduce(tl.where(s == tv[:, None], cid[None, :], 2147483647), 1, min_combine)
         sr = tl.where(cid[None, :] == ti[:, None], float("-inf"), s)
-        t2 = tl.reduce(sr, 1, _max_combine)
+        t2 = tl.reduce(sr, 1, max_combine)
         t2b = tl.where(t2 == float("-inf"), 0.0, t2)
-        ts = tl.reduce(tl.exp(sr - t2b[:, None]), 1, _sum_combine)
+        ts = tl.reduce(tl.exp(sr - t2b[:, None]), 1, sum_combine)
         # merge: the larger top wins, the smaller one ("loser") joins the rest (ties keep the earlier entry)
         new = tv > top
         loser = tl.where(new, top, tv)
@@ -174,31 +125,18 @@ def _line_pass2_kernel(
 ):
     """Per own line ``k`` and query ``q`` of the query chunk: ``m``, ``e`` (exact) and ``x`` over column
     chunk ``s``."""
-    pid = tl.program_id(0)
-    q_lo = tl.program_id(1) * BLOCK_Q
-    sid = tl.program_id(2)
-    q_hi = tl.minimum(q_lo + BLOCK_Q, Q)
-    t0 = tl.load(tile_start + pid)
-    b = tl.load(tile_batch + pid)
-    b_lo = tl.load(offsets + b)
-    b_hi = tl.load(offsets + b + 1)
-    # chunk ``sid`` of ``nsplit`` of this batch's column tiles (all of them when nsplit == 1)
-    n_ct = (b_hi - b_lo + BLOCK_N - 1) // BLOCK_N
-    per = (n_ct + nsplit - 1) // nsplit
-    c_lo = tl.minimum(b_lo + sid * per * BLOCK_N, b_hi)
-    c_hi = tl.minimum(c_lo + per * BLOCK_N, b_hi)
-    scale = tl.load(scale_ptr)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    offs_q = tl.arange(0, BLOCK_Q)
-    pos_m = t0 + offs_m
-    mmask = pos_m < b_hi
-    if IDENTITY:
-        rid = pos_m
-    else:
-        rid = tl.load(perm + pos_m, mask=mmask, other=0)
+    rid, mmask, b_lo, b_hi = row_tile(tile_start, tile_batch, offsets, perm, BLOCK_M, IDENTITY)
     rows = rid.to(tl.int64)
+    q_lo = tl.program_id(1) * BLOCK_Q
+    q_hi = tl.minimum(q_lo + BLOCK_Q, Q)
+    sid = tl.program_id(2)
+    c_lo, c_hi = col_chunk(b_lo, b_hi, sid, nsplit, BLOCK_N)
+    scale = tl.load(scale_ptr)
+    offs_q = tl.arange(0, BLOCK_Q)
+    kk = tl.arange(0, BLOCK_K)
+    a_op = (A, sa0, sa1)
+    b_op = (B, sb0, sb1)
+    a = load_rows(a_op, rows, mmask, kk, kk < d, DOT_DTYPE) if SINGLE_K else None
 
     top_i = tl.load(own_top + rows, mask=mmask, other=0.0)
     l_i = tl.load(own_l + rows, mask=mmask, other=0.0)
@@ -209,33 +147,12 @@ def _line_pass2_kernel(
     acc_m = tl.full([BLOCK_Q, BLOCK_M], 0.0, ACC_DTYPE)
     acc_e = tl.full([BLOCK_Q, BLOCK_M], 0.0, ACC_DTYPE)
     acc_x = tl.full([BLOCK_Q, BLOCK_M], 0.0, ACC_DTYPE)
-    if SINGLE_K:
-        kmask = offs_k < d
-        a = tl.load(A + rows[:, None] * sa0 + offs_k[None, :] * sa1,
-                    mask=mmask[:, None] & kmask[None, :], other=0.0).to(DOT_DTYPE)
     for c0 in range(c_lo, c_hi, BLOCK_N):
-        pos_n = c0 + offs_n
-        nmask = pos_n < c_hi
-        if IDENTITY:
-            cid = pos_n
-        else:
-            cid = tl.load(perm + pos_n, mask=nmask, other=0)
+        cid, nmask = col_tile(perm, c0, c_hi, BLOCK_N, IDENTITY)
         cols = cid.to(tl.int64)
-        if SINGLE_K:
-            bt = tl.load(B + cols[None, :] * sb0 + offs_k[:, None] * sb1,
-                         mask=kmask[:, None] & nmask[None, :], other=0.0).to(DOT_DTYPE)
-            s = tl.dot(a, bt, input_precision=PRECISION, out_dtype=ACC_DTYPE)
-        else:
-            s = tl.full([BLOCK_M, BLOCK_N], 0.0, ACC_DTYPE)
-            for k0 in range(0, d, BLOCK_K):
-                kk = k0 + offs_k
-                km = kk < d
-                ak = tl.load(A + rows[:, None] * sa0 + kk[None, :] * sa1,
-                             mask=mmask[:, None] & km[None, :], other=0.0).to(DOT_DTYPE)
-                bk = tl.load(B + cols[None, :] * sb0 + kk[:, None] * sb1,
-                             mask=km[:, None] & nmask[None, :], other=0.0).to(DOT_DTYPE)
-                s = tl.dot(ak, bk, s, input_precision=PRECISION, out_dtype=ACC_DTYPE)
-        s = s * scale
+        b = load_rows(b_op, cols, nmask, kk, kk < d, DOT_DTYPE) if SINGLE_K else None
+        s = tile_dot(tl.full([BLOCK_M, BLOCK_N], 0.0, ACC_DTYPE), a_op, rows, mmask, a, b_op, cols, nmask, b, d,
+                     BLOCK_K, SINGLE_K, DOT_DTYPE, PRECISION) * scale
         valid = mmask[:, None] & nmask[None, :]
         # weights of the tile, shared by every query of the chunk; exp(S − lse) as exp((S − top) − l) with
         # l = lse − top kept apart, so the rounding of a large lse does not scale a whole line
@@ -257,36 +174,21 @@ def _line_pass2_kernel(
             w = tl.where(valid & (rid[:, None] != cid[None, :]), qo, 0.0)
         for q in range(q_lo, q_hi):
             q64 = q_lo.to(tl.int64) + (q - q_lo)  # (q is a Python int in the interpreter)
-            if SINGLE_K:
-                da = tl.load(dA + q64 * sda_q + rows[:, None] * sda0 + offs_k[None, :] * sda1,
-                             mask=mmask[:, None] & kmask[None, :], other=0.0).to(DOT_DTYPE)
-                dbt = tl.load(dB + q64 * sdb_q + cols[None, :] * sdb0 + offs_k[:, None] * sdb1,
-                              mask=kmask[:, None] & nmask[None, :], other=0.0).to(DOT_DTYPE)
-                g = tl.dot(da, bt, input_precision=PRECISION, out_dtype=ACC_DTYPE)
-                g = tl.dot(a, dbt, g, input_precision=PRECISION, out_dtype=ACC_DTYPE)
-            else:
-                g = tl.full([BLOCK_M, BLOCK_N], 0.0, ACC_DTYPE)
-                for k0 in range(0, d, BLOCK_K):
-                    kk = k0 + offs_k
-                    km = kk < d
-                    ak = tl.load(A + rows[:, None] * sa0 + kk[None, :] * sa1,
-                                 mask=mmask[:, None] & km[None, :], other=0.0).to(DOT_DTYPE)
-                    bk = tl.load(B + cols[None, :] * sb0 + kk[:, None] * sb1,
-                                 mask=km[:, None] & nmask[None, :], other=0.0).to(DOT_DTYPE)
-                    dak = tl.load(dA + q64 * sda_q + rows[:, None] * sda0 + kk[None, :] * sda1,
-                                  mask=mmask[:, None] & km[None, :], other=0.0).to(DOT_DTYPE)
-                    dbk = tl.load(dB + q64 * sdb_q + cols[None, :] * sdb0 + kk[:, None] * sdb1,
-                                  mask=km[:, None] & nmask[None, :], other=0.0).to(DOT_DTYPE)
-                    g = tl.dot(dak, bk, g, input_precision=PRECISION, out_dtype=ACC_DTYPE)
-                    g = tl.dot(ak, dbk, g, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+            da_op = (dA + q64 * sda_q, sda0, sda1)
+            db_op = (dB + q64 * sdb_q, sdb0, sdb1)
+            da = load_rows(da_op, rows, mmask, kk, kk < d, DOT_DTYPE) if SINGLE_K else None
+            db = load_rows(db_op, cols, nmask, kk, kk < d, DOT_DTYPE) if SINGLE_K else None
+            _, g = score_tiles(None, tl.full([BLOCK_M, BLOCK_N], 0.0, ACC_DTYPE), a_op, da_op, rows, mmask, a, da,
+                               b_op, db_op, cols, nmask, b, db, d, BLOCK_K, SINGLE_K, False, True, DOT_DTYPE,
+                               PRECISION)
             g = g * scale
             if HAS_DS:
                 g = g + tl.load(ds_ptr + q) * s
             sel = (offs_q == q - q_lo)[:, None]
-            acc_m = tl.where(sel, acc_m + tl.reduce(p * g, 1, _sum_combine)[None, :], acc_m)
-            acc_x = tl.where(sel, acc_x + tl.reduce(w * g, 1, _sum_combine)[None, :], acc_x)
+            acc_m = tl.where(sel, acc_m + tl.reduce(p * g, 1, sum_combine)[None, :], acc_m)
+            acc_x = tl.where(sel, acc_x + tl.reduce(w * g, 1, sum_combine)[None, :], acc_x)
             if EXACT:
-                acc_e = tl.where(sel, acc_e + tl.reduce(ew * g, 1, _sum_combine)[None, :], acc_e)
+                acc_e = tl.where(sel, acc_e + tl.reduce(ew * g, 1, sum_combine)[None, :], acc_e)
 
     qq = q_lo + offs_q
     optr = sid.to(tl.int64) * split_stride + qq.to(tl.int64)[:, None] * out_q_stride + rows[None, :]
@@ -307,60 +209,24 @@ def _line_pass3_kernel(
 ):
     """Per own line ``k`` and query ``q`` of the query chunk: ``z = Σ_j [arg_j = k ≠ j] c_j − Σ_j W_kj mean_j``
     over column chunk ``s``."""
-    pid = tl.program_id(0)
-    q_lo = tl.program_id(1) * BLOCK_Q
-    sid = tl.program_id(2)
-    q_hi = tl.minimum(q_lo + BLOCK_Q, Q)
-    t0 = tl.load(tile_start + pid)
-    b = tl.load(tile_batch + pid)
-    b_lo = tl.load(offsets + b)
-    b_hi = tl.load(offsets + b + 1)
-    # chunk ``sid`` of ``nsplit`` of this batch's column tiles (all of them when nsplit == 1)
-    n_ct = (b_hi - b_lo + BLOCK_N - 1) // BLOCK_N
-    per = (n_ct + nsplit - 1) // nsplit
-    c_lo = tl.minimum(b_lo + sid * per * BLOCK_N, b_hi)
-    c_hi = tl.minimum(c_lo + per * BLOCK_N, b_hi)
-    scale = tl.load(scale_ptr)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    offs_q = tl.arange(0, BLOCK_Q)
-    pos_m = t0 + offs_m
-    mmask = pos_m < b_hi
-    if IDENTITY:
-        rid = pos_m
-    else:
-        rid = tl.load(perm + pos_m, mask=mmask, other=0)
+    rid, mmask, b_lo, b_hi = row_tile(tile_start, tile_batch, offsets, perm, BLOCK_M, IDENTITY)
     rows = rid.to(tl.int64)
+    q_lo = tl.program_id(1) * BLOCK_Q
+    q_hi = tl.minimum(q_lo + BLOCK_Q, Q)
+    sid = tl.program_id(2)
+    c_lo, c_hi = col_chunk(b_lo, b_hi, sid, nsplit, BLOCK_N)
+    scale = tl.load(scale_ptr)
+    offs_q = tl.arange(0, BLOCK_Q)
+    kk = tl.arange(0, BLOCK_K)
+    a = load_rows((A, sa0, sa1), rows, mmask, kk, kk < d, DOT_DTYPE) if SINGLE_K else None
 
     acc_z = tl.full([BLOCK_M, BLOCK_Q], 0.0, ACC_DTYPE)
-    if SINGLE_K:
-        kmask = offs_k < d
-        a = tl.load(A + rows[:, None] * sa0 + offs_k[None, :] * sa1,
-                    mask=mmask[:, None] & kmask[None, :], other=0.0).to(DOT_DTYPE)
     for c0 in range(c_lo, c_hi, BLOCK_N):
-        pos_n = c0 + offs_n
-        nmask = pos_n < c_hi
-        if IDENTITY:
-            cid = pos_n
-        else:
-            cid = tl.load(perm + pos_n, mask=nmask, other=0)
+        cid, nmask = col_tile(perm, c0, c_hi, BLOCK_N, IDENTITY)
         cols = cid.to(tl.int64)
-        if SINGLE_K:
-            bt = tl.load(B + cols[None, :] * sb0 + offs_k[:, None] * sb1,
-                         mask=kmask[:, None] & nmask[None, :], other=0.0).to(DOT_DTYPE)
-            s = tl.dot(a, bt, input_precision=PRECISION, out_dtype=ACC_DTYPE)
-        else:
-            s = tl.full([BLOCK_M, BLOCK_N], 0.0, ACC_DTYPE)
-            for k0 in range(0, d, BLOCK_K):
-                kk = k0 + offs_k
-                km = kk < d
-                ak = tl.load(A + rows[:, None] * sa0 + kk[None, :] * sa1,
-                             mask=mmask[:, None] & km[None, :], other=0.0).to(DOT_DTYPE)
-                bk = tl.load(B + cols[None, :] * sb0 + kk[:, None] * sb1,
-                             mask=km[:, None] & nmask[None, :], other=0.0).to(DOT_DTYPE)
-                s = tl.dot(ak, bk, s, input_precision=PRECISION, out_dtype=ACC_DTYPE)
-        s = s * scale
+        b = load_rows((B, sb0, sb1), cols, nmask, kk, kk < d, DOT_DTYPE) if SINGLE_K else None
+        s = tile_dot(tl.full([BLOCK_M, BLOCK_N], 0.0, ACC_DTYPE), (A, sa0, sa1), rows, mmask, a, (B, sb0, sb1),
+                     cols, nmask, b, d, BLOCK_K, SINGLE_K, DOT_DTYPE, PRECISION) * scale
         valid = mmask[:, None] & nmask[None, :]
         top_j = tl.load(oth_top + cols, mask=nmask, other=0.0)
         l_j = tl.load(oth_l + cols, mask=nmask, other=0.0)
@@ -375,10 +241,10 @@ def _line_pass3_kernel(
         for q in range(q_lo, q_hi):
             vptr = (q_lo.to(tl.int64) + (q - q_lo)) * vec_q_stride + cols
             mo = tl.load(mean_o + vptr, mask=nmask, other=0.0)
-            z = -tl.reduce(w * mo[None, :], 1, _sum_combine)
+            z = -tl.reduce(w * mo[None, :], 1, sum_combine)
             if EXACT:
                 co = tl.load(c_o + vptr, mask=nmask, other=0.0)
-                z = z + tl.reduce(tl.where(credit, co[None, :], 0.0), 1, _sum_combine)
+                z = z + tl.reduce(tl.where(credit, co[None, :], 0.0), 1, sum_combine)
             sel = (offs_q == q - q_lo)[None, :]
             acc_z = tl.where(sel, acc_z + z[:, None], acc_z)
 
@@ -395,7 +261,7 @@ def _kernel(name: str, device_type: str):
     return kernel_for(_KERNELS[name], "reductions_" + name, device_type)
 
 
-def _gpu_configs(dtype: torch.dtype, d: int) -> list:
+def _gpu_configs(dtype: torch.dtype, d: int) -> List[Cfg]:
     """Tile configurations for the GPU, first choice then smaller fall-backs.
 
     Pass 2 keeps ``S``, three weight tiles and a ``δS`` tile per query live, plus the address tensors
@@ -403,32 +269,26 @@ def _gpu_configs(dtype: torch.dtype, d: int) -> list:
     wide block spilled. The first choices, with up to ``_GPU_MAX_BLOCK_Q`` queries per program,
     compile for sm_90 without register spills (ptxas, kernels specialised as a launch with aligned
     pointers and ``d`` a multiple of 16 does; float32 and float64 with ``d`` not a multiple of 16 spill
-    a few dozen bytes). Untuned: no GPU timings yet.
+    a few dozen bytes). Chosen without a GPU at hand; ``benchmarks/gpu_check.py`` times them.
     """
     if dtype in (torch.float16, torch.bfloat16):
         if d % 16:
             bk = 32 if d > 16 else 16
         else:
-            bk = max(16, _p2(d)) if d <= 128 else 64
-        cfgs = [_Cfg(64, 64, bk, 8, 2)]
+            bk = max(16, p2(d)) if d <= 128 else 64
+        cfgs = [Cfg(64, 64, bk, 8, 2)]
     elif dtype == torch.float32:
-        cfgs = [_Cfg(64, 64, 16, 8, 2)]
+        cfgs = [Cfg(64, 64, 16, 8, 2)]
     else:  # float64
-        cfgs = [_Cfg(32, 32, 16, 4, 1)]
-    cfgs += [_Cfg(16, 16, 16, 4, 1)]
+        cfgs = [Cfg(32, 32, 16, 4, 1)]
+    cfgs += [Cfg(16, 16, 16, 4, 1)]
     return cfgs
 
 
 _GPU_MAX_BLOCK_Q = 8  # queries per program on the GPU (register pressure of pass 2)
 
-
-_GOOD_CFG: Dict[Tuple, int] = {}
-_LAST_LAUNCH: Dict[str, object] = {}
-
-
-def last_launch() -> Dict[str, object]:
-    """What the latest successful :func:`ecif_reductions` call launched (tile config, query chunks, ...)."""
-    return dict(_LAST_LAUNCH)
+_LAUNCHER = Launcher(fp_fusion_off=True)  # pass 2/3 weights from the rounded S of the stats (launch.fp_fusion)
+last_launch = _LAUNCHER.last_launch
 
 
 class _Stats(NamedTuple):
@@ -462,81 +322,37 @@ def ecif_reductions(U: torch.Tensor, V: torch.Tensor, scale, plan: BatchPlan, dU
             the host); tuning/testing knobs, chosen automatically when None.
     Returns:
         ``(positive, negative)``: ``(Q, n)`` (``(n,)`` for 2-D ``dU``), float32 (float64 for float64
-        inputs), on U's device. Pairs in no batch get 0. Not differentiable.
+        inputs), on U's device. Not differentiable.
     """
     if negative_term not in ("exact", "taylor"):
         raise ECIFInputError(f"negative_term must be 'exact' or 'taylor', got {negative_term!r}")
     exact = negative_term == "exact"
-    U, V, dU, dV = check_inputs(U, V, plan, dU, dV)
-    if dU.shape != dV.shape:
-        raise ECIFInputError(f"dU and dV must have the same shape, got {tuple(dU.shape)} and {tuple(dV.shape)}")
-    squeeze = dU.dim() == 2
-    if squeeze:
-        dU, dV = dU.unsqueeze(0), dV.unsqueeze(0)
+    U, V, dU, dV, ds, squeeze = check_queries(U, V, plan, dU, dV, dlog_scale)
     dev = U.device
-    n, d = U.shape
-    Q = dU.shape[0]
-    acc = torch.float64 if U.dtype == torch.float64 else torch.float32
-    t = float(scale.detach().reshape(())) if torch.is_tensor(scale) else float(scale)
-    scale_t = torch.tensor([t], dtype=acc, device=dev)
-    has_ds = dlog_scale is not None
-    if has_ds:
-        ds = torch.as_tensor(dlog_scale, dtype=acc, device=dev).detach().reshape(-1)
-        if ds.numel() not in (1, Q):
-            raise ECIFInputError(f"dlog_scale must hold 1 or Q = {Q} values, got {ds.numel()}")
-        ds = ds.expand(Q).contiguous()
-    else:
+    Q, n, d = dU.shape
+    acc = acc_dtype(U)
+    scale_t = scale_tensor(scale, acc, dev)
+    has_ds = ds is not None
+    if not has_ds:
         ds = scale_t  # unused (HAS_DS=False)
-
-    positive = torch.zeros(Q, n, dtype=acc, device=dev)
-    negative = torch.zeros(Q, n, dtype=acc, device=dev)
-    if n == 0 or Q == 0 or plan.num_batches == 0:
-        return (positive[0], negative[0]) if squeeze else (positive, negative)
-
-    interp = dev.type == "cpu"
-    if interp:
-        cfgs = [_Cfg(block_m or 32, block_n or 32, block_k or min(_p2(d), 64), 4, 1)]
-    else:
-        cfgs = _gpu_configs(U.dtype, d)
-        if block_m or block_n or block_k:
-            c0 = cfgs[0]
-            cfgs = [_Cfg(block_m or c0.block_m, block_n or c0.block_n, block_k or c0.block_k,
-                         c0.num_warps, c0.num_stages)]
-    precision, dot_dt = dot_setup(U.dtype, interp)
-    for c in cfgs:
-        for v in (c.block_m, c.block_n, c.block_k):
-            if v < 16 or v & (v - 1):
-                raise ECIFInputError(f"tile sizes must be powers of two >= 16, got {c[:3]}")
     if block_q is not None and (block_q < 1 or block_q & (block_q - 1)):
         raise ECIFInputError(f"block_q must be a power of two >= 1, got {block_q}")
+    if n == 0 or Q == 0:
+        out = torch.zeros(Q, n, dtype=acc, device=dev)
+        return (out[0], out[0].clone()) if squeeze else (out, out.clone())
+    interp = dev.type == "cpu"
 
-    key = (U.dtype, _p2(d), str(dev), precision)
-    start = _GOOD_CFG.get(key, 0) if len(cfgs) > 1 else 0
-    last_err: Optional[BaseException] = None
-    for ci in range(start, len(cfgs)):
-        cfg = cfgs[ci]
-        tab = _plan_tables(plan, dev, cfg.block_m)
+    def attempt(cfg: Cfg, consts: dict):
+        tab = plan_tables(plan, dev, cfg.block_m)
         bq, nsplit = _launch_shape(Q, n, tab, cfg, dev, interp, block_q, split)
-        try:
-            pos, neg = _run(U, V, dU, dV, scale_t, ds, has_ds, exact, tab, cfg, bq, nsplit, precision, dot_dt, acc)
-        except Exception as e:  # compile-time failure (e.g. out of shared memory): try a smaller tile
-            if interp or ci + 1 == len(cfgs):
-                raise
-            warnings.warn(f"triton ecif_reductions: tile config {tuple(cfg)} failed for {U.dtype}, d={d} "
-                          f"({type(e).__name__}: {str(e)[:200]}); trying a smaller one")
-            last_err = e
-            continue
-        if len(cfgs) > 1:
-            _GOOD_CFG[key] = ci
-        _LAST_LAUNCH.clear()
-        _LAST_LAUNCH.update(config=cfg._asdict(), block_q=bq, query_chunks=-(-Q // bq), split=nsplit,
-                            precision=precision, single_k=d <= cfg.block_k, identity=tab.identity,
-                            num_tiles=tab.num_tiles, interpreted=interp, fp_fusion=not interp and fp_fusion())
-        return (pos[0], neg[0]) if squeeze else (pos, neg)
-    raise RuntimeError(f"triton ecif_reductions: no tile configuration worked: {last_err}")  # pragma: no cover
+        pos, neg = _run(U, V, dU, dV, scale_t, ds, has_ds, exact, tab, consts, bq, nsplit, acc)
+        return ((pos[0], neg[0]) if squeeze else (pos, neg)), dict(
+            block_q=bq, query_chunks=-(-Q // bq), split=nsplit, identity=tab.identity, num_tiles=tab.num_tiles)
+
+    return _LAUNCHER.run("ecif_reductions", U, d, _gpu_configs(U.dtype, d), attempt, (block_m, block_n, block_k))
 
 
-def _launch_shape(Q: int, n: int, tab, cfg: _Cfg, dev: torch.device, interp: bool, block_q: Optional[int],
+def _launch_shape(Q: int, n: int, tab, cfg: Cfg, dev: torch.device, interp: bool, block_q: Optional[int],
                   split: Optional[int]) -> Tuple[int, int]:
     """``(BLOCK_Q, nsplit)``: queries per program and column chunks per row tile.
 
@@ -545,12 +361,12 @@ def _launch_shape(Q: int, n: int, tab, cfg: _Cfg, dev: torch.device, interp: boo
     sums only, nothing recomputed; bounded so that the partials stay under 2^24 elements per output),
     then the query chunks shrink (each chunk recomputes ``S`` and the weights).
     """
-    bq = block_q or min(_p2(Q, 1), 16 if interp else _GPU_MAX_BLOCK_Q)
+    bq = block_q or min(p2(Q, 1), 16 if interp else _GPU_MAX_BLOCK_Q)
     if split is not None:
         return bq, max(1, int(split))
     if interp:
         return bq, 1
-    want = 2 * _sm_count(dev)
+    want = 2 * sm_count(dev)
     col_tiles = -(-tab.largest_batch // cfg.block_n)
     nsplit = -(-want // max(tab.num_tiles * -(-Q // bq), 1))
     nsplit = max(1, min(nsplit, col_tiles // 2, 64, (1 << 24) // max(Q * n, 1)))
@@ -559,24 +375,18 @@ def _launch_shape(Q: int, n: int, tab, cfg: _Cfg, dev: torch.device, interp: boo
     return bq, nsplit
 
 
-def _run(U, V, dU, dV, scale_t, ds, has_ds, exact, tab, cfg, bq, nsplit, precision, dot_dt, acc):
+def _run(U, V, dU, dV, scale_t, ds, has_ds, exact, tab, consts, bq, nsplit, acc):
     """Stats, pass 2 and pass 3 for rows and columns; returns ``(positive, negative)`` ``(Q, n)``."""
     dev = U.device
     Q, n, d = dU.shape
-    single_k = d <= cfg.block_k
     grid1 = (tab.num_tiles, nsplit)
     grid2 = (tab.num_tiles, -(-Q // bq), nsplit)
-    common = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SINGLE_K=single_k,
-                  IDENTITY=tab.identity, DOT_DTYPE=dot_dt, ACC_DTYPE=_TL_DTYPES[acc], PRECISION=precision,
-                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    if dev.type == "cuda":  # no fma contraction: pass 2/3 weights from the rounded S of the stats (lse.fp_fusion)
-        common["enable_fp_fusion"] = fp_fusion()
+    common = dict(IDENTITY=tab.identity, **consts)
     plan_args = (tab.perm, tab.offsets, tab.tile_start, tab.tile_batch, scale_t)
 
     def stats(A, B) -> _Stats:
-        top, rest_m = (torch.full((nsplit, n), float("-inf"), dtype=acc, device=dev) for _ in range(2))
-        rest_s = torch.zeros(nsplit, n, dtype=acc, device=dev)
-        arg = torch.zeros(nsplit, n, dtype=torch.int32, device=dev)
+        top, arg, rest_m, rest_s = (torch.empty(nsplit, n, dtype=dt, device=dev)
+                                    for dt in (acc, torch.int32, acc, acc))
         _kernel("stats", dev.type)[grid1](A, B, top, arg, rest_m, rest_s, *plan_args, d, A.stride(0), A.stride(1),
                                           B.stride(0), B.stride(1), n, nsplit, **common)
         if nsplit == 1:
@@ -596,7 +406,7 @@ def _run(U, V, dU, dV, scale_t, ds, has_ds, exact, tab, cfg, bq, nsplit, precisi
         return _Stats(top, arg, l, rest_m, rest_l)
 
     def pass2(A, B, dA, dB, own: _Stats, oth: _Stats):
-        out = [torch.zeros(nsplit, Q, n, dtype=acc, device=dev) for _ in range(3)]  # m, e, x
+        out = [torch.empty(nsplit, Q, n, dtype=acc, device=dev) for _ in range(3)]  # m, e, x
         _kernel("pass2", dev.type)[grid2](
             A, B, dA, dB, *plan_args, ds, own.top, own.l, own.rest_m, own.rest_l, own.arg, oth.top, oth.l,
             oth.arg, *out,
@@ -606,7 +416,7 @@ def _run(U, V, dU, dV, scale_t, ds, has_ds, exact, tab, cfg, bq, nsplit, precisi
         return [o[0] if nsplit == 1 else o.sum(0) for o in out]
 
     def pass3(A, B, oth: _Stats, mean_o, c_o):
-        z = torch.zeros(nsplit, Q, n, dtype=acc, device=dev)
+        z = torch.empty(nsplit, Q, n, dtype=acc, device=dev)
         _kernel("pass3", dev.type)[grid2](
             A, B, *plan_args, oth.top, oth.l, oth.arg, mean_o, c_o, z, d, Q, A.stride(0), A.stride(1), B.stride(0),
             B.stride(1), n, Q * n, nsplit, BLOCK_Q=bq, EXACT=exact, **common)
@@ -624,10 +434,6 @@ def _run(U, V, dU, dV, scale_t, ds, has_ds, exact, tab, cfg, bq, nsplit, precisi
     z_r = pass3(U, V, cols, m_c, c_c)
     z_c = pass3(V, U, rows, m_r, c_r)
     diag = _diagonal(U, V, dU, dV, scale_t, ds if has_ds else None, acc)
-    if not tab.identity:  # pairs in no batch (e.g. BatchPlan.without) have no δS_kk
-        covered = torch.zeros(n, dtype=torch.bool, device=dev)
-        covered[tab.perm.long()] = True
-        diag = diag * covered
     return m_r + m_c - 2 * diag, x_r + x_c + z_r + z_c
 
 

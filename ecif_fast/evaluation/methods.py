@@ -15,7 +15,6 @@ import time
 import torch
 from torch.func import grad, jacrev
 
-import ecif_fast as ef
 from ecif_fast.core.loss import batch_loss, per_pair_loss
 from ecif_fast.models.functional import FunctionalModel
 from ecif_fast.models.params import select_params

@@ -1,8 +1,9 @@
-"""EVALUATION.md from a ``results.json`` of :mod:`evaluation.suite`: tables, figures, commands, machine."""
+"""EVALUATION.md from a ``results.json`` of :mod:`ecif_fast.evaluation.suite`: tables, figures, commands, machine."""
 from __future__ import annotations
 
 import os
-import tempfile
+
+from ..report.output import atomic_output_file
 
 FIG_DIR = os.path.join("docs", "evaluation")
 # hand-written reading of the full run (quoted numbers are that run's); inserted after the introduction
@@ -240,10 +241,8 @@ def write_report(res: dict, md_path: str) -> str:
     md_dir = os.path.dirname(os.path.abspath(md_path))
     figs = figures(res, os.path.join(md_dir, FIG_DIR))
     text = render(res, figs, md_dir)
-    fd, tmp = tempfile.mkstemp(dir=md_dir, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
+    with atomic_output_file(md_path, replaceable=lambda p: True) as tmp, open(tmp, "w") as f:
         f.write(text)
-    os.replace(tmp, md_path)
     return md_path
 
 

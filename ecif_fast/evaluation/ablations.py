@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
 import torch
 
 from ecif_fast.apps.metrics import auroc
@@ -57,10 +56,10 @@ def batch_sweep(sizes, n_loo: int, seed: int, progress: bool) -> dict:
 def solver_sweep(problem: Problem, pairs=None, actual=None, ranks=(8, 32)) -> dict:
     """Influence of every pair by each solver vs the exact solve (Pearson, max relative error) and seconds."""
     t0 = time.perf_counter()
-    ref = problem.ecif(hessian="exact").influence(problem.Xv, problem.Yv).total
+    ref = problem.ecif(solver="exact").influence(problem.Xv, problem.Yv).total
     rows = {"exact": {"seconds": time.perf_counter() - t0}}
-    configs = {"cg": {"hessian": "cg", "cg_maxiter": 3000}}
-    configs.update({f"lowrank_{r}": {"hessian": "lowrank", "rank": r} for r in ranks})
+    configs = {"cg": {"solver": "cg", "cg_maxiter": 3000}}
+    configs.update({f"lowrank_{r}": {"solver": "lowrank", "rank": r} for r in ranks})
     for name, kw in configs.items():
         t0 = time.perf_counter()
         tot = problem.ecif(**kw).influence(problem.Xv, problem.Yv).total

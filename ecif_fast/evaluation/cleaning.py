@@ -12,8 +12,6 @@ import time
 import numpy as np
 import torch
 
-import ecif_fast as ef
-
 from .digits import DigitRun
 
 

@@ -55,7 +55,7 @@ def digit_run(data, setting: DigitSetting, noise: float, seed: int, kind: str = 
     secs += time.perf_counter() - t0
     if not res.grad_norm < 1e-8:
         raise RuntimeError(f"digits (noise {noise}, seed {seed}): training did not reach the optimum ({res})")
-    # retraining (cleaning): L-BFGS from θ̂; a dense Newton solve per retrain costs ~20x more here and changes
+    # retraining (cleaning): L-BFGS from θ̂; a dense Newton solve per retrain costs far more here and changes
     # no accuracy (max|∇R| < 1e-4 against a loss of ~5e3)
     problem = Problem("digits", f"digits + MiniLM, {noise:.0%} {kind} swapped captions, seed {seed}", model, X, Y,
                       Xv, Yv, ids, setting.damping, ref,

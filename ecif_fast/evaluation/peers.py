@@ -49,7 +49,8 @@ class CLIPCall(nn.Module):
 
 
 def _need(pip: str, what: str):
-    return ImportError(f"{what} needs the peer library `{pip}`: pip install {pip}")
+    return ImportError(f"{what} needs the peer library `{pip}`: pip install {pip} "
+                       "(or every peer at its tested release: pip install \"ecif-fast[eval]\")")
 
 
 def _selected(problem: Problem):
