@@ -16,7 +16,8 @@ from .core.pair_terms import pair_embedding_gradients, removal_objective
 from .kernels import ops
 from .models.functional import ChunkedVJP, FunctionalModel, chunked_jvp, row_slices
 from .models.params import ParamsArg, select_params
-from .engine_inputs import collect_pairs, default_chunks, encodes, hessian_batches_arg, solver_arg
+from .engine_inputs import (cg_tol_arg, collect_pairs, default_chunks, encodes, hessian_batches_arg, pick_solver,
+                            solver_arg)
 from .results import InfluenceResult
 from .solvers import CURVATURES, Curvature, resolve_damping
 from .solvers.cg import cg_summary_per_call
@@ -34,17 +35,25 @@ class ECIF:
     Args:
         model: a :class:`~ecif_fast.ContrastiveModel` at (or near) the optimum θ̂ of
             ``R(θ) = Σ_b Σ_{k∈b} ℓ_k + (δ/2)||θ − θ_ref||²``.
-        damping: δ > 0, or ``"auto"`` (see :func:`ecif_fast.solvers.resolve_damping`).
+        damping: δ > 0, or ``"auto"`` (the default; see :func:`ecif_fast.solvers.resolve_damping`: at least
+            ``1e-3·tr(C)/P`` and ``sqrt(eps)·|λ|_max``, so the solve converges in the model's dtype). For a
+            model trained with weight decay, pass that δ.
         batches: the fixed training batches: ``None`` ("all" negatives), an int batch size, or ``(n,)`` ids.
         negative_term: ``"exact"`` (``−log(1−P)``, default) or ``"taylor"`` (``P``, the paper's form).
-        solver: a registered solver name (:func:`ecif_fast.solvers.solver_names`): ``"exact"`` (dense Cholesky,
-            the default), ``"cg"`` (matrix-free) or ``"lowrank"``. ``hessian=`` is its deprecated alias.
-        curvature: ``"hessian"`` (exact second derivatives) or ``"gauss-newton"`` (PSD).
+        solver: a registered solver name (:func:`ecif_fast.solvers.solver_names`): ``"exact"`` (dense Cholesky),
+            ``"cg"`` (matrix-free, preconditioned by a rank-``rank`` spectral factor) or ``"lowrank"`` (that factor
+            alone). Default None: ``"exact"`` up to 4096 trained parameters, else ``"cg"``
+            (:func:`ecif_fast.solvers.default_solver`). ``hessian=`` is its deprecated alias.
+        curvature: ``"gauss-newton"`` (positive semi-definite, the default) or ``"hessian"`` (exact second
+            derivatives: the influence of the exact optimum; may be indefinite away from it).
         params: which parameters are trained (see :func:`ecif_fast.models.params.select_params`).
-        rank: eigenpairs kept by the low-rank solver (an int >= 1; it warns when the rest of the spectrum is
-            not negligible, see :class:`~ecif_fast.solvers.LowRankSolver`). cg_tol: relative residual in (0, 1)
-            at which CG stops; cg_maxiter: an int >= 1 (default ``max(100, 2P)``). A public call whose CG solves
-            did not all converge warns once (RuntimeWarning) with the count and the worst residual.
+        rank: eigenpairs kept by the spectral factor (the ``lowrank`` solver, CG's preconditioner and the
+            factorised self-influence; an int >= 1; see :class:`~ecif_fast.solvers.LowRankSolver`).
+        precondition: CG only: precondition with the spectral factor (default True; the answer is the same to
+            ``cg_tol``, the iterations are fewer).
+        cg_tol: relative residual in (0, 1) at which CG stops (default None: 1e-10 in float64, 1e-4 in float32);
+            cg_maxiter: an int >= 1 (default ``max(100, 2P)``). A public call whose CG solves did not all converge
+            warns once (RuntimeWarning) with the count and the worst residual.
         hessian_batches: optional list of batch numbers (ints in ``[0, num_batches)``) to subsample the curvature.
         chunk_size: pairs per encoder call (embedding, JVP pass, curvature products: whole batches are kept
             together there). tangent_chunk: tangent / cotangent vectors pushed through the encoders per call
@@ -69,9 +78,10 @@ class ECIF:
     :meth:`fit` warns (UserWarning) when some pairs are alone in their batch.
     """
 
-    def __init__(self, model: nn.Module, *, damping, batches: BatchesArg = None, negative_term: str = "exact",
-                 solver: str | None = None, curvature: str = "hessian", params: ParamsArg = None, rank: int = 64,
-                 cg_tol: float = 1e-10, cg_maxiter: int | None = None, hessian_batches=None,
+    def __init__(self, model: nn.Module, *, damping="auto", batches: BatchesArg = None,
+                 negative_term: str = "exact", solver: str | None = None, curvature: str = "gauss-newton",
+                 params: ParamsArg = None, rank: int = 64, precondition: bool = True, cg_tol: float | None = None,
+                 cg_maxiter: int | None = None, hessian_batches=None,
                  chunk_size: int | None = None, tangent_chunk: int | None = None, progress: bool = False,
                  seed: int = 0, backend: str | None = None, hessian: str | None = None):
         self.negative_term = check_choice(negative_term, "negative_term", NEGATIVE_TERMS)
@@ -88,12 +98,16 @@ class ECIF:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ECIFInputError(f"{name} must be an int >= 1 (or None for automatic), got {value!r}")
         self.rank = check_int(rank, "rank", minimum=1)
-        self.cg_tol = check_tolerance(cg_tol, "cg_tol")
+        self.cg_tol = None if cg_tol is None else check_tolerance(cg_tol, "cg_tol")
+        if not isinstance(precondition, bool):
+            raise ECIFInputError(f"precondition must be True or False, got {precondition!r}")
+        self.precondition = precondition
         self.cg_maxiter = check_int(cg_maxiter, "cg_maxiter", minimum=1, allow_none=True)
         self.seed = check_int(seed, "seed")
         self.hessian_batches = hessian_batches_arg(hessian_batches)
         self.model = model
         self.space = select_params(model, params)
+        self.solver_name = pick_solver(self.solver_name, self.space.size)
         self.fm = FunctionalModel(model, self.space)
         self.dtype = check_params(dict(model.named_parameters()), self.space.names)
         scale = model.logit_scale
@@ -107,7 +121,7 @@ class ECIF:
             raise ECIFInputError(f"backend must be a string such as 'torch', 'cpp' or 'triton', or None; "
                                  f"got {type(backend).__name__}")
         self.backend = backend
-        self._self_influence = None
+        self._self_influence: dict[str, torch.Tensor] = {}  # all pairs, by method
         self._fitted = False
 
     # ------------------------------------------------------------------ fit
@@ -139,9 +153,11 @@ class ECIF:
         # a solver that forms the dense curvature shares it with damping="auto" (its exact trace)
         dense = self.curvature.dense() if solver_type.needs_dense else None
         self.damping = resolve_damping(self.damping_arg, self.curvature, dense)
-        options = SolverOptions(rank=self.rank, seed=self.seed, cg_tol=self.cg_tol, cg_maxiter=self.cg_maxiter)
+        options = SolverOptions(rank=self.rank, seed=self.seed, cg_tol=cg_tol_arg(self.cg_tol, self.theta.dtype),
+                                cg_maxiter=self.cg_maxiter, precondition=self.precondition)
         self.solver = solver_type.from_engine(self.curvature, self.damping, dense, options)
-        self._self_influence = None  # all pairs, computed on first use (detection, trace-back, RelatIF)
+        self._self_influence = {}  # all pairs, by method, computed on first use (detection, trace-back, RelatIF)
+        self._factor = None          # the spectral factor of self-influence, built on first use
         self._fitted = True
         return self
 
@@ -324,25 +340,70 @@ class ECIF:
                 yield row_of[group[ks]], pull(gU, gV, gs)
 
     @cg_summary_per_call
-    def self_influence(self, indices=None) -> torch.Tensor:
+    def self_influence(self, indices=None, *, method: str = "auto") -> torch.Tensor:
         """``(K,)`` self-influence ``g_kᵀ H⁻¹ g_k`` (all pairs by default): an outlier / misalignment score.
 
-        The all-pairs vector is computed once per :meth:`fit` and reused. Per-pair gradients are streamed
-        (``tangent_chunk`` at a time), never held for all pairs.
-        """
-        if indices is None:
-            if self._self_influence is None:
-                self._self_influence = self._self_influence_of(None)
-            return self._self_influence.clone()
-        return self._self_influence_of(indices)
+        ``method``:
 
-    def _self_influence_of(self, indices) -> torch.Tensor:
+        - ``"solve"``: ``H⁻¹ g_k`` by the solver, ``tangent_chunk`` pairs per solve (exact to the solver's
+          accuracy; with CG, one iterative solve per block of pairs).
+        - ``"factor"``: no solve per pair. One spectral factor of the damped curvature (the top ``rank``
+          eigenpairs ``λ_j, v_j`` of ``C``, built once per fit: the solver's own for ``solver="lowrank"`` or CG's
+          preconditioner) gives ``Σ_j (v_jᵀg_k)²/(λ_j + δ) + ||g_k − Σ_j (v_jᵀg_k) v_j||²/δ``: exact in the kept
+          eigendirections, and the rest of ``g_k`` weighted by ``1/δ`` instead of ``1/(λ + δ)`` — too large by
+          ``λ/δ`` in a dropped direction of eigenvalue ``λ`` (the factor's ``dropped_error`` is the RMS of that
+          over the dropped spectrum, ``captured`` the share of ``||C + δI||_F²`` it reproduces; see
+          :meth:`factor_summary`). Raise ``rank`` to tighten it.
+        - ``"auto"`` (default): ``"solve"`` for ``solver="exact"`` (a direct solve per block is cheap), else
+          ``"factor"``.
+
+        Per-pair gradients are streamed (``tangent_chunk`` at a time), never held for all pairs. The all-pairs
+        vector is computed once per :meth:`fit` and method, and reused.
+        """
+        method = self._self_influence_method(method)
+        if indices is None:
+            if method not in self._self_influence:
+                self._self_influence[method] = self._self_influence_of(None, method)
+            return self._self_influence[method].clone()
+        return self._self_influence_of(indices, method)
+
+    def _self_influence_method(self, method: str) -> str:
+        method = check_choice(method, "method", ("auto", "factor", "solve"))
+        if method == "auto":
+            method = "solve" if self.solver_name == "exact" else "factor"
+        return method
+
+    @property
+    def factor(self):
+        """The spectral factor of ``C + δI`` (a :class:`~ecif_fast.solvers.LowRankSolver` of rank ``rank``) that
+        factorised self-influence uses: the solver itself for ``solver="lowrank"``, CG's preconditioner, else
+        built on first use (``(4 + 1)·(rank + 10)`` curvature products, deterministic under ``seed``)."""
+        self._require_fit()
+        if self._factor is None:
+            from .solvers.lowrank import LowRankSolver
+
+            own = self.solver if isinstance(self.solver, LowRankSolver) else getattr(self.solver, "preconditioner",
+                                                                                      None)
+            self._factor = own if isinstance(own, LowRankSolver) else LowRankSolver(
+                self.curvature, self.damping, self.rank, self.seed, warn=False, remainder="mean")
+        return self._factor
+
+    def factor_summary(self) -> dict:
+        """What the spectral factor keeps: ``{"rank", "captured", "dropped_error"}`` (see :attr:`factor`)."""
+        return self.factor.summary()
+
+    def _self_influence_of(self, indices, method: str) -> torch.Tensor:
         uniq, inverse = self._unique_pairs(indices)
         out = torch.empty(uniq.numel(), dtype=self.theta.dtype)
         blocks = self._gradient_blocks(uniq)
+        if method == "factor":
+            quadratic = self.factor.quadratic
+        else:
+            def quadratic(G):
+                return (G * self.solver.solve(G.T.contiguous()).T).sum(1)
         for rows, G in tqdm(blocks, desc="self-influence", disable=not self.progress, leave=False,
                             total=-(-uniq.numel() // self.tangent_chunk)):
-            out[rows] = (G * self.solver.solve(G.T.contiguous()).T).sum(1)
+            out[rows] = quadratic(G).to(out.dtype)
         return out[inverse]
 
     @cg_summary_per_call
@@ -440,3 +501,22 @@ class ECIF:
         clone = copy.deepcopy(self.model)
         clone.load_state_dict(state)
         return clone
+
+    # ------------------------------------------------------------------ saving (ecif_fast/state.py)
+    def save(self, path, *, include_inputs: bool = True, overwrite: bool = True):
+        """Save this fitted ECIF to the folder ``path`` (safetensors + JSON, no pickle; atomic), to be loaded by
+        :meth:`load` without refitting. ``include_inputs=False`` leaves the training inputs out (then pass them
+        to :meth:`load`). Returns the folder's absolute path. See :func:`ecif_fast.state.save_state`."""
+        from .state import save_state
+
+        return save_state(self, path, include_inputs=include_inputs, overwrite=overwrite)
+
+    @classmethod
+    def load(cls, path, model: nn.Module, train_images=None, train_texts=None, *, progress: bool = False,
+             check: bool = True) -> "ECIF":
+        """The ECIF saved at ``path`` by :meth:`save`, on ``model`` (the model it was fitted with, checked by
+        fingerprint), without refitting; queries give bit-identical results. See
+        :func:`ecif_fast.state.load_state`."""
+        from .state import load_state
+
+        return load_state(path, model, train_images, train_texts, progress=progress, check=check, cls=cls)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .errors import ECIFInputError
-from .solvers.registry import DEFAULT_SOLVER, check_solver
+from .solvers.registry import check_solver, default_solver
 from .validation import check_int
 
 
@@ -45,9 +45,9 @@ def hessian_batches_arg(value):
     return [check_int(b, "each entry of hessian_batches") for b in value]
 
 
-def solver_arg(solver, hessian) -> str:
+def solver_arg(solver, hessian) -> str | None:
     """The solver name from ``solver=`` and its deprecated alias ``hessian=`` (which named the solver, not the
-    curvature)."""
+    curvature); None: chosen by the number of parameters (:func:`pick_solver`)."""
     if hessian is not None:
         warnings.warn("ECIF(hessian=...) is deprecated: it picks the solver, so it is now called solver= "
                       f"(pass solver={hessian!r}; the curvature matrix is curvature=)", DeprecationWarning,
@@ -56,7 +56,20 @@ def solver_arg(solver, hessian) -> str:
             raise ECIFInputError(f"solver={solver!r} and its deprecated alias hessian={hessian!r} disagree; "
                                  "pass solver= only")
         solver = hessian
-    return check_solver(DEFAULT_SOLVER if solver is None else solver)
+    return None if solver is None else check_solver(solver)
+
+
+def pick_solver(name: str | None, n_params: int) -> str:
+    """``name``, or when None the default for ``n_params`` trained parameters (:func:`default_solver`)."""
+    return default_solver(n_params) if name is None else name
+
+
+def cg_tol_arg(value, dtype: torch.dtype) -> float:
+    """``cg_tol``, or when None the default for the parameters' dtype: ``1e-10`` in float64, ``1e-4`` in float32
+    (the relative residual a float32 CG reaches on a system of condition number up to ``1/sqrt(eps)``)."""
+    if value is not None:
+        return value
+    return 1e-10 if dtype == torch.float64 else 1e-4
 
 
 def default_chunks(model: nn.Module) -> tuple[int, int]:

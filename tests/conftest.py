@@ -28,7 +28,7 @@ def split():
 
 def _fitted(split, normalize: bool):
     X, Y, _, _ = split
-    return ef.ECIF(heads(normalize)[0], damping=UNTRAINED_DAMPING, batches=4).fit(X, Y)
+    return ef.ECIF(heads(normalize)[0], damping=UNTRAINED_DAMPING, batches=4, curvature="hessian").fit(X, Y)
 
 
 @pytest.fixture(scope="module")

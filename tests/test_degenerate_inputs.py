@@ -86,7 +86,7 @@ def test_no_batch_with_two_pairs_is_refused(split, batches):
     X, Y, _, _ = split
     with pytest.raises(ECIFInputError, match=r"no batch has 2 or more pairs \(batches gives 12 batch\(es\) of 1 pair\)"
                                              r".*batches of at least 2 pairs"):
-        ef.ECIF(_model(), damping=DAMPING, batches=batches).fit(X, Y)
+        ef.ECIF(_model(), damping=DAMPING, batches=batches, curvature="hessian").fit(X, Y)
     with pytest.raises(ECIFInputError, match="no batch has 2 or more pairs"):
         ef.train(_model(), X, Y, batches=batches, damping=1.0)
 
@@ -94,7 +94,7 @@ def test_no_batch_with_two_pairs_is_refused(split, batches):
 def test_one_training_pair_is_refused(split):
     X, Y, _, _ = split
     with pytest.raises(ECIFInputError, match="no batch has 2 or more pairs"):
-        ef.ECIF(_model(), damping=DAMPING).fit(X[:1], Y[:1])
+        ef.ECIF(_model(), damping=DAMPING, curvature="hessian").fit(X[:1], Y[:1])
     with pytest.raises(ECIFInputError, match="no batch has 2 or more pairs"):
         ef.train(_model(), X[:1], Y[:1], damping=1.0)
 
@@ -102,7 +102,7 @@ def test_one_training_pair_is_refused(split):
 def test_pairs_alone_in_a_batch_warn_once_and_have_zero_influence(split):
     X, Y, Xt, Yt = split
     with pytest.warns(UserWarning, match=r"1 training pair\(s\) sit alone in a batch of 1") as record:
-        engine = ef.ECIF(_model(), damping=DAMPING, batches=11).fit(X, Y)  # 11 + 1
+        engine = ef.ECIF(_model(), damping=DAMPING, batches=11, curvature="hessian").fit(X, Y)  # 11 + 1
     assert len([w for w in record if "alone" in str(w.message)]) == 1
     assert engine.influence(Xt, Yt).total[11] == 0 and engine.self_influence([11])[0] == 0
     with pytest.warns(UserWarning, match="sit alone in a batch of 1") as record:
@@ -114,7 +114,7 @@ def test_hessian_batches_of_one_pair_are_refused(split):
     X, Y, _, _ = split
     with pytest.warns(UserWarning, match="alone"):
         with pytest.raises(ECIFInputError, match="hessian_batches .* selects only batches of 1 pair"):
-            ef.ECIF(_model(), damping=DAMPING, batches=11, hessian_batches=[1]).fit(X, Y)
+            ef.ECIF(_model(), damping=DAMPING, batches=11, hessian_batches=[1], curvature="hessian").fit(X, Y)
 
 
 # ---------------------------------------------------------------- embeddings that overflow or vanish
@@ -123,7 +123,7 @@ def test_normalised_embeddings_lost_to_norm_overflow(split, factor):
     X, Y, _, _ = split
     msg = r"embeddings of train_images have norm .* instead of 1 in 12 of 12 rows .*rescale or standardise the features"
     with pytest.raises(ECIFInputError, match=msg):
-        ef.ECIF(_model(), damping=DAMPING, batches=4).fit(X * factor, Y)
+        ef.ECIF(_model(), damping=DAMPING, batches=4, curvature="hessian").fit(X * factor, Y)
     with pytest.raises(ECIFInputError, match=msg):
         ef.train(_model(), X * factor, Y, batches=4, damping=1.0)
 
@@ -133,27 +133,27 @@ def test_some_rows_zero_in_a_normalising_model(split):
     Y = Y.clone()
     Y[[2, 7]] *= 1e300
     with pytest.raises(ECIFInputError, match=r"embeddings of train_texts have norm 0 instead of 1 in 2 of 12 rows \(first: row 2\)"):
-        ef.ECIF(_model(), damping=DAMPING, batches=4).fit(X, Y)
+        ef.ECIF(_model(), damping=DAMPING, batches=4, curvature="hessian").fit(X, Y)
 
 
 def test_generic_normalising_model_with_zero_rows(split):
     X, Y, _, _ = split
     torch.manual_seed(0)
     with pytest.raises(ECIFInputError, match=r"embeddings of train_images have norm 0 instead of 1 in 1 of 12 rows"):
-        ef.ECIF(Towers().double(), damping=DAMPING, batches=4).fit(torch.cat([X[:11], 1e300 * X[11:]]), Y)
+        ef.ECIF(Towers().double(), damping=DAMPING, batches=4, curvature="hessian").fit(torch.cat([X[:11], 1e300 * X[11:]]), Y)
 
 
 def test_zero_rows_in_a_model_that_does_not_normalise_are_fine(split):
     X, Y, Xt, Yt = split
     X = X.clone()
     X[3] = 0
-    ef.ECIF(_model(False), damping=DAMPING, batches=4).fit(X, Y).influence(Xt, Yt)
+    ef.ECIF(_model(False), damping=DAMPING, batches=4, curvature="hessian").fit(X, Y).influence(Xt, Yt)
 
 
 def test_unnormalised_embeddings_that_overflow_the_logits(split):
     X, Y, _, _ = split
     with pytest.raises(ECIFInputError, match=r"logits t·<u, v> of train_images and train_texts reach inf"):
-        ef.ECIF(_model(False), damping=DAMPING, batches=4).fit(X * 1e300, Y)
+        ef.ECIF(_model(False), damping=DAMPING, batches=4, curvature="hessian").fit(X * 1e300, Y)
 
 
 def test_non_finite_embeddings(split):
@@ -165,8 +165,8 @@ def test_non_finite_embeddings(split):
 
     model = NaNText().double()
     with pytest.raises(ECIFInputError, match=r"embeddings of train_texts are NaN or Inf in 1 of 12 rows \(first: row 4\)"):
-        ef.ECIF(model, damping=DAMPING, batches=4).fit(X, torch.cat([Y[:4], Y[4:5] + 20, Y[5:]]))
-    engine = ef.ECIF(model, damping=DAMPING, batches=4).fit(X, Y)
+        ef.ECIF(model, damping=DAMPING, batches=4, curvature="hessian").fit(X, torch.cat([Y[:4], Y[4:5] + 20, Y[5:]]))
+    engine = ef.ECIF(model, damping=DAMPING, batches=4, curvature="hessian").fit(X, Y)
     with pytest.raises(ECIFInputError, match="embeddings of test_texts are NaN or Inf"):
         engine.influence(Xt, Yt + 20)
 
@@ -185,14 +185,14 @@ def test_model_with_bad_logit_scale_is_refused(split, scale):
     with torch.no_grad():
         model.logit_scale.fill_(scale)  # set after construction
     with pytest.raises(ECIFInputError, match="logit_scale = .* must be finite and at most 709.8 so that t fits float64"):
-        ef.ECIF(model, damping=DAMPING)
+        ef.ECIF(model, damping=DAMPING, curvature="hessian")
     with pytest.raises(ECIFInputError, match="logit_scale = "):
         ef.train(model, X, Y, batches=4, damping=1.0)
     # a plain float scale too, and a trained scale that became NaN after the constructor
     with pytest.raises(ECIFInputError, match="logit_scale = "):
-        ef.ECIF(Towers(logit_scale=scale).double(), damping=DAMPING)
+        ef.ECIF(Towers(logit_scale=scale).double(), damping=DAMPING, curvature="hessian")
     trained = _model(train_scale=True)
-    engine = ef.ECIF(trained, damping=DAMPING, batches=4)
+    engine = ef.ECIF(trained, damping=DAMPING, batches=4, curvature="hessian")
     with torch.no_grad():
         trained.logit_scale.fill_(scale)
     with pytest.raises(ECIFInputError, match="logit_scale"):
@@ -205,7 +205,7 @@ def test_huge_finite_scale_is_a_clear_error(split):
     with pytest.raises(ECIFInputError, match=r"logits t·<u, v> .* reach 5.18e\+21 .*lower the logit scale"):
         ef.train(model, X, Y, batches=4, damping=1e-3)
     with pytest.raises(ECIFInputError, match="lower the logit scale"):
-        ef.ECIF(model, damping=DAMPING, batches=4).fit(X, Y)
+        ef.ECIF(model, damping=DAMPING, batches=4, curvature="hessian").fit(X, Y)
 
 
 def test_newton_linalg_failure_is_a_clear_error(split, monkeypatch):
@@ -240,11 +240,11 @@ def test_nan_parameter_is_named(split):
     with torch.no_grad():
         model.text_proj.weight[1, 2] = float("nan")
     with pytest.raises(ECIFInputError, match=r"model parameter 'text_proj.weight' has 1 NaN or Inf entry"):
-        ef.ECIF(model, damping=DAMPING)
+        ef.ECIF(model, damping=DAMPING, curvature="hessian")
     with pytest.raises(ECIFInputError, match="'text_proj.weight' has 1 NaN"):
         ef.train(model, X, Y, batches=4, damping=1.0)
     model = _model()
-    engine = ef.ECIF(model, damping=DAMPING, batches=4)
+    engine = ef.ECIF(model, damping=DAMPING, batches=4, curvature="hessian")
     with torch.no_grad():
         model.image_proj.weight.fill_(float("inf"))
     with pytest.raises(ECIFInputError, match="'image_proj.weight' has 48 NaN or Inf entries"):
@@ -270,7 +270,7 @@ def test_exact_solver_never_raises_a_raw_linalg_error(fitted_normalized, monkeyp
 def test_meta_inputs_and_parameters(split, fitted_normalized):
     X, Y, Xt, Yt = split
     with pytest.raises(ECIFInputError, match="train_images is on the 'meta' device"):
-        ef.ECIF(_model(), damping=DAMPING, batches=4).fit(X.to("meta"), Y)
+        ef.ECIF(_model(), damping=DAMPING, batches=4, curvature="hessian").fit(X.to("meta"), Y)
     with pytest.raises(ECIFInputError, match="test_texts is on the 'meta' device"):
         fitted_normalized.influence(Xt, Yt.to("meta"))
     with pytest.raises(ECIFInputError, match="train_texts is on the 'meta' device"):
@@ -278,7 +278,7 @@ def test_meta_inputs_and_parameters(split, fitted_normalized):
     meta = _model().to("meta")
     with pytest.raises(ECIFInputError, match=r"model parameter\(s\) \['logit_scale', 'image_proj.weight'.* are on the "
                                              r"'meta' device.*load_state_dict"):
-        ef.ECIF(meta, damping=DAMPING)
+        ef.ECIF(meta, damping=DAMPING, curvature="hessian")
     with pytest.raises(ECIFInputError, match="'meta' device"):
         ef.train(meta, X, Y, damping=1.0)
 
@@ -289,7 +289,7 @@ def test_half_precision_model_is_refused(split, dtype):
     model = _model().to(dtype)
     name = str(dtype).replace("torch.", "")
     with pytest.raises(ECIFInputError, match=rf"the model has torch.{name} parameters.*model.float\(\).*model.double\(\)"):
-        ef.ECIF(model, damping=DAMPING)
+        ef.ECIF(model, damping=DAMPING, curvature="hessian")
     with pytest.raises(ECIFInputError, match=rf"torch.{name} parameters"):
         ef.train(model, X, Y, damping=1.0)
 
@@ -298,10 +298,10 @@ def test_floating_inputs_are_cast_to_the_parameter_dtype(split):
     X, Y, Xt, Yt = split
     torch.manual_seed(0)
     model = Towers().double()
-    ref = ef.ECIF(model, damping=DAMPING, batches=4).fit(X, Y)
-    low = ef.ECIF(model, damping=DAMPING, batches=4).fit(X.float(), Y.float())  # was a raw matmul dtype error
+    ref = ef.ECIF(model, damping=DAMPING, batches=4, curvature="hessian").fit(X, Y)
+    low = ef.ECIF(model, damping=DAMPING, batches=4, curvature="hessian").fit(X.float(), Y.float())  # was a raw matmul dtype error
     assert low.X.dtype == torch.float64
-    exact32 = ef.ECIF(model, damping=DAMPING, batches=4).fit(X.float().double(), Y.float().double())
+    exact32 = ef.ECIF(model, damping=DAMPING, batches=4, curvature="hessian").fit(X.float().double(), Y.float().double())
     assert torch.equal(low.influence(Xt.float(), Yt.float()).total, exact32.influence(Xt.float().double(),
                                                                                         Yt.float().double()).total)
     assert ref.influence(Xt, Yt).total.dtype == torch.float64
@@ -326,7 +326,7 @@ def test_token_inputs_may_differ_in_length_not_in_dims(split):
     X, _, Xt, _ = split
     torch.manual_seed(0)
     model = TokenTowers().double()
-    engine = ef.ECIF(model, damping=DAMPING, batches=4).fit(X, _tokens(N, 5))
+    engine = ef.ECIF(model, damping=DAMPING, batches=4, curvature="hessian").fit(X, _tokens(N, 5))
     padded = torch.cat([_tokens(N_TEST, 3, seed=1), torch.zeros(N_TEST, 4, dtype=torch.int64)], 1)
     a = engine.influence(Xt, padded).total
     b = engine.influence(Xt, padded[:, :3]).total
@@ -343,7 +343,7 @@ def test_encoder_failure_on_test_data_names_the_argument(split):
     X, _, Xt, _ = split
     torch.manual_seed(0)
     model = TokenTowers().double()
-    engine = ef.ECIF(model, damping=DAMPING, batches=4).fit(X, _tokens(N, 5))
+    engine = ef.ECIF(model, damping=DAMPING, batches=4, curvature="hessian").fit(X, _tokens(N, 5))
     bad = _tokens(N_TEST, 5, seed=2)
     bad[1, 2] = 99  # outside the vocabulary
     with pytest.raises(ECIFInputError, match=r"the model failed to encode test_texts \(.*the training inputs were "
@@ -414,9 +414,9 @@ def test_solver_options_are_validated(option, value, msg):
 def test_valid_solver_options_are_kept(split):
     X, Y, _, _ = split
     engine = ef.ECIF(_model(), damping=DAMPING, batches=4, solver="cg", cg_maxiter=7, cg_tol=1e-6,
-                     hessian_batches=torch.tensor([0, 2])).fit(X, Y)
+                     hessian_batches=torch.tensor([0, 2]), curvature="hessian").fit(X, Y)
     assert engine.solver.maxiter == 7 and engine.solver.tol == 1e-6 and engine.hessian_batches == [0, 2]
-    assert ef.ECIF(_model(), damping=DAMPING, solver="cg").fit(X, Y).solver.maxiter == max(100, 2 * engine.space.size)
+    assert ef.ECIF(_model(), damping=DAMPING, solver="cg", curvature="hessian").fit(X, Y).solver.maxiter == max(100, 2 * engine.space.size)
 
 
 def test_solver_constructors_validate(fitted_normalized):
@@ -436,7 +436,7 @@ def test_valid_inputs_give_no_warning(split):
     X, Y, Xt, Yt = split
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        engine = ef.ECIF(_model(), damping=DAMPING, batches=4).fit(X, Y)
+        engine = ef.ECIF(_model(), damping=DAMPING, batches=4, curvature="hessian").fit(X, Y)
         engine.influence(Xt, Yt)
         engine.group_influence([0, 3], Xt, Yt)
         engine.cleaned_model([0, 3])

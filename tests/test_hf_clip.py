@@ -39,7 +39,7 @@ def test_influence_equals_the_brute_force_oracle(params, damping, batches):
     model = ef.wrap(tiny_clip())
     px, ids = pairs(12)
     tpx, tids = pairs(4, seed=1)
-    ecif = ef.ECIF(model, damping=damping, batches=batches, params=params, solver="exact").fit(px, ids)
+    ecif = ef.ECIF(model, damping=damping, batches=batches, params=params, solver="exact", curvature="hessian").fit(px, ids)
     res = ecif.influence(tpx, tids)
 
     def F(mm):
@@ -67,7 +67,7 @@ def test_lora_influence_and_cleaned_copy():
     cleaned model is a copy whose LoRA weights (only) carry the removal update."""
     clip = lora_clip()
     model = ef.wrap(clip)
-    ecif = ef.ECIF(model, damping=5e3, batches=4, solver="exact")
+    ecif = ef.ECIF(model, damping=5e3, batches=4, solver="exact", curvature="hessian")
     assert ecif.space.names and all("lora_" in n for n in ecif.space.names)
     px, ids = pairs(12)
     tpx, tids = pairs(4, seed=1)

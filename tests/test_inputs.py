@@ -17,7 +17,7 @@ def _model():
 def test_mismatched_train_lengths(split):
     X, Y, _, _ = split
     with pytest.raises(ECIFInputError, match="mismatched lengths: train_images has 12 rows but train_texts has 11"):
-        ef.ECIF(_model(), damping=DAMPING).fit(X, Y[:-1])
+        ef.ECIF(_model(), damping=DAMPING, curvature="hessian").fit(X, Y[:-1])
 
 
 def test_mismatched_test_lengths(fitted_plain, split):
@@ -33,7 +33,7 @@ def test_non_finite_train_features(split, bad, where):
     X, Y = X.clone(), Y.clone()
     (X if where == "images" else Y)[3, 1] = bad
     with pytest.raises(ECIFInputError, match=rf"train_{where} contains NaN or Inf values in 1 row"):
-        ef.ECIF(_model(), damping=DAMPING).fit(X, Y)
+        ef.ECIF(_model(), damping=DAMPING, curvature="hessian").fit(X, Y)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
@@ -49,7 +49,7 @@ def test_non_finite_test_features(fitted_plain, split, bad, where):
 def test_empty_tensors(split):
     X, Y, _, _ = split
     with pytest.raises(ECIFInputError, match="empty data: train_images has 0 rows"):
-        ef.ECIF(_model(), damping=DAMPING).fit(X[:0], Y[:0])
+        ef.ECIF(_model(), damping=DAMPING, curvature="hessian").fit(X[:0], Y[:0])
 
 
 def test_empty_test_tensors(fitted_plain, split):
@@ -62,19 +62,19 @@ def test_empty_dataloader(split):
     X, Y, _, _ = split
     loader = DataLoader(TensorDataset(X[:0], Y[:0]), batch_size=5)
     with pytest.raises(ECIFInputError, match="empty data: the DataLoader yielded no pairs"):
-        ef.ECIF(_model(), damping=DAMPING).fit(loader)
+        ef.ECIF(_model(), damping=DAMPING, curvature="hessian").fit(loader)
 
 
 def test_dataloader_of_non_pairs(split):
     X, _, _, _ = split
     with pytest.raises(ECIFInputError, match=r"must yield \(images, texts\) pairs"):
-        ef.ECIF(_model(), damping=DAMPING).fit(DataLoader(TensorDataset(X), batch_size=5))
+        ef.ECIF(_model(), damping=DAMPING, curvature="hessian").fit(DataLoader(TensorDataset(X), batch_size=5))
 
 
 def test_non_tensor_features(split):
     X, Y, _, _ = split
     with pytest.raises(ECIFInputError, match="train_images must be a torch.Tensor, got list"):
-        ef.ECIF(_model(), damping=DAMPING).fit(X.tolist(), Y)
+        ef.ECIF(_model(), damping=DAMPING, curvature="hessian").fit(X.tolist(), Y)
 
 
 # ---------------------------------------------------------------- batches
@@ -82,39 +82,39 @@ def test_batch_ids_wrong_length(split):
     X, Y, _, _ = split
     ids = torch.zeros(N - 2, dtype=torch.int64)
     with pytest.raises(ECIFInputError, match=r"one entry per pair: expected shape \(12,\), got \(10,\)"):
-        ef.ECIF(_model(), damping=DAMPING, batches=ids).fit(X, Y)
+        ef.ECIF(_model(), damping=DAMPING, batches=ids, curvature="hessian").fit(X, Y)
 
 
 def test_float_batch_ids(split):
     X, Y, _, _ = split
     with pytest.raises(ECIFInputError, match="batch ids must be an integer tensor, got dtype torch.float"):
-        ef.ECIF(_model(), damping=DAMPING, batches=torch.arange(N) / 4.0).fit(X, Y)
+        ef.ECIF(_model(), damping=DAMPING, batches=torch.arange(N) / 4.0, curvature="hessian").fit(X, Y)
 
 
 @pytest.mark.parametrize("size", [0, -3])
 def test_batch_size_not_positive(split, size):
     X, Y, _, _ = split
     with pytest.raises(ECIFInputError, match=f"batch size must be >= 1, got {size}"):
-        ef.ECIF(_model(), damping=DAMPING, batches=size).fit(X, Y)
+        ef.ECIF(_model(), damping=DAMPING, batches=size, curvature="hessian").fit(X, Y)
 
 
 def test_bool_batches(split):
     X, Y, _, _ = split
     with pytest.raises(ECIFInputError, match="got a bool"):
-        ef.ECIF(_model(), damping=DAMPING, batches=True).fit(X, Y)
+        ef.ECIF(_model(), damping=DAMPING, batches=True, curvature="hessian").fit(X, Y)
 
 
 # ---------------------------------------------------------------- options
 @pytest.mark.parametrize("damping", [0, 0.0, -1.0, float("nan"), float("inf")])
 def test_damping_not_positive_finite(damping):
     with pytest.raises(ECIFInputError, match="damping must be > 0 and finite"):
-        ef.ECIF(_model(), damping=damping)
+        ef.ECIF(_model(), damping=damping, curvature="hessian")
 
 
 @pytest.mark.parametrize("damping", ["big", "Auto", None, [1.0]])
 def test_damping_bad_value(damping):
     with pytest.raises(ECIFInputError, match="damping must be a positive number or 'auto'"):
-        ef.ECIF(_model(), damping=damping)
+        ef.ECIF(_model(), damping=damping, curvature="hessian")
 
 
 @pytest.mark.parametrize("option,value,choices", [
@@ -129,7 +129,7 @@ def test_unknown_option(option, value, choices):
 
 def test_chunk_size_not_positive():
     with pytest.raises(ECIFInputError, match="chunk_size must be an int >= 1"):
-        ef.ECIF(_model(), damping=DAMPING, chunk_size=0)
+        ef.ECIF(_model(), damping=DAMPING, chunk_size=0, curvature="hessian")
 
 
 class _ImageOnly(nn.Module):
@@ -144,7 +144,7 @@ class _ImageOnly(nn.Module):
 
 def test_model_lacking_encode_text():
     with pytest.raises(TypeError, match="lacks encode_text"):
-        ef.ECIF(_ImageOnly().double(), damping=DAMPING)
+        ef.ECIF(_ImageOnly().double(), damping=DAMPING, curvature="hessian")
 
 
 def test_model_not_a_module():
@@ -158,13 +158,13 @@ def test_model_not_a_module():
             return y
 
     with pytest.raises(TypeError, match="model must be a torch.nn.Module, got Plain"):
-        ef.ECIF(Plain(), damping=DAMPING)
+        ef.ECIF(Plain(), damping=DAMPING, curvature="hessian")
 
 
 # ---------------------------------------------------------------- call order and test functions
 def test_influence_before_fit(split):
     _, _, Xt, Yt = split
-    engine = ef.ECIF(_model(), damping=DAMPING)
+    engine = ef.ECIF(_model(), damping=DAMPING, curvature="hessian")
     with pytest.raises(RuntimeError, match=r"call \.fit\(train_images, train_texts\) before"):
         engine.influence(Xt, Yt)
     for method in (engine.self_influence, engine.pair_gradients):
@@ -266,9 +266,9 @@ def _all_outputs(engine, Xt, Yt):
 def test_dataloader_equals_tensors(split, normalize):
     X, Y, Xt, Yt = split
     model, _ = heads(normalize, scale=3.0)
-    from_tensors = ef.ECIF(model, damping=DAMPING, batches=4).fit(X, Y)
+    from_tensors = ef.ECIF(model, damping=DAMPING, batches=4, curvature="hessian").fit(X, Y)
     loader = DataLoader(TensorDataset(X, Y), batch_size=5)  # ragged: 5 + 5 + 2, unlike the training batches
-    from_loader = ef.ECIF(model, damping=DAMPING, batches=4).fit(loader)
+    from_loader = ef.ECIF(model, damping=DAMPING, batches=4, curvature="hessian").fit(loader)
     assert torch.equal(from_loader.X, X) and torch.equal(from_loader.Y, Y)
     for a, b in zip(_all_outputs(from_tensors, Xt, Yt), _all_outputs(from_loader, Xt, Yt)):
         assert torch.equal(a, b)
@@ -282,7 +282,7 @@ def test_deterministic(hessian):
     runs = []
     for _ in range(2):
         model, _ = heads(True, train_scale=True, scale=3.0, image_dim=3, text_dim=3, embed_dim=3)
-        engine = ef.ECIF(model, damping=DAMPING, batches=None, solver=hessian, rank=3).fit(X, Y)
+        engine = ef.ECIF(model, damping=DAMPING, batches=None, solver=hessian, rank=3, curvature="hessian").fit(X, Y)
         if hessian == "lowrank":
             assert engine.solver.rank + 10 < engine.space.size  # the seeded subspace iteration is used
         runs.append(_all_outputs(engine, Xt, Yt))
@@ -295,7 +295,7 @@ def test_model_parameters_untouched(split):
     model, _ = heads(True, train_scale=True, scale=3.0)
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     flags = {k: p.requires_grad for k, p in model.named_parameters()}
-    engine = ef.ECIF(model, damping=DAMPING, batches=4).fit(X, Y)
+    engine = ef.ECIF(model, damping=DAMPING, batches=4, curvature="hessian").fit(X, Y)
     engine.influence(Xt, Yt)
     engine.influence(fn=lambda m: ef.contrastive_loss(m.encode_image(Xt), m.encode_text(Yt), m.logit_scale.exp()))
     engine.self_influence()

@@ -61,7 +61,7 @@ def test_influence_through_layer_norm_equals_the_oracle():
     X, Y = X[:24], Y[:24]
     m = _model(1)
     damping = 3000.0  # untrained model: enough damping for a positive definite H
-    ecif = ef.ECIF(m, damping=damping, batches=8, solver="exact").fit(X, Y)
+    ecif = ef.ECIF(m, damping=damping, batches=8, solver="exact", curvature="hessian").fit(X, Y)
     got = ecif.influence(Xv, Yv).total
     gF = torch.func.grad(lambda th: ecif.fm.call(th, lambda mm: ef.contrastive_loss(
         mm.encode_image(Xv), mm.encode_text(Yv), mm.logit_scale.exp())))(ecif.theta)

@@ -40,8 +40,8 @@ def test_every_backend_gives_the_same_loo_predictions(loo, backend, monkeypatch)
     """The LOO check holds on every kernel backend: same predictions as the torch twin (float64)."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # Triton runs on CPU tensors in its interpreter
     normalize, (model, X, Y, Xv, Yv, pairs, actual) = loo
-    ref = ef.ECIF(model, damping=DAMPING, batches=BATCH, backend="torch").fit(X, Y).influence(Xv, Yv)
-    res = ef.ECIF(model, damping=DAMPING, batches=BATCH, backend=backend).fit(X, Y).influence(Xv, Yv)
+    ref = ef.ECIF(model, damping=DAMPING, batches=BATCH, backend="torch", curvature="hessian").fit(X, Y).influence(Xv, Yv)
+    res = ef.ECIF(model, damping=DAMPING, batches=BATCH, backend=backend, curvature="hessian").fit(X, Y).influence(Xv, Yv)
     assert torch.allclose(res.total, ref.total, rtol=0, atol=1e-10 * float(ref.total.abs().max()))
     assert torch.allclose(res.positive, ref.positive, rtol=0, atol=1e-10 * float(ref.total.abs().max()))
     assert pearson(res.total[pairs], actual) >= 0.95
@@ -56,7 +56,7 @@ def test_exact_ecif_matches_leave_one_out(loo):
     normalize, (model, X, Y, Xv, Yv, pairs, actual) = loo
     scores = {}
     for term in ("exact", "taylor"):
-        res = ef.ECIF(model, damping=DAMPING, batches=BATCH, negative_term=term).fit(X, Y).influence(Xv, Yv)
+        res = ef.ECIF(model, damping=DAMPING, batches=BATCH, negative_term=term, curvature="hessian").fit(X, Y).influence(Xv, Yv)
         scores[term] = pearson(res.total[pairs], actual)
         scores["positive_only"] = pearson(res.positive[pairs], actual)
     print(f"\nLOO Pearson ({'normalized' if normalize else 'plain'}): {scores}")
@@ -67,10 +67,10 @@ def test_exact_ecif_matches_leave_one_out(loo):
 
 def test_solvers_agree_on_trained_problem(loo):
     normalize, (model, X, Y, Xv, Yv, pairs, actual) = loo
-    exact = ef.ECIF(model, damping=DAMPING, batches=BATCH).fit(X, Y)
+    exact = ef.ECIF(model, damping=DAMPING, batches=BATCH, curvature="hessian").fit(X, Y)
     ref = exact.influence(Xv, Yv).total
-    cg = ef.ECIF(model, damping=DAMPING, batches=BATCH, solver="cg", cg_maxiter=3000).fit(X, Y).influence(Xv, Yv).total
-    lr = ef.ECIF(model, damping=DAMPING, batches=BATCH, solver="lowrank", rank=10_000).fit(X, Y).influence(Xv, Yv).total
+    cg = ef.ECIF(model, damping=DAMPING, batches=BATCH, solver="cg", cg_maxiter=3000, curvature="hessian").fit(X, Y).influence(Xv, Yv).total
+    lr = ef.ECIF(model, damping=DAMPING, batches=BATCH, solver="lowrank", rank=10_000, curvature="hessian").fit(X, Y).influence(Xv, Yv).total
     assert torch.allclose(cg, ref, rtol=1e-6, atol=1e-9 * ref.abs().max())
     # Low rank at rank >= P is exact up to rounding: both solves of H h = ∇F are backward stable, so each h is
     # off by up to ~eps·κ(H)·||h||, and I_k = g_kᵀh by ||g_k|| times that. The exact Hessian can be
@@ -89,7 +89,7 @@ def test_solvers_agree_on_trained_problem(loo):
 def test_removal_update_tracks_retraining(loo):
     normalize, (model, X, Y, Xv, Yv, pairs, actual) = loo
     removed = pairs[:5]
-    engine = ef.ECIF(model, damping=DAMPING, batches=BATCH).fit(X, Y)
+    engine = ef.ECIF(model, damping=DAMPING, batches=BATCH, curvature="hessian").fit(X, Y)
     state = engine.removal_update(removed)
     space = engine.space
     theta_hat = space.flat(model)

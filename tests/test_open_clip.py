@@ -123,7 +123,7 @@ def test_influence_equals_the_brute_force_oracle(params, damping, batches):
     """Untrained model: the damping makes H positive definite; the identity I = ∇Fᵀ H⁻¹ g_k holds at any θ."""
     model = ef.wrap(tiny_clip())
     px, ids = pairs(N)
-    ecif = ef.ECIF(model, damping=damping, batches=batches, params=params, solver="exact").fit(px, ids)
+    ecif = ef.ECIF(model, damping=damping, batches=batches, params=params, solver="exact", curvature="hessian").fit(px, ids)
     assert_matches_oracle(ecif, model, px, ids, batches=batches, params=params, damping=damping,
                           dense_hessian=params is not None)
 
@@ -134,7 +134,7 @@ def test_trained_logit_scale(nonscalar):
     model = ef.wrap(tiny_clip(nonscalar_logit_scale=nonscalar))
     px, ids = pairs(N)
     params = ["clip.visual.proj", "clip.text_projection", "clip.logit_scale"]
-    ecif = ef.ECIF(model, damping=2.5e4, batches=4, params=params, solver="exact").fit(px, ids)
+    ecif = ef.ECIF(model, damping=2.5e4, batches=4, params=params, solver="exact", curvature="hessian").fit(px, ids)
     assert ecif.fm.scale_trained
     assert_matches_oracle(ecif, model, px, ids, batches=4, params=params, damping=2.5e4)
 
@@ -149,7 +149,7 @@ def test_custom_attention_blocks(batches):
     model = ef.wrap(clip)
     px, ids = pairs(N)
     params = ["clip.visual.transformer.resblocks.0.ln_1", "clip.transformer.resblocks.0.ln_1"]
-    ecif = ef.ECIF(model, damping=1.5e3, batches=batches, params=params, solver="exact").fit(px, ids)
+    ecif = ef.ECIF(model, damping=1.5e3, batches=batches, params=params, solver="exact", curvature="hessian").fit(px, ids)
     assert_matches_oracle(ecif, model, px, ids, batches=batches, params=params, damping=1.5e3)  # λmin −357
 
 
@@ -178,7 +178,7 @@ def test_lora_influence_equals_the_brute_force_oracle(batches):
     """peft LoRA: the default selection is the trained LoRA weights (of both towers)."""
     model = ef.wrap(lora_clip())
     assert isinstance(model, OpenCLIP)
-    ecif = ef.ECIF(model, damping=5e3, batches=batches, solver="exact")
+    ecif = ef.ECIF(model, damping=5e3, batches=batches, solver="exact", curvature="hessian")
     names = ecif.space.names
     assert names and all("lora_" in n for n in names)
     assert any(".visual." in n for n in names) and any(".visual." not in n for n in names)
@@ -190,7 +190,7 @@ def test_lora_influence_equals_the_brute_force_oracle(batches):
 def test_lora_cleaned_copy_changes_only_lora_weights():
     model = ef.wrap(lora_clip())
     px, ids = pairs(N)
-    ecif = ef.ECIF(model, damping=5e3, batches=4, solver="exact").fit(px, ids)
+    ecif = ef.ECIF(model, damping=5e3, batches=4, solver="exact", curvature="hessian").fit(px, ids)
     assert_cleaned_copy_updates_only_lora(ecif, model, [0, 5])
 
 

@@ -33,7 +33,7 @@ def test_influence_equals_autograd_oracle(data, normalize, train_scale, negative
     X, Y, Xt, Yt = data
     model, _ = heads(normalize, train_scale=train_scale, scale=3.0)
     batches = _batches(negatives)
-    engine = ef.ECIF(model, damping=DAMPING, batches=batches, negative_term=term).fit(X, Y)
+    engine = ef.ECIF(model, damping=DAMPING, batches=batches, negative_term=term, curvature="hessian").fit(X, Y)
     G, Gpos = brute_force_pair_gradients(model, X, Y, batches=batches, negative_term=term)
     Hinv = torch.linalg.inv(dense_hessian(model, X, Y, batches=batches, damping=DAMPING))
 
@@ -59,7 +59,7 @@ def test_influence_equals_autograd_oracle(data, normalize, train_scale, negative
 def test_test_gradient_is_autograd_of_test_loss(data):
     X, Y, Xt, Yt = data
     model, _ = heads(True, train_scale=True, scale=3.0)
-    engine = ef.ECIF(model, damping=DAMPING, batches=6).fit(X, Y)
+    engine = ef.ECIF(model, damping=DAMPING, batches=6, curvature="hessian").fit(X, Y)
     g = engine._test_gradients(Xt, Yt, None, False)[0]
     loss = ef.contrastive_loss(model.encode_image(Xt), model.encode_text(Yt), model.logit_scale.exp())
     ref = torch.autograd.grad(loss, [model.logit_scale, model.image_proj.weight, model.text_proj.weight])
@@ -71,7 +71,7 @@ def test_test_gradient_is_autograd_of_test_loss(data):
 def test_fn_callable_matches_test_pairs(data):
     X, Y, Xt, Yt = data
     model, _ = heads(False)
-    engine = ef.ECIF(model, damping=DAMPING, batches=6).fit(X, Y)
+    engine = ef.ECIF(model, damping=DAMPING, batches=6, curvature="hessian").fit(X, Y)
     by_pairs = engine.influence(Xt, Yt)
 
     def val_loss(m):
@@ -88,7 +88,7 @@ def test_fn_callable_matches_test_pairs(data):
 def test_group_of_one_equals_single_influence(data, term):
     X, Y, Xt, Yt = data
     model, _ = heads(True, train_scale=True, scale=3.0)
-    engine = ef.ECIF(model, damping=DAMPING, batches=_batches("batch"), negative_term=term).fit(X, Y)
+    engine = ef.ECIF(model, damping=DAMPING, batches=_batches("batch"), negative_term=term, curvature="hessian").fit(X, Y)
     single = engine.influence(Xt, Yt)
     for k in (0, 7, 17):
         group = engine.group_influence([k], Xt, Yt)
@@ -101,7 +101,7 @@ def test_group_gradient_matches_retraining_gradient_difference(data):
     X, Y, Xt, Yt = data
     model, _ = heads(True, scale=3.0)
     batches = _batches("batch")
-    engine = ef.ECIF(model, damping=DAMPING, batches=batches).fit(X, Y)
+    engine = ef.ECIF(model, damping=DAMPING, batches=batches, curvature="hessian").fit(X, Y)
     removed = torch.tensor([1, 4, 5, 11])
     keep = torch.ones(N, dtype=torch.bool)
     keep[removed] = False
@@ -138,7 +138,7 @@ def test_every_backend_equals_autograd_oracle(data, backend_env, backend, normal
     batches = _batches(negatives)
     G, Gpos = brute_force_pair_gradients(model, X, Y, batches=batches, negative_term=term)
     Hinv = torch.linalg.inv(dense_hessian(model, X, Y, batches=batches, damping=DAMPING))
-    engine = ef.ECIF(model, damping=DAMPING, batches=batches, negative_term=term, backend=backend).fit(X, Y)
+    engine = ef.ECIF(model, damping=DAMPING, batches=batches, negative_term=term, backend=backend, curvature="hessian").fit(X, Y)
     per = engine.influence(Xt, Yt, per_test=True)
     J = engine._test_gradients(Xt, Yt, None, True)
     assert _rel(per.total, (G @ Hinv @ J.T).T) < 1e-10

@@ -70,7 +70,7 @@ def test_select_by_parameter_objects():
 def test_unknown_name_lists_available():
     model, _ = heads(False)
     with pytest.raises(ECIFInputError, match=r"params \['vision'\] match no parameter of LinearHeads") as info:
-        ef.ECIF(model, damping=DAMPING, params=["image_proj", "vision"])
+        ef.ECIF(model, damping=DAMPING, params=["image_proj", "vision"], curvature="hessian")
     msg = str(info.value)
     for name in ("logit_scale", "image_proj.weight", "text_proj.weight"):
         assert name in msg
@@ -87,7 +87,7 @@ def test_bad_selections():
     frozen, _ = heads(False)
     frozen.requires_grad_(False)
     with pytest.raises(ECIFInputError, match="set requires_grad=True"):
-        ef.ECIF(frozen, damping=DAMPING)
+        ef.ECIF(frozen, damping=DAMPING, curvature="hessian")
     with pytest.raises(TypeError, match="params must be None, names, parameters of the model, or a predicate"):
         select_params(model, [0, 1])
     with pytest.raises(TypeError, match="params must be"):
@@ -117,7 +117,7 @@ def test_flat_unflatten_roundtrip():
 def test_image_proj_only_matches_oracle(data, normalize, term):
     X, Y, Xt, Yt = data
     model, _ = heads(normalize, train_scale=True, scale=3.0)
-    engine = ef.ECIF(model, damping=DAMPING, batches=BATCHES, params="image_proj", negative_term=term).fit(X, Y)
+    engine = ef.ECIF(model, damping=DAMPING, batches=BATCHES, params="image_proj", negative_term=term, curvature="hessian").fit(X, Y)
     assert engine.space.names == ("image_proj.weight",) and engine.space.size == 6 * 8
     assert not engine.fm.scale_trained  # logit_scale requires grad but is not selected: fixed
 
@@ -136,14 +136,14 @@ def test_image_proj_only_matches_oracle(data, normalize, term):
     assert _rel(engine.self_influence(), (G * (G @ Hinv)).sum(1)) < 1e-10
 
     # the restricted problem is not the full one
-    full = ef.ECIF(model, damping=DAMPING, batches=BATCHES, negative_term=term).fit(X, Y).influence(Xt, Yt)
+    full = ef.ECIF(model, damping=DAMPING, batches=BATCHES, negative_term=term, curvature="hessian").fit(X, Y).influence(Xt, Yt)
     assert _rel(full.total, res.total) > 1e-3
 
 
 def test_restricted_removal_update_touches_only_selected(data):
     X, Y, _, _ = data
     model, _ = heads(False, train_scale=True, scale=3.0)
-    engine = ef.ECIF(model, damping=DAMPING, batches=BATCHES, params=[model.image_proj.weight]).fit(X, Y)
+    engine = ef.ECIF(model, damping=DAMPING, batches=BATCHES, params=[model.image_proj.weight], curvature="hessian").fit(X, Y)
     removed = [2, 3, 9]
     state = engine.removal_update(removed)
     assert torch.equal(state["text_proj.weight"], model.text_proj.weight.detach())
@@ -159,7 +159,7 @@ def test_restricted_removal_update_touches_only_selected(data):
 def test_selection_styles_agree(data):
     X, Y, Xt, Yt = data
     model, _ = heads(True, train_scale=True, scale=3.0)
-    runs = [ef.ECIF(model, damping=DAMPING, batches=4, params=p).fit(X, Y).influence(Xt, Yt).total
+    runs = [ef.ECIF(model, damping=DAMPING, batches=4, params=p, curvature="hessian").fit(X, Y).influence(Xt, Yt).total
             for p in ("text_proj", ["text_proj.weight"], [model.text_proj.weight],
                       lambda name, p: name == "text_proj.weight")]
     for r in runs[1:]:
@@ -201,7 +201,7 @@ def test_custom_model_satisfies_protocol():
 def test_custom_model_matches_oracle(data, params, batches):
     X, Y, Xt, Yt = data
     model = _two_towers()
-    engine = ef.ECIF(model, damping=DAMPING, batches=batches, params=params).fit(X, Y)
+    engine = ef.ECIF(model, damping=DAMPING, batches=batches, params=params, curvature="hessian").fit(X, Y)
     G, Gpos = brute_force_pair_gradients(model, X, Y, batches=batches, params=params)
     Hinv = torch.linalg.inv(dense_hessian(model, X, Y, batches=batches, params=params, damping=DAMPING))
 
@@ -230,7 +230,7 @@ def test_custom_model_end_to_end(data):
     ref = select_params(model).flat(model)
     result = ef.train(model, X, Y, batches=4, damping=damping, theta_ref=ref)
     assert result.grad_norm < 1e-9
-    engine = ef.ECIF(model, damping=damping, batches=4).fit(X, Y)
+    engine = ef.ECIF(model, damping=damping, batches=4, curvature="hessian").fit(X, Y)
     res = engine.influence(Xt, Yt)
     assert res.total.shape == (N,) and bool(torch.isfinite(res.total).all())
     group = engine.group_influence(removed, Xt, Yt)
@@ -257,7 +257,7 @@ def test_float_logit_scale_keeps_float64_precision(data):
     """A float ``logit_scale`` on a float64 model: t = exp(s) must not be rounded through float32."""
     X, Y, Xt, Yt = data
     model = TwoTowers(logit_scale=math.log(1 / 0.07)).double()  # exp(float32(s)) != exp(s) in float64
-    engine = ef.ECIF(model, damping=DAMPING, batches=4).fit(X, Y)
+    engine = ef.ECIF(model, damping=DAMPING, batches=4, curvature="hessian").fit(X, Y)
     loss = ef.contrastive_loss(model.encode_image(Xt), model.encode_text(Yt), math.exp(model.logit_scale))
     grad_F = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(model.parameters()))])
     assert _rel(engine._test_gradients(Xt, Yt, None, False)[0], grad_F) < 1e-12
@@ -267,6 +267,6 @@ def test_unselected_trainable_parameter_leaves_no_graph(data):
     """Results are plain tensors even when a parameter outside ``params=`` requires grad (LoRA-style use)."""
     X, Y, Xt, Yt = data
     model, _ = heads(False, train_scale=True, scale=3.0)  # logit_scale requires grad but is not selected
-    engine = ef.ECIF(model, damping=DAMPING, batches=4, params="image_proj").fit(X, Y)
+    engine = ef.ECIF(model, damping=DAMPING, batches=4, params="image_proj", curvature="hessian").fit(X, Y)
     outputs = [engine.influence(Xt, Yt).total, engine.self_influence(), engine.group_influence([1], Xt, Yt).total]
     assert not any(t.requires_grad for t in outputs)

@@ -311,7 +311,7 @@ def test_ops_dispatch_and_validation():
 
 
 def test_engine_routes_through_ops_backend(monkeypatch):
-    """``ECIF(backend=...)`` reaches the registry: a forced backend is used for the reductions and the
+    """``ECIF(backend=..., curvature="hessian")`` reaches the registry: a forced backend is used for the reductions and the
     Gauss–Newton product, and an unknown one is a clear error."""
     import ecif_fast as ef
     from ecif_fast.kernels import registry

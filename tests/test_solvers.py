@@ -85,7 +85,7 @@ def test_solvers_agree(trained, curvature):
 
 def test_hessian_at_optimum_is_the_oracle_hessian(trained):
     model, X, Y, _, _ = trained
-    engine = ef.ECIF(model, damping=TRAIN_DAMPING, batches=BATCH).fit(X, Y)
+    engine = ef.ECIF(model, damping=TRAIN_DAMPING, batches=BATCH, curvature="hessian").fit(X, Y)
     C = dense_hessian(model, X, Y, batches=BATCH)
     assert _rel(engine.curvature.dense(), C) < 1e-12
     v = torch.randn(engine.space.size, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
@@ -97,7 +97,7 @@ def test_lowrank_error_improves_with_rank():
     # P = 88. Normalised heads and the exact Hessian: the spectrum has no exact zeros to rank 88 (the raw
     # heads' Gauss–Newton matrix has rank ≤ 30: S depends on θ only through W_imgᵀ W_txt).
     model, X, Y, Xt, Yt = _problem(True, dims=dict(image_dim=6, text_dim=5, embed_dim=8), n=40, batch=10)
-    engine = ef.ECIF(model, damping=TRAIN_DAMPING, batches=10).fit(X, Y)
+    engine = ef.ECIF(model, damping=TRAIN_DAMPING, batches=10, curvature="hessian").fit(X, Y)
     C = engine.curvature.dense()
     P, delta = C.shape[0], TRAIN_DAMPING
     assert P == 88
@@ -202,14 +202,14 @@ def test_exact_solver_not_positive_definite_message():
     lam = float(torch.linalg.eigvalsh(dense_hessian(model, X, Y, batches=BATCH, damping=damping))[0])
     assert lam < 0
     with pytest.raises(NotPositiveDefiniteError, match="smallest eigenvalue") as info:
-        ef.ECIF(model, damping=damping, batches=BATCH).fit(X, Y)
+        ef.ECIF(model, damping=damping, batches=BATCH, curvature="hessian").fit(X, Y)
     msg = str(info.value)
     reported = float(re.search(r"smallest eigenvalue (\S+) ", msg).group(1))
     assert abs(reported - lam) <= 1e-4 * abs(lam)
     assert "damping 1.0000e-06" in msg and "gauss-newton" in msg
     # the suggested damping is enough
     above = float(re.search(r"increase damping above (\S+),", msg).group(1))
-    ef.ECIF(model, damping=1.01 * above, batches=BATCH).fit(X, Y)
+    ef.ECIF(model, damping=1.01 * above, batches=BATCH, curvature="hessian").fit(X, Y)
     # Gauss–Newton is PSD: tiny damping works there
     ef.ECIF(model, damping=damping, batches=BATCH, curvature="gauss-newton").fit(X, Y)
 
@@ -255,7 +255,7 @@ def test_cg_not_positive_definite_on_indefinite_matrix():
 def test_cg_not_positive_definite_in_engine():
     X, Y = paired_features(N, **{k: SMALL[k] for k in ("image_dim", "text_dim")}, latent=3, seed=1)
     model, _ = heads(True, scale=5.0, **SMALL)
-    engine = ef.ECIF(model, damping=1e-6, batches=BATCH, solver="cg").fit(X, Y)
+    engine = ef.ECIF(model, damping=1e-6, batches=BATCH, solver="cg", curvature="hessian").fit(X, Y)
     with pytest.raises(NotPositiveDefiniteError, match="non-positive curvature"):
         engine.influence(X[:4], Y[:4])
 
@@ -328,7 +328,7 @@ def test_chunking_does_not_change_results(train_scale, batches):
     ref = ef.ECIF(model, **kw).fit(X, Y)
     assert (ref.chunk_size, ref.tangent_chunk) == ef.engine.default_chunks(model) == (4096, 256)
     want = ref.influence(Xt, Yt, per_test=True).total
-    ref_hessian = ef.ECIF(model, damping=5.0, batches=batches, solver="cg").fit(X, Y)
+    ref_hessian = ef.ECIF(model, damping=5.0, batches=batches, solver="cg", curvature="hessian").fit(X, Y)
     for chunk, tangents in ((3, 1), (5, 2), (1000, 7)):
         eng = ef.ECIF(model, chunk_size=chunk, tangent_chunk=tangents, **kw).fit(X, Y)
         torch.testing.assert_close(eng.influence(Xt, Yt, per_test=True).total, want, rtol=1e-10, atol=1e-14)
@@ -342,7 +342,7 @@ def test_chunking_does_not_change_results(train_scale, batches):
         g_eng, g_ref = eng.group_influence([1, 6, 13], Xt, Yt), ref.group_influence([1, 6, 13], Xt, Yt)
         torch.testing.assert_close(g_eng.total, g_ref.total, rtol=1e-10, atol=1e-14)
         hess = ef.ECIF(model, damping=5.0, batches=batches, solver="cg", chunk_size=chunk,
-                       tangent_chunk=tangents).fit(X, Y)
+                       tangent_chunk=tangents, curvature="hessian").fit(X, Y)
         torch.testing.assert_close(hess.curvature.matvec(Z), ref_hessian.curvature.matvec(Z), rtol=1e-10, atol=1e-14)
 
 
@@ -350,7 +350,7 @@ def test_chunk_arguments_are_checked():
     model, *_ = _problem(True)
     for bad in (0, -1, 2.5, True):
         with pytest.raises(ECIFInputError, match="tangent_chunk must be an int >= 1"):
-            ef.ECIF(model, damping=1.0, tangent_chunk=bad)
+            ef.ECIF(model, damping=1.0, tangent_chunk=bad, curvature="hessian")
 
 
 def test_auto_damping_rejects_non_positive_trace():
@@ -392,4 +392,4 @@ def test_hessian_batches_out_of_range(bad):
     model, _ = heads(False, **SMALL)
     X, Y = paired_features(N, **{k: SMALL[k] for k in ("image_dim", "text_dim")}, latent=3)
     with pytest.raises(ECIFInputError, match=r"hessian_batches must list batch numbers in \[0, 4\)"):
-        ef.ECIF(model, damping=1.0, batches=BATCH, hessian_batches=bad).fit(X, Y)
+        ef.ECIF(model, damping=1.0, batches=BATCH, hessian_batches=bad, curvature="hessian").fit(X, Y)

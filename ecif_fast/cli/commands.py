@@ -138,6 +138,7 @@ def detect(args, con: Console) -> dict:
         step(f"scoring ({scoring})")
         det = detect_misaligned(ecif, s.t(val.images) if val else None, s.t(val.texts) if val else None,
                                 scoring=scoring, labels=s.train.misaligned, info=s.train.info(with_misaligned=False))
+        s.finish(ecif, con)
     labels = s.train.misaligned
     primary = SCORING_METHODS[scoring]
     top = det.top(GALLERY)
@@ -209,6 +210,7 @@ def trace(args, con: Console) -> dict:
             keep = np.arange(test.n)
             table = trace_back(ecif, s.t(test.images), s.t(test.texts), k=args.k, info=s.train.info(),
                                test_ids=ids)
+        s.finish(ecif, con)
     k = min(args.k, s.train.n)
     if table is None:
         import pandas as pd

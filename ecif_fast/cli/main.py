@@ -117,11 +117,18 @@ def _analysis(sub, name: str, help: str) -> argparse.ArgumentParser:
                    help="cg solver: relative residual to stop at, in (0, 1) (default 1e-10)")
     p.add_argument("--cg-maxiter", type=_positive_int,
                    help="cg solver: iterations per solve (default max(100, 2 x parameters))")
+    p.add_argument("--no-precondition", action="store_true",
+                   help="cg solver: plain CG, without the spectral-factor preconditioner")
     p.add_argument("--batch-size", type=_batch_size, metavar="N|all",
                    help="override the checkpoint's training batches (not recommended)")
     p.add_argument("--allow-data-mismatch", action="store_true",
                    help="analyse although --train is not the file the checkpoint was trained on (not recommended: "
                         "influence assumes the model is at the optimum for these pairs)")
+    p.add_argument("--cache", metavar="DIR",
+                   help="reuse fitted ECIF states across commands: load the state fitted on this checkpoint, "
+                        "training data and these options from DIR if there is one, else fit and save it there "
+                        "(default: no cache, nothing is written outside --out)")
+    p.add_argument("--no-cache", action="store_true", help="ignore --cache: fit, read and write no cache")
     return p
 
 

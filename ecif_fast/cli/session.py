@@ -4,8 +4,11 @@ atomic writing of the output folder.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,8 +16,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import ECIF, LinearHeads, contrastive_loss
+from ..errors import ECIFInputError
 from ..report import write_report
-from ..report.output import MARKER, check_output_dir, check_output_file
+from ..report.output import MARKER, OutputLocationError, check_output_dir, check_output_file, check_writable
 from ..solvers.registry import default_solver, solver_class
 from .checkpoint import is_checkpoint, load_checkpoint, model_config, trained_vector
 from .data_files import DataFileError, PairsData, check_width, load_classes, load_pairs
@@ -105,6 +109,7 @@ class Setup:
     damping: float
     solver: str
     settings: dict = field(default_factory=dict)
+    cache: "FitCache | None" = None       # --cache: where the fitted state is loaded from / saved to
 
     @property
     def dtype(self) -> torch.dtype:
@@ -133,20 +138,139 @@ class Setup:
         return data
 
     def fit(self, con: Console) -> ECIF:
+        """The fitted ECIF: loaded from the ``--cache`` folder when an entry for exactly this checkpoint,
+        training data and these options is there, else fitted (and then saved there)."""
         torch.manual_seed(self.args.seed)
         ecif = ECIF(self.model, damping=self.damping, batches=self.batches, solver=self.solver,
                     curvature=self.args.curvature, backend=self.args.backend, progress=con.progress,
-                    seed=self.args.seed, cg_tol=self.args.cg_tol, cg_maxiter=self.args.cg_maxiter)
-        ecif.fit(self.t(self.train.images), self.t(self.train.texts))
+                    seed=self.args.seed, cg_tol=self.args.cg_tol, cg_maxiter=self.args.cg_maxiter,
+                    precondition=not self.args.no_precondition)
+        X, Y = self.t(self.train.images), self.t(self.train.texts)
+        self.cache = FitCache.open(self.args, ecif, X, Y, model_config(self.model))
+        t0 = time.perf_counter()
+        loaded = self.cache.load(ecif, X, Y, con) if self.cache else None
+        if loaded is not None:
+            ecif = loaded
+        else:
+            ecif.fit(X, Y)
+            if self.cache:
+                self.cache.save(ecif, con)
+        if self.cache:
+            self.cache.info["seconds"] = time.perf_counter() - t0
+            self.settings["cache"] = self.cache.info
         measured = ecif.solver.summary()   # e.g. what a low-rank factorisation keeps
         if measured:
             self.settings[self.solver] = measured
         return ecif
 
+    def finish(self, ecif: ECIF, con: Console) -> None:
+        """After the analysis: update the cache entry when it computed something worth keeping (the all-pairs
+        self-influence)."""
+        if self.cache:
+            self.cache.update(ecif, con)
+
+
+class FitCache:
+    """``--cache DIR``: fitted ECIF states (:meth:`ECIF.save`, without the training inputs, which come from
+    ``--train``) in ``DIR/ecif-state-<key>``, the key a SHA-256 of the checkpoint (its trained parameters,
+    frozen parameters and configuration), the training inputs (bytes, shapes, dtypes) and every option the fit
+    depends on (damping, batches, solver and its options, curvature, seed, backend): an entry is used only for
+    exactly these, and loading checks the fingerprints again. Entries are never deleted automatically."""
+
+    PREFIX = "ecif-state-"
+
+    def __init__(self, folder: Path, key: str):
+        self.folder = folder
+        self.entry = folder / f"{self.PREFIX}{key[:32]}"
+        self.stored: set[str] = set()      # all-pairs self-influence methods in the entry
+        self.info = {"dir": str(folder), "entry": str(self.entry), "status": "miss"}
+
+    @classmethod
+    def open(cls, args, ecif: ECIF, X, Y, config: dict) -> "FitCache | None":
+        folder = cache_dir(args)
+        if folder is None:
+            return None
+        from ..state import fit_key
+
+        key = hashlib.sha256(json.dumps({"fit": fit_key(ecif, X, Y), "config": config},
+                                        sort_keys=True).encode()).hexdigest()
+        return cls(folder, key)
+
+    def load(self, ecif: ECIF, X, Y, con: Console) -> ECIF | None:
+        """The entry's ECIF when it exists and matches; None (a miss, or a stale entry, reported) otherwise."""
+        from ..state import is_state, settings_of
+
+        if not os.path.lexists(self.entry):
+            return None
+        why = None
+        if not is_state(self.entry):
+            why = "not an ecif-fast state"
+        else:
+            try:
+                loaded = ECIF.load(self.entry, ecif.model, X, Y, progress=ecif.progress)
+            except (ECIFInputError, NotImplementedError) as err:
+                why = str(err)
+            else:
+                if settings_of(loaded) == settings_of(ecif):
+                    self.info["status"] = "hit"
+                    self.stored = set(loaded._self_influence) if isinstance(loaded._self_influence, dict) else set()
+                    if con.verbose:
+                        print(f"ecif-fast: reusing the fitted ECIF state {self.entry} (--cache)", file=sys.stderr)
+                    return loaded
+                why = "its settings differ"
+        self.info["status"] = "stale"
+        con.warn(f"the cache entry {self.entry} cannot be used ({' '.join(why.split())[:300]}); fitting again")
+        return None
+
+    def save(self, ecif: ECIF, con: Console) -> None:
+        try:
+            ecif.save(self.entry, include_inputs=False)
+        except (OSError, ValueError) as err:       # FileExistsError, OutputLocationError, a full disk, ...
+            con.warn(f"could not write the cache entry {self.entry} ({' '.join(str(err).split())[:300]}); "
+                     "the results are not affected")
+            return
+        self.stored = set(ecif._self_influence) if isinstance(ecif._self_influence, dict) else set()
+        self.info["saved"] = True
+
+    def update(self, ecif: ECIF, con: Console) -> None:
+        computed = set(ecif._self_influence) if isinstance(ecif._self_influence, dict) else set()
+        if computed - self.stored:
+            self.save(ecif, con)
+
+
+def cache_dir(args) -> Path | None:
+    """The ``--cache`` folder (absolute), or None when off (no ``--cache``, or ``--no-cache``)."""
+    value = getattr(args, "cache", None)
+    if value is None or getattr(args, "no_cache", False):
+        return None
+    return Path(os.path.abspath(value))
+
+
+def check_cache(args) -> None:
+    """Check ``--cache`` before any work: a folder (or a new path) outside ``--out`` where entries can be
+    created."""
+    if getattr(args, "cache", None) is None or getattr(args, "no_cache", False):
+        return
+    if not str(args.cache).strip():
+        raise UsageError("--cache: the path is empty; name a folder for the fitted states, e.g. --cache .ecif-cache")
+    folder = cache_dir(args)
+    if os.path.lexists(folder) and not folder.is_dir():
+        raise UsageError(f"--cache {args.cache}: is a file, not a folder; name a folder for the fitted states")
+    out = Path(os.path.abspath(args.out))
+    if folder == out or out in folder.parents:
+        raise UsageError(f"--cache {args.cache}: lies inside --out {args.out}, which every run replaces; put the "
+                         "cache outside the output folder")
+    try:
+        check_writable(folder / "entry")
+    except OutputLocationError as err:
+        raise UsageError(f"--cache {args.cache}: {' '.join(str(err).split())}") from None
+
 
 def setup(args, con: Console) -> Setup:
-    """Check ``--out``, load the checkpoint and the training file, pick batches, damping and solver."""
+    """Check ``--out`` (and ``--cache``), load the checkpoint and the training file, pick batches, damping and
+    solver."""
     check_out(args)
+    check_cache(args)
     model, training = load_checkpoint(args.model)
     data = load_pairs(args.train)
     check_width(data.images, model.image_proj.in_features, "image_features", args.train)

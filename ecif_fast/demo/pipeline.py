@@ -108,7 +108,8 @@ def run_level(data, cfg, noise, seed, backend):
                              generator=torch.Generator().manual_seed(seed + 1))
     Xv, Yv = _pairs(data, split.val, data.labels[split.val], val_tmpl)
     t0 = time.perf_counter()
-    ecif = ECIF(model, damping=cfg.damping, batches=cfg.batch_size, solver="exact", backend=backend).fit(X, Y)
+    ecif = ECIF(model, damping=cfg.damping, batches=cfg.batch_size, solver="exact", curvature="hessian",
+                backend=backend).fit(X, Y)
     t_fit = time.perf_counter() - t0
     info = PairInfo(pair_ids=split.train.numpy(),
                     captions=[_caption(data, c, t) for c, t in zip(split.caption_class, split.template)],

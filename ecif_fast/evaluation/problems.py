@@ -58,7 +58,8 @@ class Problem:
 
     def ecif(self, **kwargs) -> ef.ECIF:
         """A fitted :class:`ecif_fast.ECIF` on this problem (keyword arguments override the defaults)."""
-        args = {"damping": self.damping, "batches": self.batch_ids, "params": self.params, **kwargs}
+        args = {"damping": self.damping, "batches": self.batch_ids, "params": self.params, "curvature": "hessian",
+                **kwargs}
         return ef.ECIF(self.model, **args).fit(self.X, self.Y)
 
     def F(self, model: nn.Module | None = None) -> float:

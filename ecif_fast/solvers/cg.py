@@ -1,4 +1,5 @@
-"""Matrix-free conjugate gradients on ``(C + δI) x = b`` (Hessian or Gauss–Newton products)."""
+"""Matrix-free conjugate gradients on ``(C + δI) x = b`` (Hessian or Gauss–Newton products), optionally
+preconditioned by a low-rank spectral factor of the same matrix (docs/math.md §4)."""
 from __future__ import annotations
 
 import functools
@@ -18,6 +19,10 @@ class CGSolver(Solver):
     Args:
         tol: stop a column when ``||r|| <= tol·||b||``; a number in (0, 1). maxiter: an int >= 1, default
             ``max(100, 2P)``.
+        preconditioner: optional ``M`` with ``M.solve(R)`` ≈ ``H⁻¹ R`` for ``R (P, Q)``, symmetric positive definite
+            (a :class:`~ecif_fast.solvers.LowRankSolver`: its top eigendirections are inverted exactly, so CG
+            iterates on ``(λ_{r+1} + δ)/δ`` instead of ``(λ_1 + δ)/δ`` as condition number). The answer is
+            the same (to ``tol``); only the iteration count changes.
 
     After each :meth:`solve`: ``last_iterations``, ``last_unconverged`` (columns that stopped at ``maxiter``
     above ``tol``) and ``last_residual`` (the largest relative residual ``||r|| / ||b||``). A solve that
@@ -27,15 +32,21 @@ class CGSolver(Solver):
     """
 
     name = "cg"
-    option_names = ("cg_tol", "cg_maxiter")
+    option_names = ("cg_tol", "cg_maxiter", "precondition", "rank", "seed")
 
     @classmethod
     def from_engine(cls, curvature: Curvature, damping: float, dense: torch.Tensor | None,
                     options: SolverOptions) -> "CGSolver":
-        return cls(curvature, damping, options.cg_tol, options.cg_maxiter)
+        factor = None
+        if options.precondition and curvature.kind == "gauss-newton":  # PSD: the factor is positive definite
+            from .lowrank import LowRankSolver
+            factor = LowRankSolver(curvature, damping, options.rank, options.seed, warn=False, remainder="mean")
+        return cls(curvature, damping, options.cg_tol, options.cg_maxiter, preconditioner=factor)
 
-    def __init__(self, curvature: Curvature, damping: float, tol: float = 1e-10, maxiter: int | None = None):
+    def __init__(self, curvature: Curvature, damping: float, tol: float = 1e-10, maxiter: int | None = None,
+                 preconditioner=None):
         self.curvature = curvature
+        self.preconditioner = preconditioner
         self.damping = damping
         self.tol = check_tolerance(tol, "tol")
         maxiter = check_int(maxiter, "maxiter", minimum=1, allow_none=True)
@@ -44,6 +55,9 @@ class CGSolver(Solver):
         self.last_unconverged = 0
         self.last_residual = 0.0
         self.log: list | None = None
+
+    def _precondition(self, R: torch.Tensor) -> torch.Tensor:
+        return R.clone() if self.preconditioner is None else self.preconditioner.solve(R)
 
     def _apply(self, X: torch.Tensor) -> torch.Tensor:
         return self.curvature.matvec(X) + self.damping * X
@@ -54,7 +68,9 @@ class CGSolver(Solver):
         B = B.reshape(B.shape[0], -1)
         X = torch.zeros_like(B)
         R = B.clone()
-        Pd = R.clone()
+        Z = self._precondition(R)
+        Pd = Z.clone()
+        rz = (R * Z).sum(0)  # rᵀM⁻¹r (= rᵀr without a preconditioner)
         rs = (R * R).sum(0)
         bnorm = B.norm(dim=0).clamp_min(torch.finfo(B.dtype).tiny)
         active = torch.ones(B.shape[1], dtype=torch.bool)
@@ -72,12 +88,14 @@ class CGSolver(Solver):
                     f"CG met a direction of non-positive curvature (pᵀHp = {float(pAp.min()):.4e}) with "
                     f"damping {self.damping:.4e}: the damped {self.curvature.kind} matrix is not positive "
                     "definite; increase damping or use curvature='gauss-newton'")
-            alpha = rs[cols] / pAp
+            alpha = rz[cols] / pAp
             X[:, cols] += alpha * Pd[:, cols]
             R[:, cols] -= alpha * AP
-            rs_new = (R[:, cols] * R[:, cols]).sum(0)
-            Pd[:, cols] = R[:, cols] + (rs_new / rs[cols]) * Pd[:, cols]
-            rs[cols] = rs_new
+            Zc = self._precondition(R[:, cols])
+            rz_new = (R[:, cols] * Zc).sum(0)
+            Pd[:, cols] = Zc + (rz_new / rz[cols]) * Pd[:, cols]
+            rz[cols] = rz_new
+            rs[cols] = (R[:, cols] * R[:, cols]).sum(0)
         rel = rs.sqrt() / bnorm
         self.last_iterations = it
         self.last_unconverged = int((rel > self.tol).sum())
@@ -89,6 +107,31 @@ class CGSolver(Solver):
                           f"{self.last_residual:.2e} > tol {self.tol:.1e}; raise maxiter or damping",
                           RuntimeWarning, stacklevel=2)
         return X[:, 0] if vec else X
+
+    def state_dict(self) -> dict:
+        """``{"tol", "maxiter", "damping", ..., "preconditioner": registry name or None}`` plus the
+        preconditioner's own state under ``"preconditioner."`` (see :meth:`Solver.state_dict`); the curvature
+        is not saved (the loader rebuilds it from the settings)."""
+        state = self._attribute_state(skip=("curvature", "preconditioner", "log"))
+        pre = self.preconditioner
+        state["preconditioner"] = None if pre is None else pre.name
+        if pre is not None:
+            state.update({f"preconditioner.{k}": v for k, v in pre.state_dict().items()})
+        return state
+
+    @classmethod
+    def from_state_dict(cls, curvature: Curvature, damping: float, state: dict,
+                        options: SolverOptions) -> "CGSolver":
+        """CG over ``curvature`` with the saved tolerances and preconditioner (rebuilt from its state)."""
+        from .registry import solver_class
+
+        prefix = "preconditioner."
+        own = {k: v for k, v in state.items() if not k.startswith(prefix) and k != "preconditioner"}
+        pre = state.get("preconditioner")
+        if pre is not None:
+            sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            pre = solver_class(pre).from_state_dict(curvature, damping, sub, options)
+        return cls._from_attributes(own, curvature=curvature, preconditioner=pre, damping=damping, log=None)
 
 
 def cg_summary_per_call(method):

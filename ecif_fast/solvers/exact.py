@@ -65,3 +65,13 @@ class ExactSolver(Solver):
         vec = B.dim() == 1
         X = torch.cholesky_solve(B.reshape(B.shape[0], -1).to(self.L.dtype), self.L)
         return X[:, 0] if vec else X
+
+    def state_dict(self) -> dict:
+        """``{"L": (P, P) lower Cholesky factor of C + δI, "damping": δ}`` (see :meth:`Solver.state_dict`)."""
+        return self._attribute_state()
+
+    @classmethod
+    def from_state_dict(cls, curvature: Curvature, damping: float, state: dict,
+                        options: SolverOptions) -> "ExactSolver":
+        """The saved factor as it was: no curvature product, no factorisation."""
+        return cls._from_attributes(state, damping=damping)

@@ -74,7 +74,15 @@ class LowRankSolver(Solver):
       (eigenvalues of either sign count: an indefinite Hessian's can cancel in the trace).
     - ``trace_exact``: whether these are exact or estimated.
 
-    A RuntimeWarning is raised once, at construction, when ``dropped_error > DROPPED_ERROR_WARN`` (5 %).
+    ``remainder``: the curvature assumed outside the kept eigenvectors — ``"damping"`` (0, so ``1/δ`` there: the
+    solver's definition above) or ``"mean"`` (their mean eigenvalue ``λ̄ = max(dropped_trace / (P − r), 0)``,
+    so ``1/(λ̄ + δ)``: the best isotropic fit of the dropped spectrum, used when the factor preconditions CG and
+    for factorised self-influence). The attribute ``rest`` holds ``λ̄`` (0 for ``"damping"``).
+
+    A RuntimeWarning is raised once, at construction, when ``dropped_error > DROPPED_ERROR_WARN`` (5 %) and
+    ``warn`` (off when the factor only preconditions CG, whose answer does not depend on it).
+
+    The same factor gives every pair's self-influence without a solve per pair (:meth:`quadratic`).
     """
 
     name = "lowrank"
@@ -86,7 +94,8 @@ class LowRankSolver(Solver):
         return cls(curvature, damping, options.rank, options.seed)
 
     def __init__(self, curvature: Curvature, damping: float, rank: int = 64, seed: int = 0,
-                 dense: torch.Tensor | None = None, oversample: int = 10):
+                 dense: torch.Tensor | None = None, oversample: int = 10, warn: bool = True,
+                 remainder: str = "damping"):
         rank = check_int(rank, "rank", minimum=1)
         seed = check_int(seed, "seed")
         P = curvature.size
@@ -116,7 +125,12 @@ class LowRankSolver(Solver):
                   + (P - self.rank) * damping ** 2)
         self.captured = min(1.0, max(0.0, 1.0 - dropped_sq / energy)) if energy > 0 else 1.0
         self.dropped_error = (dropped_sq / (P - self.rank)) ** 0.5 / damping if self.rank < P else 0.0
-        if self.dropped_error > DROPPED_ERROR_WARN:
+        if remainder not in ("damping", "mean"):
+            raise ValueError(f"remainder must be 'damping' or 'mean', got {remainder!r}")
+        # the curvature assumed outside the kept eigenvectors: 0, or their mean eigenvalue (never below 0)
+        self.rest = (max(self.dropped_trace / (P - self.rank), 0.0)
+                     if remainder == "mean" and self.rank < P else 0.0)
+        if warn and self.dropped_error > DROPPED_ERROR_WARN:
             how = "exact" if self.trace_exact else "Hutchinson estimates"
             off = (f"about {100 * self.dropped_error:.0f} %" if self.dropped_error < 10
                    else f"a factor of about {self.dropped_error:.3g}")
@@ -135,4 +149,25 @@ class LowRankSolver(Solver):
         """``H⁻¹ B`` for ``B`` of shape ``(P,)`` or ``(P, Q)``."""
         coef = self.vecs.T @ B
         inner = self.vecs @ (coef / (self.lam + self.damping).reshape(-1, *([1] * (B.dim() - 1))))
-        return inner + (B - self.vecs @ coef) / self.damping
+        return inner + (B - self.vecs @ coef) / (self.rest + self.damping)
+
+    def quadratic(self, G: torch.Tensor) -> torch.Tensor:
+        """``(K,)`` ``g_kᵀ Ĥ⁻¹ g_k`` for the rows of ``G (K, P)``: ``Σ_j a_j²/(λ_j + δ) + ||g − V a||²/(λ̄ + δ)``
+        with ``a = Vᵀ g`` the projection on the kept eigenvectors and ``λ̄`` the curvature assumed outside them
+        (``rest``); the remainder is the exact norm of the part of ``g`` outside them (not ``||g||² − ||a||²``,
+        which cancels when the factor holds nearly all of ``g``)."""
+        G = G.to(self.vecs.dtype)
+        A = G @ self.vecs
+        rest = G - A @ self.vecs.T
+        return (A * A / (self.lam + self.damping)).sum(1) + (rest * rest).sum(1) / (self.rest + self.damping)
+
+    def state_dict(self) -> dict:
+        """``{"lam": (r,), "vecs": (P, r), "damping", "rank", "captured", "dropped_error", "dropped_trace",
+        "trace_exact"}`` (see :meth:`Solver.state_dict`)."""
+        return self._attribute_state()
+
+    @classmethod
+    def from_state_dict(cls, curvature: Curvature, damping: float, state: dict,
+                        options: SolverOptions) -> "LowRankSolver":
+        """The saved eigenpairs and diagnostics as they were: no curvature product, no eigensolver, no warning."""
+        return cls._from_attributes(state, damping=damping)

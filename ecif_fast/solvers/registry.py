@@ -37,6 +37,7 @@ class SolverOptions:
     seed: int
     cg_tol: float
     cg_maxiter: int | None
+    precondition: bool = True  # CG: precondition with a rank-``rank`` spectral factor
 
 
 class Solver:
@@ -64,6 +65,50 @@ class Solver:
     def summary(self) -> dict:
         """What the solver measured when it was built, for reports (empty when nothing)."""
         return {}
+
+    # -- saving (ECIF.save / ECIF.load, ecif_fast.state): a solver that can be saved overrides both
+    def state_dict(self) -> dict:
+        """Everything :meth:`from_state_dict` needs to rebuild this solver without a curvature product:
+        ``{key: Tensor | int | float | str | bool | None}`` (flat; a nested solver's keys get a ``"name."``
+        prefix). The default refuses: a solver not written for saving cannot be saved."""
+        raise NotImplementedError(f"solver {getattr(self, 'name', type(self).__name__)!r} "
+                                  f"({type(self).__qualname__}) cannot be saved: it does not implement "
+                                  "state_dict() / from_state_dict(); refit instead of loading")
+
+    @classmethod
+    def from_state_dict(cls, curvature, damping: float, state: dict, options: SolverOptions) -> "Solver":
+        """The solver saved by :meth:`state_dict`, for ``curvature`` (rebuilt from the settings, no product
+        computed) and the damping δ the state was fitted with. The default refuses (see :meth:`state_dict`)."""
+        raise NotImplementedError(f"solver {getattr(cls, 'name', cls.__name__)!r} ({cls.__qualname__}) cannot "
+                                  "be loaded: it does not implement from_state_dict(); refit instead of loading")
+
+    def _attribute_state(self, skip=()) -> dict:
+        """The instance attributes (except ``skip``) as a :meth:`state_dict`: tensors (detached) and plain
+        scalars; any other attribute is refused with a TypeError naming it (so a new attribute is never
+        silently left out of a saved state)."""
+        import torch
+
+        out = {}
+        for key, value in vars(self).items():
+            if key in skip:
+                continue
+            if torch.is_tensor(value):
+                out[key] = value.detach()
+            elif value is None or isinstance(value, (bool, int, float, str)):
+                out[key] = value
+            else:
+                raise TypeError(f"solver {self.name!r} cannot be saved: its attribute {key!r} is a "
+                                f"{type(value).__name__}, not a tensor or a plain number / string; extend "
+                                f"{type(self).__qualname__}.state_dict()")
+        return out
+
+    @classmethod
+    def _from_attributes(cls, state: dict, **extra) -> "Solver":
+        """An instance with ``state`` (and ``extra``) as its attributes, without running ``__init__``."""
+        obj = cls.__new__(cls)
+        obj.__dict__.update(state)
+        obj.__dict__.update(extra)
+        return obj
 
 
 #: name -> the solver class, or ``"module:Class"`` for a built-in one (imported on first use)
