@@ -34,6 +34,17 @@ from .validation import (cast_inputs, check_batch_sizes, check_embeddings, check
 
 #: L-BFGS evaluates R with the fused loss when the largest batch holds at least this many pairs (see above).
 FUSED_MIN_BATCH = 128
+#: ``method="auto"`` trains with Newton up to this many parameters, with L-BFGS above.
+AUTO_NEWTON_MAX_P = 3000
+#: Bytes that Newton's dense ``P × P`` matrices (the Hessian, its eigenvalue and solve workspaces) may take.
+NEWTON_MEMORY_LIMIT = 2 << 30
+#: Bytes of forward-mode tangents per block of Hessian columns (Newton builds the Hessian a block at a time).
+HESSIAN_BLOCK_MEMORY = 256 << 20
+
+
+def newton_bytes(P: int, dtype: torch.dtype) -> int:
+    """Bytes of Newton's dense ``P × P`` matrices (three of them) in ``dtype``."""
+    return 3 * P * P * torch.finfo(dtype).bits // 8
 
 
 @dataclass(frozen=True)
@@ -53,9 +64,10 @@ def _reference(space, theta_ref, dtype) -> torch.Tensor:
 
 
 def _objective(model, images, texts, batches, damping, theta_ref, params):
-    """``(R, θ, space, scale, plan)``: the function ``θ ↦ R(θ)`` on these pairs (``R(θ, fused=True)``: with the
-    fused loss, differentiable once by autograd; else the twin, for ``torch.func`` and second derivatives), the
-    model's current θ, ``θ ↦ exp(logit_scale)`` (for error messages) and the batches.
+    """``(R, θ, space, scale, plan, column_bytes)``: the function ``θ ↦ R(θ)`` on these pairs (``R(θ, fused=True)``:
+    with the fused loss, differentiable once by autograd; else the twin, for ``torch.func`` and second
+    derivatives), the model's current θ, ``θ ↦ exp(logit_scale)`` (for error messages), the batches and an
+    estimate of the bytes one Hessian column's forward-mode tangents take.
 
     Checks the inputs, the batches, the parameters and the embeddings at the current θ (one forward pass).
     """
@@ -75,12 +87,17 @@ def _objective(model, images, texts, batches, damping, theta_ref, params):
         with torch.no_grad():
             return math.exp(float(fm.embed(th, X[:1], Y[:1])[2]))
 
+    # bytes of one Hessian column's tangents: a few copies of every batch's B × B scores and of the embeddings
+    with torch.no_grad():
+        d = fm.embed(theta, X[:1], Y[:1])[0].shape[-1]
+    column_bytes = 12 * (float((plan.sizes.double() ** 2).sum()) + X.shape[0] * d) * theta.element_size()
+
     def R(th, fused: bool = False):
         U, V, s = fm.embed(th, X, Y)
         loss = (ops.contrastive_loss if fused else contrastive_loss)(U, V, s.exp(), plan)
         return loss + 0.5 * damping * ((th - ref) ** 2).sum()
 
-    return R, theta, space, scale, plan
+    return R, theta, space, scale, plan, column_bytes
 
 
 def _diverged(step: str, what: str, t: float, dtype) -> ECIFInputError:
@@ -89,6 +106,19 @@ def _diverged(step: str, what: str, t: float, dtype) -> ECIFInputError:
         f"{str(dtype).replace('torch.', '')}: the logit scale t = exp(logit_scale) = {t:.3g} or the features are "
         "too large; lower logit_scale (CLIP uses log(1/0.07) = 2.66), rescale or standardise the features, or raise "
         "damping")
+
+
+def _dense_hessian(grad_R, theta: torch.Tensor, block: int) -> torch.Tensor:
+    """``(P, P)`` Hessian of R at ``theta`` by forward-over-reverse, ``block`` columns per ``jacfwd`` call (the
+    tangents of all ``P`` columns at once would hold ``P`` copies of the activations)."""
+    P = theta.numel()
+    if block >= P:
+        return torch.func.jacfwd(grad_R)(theta)  # not torch.func.hessian: see Curvature.dense (layer_norm)
+    cols = []
+    for a in range(0, P, block):
+        b = min(a + block, P)
+        cols.append(torch.func.jacfwd(lambda part: grad_R(torch.cat([theta[:a], part, theta[b:]])))(theta[a:b]))
+    return torch.cat(cols, dim=1)
 
 
 def objective(model: nn.Module, images, texts, *, batches: BatchesArg = None, damping: float = 0.0, theta_ref=None,
@@ -105,7 +135,9 @@ def train(model: nn.Module, images, texts, *, batches: BatchesArg = None, dampin
     Args:
         images, texts: ``(n, ...)`` training pairs. batches: as in :class:`ecif_fast.ECIF`.
         damping: δ ≥ 0. theta_ref: ``(P,)`` reference point (default 0).
-        method: ``"newton"``, ``"lbfgs"`` or ``"auto"`` (Newton when ``P <= 3000``).
+        method: ``"newton"``, ``"lbfgs"`` or ``"auto"`` (Newton when ``P <= AUTO_NEWTON_MAX_P``). Newton forms
+            the dense ``P × P`` Hessian (a block of columns at a time) and refuses, before any work, a problem
+            whose matrices would pass :data:`NEWTON_MEMORY_LIMIT` (:func:`newton_bytes`).
         max_iter: iterations (Newton steps or L-BFGS iterations). tol: stop when ``max|∇R| < tol``.
 
     Raises :class:`~ecif_fast.ECIFInputError` before training for the inputs :class:`~ecif_fast.ECIF` refuses
@@ -116,12 +148,18 @@ def train(model: nn.Module, images, texts, *, batches: BatchesArg = None, dampin
     """
     if method not in TRAINING_METHODS:
         raise ValueError(f"method must be one of {list(TRAINING_METHODS)}, got {method!r}")
-    R, theta, space, scale, plan = _objective(model, images, texts, batches, damping, theta_ref, params)
+    R, theta, space, scale, plan, column_bytes = _objective(model, images, texts, batches, damping, theta_ref, params)
     grad_R = torch.func.grad(R)
     value, gradient = R, grad_R  # R and ∇R as the result reports them
     it = 0
     if method == "auto":
-        method = "newton" if space.size <= 3000 else "lbfgs"
+        method = "newton" if space.size <= AUTO_NEWTON_MAX_P else "lbfgs"
+    if method == "newton" and newton_bytes(space.size, theta.dtype) > NEWTON_MEMORY_LIMIT:
+        raise ECIFInputError(
+            f"method='newton' forms the dense Hessian of all P = {space.size} trained parameters: "
+            f"{newton_bytes(space.size, theta.dtype) / 2 ** 30:.1f} GiB of {str(theta.dtype).replace('torch.', '')} "
+            f"matrices, above NEWTON_MEMORY_LIMIT ({NEWTON_MEMORY_LIMIT / 2 ** 30:.0f} GiB); use method='lbfgs', "
+            "or fewer parameters (a smaller embedding, or params= a subset)")
     if method == "lbfgs":
         if int(plan.sizes.max()) >= FUSED_MIN_BATCH:
             value = functools.partial(R, fused=True)
@@ -146,8 +184,7 @@ def train(model: nn.Module, images, texts, *, batches: BatchesArg = None, dampin
             raise _diverged(f"L-BFGS iteration {it}", "the parameters or the loss are NaN or Inf",
                             scale(theta.nan_to_num()), theta.dtype)
     else:
-        eye = torch.eye(space.size, dtype=theta.dtype)
-        hess_R = torch.func.jacfwd(grad_R)  # not torch.func.hessian: see Curvature.dense (layer_norm)
+        block = max(1, int(HESSIAN_BLOCK_MEMORY // column_bytes))
         for _ in range(max_iter):
             g = grad_R(theta)
             f0 = float(R(theta))
@@ -157,7 +194,7 @@ def train(model: nn.Module, images, texts, *, batches: BatchesArg = None, dampin
             if float(g.abs().max()) < tol:
                 break
             it += 1
-            H = hess_R(theta)
+            H = _dense_hessian(grad_R, theta, block)
             H = 0.5 * (H + H.T)
             if not bool(torch.isfinite(H).all()):
                 raise _diverged(f"Newton step {it}", "the Hessian is NaN or Inf", scale(theta), theta.dtype)
@@ -166,7 +203,8 @@ def train(model: nn.Module, images, texts, *, batches: BatchesArg = None, dampin
                 # Levenberg–Marquardt shift where H is not positive definite (far from the optimum).
                 top = float(lam.abs().max())
                 shift = 0.0 if float(lam[0]) > 1e-12 * top else 2 * abs(float(lam[0])) + 1e-6 * top
-                step = -torch.linalg.solve(H + shift * eye, g)
+                H.diagonal().add_(shift)
+                step = -torch.linalg.solve(H, g)
             except torch.linalg.LinAlgError as err:
                 raise _diverged(f"Newton step {it}", f"the Newton system could not be solved ({err})", scale(theta),
                                 theta.dtype) from None

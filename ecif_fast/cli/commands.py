@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .. import ECIF, LinearHeads, train as train_heads
-from ..training import objective
+from ..training import NEWTON_MEMORY_LIMIT, newton_bytes, objective
 from ..apps import (SCORING_METHODS, clean as clean_pairs, detect_misaligned, trace_back, value_data, zero_shot_logits,
                     zero_shot_losses)
 from .checkpoint import save_checkpoint, trained_vector
@@ -75,8 +75,12 @@ def train(args, con: Console) -> dict:
     path = save_checkpoint(args.out, model, training)
     tol = 1e-2 if args.float32 else 1e-5
     if res.grad_norm > tol:
+        P = int(theta_ref.numel())
+        advice = ("raise --max-iter or use --method newton" if newton_bytes(P, dtype) <= NEWTON_MEMORY_LIMIT else
+                  f"raise --max-iter, standardise the features, or lower --embed-dim (--method newton needs "
+                  f"{newton_bytes(P, dtype) / 2 ** 30:.1f} GiB for P = {P})")
         con.warn(f"training stopped with max|grad R| = {res.grad_norm:.3g} after {res.iterations} iterations, "
-                 "not at the optimum the influence formulas assume; raise --max-iter or use --method newton")
+                 f"not at the optimum the influence formulas assume; {advice}")
     summary = {"checkpoint": str(path), "n_train": data.n, "image_dim": di, "text_dim": dt, "embed_dim": embed,
                "parameters": int(theta_ref.numel()), "batches": desc, "damping": float(args.damping),
                "method": args.method, "loss": res.loss, "grad_norm": res.grad_norm, "iterations": res.iterations,

@@ -156,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-scale", action="store_true", help="also train the logit scale")
     p.add_argument("--no-normalize", action="store_true", help="do not L2-normalise the embeddings")
     p.add_argument("--method", choices=TRAINING_METHODS, default="auto",
-                   help="optimiser (default auto: Newton up to 3000 parameters, else L-BFGS)")
+                   help="optimiser (default auto: Newton up to 3000 parameters, else L-BFGS; Newton refuses a dense "
+                        "Hessian above 2 GiB)")
     p.add_argument("--max-iter", type=_positive_int, default=200, help="optimiser iterations (default 200)")
     p.add_argument("--float32", action="store_true", help="train in float32 (default float64)")
 
