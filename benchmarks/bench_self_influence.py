@@ -33,6 +33,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import ecif_fast as ef  # noqa: E402
+from ecif_fast.training import objective  # noqa: E402
 from real_digits import real_digits, save_pairs  # noqa: E402
 
 
@@ -76,7 +77,7 @@ def main() -> None:
         damping = float(training["damping"])
         ids = training.get("batch_ids")
         batches = ids.to(torch.int64) if ids is not None else training.get("batch_size")
-        state = ef.objective(model, X, Y, batches=batches, damping=damping, theta_ref=training["theta_ref"])
+        state = objective(model, X, Y, batches=batches, damping=damping, theta_ref=training["theta_ref"])
         print(f"machine: {os.cpu_count()} CPU cores; n = {args.n}, P = {sum(p.numel() for p in model.parameters())}")
         print(f"| step | wall (s) |\n|---|---:|\n| ecif-fast train | {t_train:.1f} |\n"
               f"| ecif-fast detect --scoring self | {t_detect:.1f} |\n| total | {t_train + t_detect:.1f} |")

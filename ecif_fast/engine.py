@@ -13,11 +13,13 @@ from .errors import ECIFInputError
 from .core.batches import BatchesArg, BatchPlan, resolve_batches
 from .core.loss import batch_loss, per_pair_loss
 from .core.pair_terms import pair_embedding_gradients, removal_objective
+from .core.pair_norms import heads_pair_sq_norms, structured_norms_blocks
 from .kernels import ops
 from .models.functional import ChunkedVJP, FunctionalModel, chunked_jvp, row_slices
 from .models.params import ParamsArg, select_params
-from .engine_inputs import (cg_tol_arg, collect_pairs, default_chunks, encodes, hessian_batches_arg, pick_solver,
+from .engine_inputs import (cg_tol_arg, default_chunks, encodes, hessian_batches_arg, pick_solver,
                             solver_arg)
+from .pair_source import LoaderPairs, TensorPairs, is_loader
 from .results import InfluenceResult
 from .solvers import CURVATURES, Curvature, resolve_damping
 from .solvers.cg import cg_summary_per_call
@@ -126,28 +128,51 @@ class ECIF:
 
     # ------------------------------------------------------------------ fit
     def fit(self, train_images, train_texts=None) -> "ECIF":
-        """Store the training pairs, their embeddings at θ̂, and factorise the damped curvature.
+        """Store the training pairs' embeddings at θ̂ (and the pairs themselves when given as tensors), and
+        factorise the damped curvature.
 
         Args:
-            train_images: ``(n, ...)`` image inputs (or a DataLoader yielding ``(images, texts)``).
-            train_texts: ``(n, ...)`` text inputs. Floating inputs are cast to the parameters' dtype.
+            train_images: ``(n, ...)`` image inputs, or a DataLoader (any re-iterable) yielding ``(images,
+                texts)`` batches ``(b, ...)``, ``(b, ...)`` in a fixed order (``shuffle=False``).
+            train_texts: ``(n, ...)`` text inputs (None with a DataLoader). Floating inputs are cast to the
+                parameters' dtype.
+
+        From a DataLoader the inputs are never held: ``fit`` keeps the embeddings ``U, V (n, d)`` and the log
+        scale, and every later pass through the encoders (the JVP pass of :meth:`influence`, curvature
+        products, per-pair gradients, group influence) reads the loader again, batch by batch
+        (:class:`ecif_fast.pair_source.LoaderPairs`); memory holds about one batch of inputs (or ``chunk_size``
+        pairs, whichever is more). A loader whose later passes differ from the first (shuffled, random
+        augmentation, another length) raises :class:`~ecif_fast.ECIFInputError`.
 
         Raises :class:`~ecif_fast.ECIFInputError` for unusable data or model state (see the class docstring).
         """
-        X, Y = check_pairs(*collect_pairs(train_images, train_texts), what="train")
+        streamed = is_loader(train_images, train_texts)
+        if not streamed:
+            X, Y = check_pairs(train_images, train_texts, what="train")
         self._fitted = False  # until this fit has succeeded
         self.dtype = check_params(dict(self.model.named_parameters()), self.space.names)
-        X, Y = cast_inputs(X, self.dtype), cast_inputs(Y, self.dtype)
-        plan = resolve_batches(self.batches_arg, X.shape[0])
-        check_batch_sizes(plan.sizes, "batches")
-        self.X, self.Y = X, Y
-        self.n = X.shape[0]
-        self.plan: BatchPlan = plan
-        self.theta = self.space.flat(self.model)
-        U, V, s = self._embed_checked(self.theta, X, Y, "train", self._chunks("embed"))
+        if streamed:
+            source = LoaderPairs(train_images, self.dtype, chunk_size=self.chunk_size, progress=self.progress)
+            self.source = source
+            self.theta = self.space.flat(self.model)
+            # the first pass over the loader: the embeddings, and the layout later passes are checked against
+            U, V, s = self._embed_checked(self.theta, *source.everything("embed"), "train")
+            plan = resolve_batches(self.batches_arg, source.n)
+            check_batch_sizes(plan.sizes, "batches")
+            self.n = source.n
+            self.plan: BatchPlan = plan
+        else:
+            X, Y = cast_inputs(X, self.dtype), cast_inputs(Y, self.dtype)
+            plan = resolve_batches(self.batches_arg, X.shape[0])
+            check_batch_sizes(plan.sizes, "batches")
+            self.source = source = TensorPairs(X, Y)
+            self.n = X.shape[0]
+            self.plan: BatchPlan = plan
+            self.theta = self.space.flat(self.model)
+            U, V, s = self._embed_checked(self.theta, X, Y, "train", self._chunks("embed"))
         self.U, self.V, self.log_scale = U, V, s.detach()
-        self.curvature = Curvature(self.fm, self.theta, X, Y, self.plan, self.curvature_kind, self.hessian_batches,
-                                   backend=self.backend, chunk_pairs=self.chunk_size,
+        self.curvature = Curvature(self.fm, self.theta, source, None, self.plan, self.curvature_kind,
+                                   self.hessian_batches, backend=self.backend, chunk_pairs=self.chunk_size,
                                    tangent_chunk=self.tangent_chunk)
         solver_type = solver_class(self.solver_name)
         # a solver that forms the dense curvature shares it with damping="auto" (its exact trace)
@@ -165,31 +190,60 @@ class ECIF:
         if not self._fitted:
             raise RuntimeError("call .fit(train_images, train_texts) before computing influences")
 
+    @property
+    def X(self) -> torch.Tensor:
+        """``(n, ...)`` the training images as :meth:`fit` uses them (cast to the parameters' dtype). Fitted
+        from a DataLoader they are not held: this gathers them all by one pass over the loader (the whole
+        dataset in memory; nothing in ecif_fast uses it, the passes read ``self.source`` chunk by chunk)."""
+        return self.source.tensors()[0]
+
+    @property
+    def Y(self) -> torch.Tensor:
+        """``(n, ...)`` the training texts, as :attr:`X` (token ids padded to one length)."""
+        return self.source.tensors()[1]
+
     def _chunks(self, desc: str):
         rows = row_slices(self.n, self.chunk_size)
         return tqdm(rows, desc=desc, disable=not self.progress or len(rows) < 2, leave=False)
 
     def _embed_checked(self, theta, X, Y, what: str, rows=None):
-        """``(U, V, s)`` of the ``what`` pairs, without gradients; an encoder failure or unusable embeddings
-        become an :class:`ECIFInputError` naming the input."""
+        """``(U, V, s)`` of the ``what`` pairs ``X, Y (m, ...)`` (or a :class:`ecif_fast.pair_source.Rows` and
+        None: read from a DataLoader), without gradients; an encoder failure or unusable embeddings become an
+        :class:`ECIFInputError` naming the input."""
         names = (f"{what}_images", f"{what}_texts")
-        try:
-            with torch.no_grad():
-                U, V, s = self._embed(theta, X, Y, rows)
-        except ECIFInputError:
-            raise
-        except (RuntimeError, ValueError, TypeError, IndexError) as err:
-            raise self._encoder_failure(err, X, Y, names) from err
+        if not torch.is_tensor(X):
+            U, V, s = self._embed_streamed(theta, X, names)
+        else:
+            try:
+                with torch.no_grad():
+                    U, V, s = self._embed(theta, X, Y, rows)
+            except ECIFInputError:
+                raise
+            except (RuntimeError, ValueError, TypeError, IndexError) as err:
+                raise self._encoder_failure(err, X, Y, names) from err
         check_embeddings(U, V, s, names, declares_normalized(self.model))
         return U, V, s
+
+    def _embed_streamed(self, theta, rows, names):
+        """``(U, V, s)`` of pairs read from a DataLoader (``rows.pieces``, ``chunk_size`` at a time); an encoder
+        failure names the piece's inputs."""
+        parts = []
+        with torch.no_grad():
+            for _, Xr, Yr in rows.pieces(self.chunk_size):
+                try:
+                    parts.append(self.fm.embed(theta, Xr, Yr))
+                except ECIFInputError:
+                    raise
+                except (RuntimeError, ValueError, TypeError, IndexError) as err:
+                    raise self._encoder_failure(err, Xr, Yr, names) from err
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), parts[0][2]
 
     def _encoder_failure(self, err, X, Y, names) -> ECIFInputError:
         """Which encoder cannot take its input (probed on two rows), as an error naming the argument."""
         culprit = [n for n, f, x in zip(names, (self.model.encode_image, self.model.encode_text), (X, Y))
                    if not encodes(f, x[:2])] or list(names)
         shapes = ", ".join(f"{n} {tuple(x.shape)} {x.dtype}" for n, x in zip(names, (X, Y)))
-        train = (f"; the training inputs were {tuple(self.X.shape)} {self.X.dtype} and {tuple(self.Y.shape)} "
-                 f"{self.Y.dtype}" if names[0].startswith("test") else "")
+        train = f"; the training inputs were {self.source.describe()}" if names[0].startswith("test") else ""
         return ECIFInputError(f"the model failed to encode {' and '.join(culprit)} ({shapes}{train}): "
                               f"{type(err).__name__}: {err}; prepare these inputs exactly as the model expects "
                               "(same feature extractor, preprocessing and tokenizer as the training pairs)")
@@ -226,8 +280,9 @@ class ECIF:
                 "test_images and test_texts hold 1 pair: the contrastive loss of a single pair is constant (the "
                 "pair is its own only candidate), so ∇F = 0 and every influence would be 0; pass at least 2 test "
                 "pairs, or fn= with a loss that is not constant (e.g. ecif_fast.apps.zero_shot_losses)")
-        check_like_training(Xt, self.X, "test_images")
-        check_like_training(Yt, self.Y, "test_texts")
+        like_X, like_Y = self.source.like()   # the training inputs (or their shapes, from a DataLoader)
+        check_like_training(Xt, like_X, "test_images")
+        check_like_training(Yt, like_Y, "test_texts")
         Xt, Yt = cast_inputs(Xt, self.dtype), cast_inputs(Yt, self.dtype)
         # The test pairs interact only through their embeddings: cotangents in embedding space first, then
         # one VJP per chunk of test pairs (memory: one chunk of activations, however many test pairs).
@@ -244,7 +299,8 @@ class ECIF:
     # ------------------------------------------------------------------ embedding-space path
     def _directions(self, H: torch.Tensor):
         """``(dU, dV, ds)`` = ``J·h`` for the columns of ``H (P, Q)``: ``(Q, n, d)``, ``(Q, n, d)``, ``(Q,)``."""
-        return self._tangents(self.X, self.Y, H, self._chunks("JVP pass"))
+        rows = None if self.source.streamed else self._chunks("JVP pass")   # streamed: the loader's own bar
+        return self._tangents(*self.source.everything("JVP pass"), H, rows)
 
     def _tangents(self, X, Y, H: torch.Tensor, rows=None):
         """``J·h`` on the pairs ``X, Y`` for the columns of ``H (P, Q)`` (see :func:`chunked_jvp`); ``ds`` is
@@ -325,16 +381,17 @@ class ECIF:
 
     def _gradient_blocks(self, uniq: torch.Tensor):
         """Yield ``(rows, G)``: the gradients ``G (k, P)`` of ``uniq[rows]``, ``tangent_chunk`` pairs at a time,
-        one batch's activations alive at once (``uniq`` sorted and unique)."""
+        one batch's activations alive at once (``uniq`` sorted and unique). Fitted from a DataLoader, the
+        batches holding a wanted pair are read in one ordered pass (:meth:`ecif_fast.pair_source.LoaderPairs.serve`;
+        a batch too big to gather is read again for every block of ``tangent_chunk`` pairs)."""
         row_of = torch.full((self.n,), -1, dtype=torch.int64)
         row_of[uniq] = torch.arange(uniq.numel())
         t = self.log_scale.exp()
         exact = self.negative_term == "exact"
-        for group in self.plan.groups():
+        groups = [g for g in self.plan.groups() if bool((row_of[g] >= 0).any())]
+        for group, (X, Y) in zip(groups, self.source.serve(groups)):
             local = (row_of[group] >= 0).nonzero().flatten()
-            if local.numel() == 0:
-                continue
-            pull = ChunkedVJP(self.fm, self.theta, self.X[group], self.Y[group], self.chunk_size)
+            pull = ChunkedVJP(self.fm, self.theta, X, Y, self.chunk_size)
             for ks in local.split(self.tangent_chunk):
                 gU, gV, gs = pair_embedding_gradients(self.U[group], self.V[group], t, exact, True, ks)
                 yield row_of[group[ks]], pull(gU, gV, gs)
@@ -353,7 +410,11 @@ class ECIF:
           eigendirections, and the rest of ``g_k`` weighted by ``1/δ`` instead of ``1/(λ + δ)`` — too large by
           ``λ/δ`` in a dropped direction of eigenvalue ``λ`` (the factor's ``dropped_error`` is the RMS of that
           over the dropped spectrum, ``captured`` the share of ``||C + δI||_F²`` it reproduces; see
-          :meth:`factor_summary`). Raise ``rank`` to tighten it.
+          :meth:`factor_summary`). Raise ``rank`` to tighten it. For :class:`~ecif_fast.LinearHeads` no per-pair
+          parameter gradient is formed: the projections ``v_jᵀg_k`` of all pairs are one JVP pass with the ``rank``
+          eigenvectors as tangents plus the embedding-space reductions, and ``||g_k||²`` is exact from ``B × B``
+          Grams per batch (docs/math.md §4.1; the remainder ``||g_k||² − Σ_j (v_jᵀg_k)²`` then has an absolute
+          error of about ``eps·||g_k||²``, see :meth:`_factor_self_influence`); other models stream ``g_k``.
         - ``"auto"`` (default): ``"solve"`` for ``solver="exact"`` (a direct solve per block is cheap), else
           ``"factor"``.
 
@@ -394,6 +455,8 @@ class ECIF:
 
     def _self_influence_of(self, indices, method: str) -> torch.Tensor:
         uniq, inverse = self._unique_pairs(indices)
+        if method == "factor" and structured_norms_blocks(self.model, self.space.names) is not None:
+            return self._factor_self_influence(uniq)[inverse]
         out = torch.empty(uniq.numel(), dtype=self.theta.dtype)
         blocks = self._gradient_blocks(uniq)
         if method == "factor":
@@ -405,6 +468,65 @@ class ECIF:
                             total=-(-uniq.numel() // self.tangent_chunk)):
             out[rows] = quadratic(G).to(out.dtype)
         return out[inverse]
+
+    def _factor_self_influence(self, uniq: torch.Tensor) -> torch.Tensor:
+        """Factorised self-influence of the pairs ``uniq`` (sorted, unique) without per-pair parameter gradients,
+        for models whose gradient norms have a closed form (:func:`~ecif_fast.core.pair_norms.structured_norms_blocks`:
+        plain :class:`~ecif_fast.LinearHeads`)::
+
+            s_k = Σ_j a_kj²/(λ_j + δ) + max(||g_k||² − Σ_j a_kj², 0)/(λ̄ + δ),   a_kj = v_jᵀ g_k
+
+        The projections ``a_kj`` are one influence query with the factor's ``r`` eigenvectors as directions (JVP
+        pass + :func:`ops.ecif_reductions`, docs/math.md §4), streamed over chunks of whole batches of about
+        ``chunk_size`` pairs (``r × chunk × d`` tangents alive); the norms ``||g_k||²`` are exact from ``B × B``
+        Grams per batch (docs/math.md §4.1), in float64. The remainder is a difference of two sums, clamped at 0:
+        its absolute error is about ``eps·||g_k||²`` with ``eps`` the precision of the projections (the model's
+        dtype; the kernels accumulate float32 for float32 inputs), so it is relative to ``||g_k||²``, not to the
+        remainder itself, when the factor holds nearly all of ``g_k`` (the G-based path of
+        :meth:`LowRankSolver.quadratic` forms the remainder vector and has no such cancellation).
+        """
+        from .core.batches import BatchPlan
+
+        factor = self.factor
+        blocks = structured_norms_blocks(self.model, self.space.names)
+        named = {**{n: p.detach() for n, p in self.model.named_parameters()}, **self.space.unflatten(self.theta)}
+        t = self.log_scale.exp()
+        exact = self.negative_term == "exact"
+        lam = factor.lam.double() + factor.damping
+        rest = factor.rest + factor.damping
+        wanted = torch.zeros(self.n, dtype=torch.bool)
+        wanted[uniq] = True
+        chunks, cur = [], []
+        for g in self.plan.groups():  # whole batches, about chunk_size pairs per JVP pass and reduction call
+            cur.append(g)
+            if sum(c.numel() for c in cur) >= self.chunk_size:
+                chunks.append(cur)
+                cur = []
+        chunks += [cur] if cur else []
+        # only the chunks holding a wanted pair, computed whole: the same numbers whichever pairs are asked for
+        chunks = [c for c in chunks if any(bool(wanted[g].any()) for g in c)]
+        value = torch.zeros(self.n, dtype=torch.float64)
+        for chunk in tqdm(chunks, desc="self-influence", disable=not self.progress or len(chunks) < 2, leave=False):
+            idx = torch.cat(chunk)
+            served = list(self.source.serve(chunk, whole=True))
+            X, Y = torch.cat([s[0] for s in served]), torch.cat([s[1] for s in served])
+            dU, dV, ds = self._tangents(X, Y, factor.vecs.to(self.theta.dtype))
+            sizes = torch.tensor([0] + [g.numel() for g in chunk])
+            plan = BatchPlan(idx.numel(), torch.arange(idx.numel()), sizes.cumsum(0))
+            pos, neg = ops.ecif_reductions(self.U[idx], self.V[idx], t, plan, dU, dV, ds, self.negative_term,
+                                           backend=self.backend)
+            del dU, dV
+            A = (pos + neg).T.double()  # (m, r): a_kj = v_jᵀ g_k
+            start = 0
+            for g, (Xb, Yb) in zip(chunk, served):
+                norms = heads_pair_sq_norms(Xb, Yb, named["image_proj.weight"], named["text_proj.weight"],
+                                            self.log_scale, normalize=blocks["normalize"], exact=exact,
+                                            image=blocks["image"], text=blocks["text"], scale=blocks["scale"])
+                a = A[start:start + g.numel()]
+                value[g] = (a * a / lam).sum(1) + (norms - (a * a).sum(1)).clamp_min(0) / rest
+                start += g.numel()
+        self._check_finite(value)
+        return value[uniq].to(self.theta.dtype)
 
     @cg_summary_per_call
     def relative_influence(self, test_images=None, test_texts=None, *, fn: TestFn | None = None,
@@ -449,7 +571,7 @@ class ECIF:
         Us = [self.U[g] for g in groups]
         Vs = [self.V[g] for g in groups]
         pos, neg = [], []
-        tangents = [self._tangents(self.X[g], self.Y[g], Hq) for g in groups]  # per batch: (Q, B, d) ...
+        tangents = [self._tangents(X, Y, Hq) for X, Y in self.source.serve(groups)]  # per batch: (Q, B, d) ...
         for q in range(Hq.shape[1]):
             dUs = [t[0][q] for t in tangents]
             dVs = [t[1][q] for t in tangents]
@@ -473,8 +595,8 @@ class ECIF:
         gUs, gVs, gs = torch.func.grad(total, argnums=(0, 1, 2))(
             [self.U[g] for g in groups], [self.V[g] for g in groups], self.log_scale)
         out = torch.zeros(self.space.size, dtype=self.theta.dtype)
-        for i, (g, gU, gV) in enumerate(zip(groups, gUs, gVs)):
-            pull = ChunkedVJP(self.fm, self.theta, self.X[g], self.Y[g], self.chunk_size)
+        for i, (gU, gV, (X, Y)) in enumerate(zip(gUs, gVs, self.source.serve(groups))):
+            pull = ChunkedVJP(self.fm, self.theta, X, Y, self.chunk_size)
             out += pull(gU[None], gV[None], gs.reshape(1) if i == 0 else None)[0]
         return out
 

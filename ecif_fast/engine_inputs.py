@@ -1,4 +1,5 @@
-"""How :class:`~ecif_fast.ECIF` reads its arguments and inputs: training pairs from tensors or a DataLoader,
+"""How :class:`~ecif_fast.ECIF` reads its arguments and inputs: training pairs from tensors or a DataLoader
+(collected; ``fit`` streams a DataLoader through :mod:`ecif_fast.pair_source`),
 the solver and ``hessian_batches`` arguments, chunk sizes by model size, and which encoder rejects an input."""
 from __future__ import annotations
 
@@ -13,7 +14,10 @@ from .validation import check_int
 
 
 def collect_pairs(data, texts):
-    """Tensors ``(images, texts)`` from two tensors or from an iterable (DataLoader) of pairs."""
+    """Tensors ``(images, texts)`` from two tensors or from an iterable (DataLoader) of pairs, all in memory.
+
+    :meth:`ECIF.fit` no longer collects a DataLoader (it streams it: :mod:`ecif_fast.pair_source`); this is what
+    :func:`ecif_fast.state.prepared_inputs` and callers that want the tensors use."""
     if texts is not None or torch.is_tensor(data):
         return data, texts
     xs, ys = [], []

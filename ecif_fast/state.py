@@ -14,6 +14,7 @@ A state is a folder (written atomically, like every ecif-fast output, by
                              cg its preconditioner's), factor.* (a separately built spectral factor),
                              self_influence.<method> (n,) (the all-pairs cache), batches.ids (n,) (when the batches
                              were given as ids) and, unless left out, inputs.images (n, ...), inputs.texts (n, ...)
+                             (never for an ECIF fitted from a DataLoader, which does not hold them)
 
 Nothing is pickled: the JSON holds numbers and strings only, the tensors are plain safetensors. Loading reads
 both, checks the format version, the tensor file's checksum and the fingerprints, rebuilds the curvature object
@@ -30,6 +31,11 @@ parameters' dtype, as :meth:`ECIF.fit` uses them).
 Size: the inputs dominate a state unless left out (``include_inputs=False``; then :func:`load_state` must be given
 them again and checks them against the fingerprint). Otherwise ``(2·n·d + P + P²)`` numbers for the exact solver,
 ``P·rank`` for low-rank / CG.
+
+Fitted from a DataLoader (:class:`ecif_fast.pair_source.LoaderPairs`), an ECIF holds no inputs, so none are saved
+(whatever ``include_inputs``): the fingerprint is streamed from the loader (two passes, one batch in memory; the
+same SHA-256 as of the tensors ``fit`` would have collected), and :func:`load_state` must be given the loader (or the
+tensors) again; a loaded ECIF given a loader reads it again for its encoder passes, like the fitted one.
 """
 from __future__ import annotations
 
@@ -46,6 +52,7 @@ import torch
 from . import __version__
 from .core.batches import BatchPlan
 from .errors import ECIFInputError
+from .pair_source import TensorPairs
 from .report.output import MARKER, TOOL, atomic_output_dir
 
 FORMAT = "ecif-fast state"
@@ -144,8 +151,8 @@ def settings_of(ecif) -> dict:
 
 
 def prepared_inputs(ecif, train_images, train_texts=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The training inputs as :meth:`ECIF.fit` uses them: collected from a DataLoader if needed, checked, and
-    floating inputs cast to the parameters' dtype."""
+    """The training inputs as :meth:`ECIF.fit` with tensors uses them: collected from a DataLoader if needed
+    (all in memory), checked, and floating inputs cast to the parameters' dtype."""
     from .engine_inputs import collect_pairs
     from .validation import cast_inputs, check_pairs
 
@@ -153,14 +160,25 @@ def prepared_inputs(ecif, train_images, train_texts=None) -> tuple[torch.Tensor,
     return cast_inputs(X, ecif.dtype), cast_inputs(Y, ecif.dtype)
 
 
+def training_source(ecif, train_images, train_texts=None):
+    """The training pairs as :meth:`ECIF.fit` reads them: a :class:`~ecif_fast.pair_source.TensorPairs` of the
+    checked, cast tensors, or a :class:`~ecif_fast.pair_source.LoaderPairs` of a DataLoader (not read yet)."""
+    from .pair_source import LoaderPairs, TensorPairs, is_loader
+
+    if is_loader(train_images, train_texts):
+        return LoaderPairs(train_images, ecif.dtype, chunk_size=ecif.chunk_size, progress=ecif.progress)
+    return TensorPairs(*prepared_inputs(ecif, train_images, train_texts))
+
+
 def fit_key(ecif, train_images, train_texts=None) -> str:
     """SHA-256 (hex) of everything ``ecif.fit(train_images, train_texts)`` depends on: the format version, the
-    settings (:func:`settings_of`), the model's class and fingerprints and the training inputs' fingerprint.
-    Two fits with the same key give the same state; a cache keyed by it never serves a stale one."""
-    X, Y = prepared_inputs(ecif, train_images, train_texts)
+    settings (:func:`settings_of`), the model's class and fingerprints and the training inputs' fingerprint
+    (a DataLoader is streamed, not collected). Two fits with the same key give the same state; a cache keyed by
+    it never serves a stale one."""
+    data = training_source(ecif, train_images, train_texts).fingerprint()
     what = {"format": FORMAT, "version": VERSION, "settings": settings_of(ecif),
             "model_class": _model_class(ecif.model), "model": model_fingerprint(ecif.model, ecif.space),
-            "data": data_fingerprint(X, Y)}
+            "data": data}
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
 
 
@@ -222,7 +240,9 @@ def save_state(ecif, path, *, include_inputs: bool = True, overwrite: bool = Tru
 
     Args:
         include_inputs: save the training inputs ``(n, ...)`` (default; they are usually the largest part). With
-            False, :func:`load_state` must be given them again (checked against the saved fingerprint).
+            False, :func:`load_state` must be given them again (checked against the saved fingerprint). An ECIF
+            fitted from a DataLoader holds no inputs: they are never saved, and ``load_state`` needs the loader
+            again (its fingerprint is streamed from the loader: two more passes over it).
         overwrite: replace an existing state at ``path``.
 
     Atomic: written into a temporary sibling folder, then renamed into place; on any failure nothing is left
@@ -251,8 +271,10 @@ def save_state(ecif, path, *, include_inputs: bool = True, overwrite: bool = Tru
     batches, ids = _batches_setting(ecif.batches_arg)
     if ids is not None:
         tensors["batches.ids"] = ids
-    if include_inputs:
-        tensors["inputs.images"], tensors["inputs.texts"] = ecif.X, ecif.Y
+    source = ecif.source
+    included = bool(include_inputs) and not source.streamed   # a DataLoader's inputs are not held
+    if included:
+        tensors["inputs.images"], tensors["inputs.texts"] = source.tensors()
     solver = {"name": ecif.solver.name, "scalars": _solver_split(ecif.solver.state_dict(), "solver.", tensors)}
     factor = getattr(ecif, "_factor", None)
     if factor is None or factor is ecif.solver or factor is getattr(ecif.solver, "preconditioner", None):
@@ -267,9 +289,8 @@ def save_state(ecif, path, *, include_inputs: bool = True, overwrite: bool = Tru
         "format": FORMAT, "version": VERSION, "ecif_fast": __version__,
         "settings": settings_of(ecif), "damping": float(ecif.damping), "batches": batches, "n": int(ecif.n),
         "model": {"class": _model_class(ecif.model), **model_fingerprint(ecif.model, ecif.space)},
-        "data": {"fingerprint": data_fingerprint(ecif.X, ecif.Y), "included": bool(include_inputs),
-                 "images": {"shape": list(ecif.X.shape), "dtype": str(ecif.X.dtype)},
-                 "texts": {"shape": list(ecif.Y.shape), "dtype": str(ecif.Y.dtype)}},
+        "data": {"fingerprint": source.fingerprint(), "included": included, **source.shapes(),
+                 "from_loader": bool(source.streamed)},
         "solver": solver, "factor": factor_entry, "self_influence": sorted(cache),
     }
     tensors = _owned(tensors)
@@ -390,8 +411,10 @@ def load_state(path, model, train_images=None, train_texts=None, *, progress: bo
         model: the model the state was fitted with (same selected parameters, bit for bit; same frozen
             parameters and buffers).
         train_images, train_texts: the training inputs ``(n, ...)`` (or a DataLoader as ``train_images``);
-            required when the state was saved with ``include_inputs=False``, optional otherwise. Given, they are
-            checked against the state's fingerprint (cast to the parameters' dtype first, as ``fit`` does).
+            required when the state was saved with ``include_inputs=False`` or fitted from a DataLoader, optional
+            otherwise. Given, they are checked against the state's fingerprint (cast to the parameters' dtype
+            first, as ``fit`` does). A DataLoader is not collected: it is streamed for the fingerprint (three
+            passes: layout, images, texts) and read again by the loaded ECIF's encoder passes.
         progress: progress bars for later queries.
         check: also compare the frozen parameters and buffers with their fingerprint, verify the tensor file's
             SHA-256, and re-embed the first few (``CHECK_PAIRS``) training pairs and compare them with the saved
@@ -462,35 +485,44 @@ def _load(path: Path, head: dict, model, train_images, train_texts, progress: bo
         if dhead.get("included"):
             X, Y = tensors["inputs.images"], tensors["inputs.texts"]
         if train_images is not None or train_texts is not None:
-            X, Y = prepared_inputs(ecif, train_images, train_texts)
-            if data_fingerprint(X, Y) != dhead.get("fingerprint"):
-                got = f"{tuple(X.shape)} {X.dtype} and {tuple(Y.shape)} {Y.dtype}"
+            source = training_source(ecif, train_images, train_texts)
+            if source.fingerprint() != dhead.get("fingerprint"):
+                g = source.shapes()
+                got = (f"{tuple(g['images']['shape'])} {g['images']['dtype']} and "
+                       f"{tuple(g['texts']['shape'])} {g['texts']['dtype']}")
                 want = (f"{tuple(dhead['images']['shape'])} {dhead['images']['dtype']} and "
                         f"{tuple(dhead['texts']['shape'])} {dhead['texts']['dtype']}")
                 raise ECIFInputError(f"{path}: the training inputs differ from those the state was fitted with "
                                      f"(got {got}, fitted on {want}; their bytes differ): pass the same "
                                      "train_images and train_texts, or refit with ECIF(...).fit")
+        elif dhead.get("from_loader"):
+            raise ECIFInputError(f"{path}: the state was fitted from a DataLoader, whose inputs are not saved: pass "
+                                 "the same loader again, ECIF.load(path, model, loader) (or the tensors, "
+                                 "ECIF.load(path, model, train_images, train_texts))")
         elif not dhead.get("included"):
             raise ECIFInputError(f"{path}: the state was saved without its training inputs "
                                  "(include_inputs=False): pass them, ECIF.load(path, model, train_images, "
                                  "train_texts)")
         elif check and data_fingerprint(X, Y) != dhead.get("fingerprint"):
             raise ECIFInputError(f"{path}: its saved training inputs do not match their fingerprint; {_refit_hint()}")
+        else:
+            source = TensorPairs(X, Y)
         plan = BatchPlan(n, tensors["plan.perm"], tensors["plan.offsets"])
         U, V, log_scale = tensors["U"], tensors["V"], tensors["log_scale"]
     except KeyError as err:
         raise ECIFInputError(f"{path}: {TENSORS} lacks {err.args[0]!r}; {_refit_hint()}") from None
-    if X.shape[0] != n or U.shape[0] != n or plan.perm.numel() != n:
+    if source.n != n or U.shape[0] != n or plan.perm.numel() != n:
         raise ECIFInputError(f"{path}: its tensors disagree on the number of pairs ({n}); {_refit_hint()}")
 
-    _restore(ecif, head, tensors, X, Y, plan, U, V, log_scale, solver_type, path)
+    _restore(ecif, head, tensors, source, plan, U, V, log_scale, solver_type, path)
     if check:
         _check_embeddings(ecif, path)
     return ecif
 
 
-def _restore(ecif, head, tensors, X, Y, plan, U, V, log_scale, solver_type, path) -> None:
-    """Set what :meth:`ECIF.fit` sets, from the state."""
+def _restore(ecif, head, tensors, source, plan, U, V, log_scale, solver_type, path) -> None:
+    """Set what :meth:`ECIF.fit` sets, from the state (``source``: the training pairs, see
+    :mod:`ecif_fast.pair_source`)."""
     from .solvers import Curvature
 
     batches = head.get("batches")
@@ -504,10 +536,10 @@ def _restore(ecif, head, tensors, X, Y, plan, U, V, log_scale, solver_type, path
         ecif.batches_arg = plan
     damping_arg = head["settings"].get("damping")
     ecif.damping_arg = damping_arg if isinstance(damping_arg, str) else float(damping_arg)
-    ecif.X, ecif.Y, ecif.n, ecif.plan = X, Y, X.shape[0], plan
+    ecif.source, ecif.n, ecif.plan = source, source.n, plan
     ecif.theta = ecif.space.flat(ecif.model)
     ecif.U, ecif.V, ecif.log_scale = U, V, log_scale
-    ecif.curvature = Curvature(ecif.fm, ecif.theta, X, Y, plan, ecif.curvature_kind, ecif.hessian_batches,
+    ecif.curvature = Curvature(ecif.fm, ecif.theta, source, None, plan, ecif.curvature_kind, ecif.hessian_batches,
                                backend=ecif.backend, chunk_pairs=ecif.chunk_size, tangent_chunk=ecif.tangent_chunk)
     ecif.damping = float(head["damping"])
     options = _solver_options(ecif)
@@ -529,8 +561,9 @@ def _restore(ecif, head, tensors, X, Y, plan, U, V, log_scale, solver_type, path
 def _check_embeddings(ecif, path) -> None:
     """Re-embed the first ``CHECK_PAIRS`` training pairs and compare them with the saved ``U``, ``V``."""
     k = min(CHECK_PAIRS, ecif.n)
+    X, Y = ecif.source.head(k)   # from a DataLoader: its first batch(es) only
     with torch.no_grad():
-        U, V, s = ecif._embed(ecif.theta, ecif.X[:k], ecif.Y[:k])
+        U, V, s = ecif._embed(ecif.theta, X, Y)
     scale = 1.0 + max(float(ecif.U[:k].abs().max()), float(ecif.V[:k].abs().max()))
     tol = 1e3 * torch.finfo(ecif.U.dtype).eps * scale
     worst = max(float((U - ecif.U[:k]).abs().max()), float((V - ecif.V[:k]).abs().max()),

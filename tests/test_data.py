@@ -187,10 +187,14 @@ def test_hf_fit_from_a_loader_equals_fit_from_tensors(images, tokenizer, image_p
     kw = dict(damping=1e3, batches=4, params="heads", solver="exact")
     by_loader = ef.ECIF(model, **kw).fit(loader)
     by_tensors = ef.ECIF(model, **kw).fit(X, Y)
-    assert torch.equal(by_loader.X, X) and torch.equal(by_loader.Y, Y)
+    assert by_loader.source.streamed                      # the loader is read again, not held
+    assert torch.equal(by_loader.X, X) and torch.equal(by_loader.Y, Y)       # gathered on request, padded alike
     assert torch.equal(by_loader.U, by_tensors.U) and torch.equal(by_loader.V, by_tensors.V)
     Xt, Yt = X[:3], Y[:3]
-    assert torch.equal(by_loader.influence(Xt, Yt).total, by_tensors.influence(Xt, Yt).total)
+    # each batch is encoded at its own padded length (padding does not change a feature, to rounding)
+    got, want = by_loader.influence(Xt, Yt).total, by_tensors.influence(Xt, Yt).total
+    print("loader vs tensors (captions padded per batch):", float((got - want).abs().max()))
+    torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-12 * float(want.abs().max()))
     # the features of each pair do not depend on how its caption was padded
     with torch.no_grad():
         for i, c in enumerate(CAPTIONS):

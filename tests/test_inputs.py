@@ -269,7 +269,8 @@ def test_dataloader_equals_tensors(split, normalize):
     from_tensors = ef.ECIF(model, damping=DAMPING, batches=4, curvature="hessian").fit(X, Y)
     loader = DataLoader(TensorDataset(X, Y), batch_size=5)  # ragged: 5 + 5 + 2, unlike the training batches
     from_loader = ef.ECIF(model, damping=DAMPING, batches=4, curvature="hessian").fit(loader)
-    assert torch.equal(from_loader.X, X) and torch.equal(from_loader.Y, Y)
+    assert from_loader.source.streamed                    # not held: read again batch by batch
+    assert torch.equal(from_loader.X, X) and torch.equal(from_loader.Y, Y)   # gathered on request
     for a, b in zip(_all_outputs(from_tensors, Xt, Yt), _all_outputs(from_loader, Xt, Yt)):
         assert torch.equal(a, b)
 

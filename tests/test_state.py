@@ -183,7 +183,9 @@ def test_stale_model_and_data_are_refused(fitted, tmp_path):
     with pytest.raises(ECIFInputError, match="training inputs differ"):
         ef.ECIF.load(path, ecif.model, X[:-1], Y[:-1])
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, Y), batch_size=5)
-    assert torch.equal(ef.ECIF.load(path, ecif.model, loader).X, X)      # a DataLoader, as fit takes it
+    from_loader = ef.ECIF.load(path, ecif.model, loader)                # a DataLoader, as fit takes it: streamed
+    assert from_loader.source.streamed and torch.equal(from_loader.X, X)
+    assert torch.equal(from_loader.influence(Xt, Yt).total, ecif.influence(Xt, Yt).total)
     other, *_ = _problem(seed=1)
     with pytest.raises(ECIFInputError, match=r"the model's parameters differ from those the state was fitted "
                                              r"with .*refit with ECIF\(\.\.\.\)\.fit"):

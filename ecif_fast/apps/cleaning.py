@@ -41,7 +41,9 @@ def clean(ecif: ECIF, remove, *, retrain: bool = False, train_kwargs: dict | Non
     Args:
         ecif: a fitted :class:`~ecif_fast.ECIF` (its damping and batches are those of training).
         remove: indices (or an ``(n,)`` bool mask) of the pairs to remove.
-        retrain: also retrain on the remaining pairs with the same batches and damping, starting from θ̂.
+        retrain: also retrain on the remaining pairs with the same batches and damping, starting from θ̂
+            (:func:`ecif_fast.train` takes tensors: for an ECIF fitted from a DataLoader the remaining pairs'
+            inputs are gathered in memory by one pass over it).
         train_kwargs: extra arguments of :func:`ecif_fast.train` (e.g. ``theta_ref``, ``method``, ``max_iter``).
         evaluate: ``evaluate(model) -> {metric: float}`` (e.g. zero-shot accuracy) for the table.
     """
@@ -58,7 +60,8 @@ def clean(ecif: ECIF, remove, *, retrain: bool = False, train_kwargs: dict | Non
         retrained = copy.deepcopy(ecif.model)
         kwargs = {"method": "auto", **(train_kwargs or {})}
         t0 = time.perf_counter()
-        train(retrained, ecif.X[keep], ecif.Y[keep], batches=ecif.plan.batch_ids()[keep], damping=ecif.damping,
+        X, Y = ecif.source.take(keep.nonzero().flatten())
+        train(retrained, X, Y, batches=ecif.plan.batch_ids()[keep], damping=ecif.damping,
               params=list(ecif.space.names), **kwargs)
         timings["retrain"] = time.perf_counter() - t0
     rows = [("no removal", ecif.model, 0.0), ("ECIF update", model, timings["ecif_update"])]

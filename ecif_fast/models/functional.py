@@ -79,18 +79,28 @@ def row_slices(total: int, size: int) -> list[slice]:
     return [slice(a, min(a + size, total)) for a in range(0, total, size)]
 
 
+def input_pieces(X, Y, chunk_pairs: int, rows=None):
+    """``(slice, X[slice], Y[slice])`` over ``row_slices(m, chunk_pairs)`` (or the given ``rows``) of the inputs
+    ``X, Y (m, ...)``; ``X`` may instead be a :class:`ecif_fast.pair_source.Rows` (``Y`` None): rows read from a
+    DataLoader, cut at the same ``chunk_pairs`` boundaries (``rows`` is then not used)."""
+    if not torch.is_tensor(X):
+        return X.pieces(chunk_pairs)
+    rows = row_slices(X.shape[0], chunk_pairs) if rows is None else rows
+    return ((r, X[r], Y[r]) for r in rows)
+
+
 def chunked_jvp(fm: FunctionalModel, theta: torch.Tensor, X, Y, H: torch.Tensor, chunk_pairs: int,
                 tangent_chunk: int, rows=None):
     """Embeddings and their derivatives along the rows of ``H (Q, P)``, ``chunk_pairs`` pairs per encoder call
     and ``tangent_chunk`` directions per vmapped JVP.
 
-    Returns ``(U (m, d), V (m, d), s), (dU (Q, m, d), dV (Q, m, d), ds (Q, ...))``. ``rows``: the row slices to
-    walk (default ``row_slices(m, chunk_pairs)``; pass a progress-bar-wrapped list to show progress).
+    ``X, Y``: inputs ``(m, ...)``, or a :class:`ecif_fast.pair_source.Rows` and None (pairs read from a DataLoader,
+    see :func:`input_pieces`). Returns ``(U (m, d), V (m, d), s), (dU (Q, m, d), dV (Q, m, d), ds (Q, ...))``.
+    ``rows``: the row slices to walk (default ``row_slices(m, chunk_pairs)``; pass a progress-bar-wrapped list to
+    show progress).
     """
-    rows = row_slices(X.shape[0], chunk_pairs) if rows is None else rows
     embs, tans = [], []
-    for r in rows:
-        Xr, Yr = X[r], Y[r]
+    for _, Xr, Yr in input_pieces(X, Y, chunk_pairs, rows):
         parts = [vmap(lambda h: fm.embed_jvp(theta, Xr, Yr, h), out_dims=(None, 0))(Hc)
                  for Hc in H.split(tangent_chunk)]
         embs.append(parts[0][0])
@@ -108,19 +118,27 @@ class ChunkedVJP:
     With a single chunk the forward is kept and reused by every call.
 
     Args:
-        fm: the functional model. theta: ``(P,)``. X, Y: ``(m, ...)`` inputs. chunk_pairs: rows per encoder call.
+        fm: the functional model. theta: ``(P,)``. X, Y: ``(m, ...)`` inputs, or a
+            :class:`ecif_fast.pair_source.Rows` and None (pairs read from a DataLoader: every call reads them
+            again, ``chunk_pairs`` at a time). chunk_pairs: rows per encoder call.
     """
 
     def __init__(self, fm: FunctionalModel, theta: torch.Tensor, X, Y, chunk_pairs: int):
         self.fm, self.theta, self.X, self.Y = fm, theta, X, Y
-        self.rows = row_slices(X.shape[0], chunk_pairs)
-        self._kept = fm.embed_vjp(theta, X, Y) if len(self.rows) == 1 else None
+        self.chunk_pairs = chunk_pairs
+        self.rows = row_slices(X.shape[0], chunk_pairs) if torch.is_tensor(X) else None
+        self._kept = fm.embed_vjp(theta, X, Y) if self.rows is not None and len(self.rows) == 1 else None
 
     def __call__(self, gU: torch.Tensor, gV: torch.Tensor, gs: torch.Tensor | None) -> torch.Tensor:
         """``gU, gV (K, m, d)``, ``gs (K,)`` or None -> ``(K, P)`` parameter gradients."""
         out, K = None, gU.shape[0]
-        for c, r in enumerate(self.rows):
-            (U, V, s), pull = self._kept or self.fm.embed_vjp(self.theta, self.X[r], self.Y[r])
+        streamed = self.rows is None   # pairs read from a DataLoader: one forward with its graph per piece read
+        pieces = self.X.pieces(self.chunk_pairs) if streamed else ((r, None, None) for r in self.rows)
+        for c, (r, Xr, Yr) in enumerate(pieces):
+            if streamed:
+                (U, V, s), pull = self.fm.embed_vjp(self.theta, Xr, Yr)
+            else:
+                (U, V, s), pull = self._kept or self.fm.embed_vjp(self.theta, self.X[r], self.Y[r])
             if gs is None or c > 0:
                 cs = torch.zeros(K, *s.shape, dtype=s.dtype, device=s.device)
             else:

@@ -8,8 +8,9 @@ from ..errors import ECIFInputError
 from ..core.batches import BatchPlan
 from ..kernels import ops
 from ..core.loss import batch_loss, contrastive_loss
-from ..models.functional import ChunkedVJP, FunctionalModel, chunked_jvp, row_slices
+from ..models.functional import ChunkedVJP, FunctionalModel, chunked_jvp, input_pieces, row_slices
 from ..options import CURVATURES
+from ..pair_source import TensorPairs
 
 
 #: An exact Hessian product forms every batch's ``B × B`` score matrix (and its tangent) once per column:
@@ -24,7 +25,9 @@ class Curvature:
     memory stays bounded by one batch of activations.
 
     Args:
-        fm: the functional model. theta: ``(P,)`` the optimum θ̂. X, Y: training inputs ``(n, ...)``.
+        fm: the functional model. theta: ``(P,)`` the optimum θ̂. X, Y: training inputs ``(n, ...)``, or a
+            pair source (:mod:`ecif_fast.pair_source`: tensors, or a DataLoader read again for every product)
+            and ``Y=None``.
         plan: the training batches. kind: ``"hessian"`` or ``"gauss-newton"``.
         subsample: optional list of batch numbers to use (Hessian subsampling); the product is rescaled
             by ``num_batches / len(subsample)``.
@@ -36,13 +39,21 @@ class Curvature:
     ``tangent_chunk`` columns per vmapped call, fewer when the chunk's score matrices are big: at most
     ``HVP_SCORE_BUDGET`` score entries per call); a model whose ops have no batching rule for that falls back
     to one column at a time.
+
+    Pairs read from a DataLoader: every product is one ordered pass over the loader (for ``batches=int`` or
+    ``None``); a packed chunk of batches is gathered whole when it holds at most ``max(loader batch,
+    chunk_pairs)`` pairs, else streamed (Gauss–Newton: JVPs, then VJPs, each reading it again). The exact
+    Hessian and the dense matrices gather each chunk (batch) whole, as with tensors.
     """
 
     def __init__(self, fm: FunctionalModel, theta, X, Y, plan: BatchPlan, kind: str = "hessian", subsample=None,
                  backend: str | None = None, chunk_pairs: int = 4096, tangent_chunk: int = 256):
         if kind not in CURVATURES:
             raise ValueError(f"curvature must be one of {CURVATURES}, got {kind!r}")
-        self.fm, self.theta, self.X, self.Y, self.kind = fm, theta, X, Y, kind
+        self.source = TensorPairs(X, Y) if torch.is_tensor(X) else X
+        # the inputs when held; None when read from a DataLoader
+        self.X, self.Y = (None, None) if self.source.streamed else (self.source.X, self.source.Y)
+        self.fm, self.theta, self.kind = fm, theta, kind
         self.backend = backend
         groups = plan.groups()
         self.factor = 1.0
@@ -62,19 +73,16 @@ class Curvature:
         self.chunk_pairs, self.tangent_chunk = chunk_pairs, tangent_chunk
         self._vmap_hvp = True
 
-    def _batch_loss_fn(self, idx):
-        X, Y = self.X[idx], self.Y[idx]
-
+    def _batch_loss_fn(self, X, Y):
+        """``θ ↦`` the loss of one batch of pairs ``X, Y``."""
         def f(th):
             U, V, s = self.fm.embed(th, X, Y)
             return batch_loss(s.exp() * (U @ V.T))
 
         return f
 
-    def _chunk_loss_fn(self, idx, plan: BatchPlan):
-        """``θ ↦`` the summed loss of the batches packed in one chunk (pairs ``idx``, batches ``plan``)."""
-        X, Y = self.X[idx], self.Y[idx]
-
+    def _chunk_loss_fn(self, X, Y, plan: BatchPlan):
+        """``θ ↦`` the summed loss of the batches packed in one chunk (inputs ``X, Y``, batches ``plan``)."""
         def f(th):
             U, V, s = self.fm.embed(th, X, Y)
             return contrastive_loss(U, V, s.exp(), plan)
@@ -85,8 +93,9 @@ class Curvature:
         """``∇²Σℓ`` applied to the ``Q`` columns of ``Vs (P, Q)``: per chunk of batches, forward-mode over the
         gradient (``jvp(grad)``, as in :meth:`dense`), vmapped over ``tangent_chunk`` columns at a time."""
         out = torch.zeros_like(Vs)
-        for idx, plan in self.chunks:
-            g = grad(self._chunk_loss_fn(idx, plan))
+        served = self.source.serve([idx for idx, _ in self.chunks], whole=True)
+        for (idx, plan), (X, Y) in zip(self.chunks, served):
+            g = grad(self._chunk_loss_fn(X, Y, plan))
 
             def hvp(v):
                 return jvp(g, (self.theta,), (v,))[1]
@@ -107,8 +116,8 @@ class Curvature:
     def _hessian_columnwise(self, Vs: torch.Tensor) -> torch.Tensor:
         """The same product one column and one batch at a time (the reference for :meth:`_hessian`)."""
         out = torch.zeros_like(Vs)
-        for idx in self.groups:
-            g = grad(self._batch_loss_fn(idx))
+        for X, Y in self.source.serve(self.groups, whole=True):
+            g = grad(self._batch_loss_fn(X, Y))
             for q in range(Vs.shape[1]):
                 out[:, q] += jvp(g, (self.theta,), (Vs[:, q],))[1]
         return out * self.factor
@@ -116,9 +125,9 @@ class Curvature:
     def _chunk_products(self, H: torch.Tensor):
         """Per chunk of batches, the directions ``J·h`` for the rows of ``H (Q, P)`` and their
         embedding-space Gauss–Newton product. Yields ``(X, Y, s, (dU, dV, ds), (gU, gV, gs))`` with
-        ``ds`` None when the scale is not trained."""
-        for idx, plan in self.chunks:
-            X, Y = self.X[idx], self.Y[idx]
+        ``ds`` None when the scale is not trained; ``X`` is a :class:`ecif_fast.pair_source.Rows` (``Y`` None)
+        for a chunk streamed from a DataLoader."""
+        for (idx, plan), (X, Y) in zip(self.chunks, self.source.serve([idx for idx, _ in self.chunks])):
             # a batch bigger than a chunk: JVPs row chunk by chunk
             (U, V, s), (dU, dV, ds) = chunked_jvp(self.fm, self.theta, X, Y, H, self.chunk_pairs, self.tangent_chunk)
             ds = ds if self.fm.scale_trained else None
@@ -145,23 +154,31 @@ class Curvature:
         """``(P, P)`` matrix (symmetrised)."""
         if self.kind == "hessian":
             C = torch.zeros(self.size, self.size, dtype=self.theta.dtype)
-            for idx in self.groups:
+            for X, Y in self.source.serve(self.groups, whole=True):
                 # jacfwd(grad), not torch.func.hessian (= jacfwd(jacrev)): the vmapped backward of layer_norm
                 # is wrong when both its input and its weight depend on θ (pytorch/functorch#534)
-                C += jacfwd(grad(self._batch_loss_fn(idx)))(self.theta)
+                C += jacfwd(grad(self._batch_loss_fn(X, Y)))(self.theta)
             C *= self.factor
         else:
             C = self._dense_gauss_newton()
         return 0.5 * (C + C.T)
 
     def _dense_gauss_newton(self) -> torch.Tensor:
-        """``Σ_b (J_b)ᵀ H_emb (J_b)``: all P columns of the embedding Jacobian at once per batch."""
+        """``Σ_b (J_b)ᵀ H_emb (J_b)``: all P columns of the embedding Jacobian at once per batch (a batch streamed
+        from a DataLoader: ``chunk_pairs`` pairs at a time)."""
         eye = torch.eye(self.size, dtype=self.theta.dtype)
         C = torch.zeros(self.size, self.size, dtype=self.theta.dtype)
-        for idx in self.groups:
-            X, Y = self.X[idx], self.Y[idx]
-            U, V, s = self.fm.embed(self.theta, X, Y)
-            dU, dV, ds = vmap(lambda h: jvp(lambda th: self.fm.embed(th, X, Y), (self.theta,), (h,))[1])(eye)
+        for idx, (X, Y) in zip(self.groups, self.source.serve(self.groups)):
+            parts = []
+            for _, Xr, Yr in input_pieces(X, Y, self.chunk_pairs if Y is None else len(idx)):
+                parts.append((self.fm.embed(self.theta, Xr, Yr),
+                              vmap(lambda h: jvp(lambda th: self.fm.embed(th, Xr, Yr), (self.theta,), (h,))[1])(eye)))
+            if len(parts) == 1:
+                (U, V, s), (dU, dV, ds) = parts[0]
+            else:
+                U, V, s = (torch.cat([p[0][0] for p in parts]), torch.cat([p[0][1] for p in parts]), parts[0][0][2])
+                dU, dV, ds = (torch.cat([p[1][0] for p in parts], 1), torch.cat([p[1][1] for p in parts], 1),
+                              parts[0][1][2])
             plan = BatchPlan(len(idx), torch.arange(len(idx)), torch.tensor([0, len(idx)]))
             gU, gV, gs = ops.gauss_newton_product(U.detach(), V.detach(), s.detach().exp(), plan, dU, dV,
                                                   ds if self.fm.scale_trained else None, backend=self.backend)
