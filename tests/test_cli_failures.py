@@ -215,3 +215,13 @@ def test_cg_not_converging_warns_once_per_command(cli_data, tmp_path, capsys):
     for bad in ("0", "1", "-1e-3", "nan"):
         rc, out, err = run(capsys, *analysis(cli_data, "detect", tmp_path / "p", "--solver", "cg", "--cg-tol", bad))
         assert rc == 2 and "--cg-tol" in err and not (tmp_path / "p").exists()
+
+
+def test_ctrl_c_after_a_finished_run_cannot_kill_it():
+    """The console script blocks SIGINT once the run is over: interpreter finalisation puts back the default
+    action (terminate), and a Ctrl-C in that window used to end a finished run with -SIGINT instead of 0."""
+    code = ("import os, signal, sys\nfrom ecif_fast.cli.main import run\nsys.argv = ['ecif-fast', '--help']\n"
+            "rc = run()\nsignal.signal(signal.SIGINT, signal.SIG_DFL)  # as finalisation does\n"
+            "os.kill(os.getpid(), signal.SIGINT)\nsys.stdout.flush()\nos._exit(rc)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr)

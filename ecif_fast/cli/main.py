@@ -269,6 +269,11 @@ class _Interrupts:
         self.state = "finished"
         if restore:
             signal.signal(signal.SIGINT, self.previous)
+        elif hasattr(signal, "pthread_sigmask"):
+            # The console script exits next: the interpreter's finalisation puts back the default action
+            # (terminate), so a Ctrl-C in that last window would kill a finished run. Blocked, it stays
+            # pending and dies with the process.
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
 
 
 def main(argv=None) -> int:
