@@ -67,6 +67,26 @@ def make_problem(n: int, feat: int, embed: int, n_val: int, seed: int, train_ste
     return model, X[:n], Y[:n], X[n:], Y[n:]
 
 
+def time_query(eng, Xv, Yv, backend):
+    """One influence query of the fitted ``eng`` on the validation pairs, stage by stage:
+    ``({"grad F", "CG solve", "JVP pass", "reductions"}: seconds, G (Q, P), Hq (P, Q), pos, neg)``."""
+    times = {}
+    t0 = time.perf_counter()
+    G = eng._test_gradients(Xv, Yv, None, False)
+    times["grad F"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    Hq = eng.solver.solve(G.T.contiguous())
+    times["CG solve"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    dU, dV, ds = eng._directions(Hq)
+    times["JVP pass"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    pos, neg = ops.ecif_reductions(eng.U, eng.V, eng.log_scale.exp(), eng.plan, dU, dV, ds, eng.negative_term,
+                                   backend=backend)
+    times["reductions"] = time.perf_counter() - t0
+    return times, G, Hq, pos, neg
+
+
 def run(args) -> dict:
     torch.set_num_threads(args.threads)
     model, X, Y, Xv, Yv = make_problem(args.n, args.feat, args.embed, args.val, args.seed, args.train_steps,
@@ -90,20 +110,9 @@ def run(args) -> dict:
         eng.damping *= args.damping_scale
         eng.solver = CGSolver(eng.curvature, eng.damping, args.cg_tol, args.cg_maxiter)
     times["fit"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    G = eng._test_gradients(Xv, Yv, None, False)
-    times["grad F"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    Hq = eng.solver.solve(G.T.contiguous())
-    times["CG solve"] = time.perf_counter() - t0
+    stages, G, Hq, pos, neg = time_query(eng, Xv, Yv, args.backend)
+    times.update(stages)
     iters = eng.solver.last_iterations
-    t0 = time.perf_counter()
-    dU, dV, ds = eng._directions(Hq)
-    times["JVP pass"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    pos, neg = ops.ecif_reductions(eng.U, eng.V, eng.log_scale.exp(), eng.plan, dU, dV, ds, eng.negative_term,
-                                   backend=args.backend)
-    times["reductions"] = time.perf_counter() - t0
     times["total"] = sum(times.values())
     total = (pos + neg)[0]
     b = G.T.contiguous()

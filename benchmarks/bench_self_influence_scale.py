@@ -37,9 +37,8 @@ if __name__ == "__main__":  # script mode from a checkout without an editable in
 
 import ecif_fast as ef
 from ecif_fast.core.pair_norms import heads_pair_sq_norms
-from ecif_fast.kernels import ops
 from ecif_fast.solvers import CGSolver
-from bench_end_to_end import make_problem  # benchmarks/bench_end_to_end.py
+from bench_end_to_end import make_problem, time_query  # benchmarks/bench_end_to_end.py
 from sections import write_section  # benchmarks/sections.py
 
 SECTION = "## Factorised self-influence of every pair vs one influence query, LinearHeads"
@@ -63,21 +62,7 @@ def run(args) -> dict:
     eng._factor = None
     fit = time.perf_counter() - t0
 
-    query = {}
-    t0 = time.perf_counter()
-    G = eng._test_gradients(Xv, Yv, None, False)
-    query["grad F"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    Hq = eng.solver.solve(G.T.contiguous())
-    query["CG solve"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    dU, dV, ds = eng._directions(Hq)
-    query["JVP pass"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    ops.ecif_reductions(eng.U, eng.V, eng.log_scale.exp(), eng.plan, dU, dV, ds, eng.negative_term,
-                        backend=args.backend)
-    query["reductions"] = time.perf_counter() - t0
-    del dU, dV
+    query = time_query(eng, Xv, Yv, args.backend)[0]
     query_total = sum(query.values())
 
     t0 = time.perf_counter()
