@@ -10,7 +10,7 @@ from torch.func import jacrev, jvp
 from tqdm.auto import tqdm
 
 from .errors import ECIFInputError
-from .core.batches import BatchesArg, BatchPlan, resolve_batches
+from .core.batches import BatchesArg, BatchPlan, pack_batches, resolve_batches
 from .core.loss import batch_loss, per_pair_loss
 from .core.pair_terms import pair_embedding_gradients, removal_objective
 from .core.pair_norms import heads_pair_sq_norms, structured_norms_blocks
@@ -485,8 +485,6 @@ class ECIF:
         remainder itself, when the factor holds nearly all of ``g_k`` (the G-based path of
         :meth:`LowRankSolver.quadratic` forms the remainder vector and has no such cancellation).
         """
-        from .core.batches import BatchPlan
-
         factor = self.factor
         blocks = structured_norms_blocks(self.model, self.space.names)
         named = {**{n: p.detach() for n, p in self.model.named_parameters()}, **self.space.unflatten(self.theta)}
@@ -496,35 +494,27 @@ class ECIF:
         rest = factor.rest + factor.damping
         wanted = torch.zeros(self.n, dtype=torch.bool)
         wanted[uniq] = True
-        chunks, cur = [], []
-        for g in self.plan.groups():  # whole batches, about chunk_size pairs per JVP pass and reduction call
-            cur.append(g)
-            if sum(c.numel() for c in cur) >= self.chunk_size:
-                chunks.append(cur)
-                cur = []
-        chunks += [cur] if cur else []
-        # only the chunks holding a wanted pair, computed whole: the same numbers whichever pairs are asked for
-        chunks = [c for c in chunks if any(bool(wanted[g].any()) for g in c)]
+        # whole batches, about chunk_size pairs per JVP pass and reduction call; only the chunks holding a wanted
+        # pair, computed whole: the same numbers whichever pairs are asked for
+        chunks = [(idx, plan) for idx, plan in pack_batches(self.plan.groups(), self.chunk_size)
+                  if bool(wanted[idx].any())]
         value = torch.zeros(self.n, dtype=torch.float64)
-        for chunk in tqdm(chunks, desc="self-influence", disable=not self.progress or len(chunks) < 2, leave=False):
-            idx = torch.cat(chunk)
-            served = list(self.source.serve(chunk, whole=True))
+        for idx, plan in tqdm(chunks, desc="self-influence", disable=not self.progress or len(chunks) < 2,
+                              leave=False):
+            batches = [idx[local] for local in plan.groups()]
+            served = list(self.source.serve(batches, whole=True))
             X, Y = torch.cat([s[0] for s in served]), torch.cat([s[1] for s in served])
             dU, dV, ds = self._tangents(X, Y, factor.vecs.to(self.theta.dtype))
-            sizes = torch.tensor([0] + [g.numel() for g in chunk])
-            plan = BatchPlan(idx.numel(), torch.arange(idx.numel()), sizes.cumsum(0))
             pos, neg = ops.ecif_reductions(self.U[idx], self.V[idx], t, plan, dU, dV, ds, self.negative_term,
                                            backend=self.backend)
             del dU, dV
             A = (pos + neg).T.double()  # (m, r): a_kj = v_jᵀ g_k
-            start = 0
-            for g, (Xb, Yb) in zip(chunk, served):
+            for local, g, (Xb, Yb) in zip(plan.groups(), batches, served):
                 norms = heads_pair_sq_norms(Xb, Yb, named["image_proj.weight"], named["text_proj.weight"],
                                             self.log_scale, normalize=blocks["normalize"], exact=exact,
                                             image=blocks["image"], text=blocks["text"], scale=blocks["scale"])
-                a = A[start:start + g.numel()]
+                a = A[local]
                 value[g] = (a * a / lam).sum(1) + (norms - (a * a).sum(1)).clamp_min(0) / rest
-                start += g.numel()
         self._check_finite(value)
         return value[uniq].to(self.theta.dtype)
 

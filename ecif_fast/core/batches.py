@@ -97,3 +97,25 @@ def resolve_batches(batches: BatchesArg, n: int) -> BatchPlan:
     _, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
     offsets = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
     return BatchPlan(n, perm, offsets)
+
+
+def pack_batches(groups: list[torch.Tensor], chunk_pairs: int) -> list[tuple[torch.Tensor, BatchPlan]]:
+    """Consecutive batches packed into chunks of at most ``chunk_pairs`` pairs (a bigger batch is a chunk
+    of its own): ``[(pair indices, the chunk's BatchPlan over them), ...]``."""
+    out, cur, size = [], [], 0
+
+    def flush():
+        if cur:
+            sizes = torch.tensor([len(g) for g in cur], dtype=torch.int64)
+            offsets = torch.cat([torch.zeros(1, dtype=torch.int64), sizes.cumsum(0)])
+            total = int(offsets[-1])
+            out.append((torch.cat(cur), BatchPlan(total, torch.arange(total), offsets)))
+
+    for g in groups:
+        if cur and size + len(g) > chunk_pairs:
+            flush()
+            cur, size = [], 0
+        cur.append(g)
+        size += len(g)
+    flush()
+    return out

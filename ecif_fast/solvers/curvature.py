@@ -5,7 +5,7 @@ import torch
 from torch.func import grad, jacfwd, jvp, vmap
 
 from ..errors import ECIFInputError
-from ..core.batches import BatchPlan
+from ..core.batches import BatchPlan, pack_batches
 from ..kernels import ops
 from ..core.loss import batch_loss, contrastive_loss
 from ..models.functional import ChunkedVJP, FunctionalModel, chunked_jvp, input_pieces, row_slices
@@ -69,7 +69,7 @@ class Curvature:
                                      "so the curvature would be 0; pick batches with at least 2 pairs")
         self.groups = groups
         self.size = theta.numel()
-        self.chunks = _pack(groups, chunk_pairs)
+        self.chunks = pack_batches(groups, chunk_pairs)
         self.chunk_pairs, self.tangent_chunk = chunk_pairs, tangent_chunk
         self._vmap_hvp = True
 
@@ -202,25 +202,3 @@ class Curvature:
                 quad = quad + (ds.reshape(-1) * gs.to(ds.dtype)).sum()
             total += float(quad)
         return total * self.factor / probes
-
-
-def _pack(groups: list[torch.Tensor], chunk_pairs: int) -> list[tuple[torch.Tensor, BatchPlan]]:
-    """Consecutive batches packed into chunks of at most ``chunk_pairs`` pairs (a bigger batch is a chunk
-    of its own): ``[(pair indices, the chunk's BatchPlan over them), ...]``."""
-    out, cur, size = [], [], 0
-
-    def flush():
-        if cur:
-            sizes = torch.tensor([len(g) for g in cur], dtype=torch.int64)
-            offsets = torch.cat([torch.zeros(1, dtype=torch.int64), sizes.cumsum(0)])
-            total = int(offsets[-1])
-            out.append((torch.cat(cur), BatchPlan(total, torch.arange(total), offsets)))
-
-    for g in groups:
-        if cur and size + len(g) > chunk_pairs:
-            flush()
-            cur, size = [], 0
-        cur.append(g)
-        size += len(g)
-    flush()
-    return out
