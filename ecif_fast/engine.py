@@ -510,6 +510,7 @@ class ECIF:
             del dU, dV
             A = (pos + neg).T.double()  # (m, r): a_kj = v_jᵀ g_k
             for local, g, (Xb, Yb) in zip(plan.groups(), batches, served):
+                Xb, Yb = self.model.proj_input(Xb, "image"), self.model.proj_input(Yb, "text")
                 norms = heads_pair_sq_norms(Xb, Yb, named["image_proj.weight"], named["text_proj.weight"],
                                             self.log_scale, normalize=blocks["normalize"], exact=exact,
                                             image=blocks["image"], text=blocks["text"], scale=blocks["scale"])

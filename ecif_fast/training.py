@@ -3,7 +3,9 @@
 Influence functions describe the optimum; this helper gets a model there (float64 recommended) and
 is what the leave-one-out checks retrain with. ``method="newton"`` (damped Newton with a
 Levenberg–Marquardt shift and Armijo backtracking on the dense Hessian) converges to machine
-precision in a few steps for up to a few thousand parameters; ``"lbfgs"`` scales further.
+precision in a few steps for up to a few thousand parameters. ``"newton-cg"`` (``ecif_fast/trust_region.py``, a
+preconditioned trust-region Newton method on Hessian-vector products) scales further and is what ``"auto"``
+chooses above that size for :class:`~ecif_fast.LinearHeads`; ``"lbfgs"`` needs first derivatives only.
 
 Newton differentiates ``R`` twice (``torch.func``), so it uses the materialising twin of the loss
 (``core/loss.py``). L-BFGS needs first derivatives only and uses the fused streaming op
@@ -27,6 +29,8 @@ from .kernels import ops
 from .models.functional import FunctionalModel
 from .models.params import ParamsArg, select_params
 from .errors import ECIFInputError
+from .models.linear_heads import LinearHeads
+from . import trust_region
 from .options import TRAINING_METHODS
 from .validation import (cast_inputs, check_batch_sizes, check_embeddings, check_pairs, check_params,
                          declares_normalized)
@@ -34,7 +38,7 @@ from .validation import (cast_inputs, check_batch_sizes, check_embeddings, check
 
 #: L-BFGS evaluates R with the fused loss when the largest batch holds at least this many pairs (see above).
 FUSED_MIN_BATCH = 128
-#: ``method="auto"`` trains with Newton up to this many parameters, with L-BFGS above.
+#: ``method="auto"`` trains with Newton up to this many parameters; above, Newton-CG (LinearHeads) or L-BFGS.
 AUTO_NEWTON_MAX_P = 3000
 #: Bytes that Newton's dense ``P × P`` matrices (the Hessian, its eigenvalue and solve workspaces) may take.
 NEWTON_MEMORY_LIMIT = 2 << 30
@@ -97,6 +101,28 @@ def _objective(model, images, texts, batches, damping, theta_ref, params):
         loss = (ops.contrastive_loss if fused else contrastive_loss)(U, V, s.exp(), plan)
         return loss + 0.5 * damping * ((th - ref) ** 2).sum()
 
+    def moments(th):
+        """Input moments of the selected Linear layers at ``th`` (Newton-CG's preconditioner); for LinearHeads
+        with rows weighted by each pair's own curvature (trust_region.pair_curvature)."""
+        if not isinstance(model, LinearHeads):
+            return trust_region.linear_inputs(model, space, lambda: fm.embed(th, X, Y), declares_normalized(model))
+        with torch.no_grad():
+            U, V, s = fm.embed(th, X, Y)
+            curv = trust_region.pair_curvature(U, V, math.exp(float(s)), plan)
+        found = {}
+        for side, inputs, c in (("image", X, curv[0]), ("text", Y, curv[1])):
+            name = f"{side}_proj.weight"
+            if name not in space.names:
+                continue
+            W = space.unflatten(th)[name].detach()
+            x = model.proj_input(inputs, side).to(W.dtype)
+            w = c.clamp_min(0)
+            if model.normalize:
+                w = w / (x @ W.T).pow(2).sum(1).clamp_min(1e-300)
+            found[name] = (x * w[:, None]).T @ x
+        return found
+
+    R.moments = moments
     return R, theta, space, scale, plan, column_bytes
 
 
@@ -135,10 +161,13 @@ def train(model: nn.Module, images, texts, *, batches: BatchesArg = None, dampin
     Args:
         images, texts: ``(n, ...)`` training pairs. batches: as in :class:`ecif_fast.ECIF`.
         damping: δ ≥ 0. theta_ref: ``(P,)`` reference point (default 0).
-        method: ``"newton"``, ``"lbfgs"`` or ``"auto"`` (Newton when ``P <= AUTO_NEWTON_MAX_P``). Newton forms
+        method: ``"newton"``, ``"newton-cg"``, ``"lbfgs"`` or ``"auto"`` (Newton when ``P <= AUTO_NEWTON_MAX_P``,
+            else Newton-CG for :class:`~ecif_fast.LinearHeads` with a fixed logit scale and L-BFGS otherwise). Newton forms
             the dense ``P × P`` Hessian (a block of columns at a time) and refuses, before any work, a problem
-            whose matrices would pass :data:`NEWTON_MEMORY_LIMIT` (:func:`newton_bytes`).
-        max_iter: iterations (Newton steps or L-BFGS iterations). tol: stop when ``max|∇R| < tol``.
+            whose matrices would pass :data:`NEWTON_MEMORY_LIMIT` (:func:`newton_bytes`). Newton-CG uses
+            Hessian-vector products only (``ecif_fast/trust_region.py``, docs/math.md §2.2).
+        max_iter: iterations (Newton or Newton-CG steps, L-BFGS iterations). tol: stop when ``max|∇R| < tol``;
+            Newton-CG also stops when no decrease is left that the dtype can resolve.
 
     Raises :class:`~ecif_fast.ECIFInputError` before training for the inputs :class:`~ecif_fast.ECIF` refuses
     (non-finite or meta data, half-precision or non-finite parameters, an overflowing logit scale, unusable
@@ -153,7 +182,8 @@ def train(model: nn.Module, images, texts, *, batches: BatchesArg = None, dampin
     value, gradient = R, grad_R  # R and ∇R as the result reports them
     it = 0
     if method == "auto":
-        method = "newton" if space.size <= AUTO_NEWTON_MAX_P else "lbfgs"
+        method = ("newton" if space.size <= AUTO_NEWTON_MAX_P else
+                  "newton-cg" if isinstance(model, LinearHeads) and "logit_scale" not in space.names else "lbfgs")
     if method == "newton" and newton_bytes(space.size, theta.dtype) > NEWTON_MEMORY_LIMIT:
         raise ECIFInputError(
             f"method='newton' forms the dense Hessian of all P = {space.size} trained parameters: "
@@ -183,6 +213,14 @@ def train(model: nn.Module, images, texts, *, batches: BatchesArg = None, dampin
         if not (bool(torch.isfinite(theta).all()) and math.isfinite(float(value(theta)))):
             raise _diverged(f"L-BFGS iteration {it}", "the parameters or the loss are NaN or Inf",
                             scale(theta.nan_to_num()), theta.dtype)
+    elif method == "newton-cg":
+        def check(step, f, g):
+            if not (math.isfinite(f) and bool(torch.isfinite(g).all())):
+                raise _diverged(step, "the loss or its gradient is NaN or Inf", scale(theta), theta.dtype)
+
+        theta, it = trust_region.newton_cg(R, grad_R, theta, model=model, space=space, moments=R.moments,
+                                           delta=damping, ref=_reference(space, theta_ref, theta.dtype),
+                                           max_iter=max_iter, tol=tol, check=check)
     else:
         block = max(1, int(HESSIAN_BLOCK_MEMORY // column_bytes))
         for _ in range(max_iter):

@@ -27,8 +27,8 @@ from ecif_fast.cli.checkpoint import load_checkpoint, save_checkpoint  # noqa: E
 
 def test_train_writes_checkpoint_that_loads_back(cli_data, tmp_path, capsys):
     model, training = load_checkpoint(cli_data.model)
-    torch.manual_seed(0)                                   # what `train --seed 0` does, by hand
-    ref_model = ef.LinearHeads(DI, DT, EMBED, normalize=False, logit_scale=0.0).double()
+    # what `train` does, by hand: whitened heads at the canonical correlation directions, decayed towards them
+    ref_model = ef.LinearHeads.from_features(cli_data.X, cli_data.Y, EMBED, normalize=False, logit_scale=0.0).double()
     theta_ref = torch.cat([p.detach().reshape(-1) for p in ref_model.parameters() if p.requires_grad])
     ef.train(ref_model, cli_data.X, cli_data.Y, batches=torch.arange(N) % 3, damping=1.0, theta_ref=theta_ref)
     for (name, p), q in zip(model.state_dict().items(), ref_model.state_dict().values()):

@@ -3,7 +3,8 @@
 Layout (version 1)::
 
     {"format": "ecif_fast.LinearHeads", "version": 1,
-     "config": {image_dim, text_dim, embed_dim, normalize, logit_scale, train_scale, dtype},
+     "config": {image_dim, text_dim, embed_dim, normalize, logit_scale, train_scale, dtype,
+                image_rank, text_rank},   # the ranks: whitened heads (None or absent: raw features)
      "state_dict": {...},
      "training": {"damping", "batch_size" | "batch_ids", "theta_ref", "loss", "grad_norm", "iterations",
                   "method", "max_iter", "n_train", "fingerprint"}}
@@ -36,17 +37,21 @@ class CheckpointError(ValueError):
 def model_config(model: LinearHeads) -> dict:
     """The constructor arguments (and dtype) that rebuild ``model``."""
     dtype = model.image_proj.weight.dtype
-    return {"image_dim": model.image_proj.in_features, "text_dim": model.text_proj.in_features,
+    return {"image_dim": model.image_dim, "text_dim": model.text_dim,
             "embed_dim": model.image_proj.out_features, "normalize": bool(model.normalize),
             "logit_scale": float(model.logit_scale), "train_scale": bool(model.logit_scale.requires_grad),
-            "dtype": next(k for k, v in DTYPES.items() if v == dtype)}
+            "dtype": next(k for k, v in DTYPES.items() if v == dtype),
+            "image_rank": model.image_rank, "text_rank": model.text_rank}
 
 
 def build_model(config: dict) -> LinearHeads:
-    """A LinearHeads with ``config``'s shape and dtype (weights as initialised)."""
+    """A LinearHeads with ``config``'s shape and dtype (weights as initialised, whitening buffers zero)."""
+    ranks = [config.get(k) for k in ("image_rank", "text_rank")]
     model = LinearHeads(int(config["image_dim"]), int(config["text_dim"]), int(config["embed_dim"]),
                         normalize=bool(config["normalize"]), logit_scale=float(config["logit_scale"]),
-                        train_scale=bool(config["train_scale"]))
+                        train_scale=bool(config["train_scale"]),
+                        image_rank=None if ranks[0] is None else int(ranks[0]),
+                        text_rank=None if ranks[1] is None else int(ranks[1]))
     return model.to(DTYPES[config["dtype"]])
 
 
@@ -151,7 +156,7 @@ def _training_problem(training: dict, n_params: int) -> str | None:
         if key in training and not isinstance(training[key], (str if key == "method" else int)):
             return f"has {key} {training[key]!r}"
     if training.get("method", "auto") not in TRAINING_METHODS:
-        return f"has method {training['method']!r}; it must be auto, newton or lbfgs"
+        return f"has method {training['method']!r}; it must be one of {list(TRAINING_METHODS)}"
     if isinstance(training.get("max_iter"), int) and training["max_iter"] < 1:
         return f"has max_iter {training['max_iter']!r}; it must be >= 1"
     if not isinstance(training.get("fingerprint", ""), (str, type(None))):

@@ -41,6 +41,10 @@ def demo(args, con: Console):
 
 # ============================================================================================= train
 
+#: ``train`` warns when max|∇R| ends above this: not at the optimum the influence formulas assume.
+GRAD_TOL = {torch.float64: 1e-5, torch.float32: 1e-2}
+
+
 def train(args, con: Console) -> dict:
     """Fit LinearHeads on a training file; write the checkpoint."""
     check_out(args, is_file=True)
@@ -60,8 +64,13 @@ def train(args, con: Console) -> dict:
     if args.batch_size is not None and data.batch_ids is not None:
         con.warn(f"--batch-size {args.batch_size} is used; the batch_ids column of {args.train} is ignored")
     torch.manual_seed(args.seed)
-    model = LinearHeads(di, dt, embed, normalize=not args.no_normalize, logit_scale=args.logit_scale,
-                        train_scale=args.train_scale).to(dtype)
+    if args.no_whiten:
+        model = LinearHeads(di, dt, embed, normalize=not args.no_normalize, logit_scale=args.logit_scale,
+                            train_scale=args.train_scale).to(dtype)
+    else:   # whitened features, started at the canonical correlation directions (docs/math.md §2.1)
+        model = LinearHeads.from_features(data.images.double(), data.texts.double(), embed,
+                                          normalize=not args.no_normalize, logit_scale=args.logit_scale,
+                                          train_scale=args.train_scale).to(dtype)
     theta_ref = trained_vector(model).clone()    # weight decay pulls towards the initialisation
     with con.steps(1) as step:
         step(f"training ({args.method})")
@@ -73,8 +82,7 @@ def train(args, con: Console) -> dict:
                 "grad_norm": res.grad_norm, "iterations": res.iterations, "method": args.method,
                 "max_iter": args.max_iter, "n_train": data.n, "fingerprint": data.fingerprint()}
     path = save_checkpoint(args.out, model, training)
-    tol = 1e-2 if args.float32 else 1e-5
-    if res.grad_norm > tol:
+    if res.grad_norm > GRAD_TOL[dtype]:
         P = int(theta_ref.numel())
         advice = ("raise --max-iter or use --method newton" if newton_bytes(P, dtype) <= NEWTON_MEMORY_LIMIT else
                   f"raise --max-iter, standardise the features, or lower --embed-dim (--method newton needs "
@@ -82,10 +90,11 @@ def train(args, con: Console) -> dict:
         con.warn(f"training stopped with max|grad R| = {res.grad_norm:.3g} after {res.iterations} iterations, "
                  f"not at the optimum the influence formulas assume; {advice}")
     summary = {"checkpoint": str(path), "n_train": data.n, "image_dim": di, "text_dim": dt, "embed_dim": embed,
-               "parameters": int(theta_ref.numel()), "batches": desc, "damping": float(args.damping),
+               "parameters": int(theta_ref.numel()), "whitened": not args.no_whiten, "batches": desc, "damping": float(args.damping),
                "method": args.method, "loss": res.loss, "grad_norm": res.grad_norm, "iterations": res.iterations,
                "dtype": str(dtype).replace("torch.", ""), "seconds": secs}
-    text = [f"trained LinearHeads {di}+{dt} -> {embed} on {data.n} pairs ({desc}): loss {res.loss:.6g}, "
+    whiten = "" if args.no_whiten else f" (whitened to {model.image_rank}+{model.text_rank})"
+    text = [f"trained LinearHeads {di}+{dt}{whiten} -> {embed} on {data.n} pairs ({desc}): loss {res.loss:.6g}, "
             f"max|grad| {res.grad_norm:.3g}, {res.iterations} iterations, {secs:.1f} s",
             f"wrote {path}"]
     return {"command": "train", "out": str(path), "files": {path.name: str(path)}, "summary": summary, "text": text}

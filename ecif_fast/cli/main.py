@@ -143,7 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="smaller problem, a few seconds")
 
     p = sub.add_parser("train", help="fit CLIP-style linear heads on a training feature file",
-                       description="Fit LinearHeads by minimising sum(loss) + damping/2 |theta - theta_init|^2.")
+                       description="Fit LinearHeads by minimising sum(loss) + damping/2 |theta - theta_init|^2. By "
+                                   "default each side's features are centred and whitened and the heads start at "
+                                   "their canonical correlation directions (theta_init).")
     p.add_argument("--train", required=True, metavar="FILE", help="training pairs")
     _output_flags(p, out_help="checkpoint file (default heads.pt)", out_default="heads.pt")
     p.add_argument("--embed-dim", type=_positive_int, help="embedding size (default min(64, Di, Dt))")
@@ -155,9 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="log of the softmax temperature multiplier (default log(1/0.07))")
     p.add_argument("--train-scale", action="store_true", help="also train the logit scale")
     p.add_argument("--no-normalize", action="store_true", help="do not L2-normalise the embeddings")
+    p.add_argument("--no-whiten", action="store_true",
+                   help="heads on the raw features from a random start (--seed) instead of whitened features "
+                        "started at the canonical correlation directions")
     p.add_argument("--method", choices=TRAINING_METHODS, default="auto",
-                   help="optimiser (default auto: Newton up to 3000 parameters, else L-BFGS; Newton refuses a dense "
-                        "Hessian above 2 GiB)")
+                   help="optimiser (default auto: Newton up to 3000 parameters, else trust-region Newton-CG; "
+                        "Newton refuses a dense Hessian above 2 GiB)")
     p.add_argument("--max-iter", type=_positive_int, default=200, help="optimiser iterations (default 200)")
     p.add_argument("--float32", action="store_true", help="train in float32 (default float64)")
 

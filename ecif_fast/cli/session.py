@@ -123,8 +123,8 @@ class Setup:
         """Load another pairs file and check its widths against the checkpoint. Image-text pairs
         (``need_texts``) are scored by their contrastive loss, which needs at least 2 of them."""
         data = load_pairs(path, need_texts=need_texts, hint=hint)
-        check_width(data.images, self.model.image_proj.in_features, "image_features", path)
-        check_width(data.texts, self.model.text_proj.in_features, "text_features", path)
+        check_width(data.images, self.model.image_dim, "image_features", path)
+        check_width(data.texts, self.model.text_dim, "text_features", path)
         if need_texts and data.n < 2:
             raise DataFileError(f"{path}: has 1 pair; the contrastive loss of a single pair is constant (it has "
                                 "no negatives), so every influence on it would be 0: give at least 2 pairs")
@@ -132,7 +132,7 @@ class Setup:
 
     def classes(self, path) -> PairsData:
         data = load_classes(path)
-        check_width(data.texts, self.model.text_proj.in_features, "text_features", path)
+        check_width(data.texts, self.model.text_dim, "text_features", path)
         if data.n < 2:
             raise DataFileError(f"{path}: has 1 class; zero-shot prediction needs at least 2 class rows")
         return data
@@ -273,8 +273,8 @@ def setup(args, con: Console) -> Setup:
     check_cache(args)
     model, training = load_checkpoint(args.model)
     data = load_pairs(args.train)
-    check_width(data.images, model.image_proj.in_features, "image_features", args.train)
-    check_width(data.texts, model.text_proj.in_features, "text_features", args.train)
+    check_width(data.images, model.image_dim, "image_features", args.train)
+    check_width(data.texts, model.text_dim, "text_features", args.train)
     if training.get("fingerprint") not in (None, data.fingerprint()):
         why = (f"{args.train} is not the file {args.model} was trained on (its features differ); influence "
                "assumes the heads are at the optimum for these pairs")

@@ -44,7 +44,7 @@ def structured_norms_blocks(model: nn.Module, names) -> dict | None:
     if not isinstance(model, LinearHeads):
         return None
     cls = type(model)
-    if any(getattr(cls, m) is not getattr(LinearHeads, m) for m in ("encode_image", "encode_text", "_embed")):
+    if any(getattr(cls, m) is not getattr(LinearHeads, m) for m in ("encode_image", "encode_text", "_embed", "proj_input")):
         return None
     for proj in (model.image_proj, model.text_proj):
         if type(proj) is not nn.Linear or proj.bias is not None:
