@@ -320,3 +320,32 @@ def test_module_entry_point_in_subprocess(cli_data, tmp_path):
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
     assert json.loads(proc.stdout)["summary"]["scoring"] == "self"
     assert (out / "report.html").is_file()
+
+
+def test_train_whitens_by_default_and_no_whiten_keeps_raw_features(cli_data, tmp_path, capsys):
+    model, training = load_checkpoint(cli_data.model)                    # the fixture's default train
+    assert model.image_rank is not None and model.image_dim == DI and model.text_dim == DT
+    raw_path = tmp_path / "raw.pt"
+    rc, out, err = run(capsys, "train", "--train", cli_data.train, "--out", raw_path, "--no-whiten", "--json",
+                       *HEADS)
+    assert rc == 0 and json.loads(out)["summary"]["whitened"] is False
+    raw, raw_training = load_checkpoint(raw_path)
+    assert raw.image_rank is None and raw.image_proj.weight.shape == (EMBED, DI)
+    torch.manual_seed(0)                                                 # --seed 0: the random start, by hand
+    start = ef.LinearHeads(DI, DT, EMBED, normalize=False, logit_scale=0.0).double()
+    torch.testing.assert_close(raw_training["theta_ref"],
+                               torch.cat([p.detach().reshape(-1) for p in start.parameters() if p.requires_grad]))
+    # a checkpoint written before whitened heads existed (no ranks in its config) still loads as raw heads
+    obj = torch.load(raw_path, weights_only=True)
+    for key in ("image_rank", "text_rank"):
+        del obj["config"][key]
+    old = tmp_path / "old.pt"
+    torch.save(obj, old)
+    again, _ = load_checkpoint(old)
+    assert again.image_rank is None
+    assert all(torch.equal(a, b) for a, b in zip(raw.state_dict().values(), again.state_dict().values()))
+    # both kinds score a pairs file of the raw widths
+    for path in (cli_data.model, raw_path):
+        rc, out, err = run(capsys, "detect", "--train", cli_data.train, "--model", path, "--scoring", "self",
+                           "--out", tmp_path / f"det_{path.stem}", "--quiet")
+        assert rc == 0, err
