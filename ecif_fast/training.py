@@ -42,6 +42,8 @@ FUSED_MIN_BATCH = 128
 AUTO_NEWTON_MAX_P = 3000
 #: Bytes that Newton's dense ``P × P`` matrices (the Hessian, its eigenvalue and solve workspaces) may take.
 NEWTON_MEMORY_LIMIT = 2 << 30
+#: Newton stops after this many steps in a row that neither lower R beyond rounding nor halve the best max|∇R|.
+NEWTON_STALL = 8
 #: Bytes of forward-mode tangents per block of Hessian columns (Newton builds the Hessian a block at a time).
 HESSIAN_BLOCK_MEMORY = 256 << 20
 
@@ -223,6 +225,7 @@ def train(model: nn.Module, images, texts, *, batches: BatchesArg = None, dampin
                                            max_iter=max_iter, tol=tol, check=check)
     else:
         block = max(1, int(HESSIAN_BLOCK_MEMORY // column_bytes))
+        best, stalled = math.inf, 0
         for _ in range(max_iter):
             g = grad_R(theta)
             f0 = float(R(theta))
@@ -254,6 +257,15 @@ def train(model: nn.Module, images, texts, *, batches: BatchesArg = None, dampin
                 if f1 == f1 and f1 <= f0 + 1e-4 * lr * slope + slack:
                     break
                 lr *= 0.5
+            else:
+                break   # no step length lowers R any more: the optimum to this dtype's precision
             theta = theta + lr * step
+            # at the dtype's precision floor R no longer falls and max|∇R| only fluctuates (Armijo's rounding slack
+            # accepts any step): stop after NEWTON_STALL such steps in a row
+            gmax = float(g.abs().max())
+            stalled = stalled + 1 if (gmax > 0.5 * best and f1 > f0 - slack) else 0
+            best = min(best, gmax)
+            if stalled >= NEWTON_STALL:
+                break
     space.load_into(model, theta)
     return TrainResult(float(value(theta)), float(gradient(theta).abs().max()), it)

@@ -58,3 +58,18 @@ def test_newton_bytes_counts_three_dense_matrices():
     # 64 + 384 inputs, float64: embed 16 (P = 7168) fits in about 1.1 GiB, embed 64 (P = 28672) would need 18 GiB
     assert training.newton_bytes(16 * (64 + 384), torch.float64) <= training.NEWTON_MEMORY_LIMIT
     assert training.newton_bytes(64 * (64 + 384), torch.float64) > training.NEWTON_MEMORY_LIMIT
+
+
+def test_newton_stops_at_the_float32_precision_floor():
+    """float32 cannot reach tol = 1e-10: Newton stops once steps no longer lower R nor max|∇R| (it used to spend all
+    max_iter iterations there), at the same point float64 reaches, to float32's precision."""
+    model, X, Y, ref = _problem()
+    m32 = model.float()
+    r32 = ef.train(m32, X.float(), Y.float(), batches=8, damping=0.5, theta_ref=ref.float(), method="newton",
+                   max_iter=200)
+    assert r32.iterations < 60 and r32.grad_norm < 1e-3
+    m64, *_ = _problem()
+    r64 = ef.train(m64, X, Y, batches=8, damping=0.5, theta_ref=ref, method="newton")
+    assert r64.grad_norm < 1e-9
+    for a, b in zip(m32.parameters(), m64.parameters()):
+        torch.testing.assert_close(a.double(), b, rtol=1e-3, atol=1e-4)

@@ -39,7 +39,7 @@ def model_config(model: LinearHeads) -> dict:
     dtype = model.image_proj.weight.dtype
     return {"image_dim": model.image_dim, "text_dim": model.text_dim,
             "embed_dim": model.image_proj.out_features, "normalize": bool(model.normalize),
-            "logit_scale": float(model.logit_scale), "train_scale": bool(model.logit_scale.requires_grad),
+            "logit_scale": float(model.logit_scale.detach()), "train_scale": bool(model.logit_scale.requires_grad),
             "dtype": next(k for k, v in DTYPES.items() if v == dtype),
             "image_rank": model.image_rank, "text_rank": model.text_rank}
 
