@@ -87,6 +87,37 @@ def time_query(eng, Xv, Yv, backend):
     return times, G, Hq, pos, neg
 
 
+def subsample_batches(num_batches: int, k: int, g: torch.Generator):
+    """``k`` random batch indices, sorted (the curvature's ``hessian_batches``), or None when ``k`` covers them all."""
+    return torch.randperm(num_batches, generator=g)[:k].sort().values.tolist() if k < num_batches else None
+
+
+def scale_damping(eng, scale: float) -> None:
+    """Multiply the fitted ``eng``'s damping by ``scale`` and give it a plain CG solver at that damping."""
+    eng.damping *= scale
+    eng.solver = CGSolver(eng.curvature, eng.damping, eng.cg_tol, eng.cg_maxiter)
+
+
+def add_problem_args(p: argparse.ArgumentParser) -> None:
+    """The flags of the problem, fit and query this benchmark shares with ``bench_self_influence_scale.py``."""
+    p.add_argument("--n", type=int, default=262144)
+    p.add_argument("--feat", type=int, default=512)
+    p.add_argument("--embed", type=int, default=256)
+    p.add_argument("--batch", type=int, default=512)
+    p.add_argument("--val", type=int, default=1024)
+    p.add_argument("--hessian-batches", type=int, default=16)
+    p.add_argument("--cg-tol", type=float, default=1e-3)
+    p.add_argument("--cg-maxiter", type=int, default=50)
+    p.add_argument("--damping-scale", type=float, default=100.0,
+                   help="with --damping auto: use this multiple of the auto value 1e-3·tr(C)/P (default 100, "
+                        "i.e. 0.1·tr(C)/P: float32 CG does not converge at the auto value on this problem)")
+    p.add_argument("--train-steps", type=int, default=300)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--backend", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--write", action="store_true")
+
+
 def run(args) -> dict:
     torch.set_num_threads(args.threads)
     model, X, Y, Xv, Yv = make_problem(args.n, args.feat, args.embed, args.val, args.seed, args.train_steps,
@@ -95,7 +126,7 @@ def run(args) -> dict:
     g = torch.Generator().manual_seed(args.seed + 1)
 
     def subsample(hb):
-        return torch.randperm(num_batches, generator=g)[:hb].sort().values.tolist() if hb < num_batches else None
+        return subsample_batches(num_batches, hb, g)
 
     sub_main = subsample(args.hessian_batches)
 
@@ -107,8 +138,7 @@ def run(args) -> dict:
     t0 = time.perf_counter()
     eng = engine(sub_main).fit(X, Y)
     if args.damping_scale != 1.0:  # a multiple of the "auto" value (its trace estimate stays in the fit time)
-        eng.damping *= args.damping_scale
-        eng.solver = CGSolver(eng.curvature, eng.damping, args.cg_tol, args.cg_maxiter)
+        scale_damping(eng, args.damping_scale)
     times["fit"] = time.perf_counter() - t0
     stages, G, Hq, pos, neg = time_query(eng, Xv, Yv, args.backend)
     times.update(stages)
@@ -126,8 +156,7 @@ def run(args) -> dict:
         ref_eng.cg_tol = 1e-6 if args.reference_iters else args.cg_tol
         ref_eng.fit(X, Y)
         if args.damping_scale != 1.0:
-            ref_eng.damping *= args.damping_scale
-            ref_eng.solver = CGSolver(ref_eng.curvature, ref_eng.damping, ref_eng.cg_tol, ref_eng.cg_maxiter)
+            scale_damping(ref_eng, args.damping_scale)
         ref = ref_eng.influence(Xv, Yv).total
         a, b = total.double() - total.double().mean(), ref.double() - ref.double().mean()
         out["reference_pearson"] = float((a * b).sum() / (a.norm() * b.norm()))
@@ -172,25 +201,10 @@ def write(args, res, path="BENCHMARKS.md"):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--n", type=int, default=262144)
-    p.add_argument("--feat", type=int, default=512)
-    p.add_argument("--embed", type=int, default=256)
-    p.add_argument("--batch", type=int, default=512)
-    p.add_argument("--val", type=int, default=1024)
-    p.add_argument("--hessian-batches", type=int, default=16)
+    add_problem_args(p)
     p.add_argument("--reference-batches", type=int, default=0)
     p.add_argument("--reference-iters", type=int, default=0)
-    p.add_argument("--cg-tol", type=float, default=1e-3)
-    p.add_argument("--cg-maxiter", type=int, default=50)
     p.add_argument("--damping", default="auto")
-    p.add_argument("--damping-scale", type=float, default=100.0,
-                   help="with --damping auto: use this multiple of the auto value 1e-3·tr(C)/P (default 100, "
-                        "i.e. 0.1·tr(C)/P: float32 CG does not converge at the auto value on this problem)")
-    p.add_argument("--train-steps", type=int, default=300)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--backend", default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--write", action="store_true")
     args = p.parse_args(argv)
     if args.damping != "auto":
         args.damping = float(args.damping)

@@ -37,8 +37,8 @@ if __name__ == "__main__":  # script mode from a checkout without an editable in
 
 import ecif_fast as ef
 from ecif_fast.core.pair_norms import heads_pair_sq_norms
-from ecif_fast.solvers import CGSolver
-from bench_end_to_end import make_problem, time_query  # benchmarks/bench_end_to_end.py
+from bench_end_to_end import (add_problem_args, make_problem, scale_damping,  # benchmarks/bench_end_to_end.py
+                             subsample_batches, time_query)
 from sections import write_section  # benchmarks/sections.py
 
 SECTION = "## Factorised self-influence of every pair vs one influence query, LinearHeads"
@@ -50,15 +50,13 @@ def run(args) -> dict:
                                        args.batch)
     num_batches = -(-args.n // args.batch)
     g = torch.Generator().manual_seed(args.seed + 1)
-    sub = (torch.randperm(num_batches, generator=g)[:args.hessian_batches].sort().values.tolist()
-           if args.hessian_batches < num_batches else None)
+    sub = subsample_batches(num_batches, args.hessian_batches, g)
     eng = ef.ECIF(model, damping="auto", batches=args.batch, solver="cg", curvature="gauss-newton",
                   cg_tol=args.cg_tol, cg_maxiter=args.cg_maxiter, hessian_batches=sub, rank=args.rank,
                   backend=args.backend, seed=args.seed)
     t0 = time.perf_counter()
     eng.fit(X, Y)
-    eng.damping *= args.damping_scale  # as bench_end_to_end.py: CG in float32 needs 100 × auto here
-    eng.solver = CGSolver(eng.curvature, eng.damping, args.cg_tol, args.cg_maxiter)
+    scale_damping(eng, args.damping_scale)  # as bench_end_to_end.py: CG in float32 needs 100 × auto here
     eng._factor = None
     fit = time.perf_counter() - t0
 
@@ -129,22 +127,9 @@ def write(args, res, path=None):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--n", type=int, default=262144)
-    p.add_argument("--feat", type=int, default=512)
-    p.add_argument("--embed", type=int, default=256)
-    p.add_argument("--batch", type=int, default=512)
-    p.add_argument("--val", type=int, default=1024)
+    add_problem_args(p)
     p.add_argument("--rank", type=int, default=64, help="eigenpairs of the factor (the engine's default 64)")
-    p.add_argument("--hessian-batches", type=int, default=16)
-    p.add_argument("--cg-tol", type=float, default=1e-3)
-    p.add_argument("--cg-maxiter", type=int, default=50)
-    p.add_argument("--damping-scale", type=float, default=100.0)
-    p.add_argument("--train-steps", type=int, default=300)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--backend", default=None)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--check", type=int, default=32, help="pairs compared with the G-based path (0: none)")
-    p.add_argument("--write", action="store_true")
     args = p.parse_args(argv)
     res = run(args)
     print(describe(args, res))
