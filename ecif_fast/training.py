@@ -70,10 +70,11 @@ def _reference(space, theta_ref, dtype) -> torch.Tensor:
 
 
 def _objective(model, images, texts, batches, damping, theta_ref, params):
-    """``(R, θ, space, scale, plan, column_bytes)``: the function ``θ ↦ R(θ)`` on these pairs (``R(θ, fused=True)``:
-    with the fused loss, differentiable once by autograd; else the twin, for ``torch.func`` and second
-    derivatives), the model's current θ, ``θ ↦ exp(logit_scale)`` (for error messages), the batches and an
-    estimate of the bytes one Hessian column's forward-mode tangents take.
+    """``(R, θ, space, scale, plan, column_bytes, ref, moments)``: the function ``θ ↦ R(θ)`` on these pairs
+    (``R(θ, fused=True)``: with the fused loss, differentiable once by autograd; else the twin, for ``torch.func``
+    and second derivatives), the model's current θ, ``θ ↦ exp(logit_scale)`` (for error messages), the batches, an
+    estimate of the bytes one Hessian column's forward-mode tangents take, ``θ_ref`` and ``θ ↦`` the Linear
+    layers' input moments (Newton-CG's preconditioner).
 
     Checks the inputs, the batches, the parameters and the embeddings at the current θ (one forward pass).
     """
@@ -124,8 +125,7 @@ def _objective(model, images, texts, batches, damping, theta_ref, params):
             found[name] = (x * w[:, None]).T @ x
         return found
 
-    R.moments = moments
-    return R, theta, space, scale, plan, column_bytes
+    return R, theta, space, scale, plan, column_bytes, ref, moments
 
 
 def _diverged(step: str, what: str, t: float, dtype) -> ECIFInputError:
@@ -179,7 +179,8 @@ def train(model: nn.Module, images, texts, *, batches: BatchesArg = None, dampin
     """
     if method not in TRAINING_METHODS:
         raise ValueError(f"method must be one of {list(TRAINING_METHODS)}, got {method!r}")
-    R, theta, space, scale, plan, column_bytes = _objective(model, images, texts, batches, damping, theta_ref, params)
+    R, theta, space, scale, plan, column_bytes, ref, moments = _objective(model, images, texts, batches, damping,
+                                                                          theta_ref, params)
     grad_R = torch.func.grad(R)
     value, gradient = R, grad_R  # R and ∇R as the result reports them
     it = 0
@@ -220,9 +221,8 @@ def train(model: nn.Module, images, texts, *, batches: BatchesArg = None, dampin
             if not (math.isfinite(f) and bool(torch.isfinite(g).all())):
                 raise _diverged(step, "the loss or its gradient is NaN or Inf", scale(theta), theta.dtype)
 
-        theta, it = trust_region.newton_cg(R, grad_R, theta, model=model, space=space, moments=R.moments,
-                                           delta=damping, ref=_reference(space, theta_ref, theta.dtype),
-                                           max_iter=max_iter, tol=tol, check=check)
+        theta, it = trust_region.newton_cg(R, grad_R, theta, model=model, space=space, moments=moments,
+                                           delta=damping, ref=ref, max_iter=max_iter, tol=tol, check=check)
     else:
         block = max(1, int(HESSIAN_BLOCK_MEMORY // column_bytes))
         best, stalled = math.inf, 0

@@ -181,13 +181,13 @@ def steihaug(g: torch.Tensor, hvp, M: Preconditioner, radius: float, tol: float,
 
 
 def _heads(model: nn.Module, space, theta: torch.Tensor):
-    """``(names, slices, weights as views)`` of LinearHeads' two trained weights, or None."""
+    """``(slices, weights as views)`` of LinearHeads' two trained weights, or None."""
     from .models.linear_heads import LinearHeads
     names = ("image_proj.weight", "text_proj.weight")
     if not isinstance(model, LinearHeads) or any(n not in space.names for n in names):
         return None
     sl = {name: (s, shape) for name, s, shape in _blocks(space)}
-    return names, [sl[n][0] for n in names], [theta[sl[n][0]].view(sl[n][1]) for n in names]
+    return [sl[n][0] for n in names], [theta[sl[n][0]].view(sl[n][1]) for n in names]
 
 
 def orbit_complement(model: nn.Module, space, theta: torch.Tensor):
@@ -199,7 +199,7 @@ def orbit_complement(model: nn.Module, space, theta: torch.Tensor):
     heads = _heads(model, space, theta)
     if heads is None:
         return None
-    _, sls, W = heads
+    sls, W = heads
     g, E = torch.linalg.eigh(W[0] @ W[0].T + W[1] @ W[1].T)
     den = g[:, None] + g[None, :]
     inv = torch.where(den > 1e-12 * float(g.max()), 2.0 / den.clamp_min(1e-300), torch.zeros_like(den))
@@ -226,7 +226,7 @@ def head_symmetry_step(model: nn.Module, space, theta: torch.Tensor, ref: torch.
     heads = _heads(model, space, theta)
     if heads is None:
         return None
-    names, sls, W = heads
+    sls, W = heads
     Rf = [ref[sl].view(w.shape) for sl, w in zip(sls, W)]
     c = [1.0, 1.0]
     Q = torch.eye(W[0].shape[0], dtype=theta.dtype, device=theta.device)
@@ -247,13 +247,16 @@ def head_symmetry_step(model: nn.Module, space, theta: torch.Tensor, ref: torch.
     return out
 
 
-def _symmetric_best(R, model, space, theta, ref, f: float, eps: float) -> torch.Tensor:
-    """``theta`` moved to the nearest point of its symmetry orbit (:func:`head_symmetry_step`) unless that would
-    raise ``R`` (``f = R(theta)``) by more than rounding; ``theta`` for models without the symmetry."""
+def _symmetric_best(R, model, space, theta, ref, f: float, eps: float) -> tuple[torch.Tensor, float, bool]:
+    """``(θ, R(θ), moved)``: ``theta`` moved to the nearest point of its symmetry orbit (:func:`head_symmetry_step`)
+    unless that would raise ``R`` (``f = R(theta)``) by more than rounding; ``theta`` itself for models without the
+    symmetry."""
     sym = head_symmetry_step(model, space, theta, ref)
-    if sym is not None and float(R(sym)) <= f + 64 * eps * abs(f):
-        return sym
-    return theta
+    if sym is not None:
+        f_sym = float(R(sym))
+        if f_sym <= f + 64 * eps * abs(f):
+            return sym, f_sym, True
+    return theta, f, False
 
 
 def newton_cg(R, grad_R, theta: torch.Tensor, *, model: nn.Module, space, moments: Callable[[torch.Tensor], dict],
@@ -263,13 +266,12 @@ def newton_cg(R, grad_R, theta: torch.Tensor, *, model: nn.Module, space, moment
     input moments at θ; ``check(step, f, g)`` raises when the loss or gradient is not finite."""
     gen = torch.Generator().manual_seed(0)
     eps = torch.finfo(theta.dtype).eps
-    symmetric = head_symmetry_step(model, space, theta, ref) is not None
-    theta = _symmetric_best(R, model, space, theta, ref, float(R(theta)), eps)
+    symmetric = _heads(model, space, theta) is not None
+    theta, f0, _ = _symmetric_best(R, model, space, theta, ref, float(R(theta)), eps)
+    g = grad_R(theta)            # R and ∇R at theta, kept up to date as theta moves
     radius = None
     it = last_cg = 0
     while it < max_iter:
-        f0 = float(R(theta))
-        g = grad_R(theta)
         check(f"Newton-CG iteration {it + 1}", f0, g)
         if float(g.abs().max()) < tol:
             break
@@ -286,9 +288,11 @@ def newton_cg(R, grad_R, theta: torch.Tensor, *, model: nn.Module, space, moment
         pred = -(float(g @ p) + 0.5 * float(p @ hvp(p)))
         if not pred > 64 * eps * abs(f0):
             # R cannot resolve the decrease any more; ∇R still can: take the step while it shrinks the gradient
-            if not (pred > 0 and float(grad_R(theta + p).norm()) < gn):
+            g_new = grad_R(theta + p)
+            if not (pred > 0 and float(g_new.norm()) < gn):
                 break
-            theta = _symmetric_best(R, model, space, theta + p, ref, float(R(theta + p)), eps)
+            theta, f0, moved = _symmetric_best(R, model, space, theta + p, ref, float(R(theta + p)), eps)
+            g = grad_R(theta) if moved else g_new
             continue
         f1 = float(R(theta + p))
         rho = (f0 - f1) / pred if f1 == f1 else -1.0
@@ -298,7 +302,8 @@ def newton_cg(R, grad_R, theta: torch.Tensor, *, model: nn.Module, space, moment
         elif rho > 0.75 and p_norm > 0.99 * radius:
             radius = 2 * radius
         if rho > ACCEPT:
-            theta = _symmetric_best(R, model, space, theta + p, ref, f1, eps)
+            theta, f0, _ = _symmetric_best(R, model, space, theta + p, ref, f1, eps)
+            g = grad_R(theta)
         if radius < 1e3 * eps * (1 + math.sqrt(float(theta @ M.apply(theta, 1)))):
             break
     return theta, it
