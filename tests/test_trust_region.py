@@ -169,11 +169,11 @@ def test_from_features_whitens_each_side_and_starts_at_canonical_directions():
 
 def test_from_features_refuses_bad_features():
     X, Y = _pairs()
-    with pytest.raises(ef.ECIFInputError, match="constant"):
+    with pytest.raises(ef.ECIFInputError, match="text features are constant"):
         ef.LinearHeads.from_features(X, torch.ones_like(Y), 3)
     bad = X.clone()
     bad[3, 1] = float("nan")
-    with pytest.raises(ef.ECIFInputError, match="finite"):
+    with pytest.raises(ef.ECIFInputError, match="image features must be finite"):
         ef.LinearHeads.from_features(bad, Y, 3)
     with pytest.raises(ef.ECIFInputError, match="same n"):
         ef.LinearHeads.from_features(X, Y[:-1], 3)

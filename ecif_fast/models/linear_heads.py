@@ -77,7 +77,7 @@ class LinearHeads(nn.Module):
             raise ECIFInputError(f"images and texts must be (n, dim) with the same n >= 2, got {tuple(X.shape)} and "
                              f"{tuple(Y.shape)}")
         dtype = X.dtype if X.dtype in (torch.float32, torch.float64) else torch.get_default_dtype()
-        maps = [_whitening(Z.to(torch.float64), rel_tol) for Z in (X, Y)]
+        maps = [_whitening(Z.to(torch.float64), rel_tol, side) for Z, side in ((X, "image"), (Y, "text"))]
         Xw, Yw = ((Z.to(torch.float64) - mu) @ M for Z, (mu, M) in zip((X, Y), maps))
         U, _, Vh = torch.linalg.svd(Xw.T @ Yw / X.shape[0], full_matrices=False)
         k = min(embed_dim, U.shape[1])
@@ -118,16 +118,16 @@ class LinearHeads(nn.Module):
         return self.encode_image(x), self.encode_text(y), self.logit_scale
 
 
-def _whitening(Z: torch.Tensor, rel_tol: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _whitening(Z: torch.Tensor, rel_tol: float, side: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``(μ (dim,), M (dim, r))``: ``(Z − μ) M`` has identity covariance on the ``r`` directions whose variance
     passes ``rel_tol`` × the largest."""
     if not bool(torch.isfinite(Z).all()):
-        raise ECIFInputError("features must be finite (no NaN or Inf); drop or repair those rows")
+        raise ECIFInputError(f"{side} features must be finite (no NaN or Inf); drop or repair those rows")
     mu = Z.mean(0)
     C = (Z - mu).T @ (Z - mu) / Z.shape[0]
     lam, Q = torch.linalg.eigh(C)
     keep = lam > rel_tol * float(lam.max())
     if not bool(keep.any()):
-        raise ECIFInputError("features are constant (every row the same); whitening needs features that vary "
-                             "between pairs")
+        raise ECIFInputError(f"{side} features are constant (every row the same); whitening needs features that "
+                             "vary between pairs")
     return mu, Q[:, keep] / lam[keep].sqrt()
