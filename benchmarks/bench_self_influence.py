@@ -6,9 +6,10 @@ The set of ``real_digits.py`` (1,200 training pairs: raw 64-d digit pixels, raw 
 1. The command line as a user runs it: ``ecif-fast train --train train.npz --out heads.pt`` (defaults: normalised
    heads on whitened features started at their canonical correlation directions, embed 64, batches of 256,
    damping 1; P = 8,960 after whitening to 61 + 79 dimensions) then
-   ``ecif-fast detect --train train.npz --model heads.pt --scoring self``; wall time of each and the training's
-   final max|grad R|.
-2. Through the API on that checkpoint: ``ECIF(model, damping=1, batches=...)`` (defaults: Gauss–Newton, "cg"
+   ``ecif-fast detect --train train.npz --model heads.pt --scoring self`` (at this P the default solver is the
+   exact one: the dense Gauss–Newton matrix of linear heads has a closed form, docs/math.md §4.2); wall time of
+   each and the training's final max|grad R|.
+2. Through the API on that checkpoint: ``ECIF(model, damping=1, batches=..., solver="cg")`` (Gauss–Newton, CG
    preconditioned by the rank-``rank`` factor) and every pair's self-influence from the factor
    (``method="factor"``) at each ``--ranks``, against the same quantity solved per block of pairs by that
    preconditioned CG to a relative residual of ``--ref-tol`` (``method="solve"``; the dense matrix, P² in
@@ -96,7 +97,7 @@ def main() -> None:
             how = "the dense exact solver (Cholesky of the damped Gauss–Newton matrix)"
         else:
             ref_engine = ef.ECIF(model, damping=damping, batches=batches, cg_tol=args.ref_tol,
-                                 rank=max(args.ranks)).fit(X, Y)
+                                 rank=max(args.ranks), solver="cg").fit(X, Y)
             g = torch.Generator().manual_seed(args.seed)
             pick = (torch.randperm(args.n, generator=g)[:args.ref_pairs].sort().values
                     if 0 < args.ref_pairs < args.n else torch.arange(args.n))
@@ -107,7 +108,7 @@ def main() -> None:
         print("| rank | fit (s) | self-influence, all pairs (s) | Spearman | Pearson | captured |\n|---:|---:|---:|---:|---:|---:|")
         for rank in args.ranks:
             t0 = time.perf_counter()
-            eng = ef.ECIF(model, damping=damping, batches=batches, rank=rank).fit(X, Y)
+            eng = ef.ECIF(model, damping=damping, batches=batches, rank=rank, solver="cg").fit(X, Y)
             t_fit = time.perf_counter() - t0
             t0 = time.perf_counter()
             got = eng.self_influence(method="factor")

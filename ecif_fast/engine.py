@@ -13,6 +13,7 @@ from .errors import ECIFInputError
 from .core.batches import BatchesArg, BatchPlan, pack_batches, resolve_batches
 from .core.loss import batch_loss, per_pair_loss
 from .core.pair_terms import pair_embedding_gradients, removal_objective
+from .core.heads_curvature import has_closed_form
 from .core.pair_norms import heads_pair_sq_norms, structured_norms_blocks
 from .kernels import ops
 from .models.functional import ChunkedVJP, FunctionalModel, chunked_jvp, row_slices
@@ -109,7 +110,8 @@ class ECIF:
         self.hessian_batches = hessian_batches_arg(hessian_batches)
         self.model = model
         self.space = select_params(model, params)
-        self.solver_name = pick_solver(self.solver_name, self.space.size)
+        self.solver_name = pick_solver(self.solver_name, self.space.size,
+                                       has_closed_form(model, self.space.names, self.curvature_kind))
         self.fm = FunctionalModel(model, self.space)
         self.dtype = check_params(dict(model.named_parameters()), self.space.names)
         scale = model.logit_scale
@@ -461,6 +463,8 @@ class ECIF:
         blocks = self._gradient_blocks(uniq)
         if method == "factor":
             quadratic = self.factor.quadratic
+        elif hasattr(self.solver, "quadratic"):
+            quadratic = self.solver.quadratic
         else:
             def quadratic(G):
                 return (G * self.solver.solve(G.T.contiguous()).T).sum(1)

@@ -63,9 +63,10 @@ def solver_arg(solver, hessian) -> str | None:
     return None if solver is None else check_solver(solver)
 
 
-def pick_solver(name: str | None, n_params: int) -> str:
-    """``name``, or when None the default for ``n_params`` trained parameters (:func:`default_solver`)."""
-    return default_solver(n_params) if name is None else name
+def pick_solver(name: str | None, n_params: int, closed_form: bool = False) -> str:
+    """``name``, or when None the default for ``n_params`` trained parameters (:func:`default_solver`;
+    ``closed_form``: the dense curvature has a closed form)."""
+    return default_solver(n_params, closed_form) if name is None else name
 
 
 def cg_tol_arg(value, dtype: torch.dtype) -> float:

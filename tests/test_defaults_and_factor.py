@@ -76,6 +76,7 @@ def test_defaults_on_an_untrained_hf_clip():
 def test_solver_chosen_by_size(trained, monkeypatch):
     model, X, Y, Xt, Yt = trained
     monkeypatch.setattr(registry, "EXACT_MAX_PARAMS", 50)  # P = 104 is now "large"
+    monkeypatch.setattr(registry, "CLOSED_FORM_EXACT_MAX_PARAMS", 50)
     engine = ef.ECIF(model, damping=DAMPING).fit(X, Y)
     assert engine.solver_name == "cg" and engine.solver.preconditioner is engine.factor
     exact = ef.ECIF(model, damping=DAMPING, solver="exact").fit(X, Y)

@@ -11,8 +11,9 @@ import torch
 import ecif_fast as ef
 from ecif_fast import ECIFInputError
 from ecif_fast.cli.main import build_parser
-from ecif_fast.solvers import (DEFAULT_POLICY, EXACT_MAX_PARAMS, SOLVERS, Curvature, Solver, SolverOptions,
-                               default_solver, register_solver, solver_class, solver_names, unregister_solver)
+from ecif_fast.solvers import (CLOSED_FORM_EXACT_MAX_PARAMS, DEFAULT_POLICY, EXACT_MAX_PARAMS, SOLVERS, Curvature,
+                               Solver, SolverOptions, default_solver, register_solver, solver_class, solver_names,
+                               unregister_solver)
 from problems import heads, paired_features
 
 N, N_TEST, BATCH, DAMPING = 16, 4, 4, 5.0
@@ -139,7 +140,10 @@ def test_registration_is_checked(toy):
 def test_default_policy():
     assert default_solver(1) == "exact" and default_solver(EXACT_MAX_PARAMS) == "exact"
     assert default_solver(EXACT_MAX_PARAMS + 1) == "cg"
-    assert DEFAULT_POLICY == f"exact up to {EXACT_MAX_PARAMS} parameters, else cg"
+    assert default_solver(EXACT_MAX_PARAMS + 1, closed_form=True) == "exact"
+    assert default_solver(CLOSED_FORM_EXACT_MAX_PARAMS + 1, closed_form=True) == "cg"
+    assert DEFAULT_POLICY == (f"exact up to {EXACT_MAX_PARAMS} parameters ({CLOSED_FORM_EXACT_MAX_PARAMS} for linear "
+                              "heads with Gauss–Newton curvature), else cg")
     assert ef.ECIF(heads(False, **SMALL)[0], damping=DAMPING).solver_name == "exact"
 
 

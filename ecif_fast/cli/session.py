@@ -19,6 +19,7 @@ from .. import ECIF, LinearHeads, contrastive_loss
 from ..errors import ECIFInputError
 from ..report import write_report
 from ..report.output import MARKER, OutputLocationError, check_output_dir, check_output_file, check_writable
+from ..core.heads_curvature import has_closed_form
 from ..solvers.registry import default_solver, solver_class
 from .checkpoint import is_checkpoint, load_checkpoint, model_config, trained_vector
 from .data_files import DataFileError, PairsData, check_width, load_classes, load_pairs
@@ -290,7 +291,8 @@ def setup(args, con: Console) -> Setup:
                  "curvature of the training objective")
         damping = float(args.damping)
     n_params = int(trained_vector(model).numel())
-    solver = args.solver or default_solver(n_params)
+    names = [name for name, p in model.named_parameters() if p.requires_grad]
+    solver = args.solver or default_solver(n_params, has_closed_form(model, names, args.curvature))
     settings = {"train": str(args.train), "model": str(args.model), "n_train": data.n, "parameters": n_params,
                 "damping": damping, "batches": desc, "solver": solver, "curvature": args.curvature,
                 "backend": args.backend or "auto", "dtype": model_config(model)["dtype"], "seed": args.seed}

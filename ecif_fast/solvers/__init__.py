@@ -7,8 +7,8 @@ library, so the command line can list the solvers before torch loads.
 from __future__ import annotations
 
 from ..lazy import lazy_exports
-from .registry import (DEFAULT_POLICY, DEFAULT_SOLVER, EXACT_MAX_PARAMS, SOLVERS, Solver, SolverOptions, check_solver,
-                       default_solver, register_solver, solver_class, solver_names, unregister_solver)
+from .registry import (CLOSED_FORM_EXACT_MAX_PARAMS, DEFAULT_POLICY, DEFAULT_SOLVER, EXACT_MAX_PARAMS, SOLVERS,
+                       Solver, SolverOptions, check_solver, default_solver, register_solver, solver_class, solver_names, unregister_solver)
 
 #: public name -> the submodule that defines it
 _EXPORTS = {
@@ -27,4 +27,5 @@ __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 
 __all__ = [*_EXPORTS, "SOLVERS", "Solver", "SolverOptions", "register_solver", "unregister_solver", "solver_class",
-           "solver_names", "check_solver", "default_solver", "DEFAULT_SOLVER", "DEFAULT_POLICY", "EXACT_MAX_PARAMS"]
+           "solver_names", "check_solver", "default_solver", "DEFAULT_SOLVER", "DEFAULT_POLICY", "EXACT_MAX_PARAMS",
+           "CLOSED_FORM_EXACT_MAX_PARAMS"]

@@ -6,6 +6,8 @@ from torch.func import grad, jacfwd, jvp, vmap
 
 from ..errors import ECIFInputError
 from ..core.batches import BatchPlan, pack_batches
+from ..core.heads_curvature import has_closed_form, heads_gauss_newton
+from ..core.pair_norms import structured_norms_blocks
 from ..kernels import ops
 from ..core.loss import batch_loss, contrastive_loss
 from ..models.functional import ChunkedVJP, FunctionalModel, chunked_jvp, input_pieces, row_slices
@@ -160,8 +162,51 @@ class Curvature:
                 C += jacfwd(grad(self._batch_loss_fn(X, Y)))(self.theta)
             C *= self.factor
         else:
-            C = self._dense_gauss_newton()
-        return 0.5 * (C + C.T)
+            C = self._dense_heads()
+            if C is None:
+                C = self._dense_gauss_newton()
+        C = C + C.T  # symmetrised with one temporary P × P
+        return C.mul_(0.5)
+
+    def _dense_heads(self) -> torch.Tensor | None:
+        """The dense Gauss–Newton matrix of :class:`~ecif_fast.LinearHeads` in closed form
+        (:func:`~ecif_fast.core.heads_curvature.heads_gauss_newton`; a trained logit scale's row and column by
+        one product), or None when the model is not plain linear heads."""
+        model = self.fm.model
+        if not has_closed_form(model, self.fm.space.names, self.kind):
+            return None
+        blocks = structured_norms_blocks(model, self.fm.space.names)
+        params = self.fm.space.unflatten(self.theta)
+        W_img = params.get("image_proj.weight", model.image_proj.weight.detach())
+        W_txt = params.get("text_proj.weight", model.text_proj.weight.detach())
+        log_scale = params["logit_scale"] if blocks["scale"] else torch.as_tensor(model.logit_scale)
+        slices = self.fm.space.slices()
+        col = None
+        if blocks["scale"]:  # first, so that the pass below is the last read of the inputs, batch by batch
+            e = torch.zeros(self.size, 1, dtype=self.theta.dtype)
+            e[slices["logit_scale"].start] = 1
+            col = self._gauss_newton(e)[:, 0]
+        feats, groups, pos = ([], []), [], 0
+        for idx, (X, Y) in zip(self.groups, self.source.serve(self.groups, whole=True)):
+            feats[0].append(model.proj_input(X, "image").to(self.theta.dtype))
+            feats[1].append(model.proj_input(Y, "text").to(self.theta.dtype))
+            groups.append(torch.arange(pos, pos + len(idx)))
+            pos += len(idx)
+        Cw = heads_gauss_newton(torch.cat(feats[0]), torch.cat(feats[1]), W_img.to(self.theta.dtype),
+                                W_txt.to(self.theta.dtype), log_scale, groups, normalize=blocks["normalize"],
+                                image=blocks["image"], text=blocks["text"])
+        Cw.mul_(self.factor)
+        where = torch.cat([torch.arange(self.size)[slices[name]] for name in self.fm.space.names
+                           if name != "logit_scale"])
+        if where.numel() == self.size and bool((where == torch.arange(self.size)).all()):
+            return Cw
+        C = torch.zeros(self.size, self.size, dtype=self.theta.dtype)
+        C[where[:, None], where[None, :]] = Cw
+        del Cw
+        if col is not None:
+            k = slices["logit_scale"].start
+            C[:, k], C[k, :] = col, col
+        return C
 
     def _dense_gauss_newton(self) -> torch.Tensor:
         """``Σ_b (J_b)ᵀ H_emb (J_b)``: all P columns of the embedding Jacobian at once per batch (a batch streamed

@@ -42,11 +42,16 @@ class ExactSolver(Solver):
     @classmethod
     def from_engine(cls, curvature: Curvature, damping: float, dense: torch.Tensor | None,
                     options: SolverOptions) -> "ExactSolver":
-        return cls(curvature, damping, dense)
+        # the engine's dense matrix is its own copy, used for nothing else afterwards: damp it in place
+        return cls(curvature, damping, dense, overwrite=True)
 
-    def __init__(self, curvature: Curvature, damping: float, dense: torch.Tensor | None = None):
+    def __init__(self, curvature: Curvature, damping: float, dense: torch.Tensor | None = None, *,
+                 overwrite: bool = False):
+        """``overwrite``: ``dense`` may be damped in place (saves one ``P × P`` copy); it is always when the
+        matrix is formed here."""
         C = check_dense(curvature.dense() if dense is None else dense, curvature.kind)
-        H = C + damping * torch.eye(C.shape[0], dtype=C.dtype)
+        H = C if overwrite or dense is None else C.clone()
+        H.diagonal().add_(damping)
         L, info = torch.linalg.cholesky_ex(H)
         if int(info) != 0:
             lam = float(eigvalsh_or_raise(H, curvature.kind)[0])
@@ -57,7 +62,8 @@ class ExactSolver(Solver):
             raise NotPositiveDefiniteError(
                 f"damped {curvature.kind} matrix is not positive definite: smallest eigenvalue {lam:.4e} "
                 f"with damping {damping:.4e}; increase damping above {damping - lam:.4e}, or {hint}")
-        self.L = L
+        # row-major, as a loaded state holds it: the triangular solves then take the same path (same rounding)
+        self.L = L.contiguous()
         self.damping = damping
 
     def solve(self, B: torch.Tensor) -> torch.Tensor:
@@ -65,6 +71,12 @@ class ExactSolver(Solver):
         vec = B.dim() == 1
         X = torch.cholesky_solve(B.reshape(B.shape[0], -1).to(self.L.dtype), self.L)
         return X[:, 0] if vec else X
+
+    def quadratic(self, G: torch.Tensor) -> torch.Tensor:
+        """``(K,)`` ``g_kᵀ H⁻¹ g_k = ||L⁻¹ g_k||²`` for the rows of ``G (K, P)``: one triangular solve (half the
+        work of :meth:`solve`)."""
+        Z = torch.linalg.solve_triangular(self.L, G.T.to(self.L.dtype).contiguous(), upper=False)
+        return (Z * Z).sum(0)
 
     def state_dict(self) -> dict:
         """``{"L": (P, P) lower Cholesky factor of C + δI, "damping": δ}`` (see :meth:`Solver.state_dict`)."""

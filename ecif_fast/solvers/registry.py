@@ -16,16 +16,23 @@ from ..errors import ECIFInputError
 
 #: ``ECIF``'s solver when none is given.
 DEFAULT_SOLVER = "exact"
-#: The command line's default: the dense reference up to this many parameters (a ``P × P`` matrix and an
-#: ``O(P³)`` factorisation), above it the matrix-free solver.
+#: The default: the dense reference up to this many parameters (a ``P × P`` matrix and an ``O(P³)``
+#: factorisation), above it the matrix-free solver.
 EXACT_MAX_PARAMS = 4096
+#: The same limit when the dense Gauss–Newton matrix has a closed form (:class:`~ecif_fast.LinearHeads`,
+#: docs/math.md §4.2): forming it costs GEMMs instead of ``P`` Jacobian products, so only the factorisation
+#: (``P³/3``) and memory (three ``P × P`` matrices at the peak, 3.6 GB in float64 here) bound it.
+CLOSED_FORM_EXACT_MAX_PARAMS = 12288
 MATRIX_FREE_SOLVER = "cg"
-DEFAULT_POLICY = f"{DEFAULT_SOLVER} up to {EXACT_MAX_PARAMS} parameters, else {MATRIX_FREE_SOLVER}"
+DEFAULT_POLICY = (f"{DEFAULT_SOLVER} up to {EXACT_MAX_PARAMS} parameters ({CLOSED_FORM_EXACT_MAX_PARAMS} for "
+                  f"linear heads with Gauss–Newton curvature), else {MATRIX_FREE_SOLVER}")
 
 
-def default_solver(n_params: int) -> str:
-    """The solver for a model of ``n_params`` trained parameters when none is asked for (:data:`DEFAULT_POLICY`)."""
-    return DEFAULT_SOLVER if n_params <= EXACT_MAX_PARAMS else MATRIX_FREE_SOLVER
+def default_solver(n_params: int, closed_form: bool = False) -> str:
+    """The solver for a model of ``n_params`` trained parameters when none is asked for (:data:`DEFAULT_POLICY`);
+    ``closed_form``: the dense curvature has a closed form (see :data:`CLOSED_FORM_EXACT_MAX_PARAMS`)."""
+    limit = CLOSED_FORM_EXACT_MAX_PARAMS if closed_form else EXACT_MAX_PARAMS
+    return DEFAULT_SOLVER if n_params <= limit else MATRIX_FREE_SOLVER
 
 
 @dataclass(frozen=True)
