@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from .errors import ECIFInputError
 from .core.batches import BatchesArg, BatchPlan, pack_batches, resolve_batches
 from .core.loss import batch_loss, per_pair_loss
-from .core.pair_terms import pair_embedding_gradients, removal_objective
+from .core.pair_terms import pair_embedding_gradients, pair_fit_gradients, removal_objective
 from .core.heads_curvature import has_closed_form
 from .core.pair_norms import heads_pair_sq_norms, structured_norms_blocks
 from .kernels import ops
@@ -24,6 +24,7 @@ from .pair_source import LoaderPairs, TensorPairs, is_loader
 from .results import InfluenceResult
 from .solvers import CURVATURES, Curvature, resolve_damping
 from .solvers.cg import cg_summary_per_call
+from .solvers.exact import ExactSolver
 from .solvers.registry import SolverOptions, solver_class
 from .validation import (NEGATIVE_TERMS, cast_inputs, check_batch_sizes, check_choice, check_embeddings, check_indices,
                          check_int, check_like_training, check_logit_scale, check_pairs, check_params, check_tolerance,
@@ -368,6 +369,37 @@ class ECIF:
             out[rows] = G
         return out[inverse]
 
+    def held_out_fit(self, indices=None) -> dict[str, torch.Tensor]:
+        """Each pair's own fit at ``θ̂`` and as predicted with the pair left out of training (docs/math.md §3.1).
+
+        Removing pair ``k`` moves the optimum by ``Δθ_k = H⁻¹ g_k`` (``g_k = ∇ℓ̃_k``, both roles), so its own
+        cosine and loss at ``θ̂_{−k}`` are, to first order, ``c_k + ∇c_kᵀ H⁻¹ g_k`` and
+        ``ℓ_k + ∇ℓ_kᵀ H⁻¹ g_k``: the pair's fit with its memorisation by the model taken out. One solve per block
+        of ``tangent_chunk`` pairs (a triangular solve for ``solver="exact"``).
+
+        Returns ``{"cos", "loss", "cos_held_out", "loss_held_out"}``, each ``(K,)`` in the parameters' dtype
+        (all pairs by default). The loss is that of the pair in its training batch.
+        """
+        uniq, inverse = self._unique_pairs(indices)
+        out = {k: torch.empty(uniq.numel(), dtype=self.theta.dtype)
+               for k in ("cos", "loss", "cos_held_out", "loss_held_out")}
+        exact = isinstance(self.solver, ExactSolver)
+        for rows, G, pull, (cos, loss, c_cot, l_cot) in tqdm(
+                self._gradient_blocks(uniq, with_fit=True), desc="held-out fit", disable=not self.progress,
+                leave=False, total=-(-uniq.numel() // self.tangent_chunk)):
+            Gc, Gl = pull(*c_cot), pull(*l_cot)
+            if exact:
+                tri = self.solver.triangular
+                Z = tri(G)
+                dc, dl = (tri(Gc) * Z).sum(0), (tri(Gl) * Z).sum(0)
+            else:
+                Z = self.solver.solve(G.T.contiguous())
+                dc, dl = (Gc.T * Z).sum(0), (Gl.T * Z).sum(0)
+            out["cos"][rows], out["loss"][rows] = cos.to(self.theta.dtype), loss.to(self.theta.dtype)
+            out["cos_held_out"][rows] = (cos + dc).to(self.theta.dtype)
+            out["loss_held_out"][rows] = (loss + dl).to(self.theta.dtype)
+        return {k: v[inverse] for k, v in out.items()}
+
     def _removed(self, indices) -> torch.Tensor:
         """``indices`` checked as a set of pairs to remove (not all of them)."""
         removed = check_indices(indices, self.n)
@@ -381,7 +413,7 @@ class ECIF:
         idx = torch.arange(self.n) if indices is None else check_indices(indices, self.n)
         return torch.unique(idx, return_inverse=True)
 
-    def _gradient_blocks(self, uniq: torch.Tensor):
+    def _gradient_blocks(self, uniq: torch.Tensor, with_fit: bool = False):
         """Yield ``(rows, G)``: the gradients ``G (k, P)`` of ``uniq[rows]``, ``tangent_chunk`` pairs at a time,
         one batch's activations alive at once (``uniq`` sorted and unique). Fitted from a DataLoader, the
         batches holding a wanted pair are read in one ordered pass (:meth:`ecif_fast.pair_source.LoaderPairs.serve`;
@@ -396,7 +428,11 @@ class ECIF:
             pull = ChunkedVJP(self.fm, self.theta, X, Y, self.chunk_size)
             for ks in local.split(self.tangent_chunk):
                 gU, gV, gs = pair_embedding_gradients(self.U[group], self.V[group], t, exact, True, ks)
-                yield row_of[group[ks]], pull(gU, gV, gs)
+                if with_fit:  # also the VJP and the pairs' own fits with their cotangents (held_out_fit)
+                    yield row_of[group[ks]], pull(gU, gV, gs), pull, pair_fit_gradients(self.U[group],
+                                                                                       self.V[group], t, ks)
+                else:
+                    yield row_of[group[ks]], pull(gU, gV, gs)
 
     @cg_summary_per_call
     def self_influence(self, indices=None, *, method: str = "auto") -> torch.Tensor:

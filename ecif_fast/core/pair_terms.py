@@ -88,3 +88,35 @@ def removal_objective(S: torch.Tensor, removed: torch.Tensor, exact: bool):
         Qc = torch.softmax(S, dim=0)
         negative = P[keep][:, removed].sum() + Qc[removed][:, keep].sum()
     return positive, negative
+
+
+def pair_fit_gradients(Ub: torch.Tensor, Vb: torch.Tensor, t: torch.Tensor, ks: torch.Tensor):
+    """Each pair's own fit in its batch and its gradients with respect to the batch's embeddings.
+
+    The fits of pair ``k``: its cosine ``c_k = <u_k, v_k>/(|u_k||v_k|)`` and its loss
+    ``ℓ_k = −log p_kk − log q_kk`` (row and column softmax of ``S = t·U Vᵀ``).
+
+    Args:
+        Ub, Vb: ``(B, d)`` the batch's embeddings; t: 0-d scale; ks: ``(K,)`` positions in the batch.
+    Returns:
+        ``(cos (K,), loss (K,), (cU, cV, cs), (lU, lV, ls))``: cotangents ``(K, B, d)`` (nonzero in row ``k`` only
+        for the cosine) and ``(K,)`` derivatives with respect to ``s = log t`` (0 for the cosine).
+    """
+    B, K = Ub.shape[0], ks.numel()
+    a = torch.arange(K, device=Ub.device)
+    u, v = Ub[ks], Vb[ks]
+    nu, nv = u.norm(dim=1, keepdim=True), v.norm(dim=1, keepdim=True)
+    cos = (u * v).sum(1, keepdim=True) / (nu * nv)
+    cU, cV = Ub.new_zeros(K, B, Ub.shape[1]), Vb.new_zeros(K, B, Vb.shape[1])
+    cU[a, ks] = v / (nu * nv) - cos * u / nu ** 2
+    cV[a, ks] = u / (nu * nv) - cos * v / nv ** 2
+    S = t * (Ub @ Vb.T)
+    logP, logQ = torch.log_softmax(S, dim=1), torch.log_softmax(S, dim=0)
+    # ∂ℓ_k/∂S: row k is p_k· − e_k, column k is q_·k − e_k
+    E = S.new_zeros(K, B, B)
+    E[a, ks, :] += logP[ks].exp()
+    E[a, :, ks] += logQ[:, ks].T.exp()
+    E[a, ks, ks] -= 2
+    lU, lV = t * (E @ Vb), t * (E.transpose(1, 2) @ Ub)
+    loss = -(logP[ks, ks] + logQ[ks, ks])
+    return cos[:, 0], loss, (cU, cV, S.new_zeros(K)), (lU, lV, (E * S).sum((1, 2)))

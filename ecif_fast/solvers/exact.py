@@ -75,8 +75,12 @@ class ExactSolver(Solver):
     def quadratic(self, G: torch.Tensor) -> torch.Tensor:
         """``(K,)`` ``g_kᵀ H⁻¹ g_k = ||L⁻¹ g_k||²`` for the rows of ``G (K, P)``: one triangular solve (half the
         work of :meth:`solve`)."""
-        Z = torch.linalg.solve_triangular(self.L, G.T.to(self.L.dtype).contiguous(), upper=False)
+        Z = self.triangular(G)
         return (Z * Z).sum(0)
+
+    def triangular(self, G: torch.Tensor) -> torch.Tensor:
+        """``(P, K)`` ``L⁻¹ Gᵀ`` for the rows of ``G (K, P)``: ``aᵀH⁻¹b = (L⁻¹a)ᵀ(L⁻¹b)``."""
+        return torch.linalg.solve_triangular(self.L, G.T.to(self.L.dtype).contiguous(), upper=False)
 
     def state_dict(self) -> dict:
         """``{"L": (P, P) lower Cholesky factor of C + δI, "damping": δ}`` (see :meth:`Solver.state_dict`)."""
