@@ -1,6 +1,7 @@
 """Small, well-posed float64 test problems shared by the tests (docs/math.md §6 practical notes)."""
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -70,3 +71,14 @@ def assert_cleaned_copy_updates_only_lora(ecif, model, removed):
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all("lora_" in k for k in changed)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # original untouched
+
+
+def retrained_without(model, X, Y, ids, k: int, damping: float, theta_ref):
+    """A copy of ``model`` retrained to the optimum without pair ``k`` (the other pairs keep their batches ``ids``);
+    asserts that training reached max|∇R| < 1e-9."""
+    mk = copy.deepcopy(model)
+    keep = torch.ones(X.shape[0], dtype=torch.bool)
+    keep[k] = False
+    res = ef.train(mk, X[keep], Y[keep], batches=ids[keep], damping=damping, theta_ref=theta_ref)
+    assert res.grad_norm < 1e-9, res
+    return mk

@@ -19,17 +19,23 @@ from __future__ import annotations
 
 import torch
 
+from .pair_norms import structured_norms_blocks
+
 #: Pairs per block of batches whose Kronecker factors are stacked for one GEMM (memory ~ this × P).
 PAIRS_PER_GEMM = 4096
 
 
-def has_closed_form(model, names, curvature: str) -> bool:
-    """Whether the dense ``curvature`` of ``model`` over the parameters ``names`` is built by
-    :func:`heads_gauss_newton`: Gauss–Newton of plain :class:`~ecif_fast.LinearHeads` with a projection trained."""
-    from .pair_norms import structured_norms_blocks
-
+def closed_form_blocks(model, names, curvature: str) -> dict | None:
+    """The gradient blocks (:func:`~ecif_fast.core.pair_norms.structured_norms_blocks`) when the dense
+    ``curvature`` of ``model`` over the parameters ``names`` is built by :func:`heads_gauss_newton` — Gauss–Newton
+    of plain :class:`~ecif_fast.LinearHeads` with a projection trained — else None."""
     blocks = structured_norms_blocks(model, names) if curvature == "gauss-newton" else None
-    return blocks is not None and (blocks["image"] or blocks["text"])
+    return blocks if blocks is not None and (blocks["image"] or blocks["text"]) else None
+
+
+def has_closed_form(model, names, curvature: str) -> bool:
+    """Whether :func:`closed_form_blocks` applies."""
+    return closed_form_blocks(model, names, curvature) is not None
 
 
 def _side(F: torch.Tensor, W: torch.Tensor, normalize: bool):
@@ -85,7 +91,6 @@ def heads_gauss_newton(Xf: torch.Tensor, Yf: torch.Tensor, W_img: torch.Tensor, 
     d, r1 = W_img.shape
     r2 = W_txt.shape[1]
     t = float(torch.as_tensor(log_scale).detach().exp())
-    dtype = Xf.dtype
     p1, p2 = d * r1 * image, d * r2 * text
     C = Xf.new_zeros(p1 + p2, p1 + p2)
     I_, T_ = slice(0, p1), slice(p1, p1 + p2)
@@ -165,5 +170,4 @@ def heads_gauss_newton(Xf: torch.Tensor, Yf: torch.Tensor, W_img: torch.Tensor, 
         if pending >= PAIRS_PER_GEMM:
             flush()
     flush()
-    C.mul_(t * t)
-    return C.to(dtype)
+    return C.mul_(t * t)

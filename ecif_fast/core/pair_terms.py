@@ -39,6 +39,13 @@ def pair_score_gradients(S: torch.Tensor, exact: bool, ks: torch.Tensor | None =
     else:
         E[a, :, ks] += Wr.T[ks]
         E[a, ks, :] += Wc[ks]
+    return _add_own_loss_gradients(E, P, Qc, ks)
+
+
+def _add_own_loss_gradients(E: torch.Tensor, P: torch.Tensor, Qc: torch.Tensor, ks: torch.Tensor) -> torch.Tensor:
+    """``E[a] += ∂ℓ_k/∂S`` for ``k = ks[a]``, the pair's own loss ``ℓ_k = −log p_kk − log q_kk``: row ``k`` is
+    ``p_k· − e_k``, column ``k`` is ``q_·k − e_k`` (``P``, ``Qc``: row and column softmax). In place; returns ``E``."""
+    a = torch.arange(ks.numel(), device=E.device)
     E[a, ks, :] += P[ks]
     E[a, :, ks] += Qc.T[ks]
     E[a, ks, ks] -= 2
@@ -112,11 +119,7 @@ def pair_fit_gradients(Ub: torch.Tensor, Vb: torch.Tensor, t: torch.Tensor, ks: 
     cV[a, ks] = u / (nu * nv) - cos * v / nv ** 2
     S = t * (Ub @ Vb.T)
     logP, logQ = torch.log_softmax(S, dim=1), torch.log_softmax(S, dim=0)
-    # ∂ℓ_k/∂S: row k is p_k· − e_k, column k is q_·k − e_k
-    E = S.new_zeros(K, B, B)
-    E[a, ks, :] += logP[ks].exp()
-    E[a, :, ks] += logQ[:, ks].T.exp()
-    E[a, ks, ks] -= 2
+    E = _add_own_loss_gradients(S.new_zeros(K, B, B), logP.exp(), logQ.exp(), ks)
     lU, lV = t * (E @ Vb), t * (E.transpose(1, 2) @ Ub)
     loss = -(logP[ks, ks] + logQ[ks, ks])
     return cos[:, 0], loss, (cU, cV, S.new_zeros(K)), (lU, lV, (E * S).sum((1, 2)))

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from ..lazy import lazy_exports
 from .registry import (CLOSED_FORM_EXACT_MAX_PARAMS, DEFAULT_POLICY, DEFAULT_SOLVER, EXACT_MAX_PARAMS, SOLVERS,
-                       Solver, SolverOptions, check_solver, default_solver, register_solver, solver_class, solver_names, unregister_solver)
+                       Solver, SolverOptions, check_solver, default_solver, register_solver, solver_class, solver_names,
+                       unregister_solver)
 
 #: public name -> the submodule that defines it
 _EXPORTS = {

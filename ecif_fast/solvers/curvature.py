@@ -6,8 +6,7 @@ from torch.func import grad, jacfwd, jvp, vmap
 
 from ..errors import ECIFInputError
 from ..core.batches import BatchPlan, pack_batches
-from ..core.heads_curvature import has_closed_form, heads_gauss_newton
-from ..core.pair_norms import structured_norms_blocks
+from ..core.heads_curvature import closed_form_blocks, heads_gauss_newton
 from ..kernels import ops
 from ..core.loss import batch_loss, contrastive_loss
 from ..models.functional import ChunkedVJP, FunctionalModel, chunked_jvp, input_pieces, row_slices
@@ -173,9 +172,9 @@ class Curvature:
         (:func:`~ecif_fast.core.heads_curvature.heads_gauss_newton`; a trained logit scale's row and column by
         one product), or None when the model is not plain linear heads."""
         model = self.fm.model
-        if not has_closed_form(model, self.fm.space.names, self.kind):
+        blocks = closed_form_blocks(model, self.fm.space.names, self.kind)
+        if blocks is None:
             return None
-        blocks = structured_norms_blocks(model, self.fm.space.names)
         params = self.fm.space.unflatten(self.theta)
         W_img = params.get("image_proj.weight", model.image_proj.weight.detach())
         W_txt = params.get("text_proj.weight", model.text_proj.weight.detach())
@@ -196,12 +195,19 @@ class Curvature:
                                 W_txt.to(self.theta.dtype), log_scale, groups, normalize=blocks["normalize"],
                                 image=blocks["image"], text=blocks["text"])
         Cw.mul_(self.factor)
-        where = torch.cat([torch.arange(self.size)[slices[name]] for name in self.fm.space.names
-                           if name != "logit_scale"])
-        if where.numel() == self.size and bool((where == torch.arange(self.size)).all()):
+        # Cw holds vec(W_img) then vec(W_txt); θ may order them otherwise, with the logit scale among them
+        parts, start = [], 0
+        for name in ("image_proj.weight", "text_proj.weight"):
+            if name in slices:
+                size = slices[name].stop - slices[name].start
+                parts.append((slices[name], slice(start, start + size)))
+                start += size
+        if all(theirs == ours for theirs, ours in parts) and start == self.size:
             return Cw
         C = torch.zeros(self.size, self.size, dtype=self.theta.dtype)
-        C[where[:, None], where[None, :]] = Cw
+        for a_theta, a_w in parts:
+            for b_theta, b_w in parts:
+                C[a_theta, b_theta] = Cw[a_w, b_w]
         del Cw
         if col is not None:
             k = slices["logit_scale"].start
