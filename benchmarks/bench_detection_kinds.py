@@ -68,19 +68,20 @@ def main() -> None:
     ap.add_argument("--n-val", type=int, default=300)
     ap.add_argument("--embed", type=int, default=64)
     ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--damping", type=float, default=1.0)
+    ap.add_argument("--damping", type=float, default=10.0)
     ap.add_argument("--tol", type=float, default=1e-8)
+    ap.add_argument("--rank", type=int, default=None, help="whitened dimensions per side at most (default all)")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(os.cpu_count() or 1)
     cols = ["clip_score", "loss", "self", "validation", "held_out_cos", "held_out_loss"]
     print(f"n = {args.n}, noise {args.noise:.0%}, seed {args.seed}, embed {args.embed}, batches of {args.batch}, "
-          f"damping {args.damping:g}")
+          f"damping {args.damping:g}, whitened rank {args.rank or 'all'}")
     print("| kind | train (s) | max abs grad R | " + " | ".join(cols) + " |")
     print("|---|---:|---:|" + "---:|" * len(cols))
     for kind in args.kinds:
         X, Y, Xv, Yv, bad = kind_data(kind, args.noise, args.seed, args.n, args.n_val)
-        model = ef.LinearHeads.from_features(X, Y, args.embed).double()
+        model = ef.LinearHeads.from_features(X, Y, args.embed, max_rank=args.rank).double()
         ref = torch.cat([p.detach().reshape(-1) for p in model.parameters() if p.requires_grad])
         ids = torch.arange(args.n) // args.batch
         t0 = time.perf_counter()

@@ -4,18 +4,18 @@ The set of ``real_digits.py`` (1,200 training pairs: raw 64-d digit pixels, raw 
 20 % of captions naming another digit). Two parts, both on this machine in one run:
 
 1. The command line as a user runs it: ``ecif-fast train --train train.npz --out heads.pt`` (defaults: normalised
-   heads on whitened features started at their canonical correlation directions, embed 64, batches of 256,
-   damping 1; P = 8,960 after whitening to 61 + 79 dimensions) then
+   heads on whitened features started at their canonical correlation directions, the 17 whitened directions of
+   largest variance per side for 1,200 pairs, embed 17, batches of 256, damping 10; P = 578) then
    ``ecif-fast detect --train train.npz --model heads.pt --scoring self`` (at this P the default solver is the
    exact one: the dense Gauss–Newton matrix of linear heads has a closed form, docs/math.md §4.2); wall time of
    each and the training's final max|grad R|.
-2. Through the API on that checkpoint: ``ECIF(model, damping=1, batches=..., solver="cg")`` (Gauss–Newton, CG
+2. Through the API on that checkpoint: ``ECIF(model, damping=δ, batches=..., solver="cg")`` (Gauss–Newton, CG
    preconditioned by the rank-``rank`` factor) and every pair's self-influence from the factor
    (``method="factor"``) at each ``--ranks``, against the same quantity solved per block of pairs by that
    preconditioned CG to a relative residual of ``--ref-tol`` (``method="solve"``; the dense matrix, P² in
    float64, is not formed) for ``--ref-pairs`` random pairs (0: all; a solve per pair is what the factor
    avoids, and on 2 cores all 1,200 take over half an hour) with ``--ref solve``; by default (``--ref exact``) the
-   dense exact solver on all pairs (the default ``train`` whitens to P = 8,960, where that takes minutes).
+   dense exact solver on all pairs.
    Spearman and Pearson of the two on those pairs, the factor's captured share and times.
 
 Run::

@@ -6,8 +6,8 @@ from __future__ import annotations
 CURVATURES = ("hessian", "gauss-newton")
 #: the negative role's term: exact ``−log(1 − P)`` or the first-order ``P`` (docs/math.md §3)
 NEGATIVE_TERMS = ("exact", "taylor")
-#: optimisers of :func:`ecif_fast.train` (``auto``: Newton up to 3000 parameters; above, Newton-CG for LinearHeads,
-#: L-BFGS for other models)
+#: optimisers of :func:`ecif_fast.train` (``auto``: Newton for small problems; above, Newton-CG for LinearHeads
+#: with a fixed logit scale, L-BFGS for other models)
 TRAINING_METHODS = ("auto", "newton", "newton-cg", "lbfgs")
 #: detection scoring -> the name of its score in results, tables, reports and the command line
 SCORING_METHODS = {"validation": "ecif", "self": "ecif_self", "combined": "ecif_combined"}

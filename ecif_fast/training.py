@@ -3,9 +3,12 @@
 Influence functions describe the optimum; this helper gets a model there (float64 recommended) and
 is what the leave-one-out checks retrain with. ``method="newton"`` (damped Newton with a
 Levenberg–Marquardt shift and Armijo backtracking on the dense Hessian) converges to machine
-precision in a few steps for up to a few thousand parameters. ``"newton-cg"`` (``ecif_fast/trust_region.py``, a
-preconditioned trust-region Newton method on Hessian-vector products) scales further and is what ``"auto"``
-chooses above that size for :class:`~ecif_fast.LinearHeads`; ``"lbfgs"`` needs first derivatives only.
+precision in a few steps for up to a few thousand parameters, but builds its Hessian from ``P`` forward-over-reverse
+columns (28 s per step for 512 parameters on 1,200 pairs in batches of 256). ``"newton-cg"``
+(``ecif_fast/trust_region.py``, a preconditioned trust-region Newton method on Hessian-vector products, for
+LinearHeads preconditioned by their closed-form Gauss–Newton matrix) is what ``"auto"`` chooses for
+:class:`~ecif_fast.LinearHeads` with a fixed logit scale beyond small problems; ``"lbfgs"`` needs first
+derivatives only.
 
 Newton differentiates ``R`` twice (``torch.func``), so it uses the materialising twin of the loss
 (``core/loss.py``). L-BFGS needs first derivatives only and uses the fused streaming op
@@ -24,6 +27,7 @@ import torch
 from torch import nn
 
 from .core.batches import BatchesArg, resolve_batches
+from .core.heads_curvature import heads_gauss_newton
 from .core.loss import contrastive_loss
 from .kernels import ops
 from .models.functional import FunctionalModel
@@ -38,14 +42,22 @@ from .validation import (cast_inputs, check_batch_sizes, check_embeddings, check
 
 #: L-BFGS evaluates R with the fused loss when the largest batch holds at least this many pairs (see above).
 FUSED_MIN_BATCH = 128
-#: ``method="auto"`` trains with Newton up to this many parameters; above, Newton-CG (LinearHeads) or L-BFGS.
+#: ``method="auto"`` trains with Newton up to this many parameters (L-BFGS above, Newton-CG for LinearHeads) ...
 AUTO_NEWTON_MAX_P = 3000
+#: ... and LinearHeads only while their dense Hessian takes at most this many forward-over-reverse passes
+#: (blocks of columns, :data:`HESSIAN_BLOCK_MEMORY`); Newton-CG beyond (512 parameters on 1,200 pairs in batches of
+#: 256 take 64 passes, 28 s per Newton step).
+AUTO_NEWTON_MAX_PASSES = 4
 #: Bytes that Newton's dense ``P × P`` matrices (the Hessian, its eigenvalue and solve workspaces) may take.
 NEWTON_MEMORY_LIMIT = 2 << 30
 #: Newton stops after this many steps in a row that neither lower R beyond rounding nor halve the best max|∇R|.
 NEWTON_STALL = 8
 #: Bytes of forward-mode tangents per block of Hessian columns (Newton builds the Hessian a block at a time).
 HESSIAN_BLOCK_MEMORY = 256 << 20
+#: Newton-CG preconditions LinearHeads with their dense Gauss–Newton matrix (trust_region.DensePreconditioner)
+#: up to this many parameters and this much work ``n·P²`` per factorisation; the block-diagonal one above.
+DENSE_PRECONDITIONER_MAX_P = 4096
+DENSE_PRECONDITIONER_WORK = 4e10
 
 
 def newton_bytes(P: int, dtype: torch.dtype) -> int:
@@ -125,7 +137,30 @@ def _objective(model, images, texts, batches, damping, theta_ref, params):
             found[name] = (x * w[:, None]).T @ x
         return found
 
-    return R, theta, space, scale, plan, column_bytes, ref, moments
+    return R, theta, space, scale, plan, column_bytes, ref, moments, _dense_gauss_newton(model, space, X, Y, plan)
+
+
+def _dense_gauss_newton(model, space, X, Y, plan):
+    """``θ ↦`` the ``(P, P)`` Gauss–Newton matrix of the loss in θ's order, in closed form
+    (``core/heads_curvature.py``), for LinearHeads whose only trained parameters are its weights (in the order
+    image then text) when that is cheap enough (:data:`DENSE_PRECONDITIONER_MAX_P`, :data:`DENSE_PRECONDITIONER_WORK`);
+    else None."""
+    names = [n for n in ("image_proj.weight", "text_proj.weight") if n in space.names]
+    if not isinstance(model, LinearHeads) or list(space.names) != names or not names:
+        return None
+    if space.size > DENSE_PRECONDITIONER_MAX_P or X.shape[0] * space.size ** 2 > DENSE_PRECONDITIONER_WORK:
+        return None
+    Xf, Yf = model.proj_input(X, "image"), model.proj_input(Y, "text")
+    groups = list(plan.groups())
+    image, text = "image_proj.weight" in names, "text_proj.weight" in names
+
+    def dense(th: torch.Tensor) -> torch.Tensor:
+        W = space.unflatten(th)
+        W_img = W.get("image_proj.weight", model.image_proj.weight.detach()).to(th.dtype)
+        W_txt = W.get("text_proj.weight", model.text_proj.weight.detach()).to(th.dtype)
+        return heads_gauss_newton(Xf.to(th.dtype), Yf.to(th.dtype), W_img, W_txt, model.logit_scale.detach(),
+                                  groups, normalize=model.normalize, image=image, text=text)
+    return dense
 
 
 def _diverged(step: str, what: str, t: float, dtype) -> ECIFInputError:
@@ -163,8 +198,10 @@ def train(model: nn.Module, images, texts, *, batches: BatchesArg = None, dampin
     Args:
         images, texts: ``(n, ...)`` training pairs. batches: as in :class:`ecif_fast.ECIF`.
         damping: δ ≥ 0. theta_ref: ``(P,)`` reference point (default 0).
-        method: ``"newton"``, ``"newton-cg"``, ``"lbfgs"`` or ``"auto"`` (Newton when ``P <= AUTO_NEWTON_MAX_P``,
-            else Newton-CG for :class:`~ecif_fast.LinearHeads` with a fixed logit scale and L-BFGS otherwise). Newton forms
+        method: ``"newton"``, ``"newton-cg"``, ``"lbfgs"`` or ``"auto"`` (Newton when
+            ``P <= AUTO_NEWTON_MAX_P`` and, for :class:`~ecif_fast.LinearHeads` with a fixed logit scale, its
+            Hessian takes at most :data:`AUTO_NEWTON_MAX_PASSES` passes; otherwise Newton-CG for those heads and
+            L-BFGS for other models). Newton forms
             the dense ``P × P`` Hessian (a block of columns at a time) and refuses, before any work, a problem
             whose matrices would pass :data:`NEWTON_MEMORY_LIMIT` (:func:`newton_bytes`). Newton-CG uses
             Hessian-vector products only (``ecif_fast/trust_region.py``, docs/math.md §2.2).
@@ -179,14 +216,16 @@ def train(model: nn.Module, images, texts, *, batches: BatchesArg = None, dampin
     """
     if method not in TRAINING_METHODS:
         raise ValueError(f"method must be one of {list(TRAINING_METHODS)}, got {method!r}")
-    R, theta, space, scale, plan, column_bytes, ref, moments = _objective(model, images, texts, batches, damping,
-                                                                          theta_ref, params)
+    R, theta, space, scale, plan, column_bytes, ref, moments, dense_gn = _objective(model, images, texts, batches,
+                                                                                    damping, theta_ref, params)
     grad_R = torch.func.grad(R)
     value, gradient = R, grad_R  # R and ∇R as the result reports them
     it = 0
     if method == "auto":
-        method = ("newton" if space.size <= AUTO_NEWTON_MAX_P else
-                  "newton-cg" if isinstance(model, LinearHeads) and "logit_scale" not in space.names else "lbfgs")
+        heads = isinstance(model, LinearHeads) and "logit_scale" not in space.names
+        passes = math.ceil(space.size / max(1, int(HESSIAN_BLOCK_MEMORY // column_bytes)))
+        newton = space.size <= AUTO_NEWTON_MAX_P and (not heads or passes <= AUTO_NEWTON_MAX_PASSES)
+        method = "newton" if newton else "newton-cg" if heads else "lbfgs"
     if method == "newton" and newton_bytes(space.size, theta.dtype) > NEWTON_MEMORY_LIMIT:
         raise ECIFInputError(
             f"method='newton' forms the dense Hessian of all P = {space.size} trained parameters: "
@@ -222,7 +261,8 @@ def train(model: nn.Module, images, texts, *, batches: BatchesArg = None, dampin
                 raise _diverged(step, "the loss or its gradient is NaN or Inf", scale(theta), theta.dtype)
 
         theta, it = trust_region.newton_cg(R, grad_R, theta, model=model, space=space, moments=moments,
-                                           delta=damping, ref=ref, max_iter=max_iter, tol=tol, check=check)
+                                           delta=damping, ref=ref, max_iter=max_iter, tol=tol, check=check,
+                                           dense_curvature=dense_gn)
     else:
         block = max(1, int(HESSIAN_BLOCK_MEMORY // column_bytes))
         best, stalled = math.inf, 0

@@ -11,6 +11,13 @@ it is ``a·A ⊗ I + δ I`` with ``A = Σ_r w_r x_r x_rᵀ`` the layer's input s
 normalisation divides the curvature by the squared norm) and ``a`` the block's curvature per unit of ``A``
 along a random probe (one Hessian-vector product); any other parameter gets ``a·I + δ I`` the same way.
 
+When the model offers its Gauss–Newton matrix in closed form and it is small enough to factor
+(:class:`~ecif_fast.LinearHeads` with both weights trained and a fixed logit scale, docs/math.md §4.2), ``M`` is
+that dense matrix plus ``δ I`` instead, factored once per accepted step: it carries the coupling between the
+two heads and between the pairs that the block-diagonal ``M`` leaves out (on normalised heads of 512
+parameters the block preconditioner needs up to the 250-iteration cap per step and does not converge in 400 s;
+the dense one a few iterations).
+
 For :class:`~ecif_fast.LinearHeads` whose two weights are trained, every accepted step is followed by an exact
 minimisation along the loss's symmetries (docs/math.md §2.2): a joint rotation of both heads leaves every
 score unchanged, and so (normalised heads) does a positive rescaling of either head, so only the weight
@@ -78,6 +85,30 @@ class Preconditioner:
                 G = x.view(-1, b.Q.shape[0])
                 out[b.sl] = (((G @ b.Q) * b.lam ** power) @ b.Q.T).reshape(-1)
         return out
+
+
+class DensePreconditioner:
+    """``M = C + δ I`` for a dense ``(P, P)`` Gauss–Newton matrix ``C``, held as its Cholesky factor."""
+
+    def __init__(self, C: torch.Tensor, delta: float):
+        C = 0.5 * (C + C.T)
+        top = max(float(C.diagonal().abs().max()), 1e-300)
+        C.diagonal().add_(delta if delta > 0 else 1e-10 * top)
+        # C is positive semi-definite up to rounding: lift its rounding-level negative eigenvalues if any
+        for lift in (0.0, 1e-12, 1e-10, 1e-8, 1e-6):
+            if lift:
+                C.diagonal().add_(lift * top)
+            L, info = torch.linalg.cholesky_ex(C)
+            if int(info) == 0:
+                break
+        else:
+            raise torch.linalg.LinAlgError("the Gauss–Newton preconditioner is not positive definite")
+        self.L = L
+
+    def apply(self, v: torch.Tensor, power: int) -> torch.Tensor:
+        if power == 1:
+            return self.L @ (self.L.T @ v)
+        return torch.cholesky_solve(v[:, None], self.L)[:, 0]
 
 
 def linear_inputs(model: nn.Module, space, forward: Callable[[], object], normalized: bool) -> dict[str, torch.Tensor]:
@@ -190,28 +221,31 @@ def _heads(model: nn.Module, space, theta: torch.Tensor):
     return [sl[n][0] for n in names], [theta[sl[n][0]].view(sl[n][1]) for n in names]
 
 
-def orbit_complement(model: nn.Module, space, theta: torch.Tensor):
+def orbit_complement(model: nn.Module, space, theta: torch.Tensor, rotations: bool = True):
     """``v ↦`` the part of ``v`` orthogonal to the symmetry orbit's tangent at ``theta`` (docs/math.md §2.2):
     ``{(S W_img, S W_txt): S skew}`` and, for normalised heads, ``(W_img, 0)`` and ``(0, W_txt)``. None when
     the model has no such symmetry. The tangent's rotation part is found from ``skew(K) = (SG + GS)/2`` with
     ``G = Σ W Wᵀ``, ``K = Σ V Wᵀ``, solved in the eigenbasis of ``G``; the scale directions are orthogonal
-    to it (``tr(S W Wᵀ) = 0`` for skew ``S``)."""
+    to it (``tr(S W Wᵀ) = 0`` for skew ``S``). ``rotations=False``: the scale directions only (None for heads
+    that do not normalise)."""
     heads = _heads(model, space, theta)
-    if heads is None:
+    if heads is None or not (rotations or model.normalize):
         return None
     sls, W = heads
-    g, E = torch.linalg.eigh(W[0] @ W[0].T + W[1] @ W[1].T)
-    den = g[:, None] + g[None, :]
-    inv = torch.where(den > 1e-12 * float(g.max()), 2.0 / den.clamp_min(1e-300), torch.zeros_like(den))
+    if rotations:
+        g, E = torch.linalg.eigh(W[0] @ W[0].T + W[1] @ W[1].T)
+        den = g[:, None] + g[None, :]
+        inv = torch.where(den > 1e-12 * float(g.max()), 2.0 / den.clamp_min(1e-300), torch.zeros_like(den))
     scales = [(sl, w, float((w * w).sum())) for sl, w in zip(sls, W)] if model.normalize else []
 
     def project(v: torch.Tensor) -> torch.Tensor:
-        V = [v[sl].view(w.shape) for sl, w in zip(sls, W)]
-        K = E.T @ (V[0] @ W[0].T + V[1] @ W[1].T) @ E
-        S = E @ (0.5 * (K - K.T) * inv) @ E.T
         out = v.clone()
-        for sl, w, vv in zip(sls, W, V):
-            out[sl] = (vv - S @ w).reshape(-1)
+        if rotations:
+            V = [v[sl].view(w.shape) for sl, w in zip(sls, W)]
+            K = E.T @ (V[0] @ W[0].T + V[1] @ W[1].T) @ E
+            S = E @ (0.5 * (K - K.T) * inv) @ E.T
+            for sl, w, vv in zip(sls, W, V):
+                out[sl] = (vv - S @ w).reshape(-1)
         for sl, w, nn2 in scales:
             if nn2 > 0:
                 out[sl] -= (float(out[sl] @ w.reshape(-1)) / nn2) * w.reshape(-1)
@@ -261,15 +295,19 @@ def _symmetric_best(R, model, space, theta, ref, f: float, eps: float) -> tuple[
 
 def newton_cg(R, grad_R, theta: torch.Tensor, *, model: nn.Module, space, moments: Callable[[torch.Tensor], dict],
               delta: float, ref: torch.Tensor, max_iter: int, tol: float,
-              check: Callable[[str, float, torch.Tensor], None]) -> tuple[torch.Tensor, int]:
+              check: Callable[[str, float, torch.Tensor], None],
+              dense_curvature: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[torch.Tensor, int]:
     """Minimise ``R`` from ``theta``; ``(θ, outer iterations)``. ``moments(θ)`` gives the Linear layers'
-    input moments at θ; ``check(step, f, g)`` raises when the loss or gradient is not finite."""
+    input moments at θ; ``check(step, f, g)`` raises when the loss or gradient is not finite.
+    ``dense_curvature(θ)``: the ``(P, P)`` Gauss–Newton matrix at θ in θ's order, for :class:`DensePreconditioner`
+    (then the steps are projected off the scale directions only: along the rotations ``M`` is ``δ``, as the
+    Hessian); the block-diagonal ``M`` takes over if that matrix cannot be factored."""
     gen = torch.Generator().manual_seed(0)
     eps = torch.finfo(theta.dtype).eps
     symmetric = _heads(model, space, theta) is not None
     theta, f0, _ = _symmetric_best(R, model, space, theta, ref, float(R(theta)), eps)
     g = grad_R(theta)            # R and ∇R at theta, kept up to date as theta moves
-    radius = None
+    radius = M_at = None
     it = last_cg = 0
     while it < max_iter:
         check(f"Newton-CG iteration {it + 1}", f0, g)
@@ -279,11 +317,20 @@ def newton_cg(R, grad_R, theta: torch.Tensor, *, model: nn.Module, space, moment
 
         hvp = _hvp(grad_R, theta, traced=last_cg > TRACE_AFTER)
 
-        M = build_preconditioner(space, theta, moments(theta), delta, hvp, gen)
+        if dense_curvature is not None and M_at is not theta:   # θ moved: refactor (a rejected step keeps M)
+            try:
+                M, M_at = DensePreconditioner(dense_curvature(theta), delta), theta
+            except torch.linalg.LinAlgError:
+                dense_curvature = None
+        if dense_curvature is None:
+            M = build_preconditioner(space, theta, moments(theta), delta, hvp, gen)
         if radius is None:
             radius = math.sqrt(float(g @ M.apply(g, -1)))
         gn = float(g.norm())
-        project = orbit_complement(model, space, theta) if symmetric else None
+        # along a head's scale R is exactly the weight decay's parabola, whose minimum can lie past zero (where
+        # every score of that head flips sign): off the dense path steps stay off the whole orbit, on it off
+        # the scale directions (the symmetry step sets the scales)
+        project = orbit_complement(model, space, theta, rotations=dense_curvature is None) if symmetric else None
         p, last_cg = steihaug(g, hvp, M, radius, min(0.5, math.sqrt(gn)) * gn, MAX_CG, project)
         pred = -(float(g @ p) + 0.5 * float(p @ hvp(p)))
         if not pred > 64 * eps * abs(f0):

@@ -22,6 +22,7 @@ from cli_data import DI, DT, EMBED, HEADS, N, analysis, run  # noqa: E402
 from ecif_fast.apps import trace_back, value_data, zero_shot_logits  # noqa: E402
 from ecif_fast.cli import commands  # noqa: E402
 from ecif_fast.cli.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from ecif_fast.cli.main import DEFAULT_TRAIN_DAMPING  # noqa: E402
 
 # ------------------------------------------------------------------------------------------- train
 
@@ -30,11 +31,12 @@ def test_train_writes_checkpoint_that_loads_back(cli_data, tmp_path, capsys):
     # what `train` does, by hand: whitened heads at the canonical correlation directions, decayed towards them
     ref_model = ef.LinearHeads.from_features(cli_data.X, cli_data.Y, EMBED, normalize=False, logit_scale=0.0).double()
     theta_ref = torch.cat([p.detach().reshape(-1) for p in ref_model.parameters() if p.requires_grad])
-    ef.train(ref_model, cli_data.X, cli_data.Y, batches=torch.arange(N) % 3, damping=1.0, theta_ref=theta_ref)
+    ef.train(ref_model, cli_data.X, cli_data.Y, batches=torch.arange(N) % 3, damping=DEFAULT_TRAIN_DAMPING,
+             theta_ref=theta_ref)
     for (name, p), q in zip(model.state_dict().items(), ref_model.state_dict().values()):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-10, msg=name)
     assert model.image_proj.weight.dtype == torch.float64
-    assert training["damping"] == 1.0 and training["grad_norm"] < 1e-9
+    assert training["damping"] == DEFAULT_TRAIN_DAMPING and training["grad_norm"] < 1e-9
     assert torch.equal(training["batch_ids"], torch.arange(N) % 3)       # the file's batch_ids column
     torch.testing.assert_close(training["theta_ref"], theta_ref)
     # save -> load is exact, and the file is not left half-written under a temp name
@@ -64,7 +66,7 @@ def test_value_table_equals_value_data(cli_data, tmp_path, capsys):
     assert sorted(p.name for p in out.iterdir()) == [".ecif-fast-output", "report.html", "scores.csv",
                                                        "scores.parquet", "summary.json"]
     model, training = load_checkpoint(cli_data.model)
-    ecif = ef.ECIF(model, damping=1.0, batches=training["batch_ids"], solver="exact",
+    ecif = ef.ECIF(model, damping=training["damping"], batches=training["batch_ids"], solver="exact",
                    curvature="hessian").fit(cli_data.X, cli_data.Y)
     expected = value_data(ecif, cli_data.Xv, cli_data.Yv)
     got = pd.read_parquet(out / "scores.parquet")
@@ -139,7 +141,7 @@ def test_trace_per_test_pair(cli_data, tmp_path, capsys):
     assert table["rank"].tolist() == [1, 2, 3] * 5
     assert table["test_caption"].tolist() == np.repeat([f"test caption {j}" for j in range(5)], 3).tolist()
     model, training = load_checkpoint(cli_data.model)
-    ecif = ef.ECIF(model, damping=1.0, batches=training["batch_ids"],
+    ecif = ef.ECIF(model, damping=training["damping"], batches=training["batch_ids"],
                    curvature="gauss-newton").fit(cli_data.X, cli_data.Y)
     expected = trace_back(ecif, cli_data.Xv[:5], cli_data.Yv[:5], k=3)
     assert table["train_index"].tolist() == expected["train_index"].tolist()
@@ -335,6 +337,15 @@ def test_train_whitens_by_default_and_no_whiten_keeps_raw_features(cli_data, tmp
     start = ef.LinearHeads(DI, DT, EMBED, normalize=False, logit_scale=0.0).double()
     torch.testing.assert_close(raw_training["theta_ref"],
                                torch.cat([p.detach().reshape(-1) for p in start.parameters() if p.requires_grad]))
+    # --rank keeps that many whitened dimensions (the largest variance); with --no-whiten it is a usage error
+    ranked = tmp_path / "rank3.pt"
+    rc, out, err = run(capsys, "train", "--train", cli_data.train, "--out", ranked, "--rank", "3", "--quiet",
+                       "--no-normalize", "--logit-scale", "0")
+    r3, _ = load_checkpoint(ranked)
+    assert rc == 0 and (r3.image_rank, r3.text_rank) == (3, 3) and r3.image_proj.weight.shape == (3, 3)
+    rc, out, err = run(capsys, "train", "--train", cli_data.train, "--out", tmp_path / "x.pt", "--rank", "3",
+                       "--no-whiten", *HEADS)
+    assert rc == 2 and "--rank" in err and "--no-whiten" in err and not (tmp_path / "x.pt").exists()
     # a checkpoint written before whitened heads existed (no ranks in its config) still loads as raw heads
     obj = torch.load(raw_path, weights_only=True)
     for key in ("image_rank", "text_rank"):
@@ -349,3 +360,17 @@ def test_train_whitens_by_default_and_no_whiten_keeps_raw_features(cli_data, tmp
         rc, out, err = run(capsys, "detect", "--train", cli_data.train, "--model", path, "--scoring", "self",
                            "--out", tmp_path / f"det_{path.stem}", "--quiet")
         assert rc == 0, err
+
+
+def test_train_names_an_embedding_whose_norm_collapsed():
+    from types import SimpleNamespace
+    g = torch.Generator().manual_seed(0)
+    X, Y = torch.randn(12, 4, generator=g, dtype=torch.float64), torch.randn(12, 3, generator=g, dtype=torch.float64)
+    model = ef.LinearHeads(4, 3, 2).double()
+    data = SimpleNamespace(images=X, texts=Y)
+    assert commands._collapsed_embedding(model, data, torch.float64) is None
+    Y[5] *= 1e-6                       # pair 5's caption maps to almost zero before normalisation
+    found = commands._collapsed_embedding(model, data, torch.float64)
+    assert found is not None and "text embedding of pair 5" in found
+    assert commands._collapsed_embedding(ef.LinearHeads(4, 3, 2, normalize=False).double(), data,
+                                         torch.float64) is None

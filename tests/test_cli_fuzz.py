@@ -191,7 +191,7 @@ BAD_OPTIONS = {
     "--solver": ["exact", "cg", "lowrank", "newton"], "--curvature": ["hessian", "gauss-newton", "x"],
     "--backend": ["torch", "cpp", "triton", "cuda"], "--scoring": ["validation", "self", "combined", "x"],
     "--method": ["auto", "newton", "lbfgs", "sgd"], "--cg-tol": ["1e-6", "0", "1", "nan", "x"],
-    "--cg-maxiter": ["1", "0", "5", "x"],
+    "--cg-maxiter": ["1", "0", "5", "x"], "--rank": ["1", "0", "-2", "x", "40"],
 }
 BAD_FLAGS = ["--force", "--json", "--quiet", "--retrain", "--only-wrong", "--no-normalize", "--float32",
              "--train-scale", "--allow-data-mismatch", "--quick"]
@@ -200,7 +200,7 @@ ANALYSIS = {"--seed": ["0", "7"], "--solver": ["exact", "cg", "lowrank"], "--cur
             "--cg-maxiter": ["3", "50"], "--cg-tol": ["1e-6"]}
 GOOD_OPTIONS = {
     "train": {"--seed": ["0", "3"], "--damping": ["0.5", "2"], "--batch-size": ["all", "6", "12"],
-              "--logit-scale": ["0", "1"], "--embed-dim": ["2", "3"], "--max-iter": ["5", "30"],
+              "--logit-scale": ["0", "1"], "--embed-dim": ["2", "3"], "--max-iter": ["5", "30"], "--rank": ["2", "3"],
               "--method": ["auto", "newton", "lbfgs"]},
     "value": ANALYSIS, "detect": {**ANALYSIS, "--scoring": ["validation", "self", "combined"]},
     "trace": {**ANALYSIS, "--k": ["1", "3", "100"]}, "clean": ANALYSIS, "demo": {"--seed": ["0"]},
@@ -209,7 +209,8 @@ GOOD_FLAGS = {"train": ["--float32", "--train-scale", "--json", "--quiet"],
               "value": ["--json", "--quiet"], "detect": ["--json", "--quiet"], "trace": ["--json", "--quiet"],
               "clean": ["--retrain", "--json", "--quiet"], "demo": ["--quick", "--quiet"]}
 ACCEPTED = {  # the options each command takes (a one-fault example puts a bad value in one of these)
-    "train": ["--seed", "--damping", "--batch-size", "--logit-scale", "--embed-dim", "--max-iter", "--method"],
+    "train": ["--seed", "--damping", "--batch-size", "--logit-scale", "--embed-dim", "--max-iter", "--method",
+              "--rank"],
     "value": ["--seed", "--damping", "--batch-size", "--solver", "--curvature", "--backend", "--cg-tol",
               "--cg-maxiter"],
     "detect": ["--seed", "--damping", "--batch-size", "--solver", "--curvature", "--backend", "--cg-tol",

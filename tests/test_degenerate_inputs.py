@@ -217,7 +217,7 @@ def test_newton_linalg_failure_is_a_clear_error(split, monkeypatch):
     monkeypatch.setattr(torch.linalg, "eigvalsh", fail)
     with pytest.raises(ECIFInputError, match=r"training failed at Newton step 1: the Newton system could not be solved"
                                              r".*logit scale t = exp\(logit_scale\) = 5.*lower logit_scale"):
-        ef.train(_model(), X, Y, batches=4, damping=1.0)
+        ef.train(_model(), X, Y, batches=4, damping=1.0, method="newton")
 
 
 def test_training_that_turns_non_finite_is_a_clear_error(split, monkeypatch):
@@ -230,7 +230,7 @@ def test_training_that_turns_non_finite_is_a_clear_error(split, monkeypatch):
 
     monkeypatch.setattr(torch.func, "jacfwd", nan_hessian)
     with pytest.raises(ECIFInputError, match="training failed at Newton step 1: the Hessian is NaN or Inf"):
-        ef.train(model, X, Y, batches=4, damping=1.0)
+        ef.train(model, X, Y, batches=4, damping=1.0, method="newton")
 
 
 # ---------------------------------------------------------------- parameters

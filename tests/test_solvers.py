@@ -123,7 +123,9 @@ def test_lowrank_error_improves_with_rank():
     # ones (f = |λ|/(δ(δ − |λ|)) against λ/(δ(λ + δ))). In one trained state λ = −2.28 (f = 0.167) set the
     # error of rank 5 and of rank 20 alike, above λ = 12.2 (f = 0.142). It never grows; the Frobenius
     # norm, which sees every dropped direction, shrinks with every rank.
-    assert op_err[0] >= op_err[1] >= op_err[2] > 1e3 * op_err[3] and op_err[3] < 1e-12
+    # (equal errors come from different solves: compare to rounding)
+    never_grows = all(a >= b * (1 - 1e-10) for a, b in zip(op_err[:2], op_err[1:3]))
+    assert never_grows and op_err[2] > 1e3 * op_err[3] and op_err[3] < 1e-12
     assert fro_err[0] > fro_err[1] > fro_err[2] > 1e3 * fro_err[3]
     assert op_err[0] < 1 / delta  # never worse than ignoring the curvature
     assert vec_err[0] > vec_err[1] > vec_err[2] > 1e3 * vec_err[3]

@@ -41,14 +41,22 @@ def _start(X, Y, normalize, train_scale, whiten):
 
 
 # raw plain heads on these badly scaled features are slow for every method (dense Newton: 113 steps), and with
-# a trained scale on raw features Newton-CG does not converge (the automatic choice then is L-BFGS): whitened
-@pytest.mark.parametrize("normalize,train_scale,whiten", [(True, False, False), (False, False, True),
-                                                          (True, False, True), (True, True, True)])
-def test_newton_cg_reaches_a_minimum_dense_newton_confirms(normalize, train_scale, whiten):
+# a trained scale on raw features Newton-CG does not converge (the automatic choice then is L-BFGS): whitened.
+# dense: the dense Gauss–Newton preconditioner (LinearHeads with a fixed scale, small P), else the block one.
+@pytest.mark.parametrize("normalize,train_scale,whiten,dense", [
+    (True, False, False, True), (True, False, False, False), (False, False, True, True), (False, False, True, False),
+    (True, False, True, True), (True, False, True, False), (True, True, True, False)])
+def test_newton_cg_reaches_a_minimum_dense_newton_confirms(normalize, train_scale, whiten, dense, monkeypatch):
+    if not dense:
+        monkeypatch.setattr(training, "DENSE_PRECONDITIONER_MAX_P", 0)
+    used = []
+    real = trust_region.DensePreconditioner
+    monkeypatch.setattr(trust_region, "DensePreconditioner", lambda *a: used.append(1) or real(*a))
     X, Y = _pairs()
     b, ref = _start(X, Y, normalize, train_scale, whiten)
     rb = ef.train(b, X, Y, batches=10, damping=0.3, theta_ref=ref, method="newton-cg", tol=1e-7)
     assert rb.grad_norm < 1e-7 and rb.iterations > 0
+    assert bool(used) == dense
     # dense Newton from there stays (a stationary point) and the dense Hessian is positive definite (a minimum);
     # from the random start the two methods may end in different local minima of this non-convex R
     a, _ = _start(X, Y, normalize, train_scale, whiten)
@@ -63,10 +71,57 @@ def test_newton_cg_reaches_a_minimum_dense_newton_confirms(normalize, train_scal
     assert float(torch.linalg.eigvalsh(0.5 * (H + H.T))[0]) > 0
 
 
-def test_auto_picks_newton_cg_for_large_linear_heads(monkeypatch):
+@pytest.mark.parametrize("params", [None, ["text_proj.weight"]])
+def test_dense_gauss_newton_preconditioner_is_the_closed_form_matrix_plus_damping(params):
+    X, Y = _pairs()
+    m = ef.LinearHeads.from_features(X, Y, 4, logit_scale=math.log(5.0))
+    with torch.no_grad():
+        m.image_proj.weight.add_(0.3)
+    _, theta, space, _, plan, _, _, _, dense = training._objective(m, X, Y, 10, 0.3, None, params)
+    C = dense(theta)
+    # the engine's Gauss–Newton matrix of the same parameters, built column by column
+    engine = ef.ECIF(m, damping=0.3, batches=10, solver="cg", params=params, precondition=False).fit(X, Y)
+    ref = engine.curvature._dense_gauss_newton()
+    assert torch.allclose(C, ref, rtol=0, atol=1e-11 * float(ref.abs().max()))
+    M = trust_region.DensePreconditioner(C.clone(), 0.3)
+    v = torch.randn(theta.numel(), generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    Mv = M.apply(v, 1)
+    torch.testing.assert_close(Mv, 0.5 * (C + C.T) @ v + 0.3 * v, rtol=1e-10, atol=1e-10 * float(Mv.abs().max()))
+    torch.testing.assert_close(M.apply(Mv, -1), v, rtol=1e-8, atol=1e-8)
+    # a trained logit scale, or a model other than LinearHeads: no closed form, the block preconditioner
+    s = ef.LinearHeads.from_features(X, Y, 4, train_scale=True)
+    assert training._objective(s, X, Y, 10, 0.3, None, None)[-1] is None
+
+
+def test_a_dense_preconditioner_that_cannot_be_factored_falls_back_to_the_block_one(monkeypatch):
+    X, Y = _pairs()
+    m, ref = _start(X, Y, True, False, True)
+
+    def fail(*a):
+        raise torch.linalg.LinAlgError("not positive definite")
+    monkeypatch.setattr(trust_region, "DensePreconditioner", fail)
+    blocks = []
+    real = trust_region.build_preconditioner
+    monkeypatch.setattr(trust_region, "build_preconditioner", lambda *a: blocks.append(1) or real(*a))
+    res = ef.train(m, X, Y, batches=10, damping=0.3, theta_ref=ref, method="newton-cg", tol=1e-7)
+    assert res.grad_norm < 1e-7 and len(blocks) == res.iterations
+
+
+def test_auto_picks_newton_for_small_linear_heads(monkeypatch):
     X, Y = _pairs()
     m, ref = _heads(X, Y)
-    monkeypatch.setattr(training, "AUTO_NEWTON_MAX_P", ref.numel() - 1)
+    monkeypatch.setattr(trust_region, "newton_cg", lambda *a, **k: pytest.fail("Newton-CG for a small problem"))
+    assert ef.train(m, X, Y, batches=10, damping=0.3, theta_ref=ref, tol=1e-8).grad_norm < 1e-8
+
+
+@pytest.mark.parametrize("limit", ["size", "passes"])
+def test_auto_picks_newton_cg_for_linear_heads_beyond_small_problems(monkeypatch, limit):
+    X, Y = _pairs()
+    m, ref = _heads(X, Y)
+    if limit == "size":
+        monkeypatch.setattr(training, "AUTO_NEWTON_MAX_P", ref.numel() - 1)
+    else:   # the Hessian in more column blocks than AUTO_NEWTON_MAX_PASSES
+        monkeypatch.setattr(training, "HESSIAN_BLOCK_MEMORY", 1)
     called = []
     real = trust_region.newton_cg
     monkeypatch.setattr(trust_region, "newton_cg", lambda *a, **k: called.append(1) or real(*a, **k))
@@ -165,6 +220,16 @@ def test_from_features_whitens_each_side_and_starts_at_canonical_directions():
     wide = ef.LinearHeads.from_features(X, Y, 6)
     assert float(wide.image_proj.weight[5:].abs().max()) == 0 and float(wide.text_proj.weight[5:].abs().max()) == 0
     assert ef.LinearHeads.from_features(X.float(), Y.float(), 4).image_map.dtype == torch.float32
+    # max_rank keeps the directions of largest variance: the whitened features span the top principal components
+    low = ef.LinearHeads.from_features(X, Y, 3, max_rank=3)
+    assert (low.image_rank, low.text_rank) == (3, 3)
+    Xc = X - X.mean(0)
+    top = torch.linalg.eigh(Xc.T @ Xc)[1][:, -3:]
+    span = low.image_map / low.image_map.norm(dim=0)
+    torch.testing.assert_close(top @ (top.T @ span), span, atol=1e-10, rtol=0)
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="max_rank"):
+            ef.LinearHeads.from_features(X, Y, 3, max_rank=bad)
 
 
 def test_from_features_refuses_bad_features():

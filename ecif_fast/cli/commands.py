@@ -51,7 +51,9 @@ def train(args, con: Console) -> dict:
     data = load_pairs(args.train)
     dtype = torch.float32 if args.float32 else torch.float64
     di, dt = data.images.shape[1], data.texts.shape[1]
-    embed = args.embed_dim or min(64, di, dt)
+    if args.no_whiten and args.rank is not None:
+        raise UsageError("--rank sets how many whitened dimensions are kept; it cannot go with --no-whiten")
+    embed = args.embed_dim or min(64, di, dt, args.rank or di)
     if args.batch_size is not None:
         batches, record = batch_arg(args.batch_size), {"batch_size": batch_arg(args.batch_size)}
         desc = f"size {args.batch_size}"
@@ -70,7 +72,7 @@ def train(args, con: Console) -> dict:
     else:   # whitened features, started at the canonical correlation directions (docs/math.md §2.1)
         model = LinearHeads.from_features(data.images.double(), data.texts.double(), embed,
                                           normalize=not args.no_normalize, logit_scale=args.logit_scale,
-                                          train_scale=args.train_scale).to(dtype)
+                                          train_scale=args.train_scale, max_rank=args.rank).to(dtype)
     theta_ref = trained_vector(model).clone()    # weight decay pulls towards the initialisation
     with con.steps(1) as step:
         step(f"training ({args.method})")
@@ -87,6 +89,10 @@ def train(args, con: Console) -> dict:
         advice = ("raise --max-iter or use --method newton" if newton_bytes(P, dtype) <= NEWTON_MEMORY_LIMIT else
                   f"raise --max-iter, standardise the features, or lower --embed-dim (--method newton needs "
                   f"{newton_bytes(P, dtype) / 2 ** 30:.1f} GiB for P = {P})")
+        collapsed = _collapsed_embedding(model, data, dtype)
+        if collapsed:
+            advice = (f"{collapsed}: the optimum sits where the normalisation is singular (docs/math.md §2.1); "
+                      "raise --damping" + (", or drop --rank" if args.rank else ""))
         con.warn(f"training stopped with max|grad R| = {res.grad_norm:.3g} after {res.iterations} iterations, "
                  f"not at the optimum the influence formulas assume; {advice}")
     summary = {"checkpoint": str(path), "n_train": data.n, "image_dim": di, "text_dim": dt, "embed_dim": embed,
@@ -98,6 +104,26 @@ def train(args, con: Console) -> dict:
             f"max|grad| {res.grad_norm:.3g}, {res.iterations} iterations, {secs:.1f} s",
             f"wrote {path}"]
     return {"command": "train", "out": str(path), "files": {path.name: str(path)}, "summary": summary, "text": text}
+
+
+#: ``train`` names an embedding whose pre-normalisation norm fell below this part of the median.
+COLLAPSE_RATIO = 1e-3
+
+
+def _collapsed_embedding(model, data, dtype) -> str | None:
+    """For normalised heads: which pair's image or text embedding has a pre-normalisation norm ``|W x|`` below
+    :data:`COLLAPSE_RATIO` × the median of its side (the drift to zero of docs/math.md §2.1), else None."""
+    if not model.normalize:
+        return None
+    with torch.no_grad():
+        for side, Z in (("image", data.images), ("text", data.texts)):
+            proj = model.image_proj if side == "image" else model.text_proj
+            z = proj(model.proj_input(Z.to(dtype), side)).norm(dim=1)
+            k = int(z.argmin())
+            if float(z[k]) < COLLAPSE_RATIO * float(z.median()):
+                return (f"the {side} embedding of pair {k} has norm {float(z[k]):.2g} before normalisation "
+                        f"(median {float(z.median()):.2g})")
+    return None
 
 
 # ============================================================================================= value

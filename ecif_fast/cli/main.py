@@ -28,6 +28,7 @@ import warnings
 from ..options import CURVATURES, SCORINGS, TRAINING_METHODS
 
 BACKENDS = ("torch", "cpp", "triton")
+DEFAULT_TRAIN_DAMPING = 10.0    # train: weight decay towards the start (docs/math.md §2.1)
 DEBUG_ENV = "ECIF_FAST_DEBUG"   # set to 1: unexpected errors show their traceback instead of one line
 SEED_LIMIT = 2 ** 63            # torch.manual_seed / torch.Generator take seeds below this
 # the logit scale s enters as t = exp(s); beyond this t (or 1/t) overflows float32
@@ -148,11 +149,14 @@ def build_parser() -> argparse.ArgumentParser:
                                    "their canonical correlation directions (theta_init).")
     p.add_argument("--train", required=True, metavar="FILE", help="training pairs")
     _output_flags(p, out_help="checkpoint file (default heads.pt)", out_default="heads.pt")
-    p.add_argument("--embed-dim", type=_positive_int, help="embedding size (default min(64, Di, Dt))")
+    p.add_argument("--embed-dim", type=_positive_int, help="embedding size (default min(64, Di, Dt, --rank))")
+    p.add_argument("--rank", type=_positive_int,
+                   help="whitened dimensions kept per side, those of largest variance (default: the features' "
+                        "full span); fewer trained parameters fit single captions less")
     p.add_argument("--batch-size", type=_batch_size, metavar="N|all",
                    help="pairs per batch, consecutive chunks (default: the file's batch_ids column, else 256)")
-    p.add_argument("--damping", type=_positive_float, default=1.0,
-                   help="weight decay towards the initialisation (default 1.0)")
+    p.add_argument("--damping", type=_positive_float, default=DEFAULT_TRAIN_DAMPING,
+                   help=f"weight decay towards the initialisation (default {DEFAULT_TRAIN_DAMPING:g})")
     p.add_argument("--logit-scale", type=_logit_scale, default=math.log(1 / 0.07),
                    help="log of the softmax temperature multiplier (default log(1/0.07))")
     p.add_argument("--train-scale", action="store_true", help="also train the logit scale")
@@ -161,8 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="heads on the raw features from a random start (--seed) instead of whitened features "
                         "started at the canonical correlation directions")
     p.add_argument("--method", choices=TRAINING_METHODS, default="auto",
-                   help="optimiser (default auto: Newton up to 3000 parameters, else trust-region Newton-CG; "
-                        "Newton refuses a dense Hessian above 2 GiB)")
+                   help="optimiser (default auto: Newton for small problems, else trust-region Newton-CG, or "
+                        "L-BFGS with --train-scale; Newton refuses a dense Hessian above 2 GiB)")
     p.add_argument("--max-iter", type=_positive_int, default=200, help="optimiser iterations (default 200)")
     p.add_argument("--float32", action="store_true", help="train in float32 (default float64)")
 

@@ -53,7 +53,7 @@ class LinearHeads(nn.Module):
     @classmethod
     def from_features(cls, images: torch.Tensor, texts: torch.Tensor, embed_dim: int, *, normalize: bool = True,
                       logit_scale: float = math.log(1 / 0.07), train_scale: bool = False,
-                      rel_tol: float = 1e-6) -> "LinearHeads":
+                      rel_tol: float = 1e-6, max_rank: int | None = None) -> "LinearHeads":
         """Heads on whitened features, started at the canonical correlation directions (docs/math.md §2.1).
 
         Each side is centred and whitened on the span of its features: ``M = Q Λ^{-1/2}`` over the
@@ -67,7 +67,8 @@ class LinearHeads(nn.Module):
 
         Args:
             images ``(n, image_dim)``, texts ``(n, text_dim)``: the training pairs' features (n ≥ 2).
-            embed_dim: embedding size. The remaining arguments as in :class:`LinearHeads`.
+            embed_dim: embedding size. max_rank: keep at most this many whitened directions per side, those of
+                largest variance (default: the whole span). The remaining arguments as in :class:`LinearHeads`.
         Returns:
             LinearHeads in the features' dtype (float32 or float64), with ``image_rank`` / ``text_rank`` set.
         """
@@ -77,7 +78,9 @@ class LinearHeads(nn.Module):
             raise ECIFInputError(f"images and texts must be (n, dim) with the same n >= 2, got {tuple(X.shape)} and "
                              f"{tuple(Y.shape)}")
         dtype = X.dtype if X.dtype in (torch.float32, torch.float64) else torch.get_default_dtype()
-        maps = [_whitening(Z.to(torch.float64), rel_tol, side) for Z, side in ((X, "image"), (Y, "text"))]
+        if max_rank is not None and (not isinstance(max_rank, int) or isinstance(max_rank, bool) or max_rank < 1):
+            raise ValueError(f"max_rank must be a positive int or None, got {max_rank!r}")
+        maps = [_whitening(Z.to(torch.float64), rel_tol, side, max_rank) for Z, side in ((X, "image"), (Y, "text"))]
         Xw, Yw = ((Z.to(torch.float64) - mu) @ M for Z, (mu, M) in zip((X, Y), maps))
         U, _, Vh = torch.linalg.svd(Xw.T @ Yw / X.shape[0], full_matrices=False)
         k = min(embed_dim, U.shape[1])
@@ -118,9 +121,10 @@ class LinearHeads(nn.Module):
         return self.encode_image(x), self.encode_text(y), self.logit_scale
 
 
-def _whitening(Z: torch.Tensor, rel_tol: float, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _whitening(Z: torch.Tensor, rel_tol: float, side: str,
+               max_rank: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(μ (dim,), M (dim, r))``: ``(Z − μ) M`` has identity covariance on the ``r`` directions whose variance
-    passes ``rel_tol`` × the largest."""
+    passes ``rel_tol`` × the largest, the ``max_rank`` of largest variance at most."""
     if not bool(torch.isfinite(Z).all()):
         raise ECIFInputError(f"{side} features must be finite (no NaN or Inf); drop or repair those rows")
     mu = Z.mean(0)
@@ -130,4 +134,6 @@ def _whitening(Z: torch.Tensor, rel_tol: float, side: str) -> tuple[torch.Tensor
     if not bool(keep.any()):
         raise ECIFInputError(f"{side} features are constant (every row the same); whitening needs features that "
                              "vary between pairs")
+    if max_rank is not None and int(keep.sum()) > max_rank:
+        keep[:-max_rank] = False      # eigh sorts ascending: keep the max_rank largest
     return mu, Q[:, keep] / lam[keep].sqrt()
