@@ -4,8 +4,8 @@ The set of ``real_digits.py`` (1,200 training pairs: raw 64-d digit pixels, raw 
 20 % of captions naming another digit). Two parts, both on this machine in one run:
 
 1. The command line as a user runs it: ``ecif-fast train --train train.npz --out heads.pt`` (defaults: normalised
-   heads on whitened features started at their canonical correlation directions, the 17 whitened directions of
-   largest variance per side for 1,200 pairs, embed 17, batches of 256, damping 10; P = 578) then
+   heads on whitened features started at their canonical correlation directions, embed 64, batches of 256,
+   damping 10; P = 8,960 after whitening to 61 + 79 dimensions) then
    ``ecif-fast detect --train train.npz --model heads.pt --scoring self`` (at this P the default solver is the
    exact one: the dense Gauss–Newton matrix of linear heads has a closed form, docs/math.md §4.2); wall time of
    each and the training's final max|grad R|.
