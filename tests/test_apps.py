@@ -134,8 +134,15 @@ def test_detection_without_validation_data(fitted):
     det = detect_misaligned(ecif, scoring="self")
     assert det.metrics is None and "total" not in det.table
     np.testing.assert_array_equal(det.table["score"].to_numpy(), det.scores["ecif_self"])
+    # without validation pairs the default scoring is self-influence, as on the command line; with them validation
+    default = detect_misaligned(ecif)
+    np.testing.assert_array_equal(default.table["score"].to_numpy(), det.scores["ecif_self"])
     with pytest.raises(ef.ECIFInputError, match="validation pairs"):
-        detect_misaligned(ecif)
+        detect_misaligned(ecif, scoring="validation")
+    Xv, Yv = fitted[3], fitted[4]
+    with_val = detect_misaligned(ecif, Xv, Yv)
+    np.testing.assert_array_equal(with_val.table["score"].to_numpy(), with_val.scores["ecif"])
+    assert "total" in with_val.table
     with pytest.raises(ef.ECIFInputError, match="scoring must be one of"):
         detect_misaligned(ecif, scoring="nope")
 

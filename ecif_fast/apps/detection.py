@@ -64,7 +64,7 @@ def baseline_scores(ecif: ECIF) -> dict[str, np.ndarray]:
     return {"clip_score": (-cos).numpy(), "loss": loss.numpy()}
 
 
-def detect_misaligned(ecif: ECIF, val_images=None, val_texts=None, *, scoring="validation", labels=None,
+def detect_misaligned(ecif: ECIF, val_images=None, val_texts=None, *, scoring=None, labels=None,
                       k: int | None = None, info: PairInfo | None = None) -> Detection:
     """Rank the training pairs of a fitted ECIF by how likely they are misaligned.
 
@@ -72,13 +72,16 @@ def detect_misaligned(ecif: ECIF, val_images=None, val_texts=None, *, scoring="v
         ecif: a fitted :class:`~ecif_fast.ECIF`.
         val_images, val_texts: ``(m, ...)`` trusted validation pairs (needed by ``"validation"`` and
             ``"combined"``).
-        scoring: ``"validation"`` (default), ``"self"``, ``"combined"``, or a list of them (the first is
-            the primary ``score``; every one gets a ``score_<method>`` column and metrics).
+        scoring: ``"validation"``, ``"self"``, ``"combined"``, or a list of them (the first is the primary
+            ``score``; every one gets a ``score_<method>`` column and metrics). Default: ``"validation"`` when
+            validation pairs are given, else ``"self"`` (as ``ecif-fast detect``).
         labels: optional ``(n,)`` bool, True = known misaligned: adds AUROC, average precision and
             precision@k for every score.
         k: the k of precision@k (default: the number of misaligned pairs).
         info: metadata carried into the table.
     """
+    if scoring is None:
+        scoring = "validation" if val_images is not None and val_texts is not None else "self"
     wanted = [scoring] if isinstance(scoring, str) else list(scoring)
     if not wanted or any(s not in SCORINGS for s in wanted):
         raise ECIFInputError(f"scoring must be one of {list(SCORINGS)} or a list of them, got {scoring!r}")
