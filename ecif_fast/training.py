@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .core.batches import BatchesArg, resolve_batches
-from .core.heads_curvature import heads_gauss_newton
+from .core.heads_curvature import closed_form_blocks, heads_gauss_newton
 from .core.loss import contrastive_loss
 from .kernels import ops
 from .models.functional import FunctionalModel
@@ -142,24 +142,28 @@ def _objective(model, images, texts, batches, damping, theta_ref, params):
 
 def _dense_gauss_newton(model, space, X, Y, plan):
     """``θ ↦`` the ``(P, P)`` Gauss–Newton matrix of the loss in θ's order, in closed form
-    (``core/heads_curvature.py``), for LinearHeads whose only trained parameters are its weights (in the order
-    image then text) when that is cheap enough (:data:`DENSE_PRECONDITIONER_MAX_P`, :data:`DENSE_PRECONDITIONER_WORK`);
-    else None."""
-    names = [n for n in ("image_proj.weight", "text_proj.weight") if n in space.names]
-    if not isinstance(model, LinearHeads) or list(space.names) != names or not names:
+    (``core/heads_curvature.py``), where that applies (:func:`~ecif_fast.core.heads_curvature.closed_form_blocks`)
+    with a fixed logit scale and the weights in the order image then text, and is cheap enough
+    (:data:`DENSE_PRECONDITIONER_MAX_P`, :data:`DENSE_PRECONDITIONER_WORK`); else None."""
+    blocks = closed_form_blocks(model, space.names, "gauss-newton")
+    if blocks is None or blocks["scale"]:
+        return None
+    if list(space.names) != [n for n in ("image_proj.weight", "text_proj.weight") if n in space.names]:
         return None
     if space.size > DENSE_PRECONDITIONER_MAX_P or X.shape[0] * space.size ** 2 > DENSE_PRECONDITIONER_WORK:
         return None
-    Xf, Yf = model.proj_input(X, "image"), model.proj_input(Y, "text")
     groups = list(plan.groups())
-    image, text = "image_proj.weight" in names, "text_proj.weight" in names
+
+    @functools.cache
+    def inputs(dtype):   # what the projections multiply, once per dtype (Newton-CG keeps θ's)
+        return model.proj_input(X, "image").to(dtype), model.proj_input(Y, "text").to(dtype)
 
     def dense(th: torch.Tensor) -> torch.Tensor:
         W = space.unflatten(th)
         W_img = W.get("image_proj.weight", model.image_proj.weight.detach()).to(th.dtype)
         W_txt = W.get("text_proj.weight", model.text_proj.weight.detach()).to(th.dtype)
-        return heads_gauss_newton(Xf.to(th.dtype), Yf.to(th.dtype), W_img, W_txt, model.logit_scale.detach(),
-                                  groups, normalize=model.normalize, image=image, text=text)
+        return heads_gauss_newton(*inputs(th.dtype), W_img, W_txt, model.logit_scale.detach(), groups,
+                                  normalize=blocks["normalize"], image=blocks["image"], text=blocks["text"])
     return dense
 
 

@@ -88,9 +88,15 @@ def test_dense_gauss_newton_preconditioner_is_the_closed_form_matrix_plus_dampin
     Mv = M.apply(v, 1)
     torch.testing.assert_close(Mv, 0.5 * (C + C.T) @ v + 0.3 * v, rtol=1e-10, atol=1e-10 * float(Mv.abs().max()))
     torch.testing.assert_close(M.apply(Mv, -1), v, rtol=1e-8, atol=1e-8)
-    # a trained logit scale, or a model other than LinearHeads: no closed form, the block preconditioner
+    # a trained logit scale, or an encoder overridden: no closed form, the block preconditioner
     s = ef.LinearHeads.from_features(X, Y, 4, train_scale=True)
     assert training._objective(s, X, Y, 10, 0.3, None, None)[-1] is None
+
+    class Shifted(ef.LinearHeads):
+        def encode_text(self, y):
+            return super().encode_text(y + 1.0)
+    o = Shifted(X.shape[1], Y.shape[1], 4).double()
+    assert training._objective(o, X, Y, 10, 0.3, None, None)[-1] is None
 
 
 def test_a_dense_preconditioner_that_cannot_be_factored_falls_back_to_the_block_one(monkeypatch):
