@@ -553,7 +553,8 @@ class ECIF:
                 Xb, Yb = self.model.proj_input(Xb, "image"), self.model.proj_input(Yb, "text")
                 norms = heads_pair_sq_norms(Xb, Yb, named["image_proj.weight"], named["text_proj.weight"],
                                             self.log_scale, normalize=blocks["normalize"], exact=exact,
-                                            image=blocks["image"], text=blocks["text"], scale=blocks["scale"])
+                                            image=blocks["image"], text=blocks["text"], scale=blocks["scale"],
+                                            norm_eps=blocks["norm_eps"])
                 a = A[local]
                 value[g] = (a * a / lam).sum(1) + (norms - (a * a).sum(1)).clamp_min(0) / rest
         self._check_finite(value)

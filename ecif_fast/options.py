@@ -12,3 +12,7 @@ TRAINING_METHODS = ("auto", "newton", "newton-cg", "lbfgs")
 #: detection scoring -> the name of its score in results, tables, reports and the command line
 SCORING_METHODS = {"validation": "ecif", "self": "ecif_self", "combined": "ecif_combined"}
 SCORINGS = tuple(SCORING_METHODS)
+
+#: ``LinearHeads.from_features`` / ``ecif-fast train``: the soft normalisation's ε as a fraction of the starting
+#: embeddings' median norm (docs/math.md §2.3).
+DEFAULT_SOFT_NORM = 0.1

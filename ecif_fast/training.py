@@ -133,7 +133,7 @@ def _objective(model, images, texts, batches, damping, theta_ref, params):
             x = model.proj_input(inputs, side).to(W.dtype)
             w = c.clamp_min(0)
             if model.normalize:
-                w = w / (x @ W.T).pow(2).sum(1).clamp_min(1e-300)
+                w = w / ((x @ W.T).pow(2).sum(1) + model.norm_eps ** 2).clamp_min(1e-300)
             found[name] = (x * w[:, None]).T @ x
         return found
 
@@ -163,7 +163,8 @@ def _dense_gauss_newton(model, space, X, Y, plan):
         W_img = W.get("image_proj.weight", model.image_proj.weight.detach()).to(th.dtype)
         W_txt = W.get("text_proj.weight", model.text_proj.weight.detach()).to(th.dtype)
         return heads_gauss_newton(*inputs(th.dtype), W_img, W_txt, model.logit_scale.detach(), groups,
-                                  normalize=blocks["normalize"], image=blocks["image"], text=blocks["text"])
+                                  normalize=blocks["normalize"], image=blocks["image"], text=blocks["text"],
+                                  norm_eps=blocks["norm_eps"])
     return dense
 
 

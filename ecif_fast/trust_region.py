@@ -111,9 +111,10 @@ class DensePreconditioner:
         return torch.cholesky_solve(v[:, None], self.L)[:, 0]
 
 
-def linear_inputs(model: nn.Module, space, forward: Callable[[], object], normalized: bool) -> dict[str, torch.Tensor]:
+def linear_inputs(model: nn.Module, space, forward: Callable[[], object], normalized: bool,
+                  norm_eps: float = 0.0) -> dict[str, torch.Tensor]:
     """``{param name: A (in, in)}`` for every selected ``nn.Linear`` weight: the input second moment of one
-    forward pass, rows weighted by ``1/|z_r|²`` when ``normalized``."""
+    forward pass, rows weighted by ``1/ρ_r²`` (``ρ² = |z_r|² + norm_eps²``) when ``normalized``."""
     found: dict[str, torch.Tensor] = {}
     hooks = []
     for mname, mod in model.named_modules():
@@ -123,7 +124,7 @@ def linear_inputs(model: nn.Module, space, forward: Callable[[], object], normal
                 x = args[0].detach().reshape(-1, m.in_features)
                 w = None
                 if normalized:
-                    w = 1.0 / out.detach().reshape(-1, m.out_features).pow(2).sum(1).clamp_min(1e-300)
+                    w = 1.0 / (out.detach().reshape(-1, m.out_features).pow(2).sum(1) + norm_eps ** 2).clamp_min(1e-300)
                 A = (x * w[:, None]).T @ x if w is not None else x.T @ x
                 found[wname] = found[wname] + A if wname in found else A
             hooks.append(mod.register_forward_hook(hook))
@@ -223,20 +224,21 @@ def _heads(model: nn.Module, space, theta: torch.Tensor):
 
 def orbit_complement(model: nn.Module, space, theta: torch.Tensor, rotations: bool = True):
     """``v ↦`` the part of ``v`` orthogonal to the symmetry orbit's tangent at ``theta`` (docs/math.md §2.2):
-    ``{(S W_img, S W_txt): S skew}`` and, for normalised heads, ``(W_img, 0)`` and ``(0, W_txt)``. None when
+    ``{(S W_img, S W_txt): S skew}`` and, for exactly normalised heads (``scale_invariant``), ``(W_img, 0)`` and
+    ``(0, W_txt)``. None when
     the model has no such symmetry. The tangent's rotation part is found from ``skew(K) = (SG + GS)/2`` with
     ``G = Σ W Wᵀ``, ``K = Σ V Wᵀ``, solved in the eigenbasis of ``G``; the scale directions are orthogonal
     to it (``tr(S W Wᵀ) = 0`` for skew ``S``). ``rotations=False``: the scale directions only (None for heads
     that do not normalise)."""
     heads = _heads(model, space, theta)
-    if heads is None or not (rotations or model.normalize):
+    if heads is None or not (rotations or model.scale_invariant):
         return None
     sls, W = heads
     if rotations:
         g, E = torch.linalg.eigh(W[0] @ W[0].T + W[1] @ W[1].T)
         den = g[:, None] + g[None, :]
         inv = torch.where(den > 1e-12 * float(g.max()), 2.0 / den.clamp_min(1e-300), torch.zeros_like(den))
-    scales = [(sl, w, float((w * w).sum())) for sl, w in zip(sls, W)] if model.normalize else []
+    scales = [(sl, w, float((w * w).sum())) for sl, w in zip(sls, W)] if model.scale_invariant else []
 
     def project(v: torch.Tensor) -> torch.Tensor:
         out = v.clone()
@@ -268,7 +270,7 @@ def head_symmetry_step(model: nn.Module, space, theta: torch.Tensor, ref: torch.
         K = c[0] * Rf[0] @ W[0].T + c[1] * Rf[1] @ W[1].T
         U, _, Vh = torch.linalg.svd(K)
         Q = U @ Vh
-        if not model.normalize:
+        if not model.scale_invariant:
             break
         c_new = [max(float((Q @ w * r).sum()) / max(float((w * w).sum()), 1e-300), 1e-3) for w, r in zip(W, Rf)]
         done = max(abs(a - b) for a, b in zip(c, c_new)) < 1e-14

@@ -213,9 +213,13 @@ def check_embeddings(U: torch.Tensor, V: torch.Tensor, s: torch.Tensor,
 
 
 def declares_normalized(model) -> bool | None:
-    """``model.normalize`` when it is a bool (``LinearHeads``), else None (unknown: inferred from the rows)."""
+    """Whether ``model`` declares unit-norm embeddings: ``model.normalize`` when it is a bool (``LinearHeads``;
+    False under a soft normalisation, ``norm_eps > 0``, whose rows are shorter than 1), else None (unknown:
+    inferred from the rows)."""
     flag = getattr(model, "normalize", None)
-    return flag if isinstance(flag, bool) else None
+    if not isinstance(flag, bool):
+        return None
+    return flag and not getattr(model, "norm_eps", 0) > 0
 
 
 def check_int(value, name: str, *, minimum: int | None = None, allow_none: bool = False) -> int | None:

@@ -44,13 +44,14 @@ def small_split(n: int = 12, n_test: int = 4, *, seed: int = 5, scale: float = 0
 
 
 def heads(normalize: bool, *, train_scale: bool = False, scale: float | None = None, image_dim: int = 6,
-          text_dim: int = 5, embed_dim: int = 8, seed: int = 0):
-    """Float64 LinearHeads initialised at a random reference point θ_ref (returned too)."""
+          text_dim: int = 5, embed_dim: int = 8, seed: int = 0, norm_eps: float = 0.0):
+    """Float64 LinearHeads initialised at a random reference point θ_ref (returned too); ``norm_eps``: a soft
+    normalisation."""
     torch.manual_seed(seed)
     if scale is None:
         scale = 5.0 if normalize else 1.0
     m = ef.LinearHeads(image_dim, text_dim, embed_dim, normalize=normalize, logit_scale=math.log(scale),
-                       train_scale=train_scale).double()
+                       train_scale=train_scale, norm_eps=norm_eps).double()
     space = select_params(m)
     g = torch.Generator().manual_seed(seed + 1)
     ref = torch.randn(space.size, generator=g, dtype=torch.float64)

@@ -355,6 +355,20 @@ def test_train_whitens_by_default_and_no_whiten_keeps_raw_features(cli_data, tmp
     again, _ = load_checkpoint(old)
     assert again.image_rank is None
     assert all(torch.equal(a, b) for a, b in zip(raw.state_dict().values(), again.state_dict().values()))
+    # normalised heads are normalised softly by default (--soft-norm 0.1); the checkpoint keeps ε, an older one
+    # without it loads with the exact normalisation, and --soft-norm 0 asks for that
+    soft_path, exact_path = tmp_path / "soft.pt", tmp_path / "exact.pt"
+    for path, extra in ((soft_path, []), (exact_path, ["--soft-norm", "0"])):
+        rc, out, err = run(capsys, "train", "--train", cli_data.train, "--out", path, "--embed-dim", str(EMBED),
+                           "--quiet", *extra)
+        assert rc == 0, err
+    soft, _ = load_checkpoint(soft_path)
+    assert soft.normalize and soft.norm_eps > 0 and load_checkpoint(exact_path)[0].norm_eps == 0
+    obj = torch.load(soft_path, weights_only=True)
+    assert obj["config"]["norm_eps"] == soft.norm_eps
+    del obj["config"]["norm_eps"]
+    torch.save(obj, old)
+    assert load_checkpoint(old)[0].norm_eps == 0
     # both kinds score a pairs file of the raw widths
     for path in (cli_data.model, raw_path):
         rc, out, err = run(capsys, "detect", "--train", cli_data.train, "--model", path, "--scoring", "self",

@@ -19,7 +19,8 @@ PARAMS = {"both": None, "image": ["image_proj.weight"], "text": ["text_proj.weig
           "text+image": ["text_proj.weight", "image_proj.weight"]}
 
 
-def _model(normalize: bool, scale: bool, whiten: bool, dtype=torch.float64):
+def _model(normalize, scale: bool, whiten: bool, dtype=torch.float64):
+    """``normalize``: False, True or ``"soft"`` (raw heads only: ``norm_eps`` of the order of the norms)."""
     g = torch.Generator().manual_seed(7)
     X = torch.randn(N, 6, generator=g, dtype=torch.float64)
     Y = X @ torch.randn(6, 5, generator=g, dtype=torch.float64) + 0.5 * torch.randn(N, 5, generator=g,
@@ -31,7 +32,8 @@ def _model(normalize: bool, scale: bool, whiten: bool, dtype=torch.float64):
             for p in (m.image_proj.weight, m.text_proj.weight):
                 p.add_(0.4 * torch.randn(p.shape, generator=g, dtype=torch.float64))
     else:
-        m = heads(normalize, train_scale=scale, scale=3.0, image_dim=6, text_dim=5, embed_dim=4)[0]
+        m = heads(bool(normalize), train_scale=scale, scale=3.0, image_dim=6, text_dim=5, embed_dim=4,
+                  norm_eps=5.0 if normalize == "soft" else 0.0)[0]
     return m.to(dtype), X.to(dtype), Y.to(dtype)
 
 
@@ -44,6 +46,7 @@ def _curvature(model, X, Y, params, batches=8, subsample=None):
 @pytest.mark.parametrize("normalize,scale,whiten,params", [
     *itertools.product([True, False], [False, True], [False, True], ["both"]),
     (True, False, False, "image"), (True, True, True, "text"), (False, False, True, "image"),
+    ("soft", False, False, "both"), ("soft", True, False, "both"), ("soft", False, False, "text"),
     (True, True, False, "text+image")])
 def test_closed_form_equals_jacobian_columns(normalize, scale, whiten, params):
     model, X, Y = _model(normalize, scale, whiten)

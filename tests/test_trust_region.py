@@ -35,8 +35,12 @@ def _theta(m):
 def _start(X, Y, normalize, train_scale, whiten):
     if not whiten:
         return _heads(X, Y, normalize=normalize, train_scale=train_scale)
+    # softly normalised heads with a trained logit scale have a nearly flat direction (the heads' scales against
+    # t, held only by ε and the damping): there the block-preconditioned Newton-CG stops at R's rounding near
+    # max|∇R| = 1.4e-7 on one thread (the automatic choice with a trained scale is Newton or L-BFGS), so that
+    # case is checked with the exact normalisation
     m = ef.LinearHeads.from_features(X, Y, 4, normalize=normalize, logit_scale=math.log(5.0),
-                                     train_scale=train_scale)
+                                     train_scale=train_scale, soft_norm=0.0 if train_scale else 0.1)
     return m, _theta(m).clone()
 
 
@@ -261,3 +265,49 @@ def test_whitened_heads_train_to_the_optimum_and_score_like_any_model():
     # the structured (no per-pair gradient) norms see the whitened inputs: factor at full rank == exact
     full = ef.ECIF(m, damping=1.0, batches=12, rank=ref.numel(), progress=False).fit(X, Y)
     torch.testing.assert_close(full.self_influence(method="factor"), si, rtol=1e-6, atol=1e-9)
+
+
+def test_soft_normalisation_is_z_over_sqrt_norm2_plus_eps2_and_breaks_only_the_scale_symmetry():
+    X, Y = _pairs(n=30)
+    g = torch.Generator().manual_seed(4)
+    m = ef.LinearHeads(X.shape[1], Y.shape[1], 4, norm_eps=2.0).double()
+    Z = X @ m.image_proj.weight.T
+    u = m.encode_image(X)
+    torch.testing.assert_close(u, Z / (Z.pow(2).sum(1, keepdim=True) + 4.0).sqrt(), rtol=1e-14, atol=0)
+    assert bool((u.norm(dim=1) < 1).all()) and not m.scale_invariant
+    assert ef.LinearHeads(3, 3, 2).scale_invariant and not ef.LinearHeads(3, 3, 2, normalize=False).scale_invariant
+    for bad, kw in ((-1.0, {}), (float("nan"), {}), (0.5, {"normalize": False})):
+        with pytest.raises(ValueError, match="norm_eps"):
+            ef.LinearHeads(3, 3, 2, norm_eps=bad, **kw)
+    # from_features: ε is soft_norm × the median norm of the starting embeddings; 0 keeps the exact normalisation
+    soft = ef.LinearHeads.from_features(X, Y, 4, soft_norm=0.2)
+    with torch.no_grad():
+        start = torch.cat([(soft.proj_input(X, "image") @ soft.image_proj.weight.T).norm(dim=1),
+                           (soft.proj_input(Y, "text") @ soft.text_proj.weight.T).norm(dim=1)])
+    assert soft.norm_eps == pytest.approx(0.2 * float(start.median()), rel=1e-12)
+    assert ef.LinearHeads.from_features(X, Y, 4, soft_norm=0.0).norm_eps == 0.0
+    assert ef.LinearHeads.from_features(X, Y, 4, normalize=False).norm_eps == 0.0
+    for bad in (-0.1, 1.0, True):
+        with pytest.raises(ValueError, match="soft_norm"):
+            ef.LinearHeads.from_features(X, Y, 4, soft_norm=bad)
+    # a head's scale now changes the scores, a joint rotation does not: only rotations are taken out in training
+    space, theta = _space_theta(soft)
+    sl = space.slices()
+    Wi, Wt = theta[sl["image_proj.weight"]].view(4, -1), theta[sl["text_proj.weight"]].view(4, -1)
+    scaled = torch.cat([(1.5 * Wi).flatten(), Wt.flatten()])
+    Q = torch.linalg.matrix_exp(0.7 * _skew(4, g))
+    rotated = torch.cat([(Q @ Wi).flatten(), (Q @ Wt).flatten()])
+    R, *_ = training._objective(soft, X, Y, 10, 0.0, theta, None)
+    assert abs(float(R(rotated)) - float(R(theta))) <= 1e-12 * abs(float(R(theta)))
+    assert abs(float(R(scaled)) - float(R(theta))) > 1e-6 * abs(float(R(theta)))
+    P = trust_region.orbit_complement(soft, space, theta)
+    scale_dir = torch.cat([Wi.flatten(), 0 * Wt.flatten()])
+    S = _skew(4, g)
+    rot_dir = torch.cat([(S @ Wi).flatten(), (S @ Wt).flatten()])
+    assert float(P(rot_dir).norm()) <= 1e-10 * float(rot_dir.norm())
+    assert float(P(scale_dir).norm()) > 0.1 * float(scale_dir.norm())
+    assert trust_region.orbit_complement(soft, space, theta, rotations=False) is None
+    # the symmetry step rotates back towards θ_ref but does not rescale
+    back = trust_region.head_symmetry_step(soft, space, torch.cat([(1.5 * Q @ Wi).flatten(), (Q @ Wt).flatten()]),
+                                           theta)
+    torch.testing.assert_close(back, scaled, rtol=0, atol=1e-10)

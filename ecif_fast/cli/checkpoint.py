@@ -4,7 +4,8 @@ Layout (version 1)::
 
     {"format": "ecif_fast.LinearHeads", "version": 1,
      "config": {image_dim, text_dim, embed_dim, normalize, logit_scale, train_scale, dtype,
-                image_rank, text_rank},   # the ranks: whitened heads (None or absent: raw features)
+                image_rank, text_rank,    # the ranks: whitened heads (None or absent: raw features)
+                norm_eps},                # soft normalisation (absent: 0, exact)
      "state_dict": {...},
      "training": {"damping", "batch_size" | "batch_ids", "theta_ref", "loss", "grad_norm", "iterations",
                   "method", "max_iter", "n_train", "fingerprint"}}
@@ -41,7 +42,7 @@ def model_config(model: LinearHeads) -> dict:
             "embed_dim": model.image_proj.out_features, "normalize": bool(model.normalize),
             "logit_scale": float(model.logit_scale.detach()), "train_scale": bool(model.logit_scale.requires_grad),
             "dtype": next(k for k, v in DTYPES.items() if v == dtype),
-            "image_rank": model.image_rank, "text_rank": model.text_rank}
+            "image_rank": model.image_rank, "text_rank": model.text_rank, "norm_eps": float(model.norm_eps)}
 
 
 def build_model(config: dict) -> LinearHeads:
@@ -51,7 +52,8 @@ def build_model(config: dict) -> LinearHeads:
                         normalize=bool(config["normalize"]), logit_scale=float(config["logit_scale"]),
                         train_scale=bool(config["train_scale"]),
                         image_rank=None if ranks[0] is None else int(ranks[0]),
-                        text_rank=None if ranks[1] is None else int(ranks[1]))
+                        text_rank=None if ranks[1] is None else int(ranks[1]),
+                        norm_eps=float(config.get("norm_eps", 0.0)))
     return model.to(DTYPES[config["dtype"]])
 
 

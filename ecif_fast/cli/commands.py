@@ -72,7 +72,8 @@ def train(args, con: Console) -> dict:
     else:   # whitened features, started at the canonical correlation directions (docs/math.md §2.1)
         model = LinearHeads.from_features(data.images.double(), data.texts.double(), embed,
                                           normalize=not args.no_normalize, logit_scale=args.logit_scale,
-                                          train_scale=args.train_scale, max_rank=args.rank).to(dtype)
+                                          train_scale=args.train_scale, max_rank=args.rank,
+                                          soft_norm=args.soft_norm).to(dtype)
     theta_ref = trained_vector(model).clone()    # weight decay pulls towards the initialisation
     with con.steps(1) as step:
         step(f"training ({args.method})")
@@ -111,9 +112,9 @@ COLLAPSE_RATIO = 1e-3
 
 
 def _collapsed_embedding(model, data, dtype) -> str | None:
-    """For normalised heads: which pair's image or text embedding has a pre-normalisation norm ``|W x|`` below
-    :data:`COLLAPSE_RATIO` × the median of its side (the drift to zero of docs/math.md §2.1), else None."""
-    if not model.normalize:
+    """For exactly normalised heads: which pair's image or text embedding has a pre-normalisation norm ``|W x|``
+    below :data:`COLLAPSE_RATIO` × the median of its side (the drift to zero of docs/math.md §2.1), else None."""
+    if not model.scale_invariant:
         return None
     with torch.no_grad():
         for side, Z in (("image", data.images), ("text", data.texts)):

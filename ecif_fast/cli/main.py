@@ -25,7 +25,7 @@ import warnings
 
 # Only the standard library (and the torch-free option names) at import time: torch loads inside main(), under
 # its Ctrl-C handling.
-from ..options import CURVATURES, SCORINGS, TRAINING_METHODS
+from ..options import CURVATURES, DEFAULT_SOFT_NORM, SCORINGS, TRAINING_METHODS
 
 BACKENDS = ("torch", "cpp", "triton")
 DEFAULT_TRAIN_DAMPING = 10.0    # train: weight decay towards the start (docs/math.md §2.1)
@@ -75,6 +75,10 @@ def _positive_float(text: str) -> float:
 
 def _unit_interval(text: str) -> float:
     return _number(text, float, lambda v: 0 < v < 1, "a number in (0, 1)")
+
+
+def _soft_norm(text: str) -> float:
+    return _number(text, float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 
 
 def _seed(text: str) -> int:
@@ -161,6 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="log of the softmax temperature multiplier (default log(1/0.07))")
     p.add_argument("--train-scale", action="store_true", help="also train the logit scale")
     p.add_argument("--no-normalize", action="store_true", help="do not L2-normalise the embeddings")
+    p.add_argument("--soft-norm", type=_soft_norm, default=DEFAULT_SOFT_NORM, metavar="F",
+                   help="with whitening: normalise softly, z / sqrt(|z|^2 + eps^2) with eps this fraction of the "
+                        f"starting embeddings' median norm (default {DEFAULT_SOFT_NORM:g}; 0: exact L2 "
+                        "normalisation, whose optimum can drift to a zero-norm embedding)")
     p.add_argument("--no-whiten", action="store_true",
                    help="heads on the raw features from a random start (--seed) instead of whitened features "
                         "started at the canonical correlation directions")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from .normalization import embedding_norm
 from .pair_norms import structured_norms_blocks
 
 #: Pairs per block of batches whose Kronecker factors are stacked for one GEMM (memory ~ this × P).
@@ -38,12 +39,13 @@ def has_closed_form(model, names, curvature: str) -> bool:
     return closed_form_blocks(model, names, curvature) is not None
 
 
-def _side(F: torch.Tensor, W: torch.Tensor, normalize: bool):
-    """Embeddings and scaled inputs of one side: ``(u (B, d), x̃ (B, r))``."""
+def _side(F: torch.Tensor, W: torch.Tensor, normalize: bool, norm_eps: float = 0.0):
+    """Embeddings and scaled inputs of one side: ``(u (B, d), x̃ (B, r))``. The normalisation's Jacobian is
+    ``(I − u uᵀ)/ρ`` with ``ρ = sqrt(|z|² + ε²)``, exact or soft alike (docs/math.md §2.3)."""
     Z = F @ W.T
     if not normalize:
         return Z, F
-    nz = Z.norm(dim=1, keepdim=True)
+    nz = embedding_norm(Z, norm_eps)
     return Z / nz, F / nz
 
 
@@ -74,14 +76,16 @@ def _sub_gram(C: torch.Tensor, R: torch.Tensor, width: int = 2048) -> None:
 
 
 def heads_gauss_newton(Xf: torch.Tensor, Yf: torch.Tensor, W_img: torch.Tensor, W_txt: torch.Tensor,
-                       log_scale, groups, *, normalize: bool, image: bool = True, text: bool = True) -> torch.Tensor:
+                       log_scale, groups, *, normalize: bool, image: bool = True, text: bool = True,
+                       norm_eps: float = 0.0) -> torch.Tensor:
     """The Gauss–Newton matrix of the summed contrastive loss over the weight blocks of linear heads.
 
     Args:
         Xf: ``(n, r1)``, Yf: ``(n, r2)``: what the projections multiply (``LinearHeads.proj_input``).
         W_img: ``(d, r1)``, W_txt: ``(d, r2)``. log_scale: ``s`` (``t = exp(s)``), held fixed here.
         groups: the batches, a list of index tensors into the rows of ``Xf, Yf``.
-        normalize: the heads L2-normalise. image, text: include the ``W_img`` / ``W_txt`` block (at least one).
+        normalize: the heads L2-normalise (softly with ``norm_eps > 0``). image, text: include the ``W_img`` /
+            ``W_txt`` block (at least one).
     Returns:
         ``(P_w, P_w)`` with ``P_w = d·r1·[image] + d·r2·[text]``, rows and columns in the order ``vec(W_img)``
         then ``vec(W_txt)`` (row-major, as ``W.reshape(-1)``), in the dtype of ``Xf``; symmetric up to rounding.
@@ -120,8 +124,8 @@ def heads_gauss_newton(Xf: torch.Tensor, Yf: torch.Tensor, W_img: torch.Tensor, 
         if len(idx) < 2:
             continue
         x, y = Xf[idx], Yf[idx]
-        U, Xt = _side(x, W_img, normalize)
-        V, Yt = _side(y, W_txt, normalize)
+        U, Xt = _side(x, W_img, normalize, norm_eps)
+        V, Yt = _side(y, W_txt, normalize, norm_eps)
         cos = U @ V.T
         S = t * cos
         Pm, Qm = torch.softmax(S, dim=1), torch.softmax(S, dim=0)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .normalization import embedding_norm
 from .lines import line_weights
 
 #: Parameter names of :class:`~ecif_fast.LinearHeads` that the structured norms know.
@@ -37,7 +38,7 @@ def structured_norms_blocks(model: nn.Module, names) -> dict | None:
     :class:`~ecif_fast.LinearHeads`, an encoder was overridden or replaced, a projection has a bias, or a trained
     parameter is not one of :data:`HEADS_PARAMS`): then per-pair gradients must be formed.
 
-    Returns ``{"image": bool, "text": bool, "scale": bool, "normalize": bool}``.
+    Returns ``{"image": bool, "text": bool, "scale": bool, "normalize": bool, "norm_eps": float}``.
     """
     from ..models.linear_heads import LinearHeads
 
@@ -53,7 +54,8 @@ def structured_norms_blocks(model: nn.Module, names) -> dict | None:
     if not names <= set(HEADS_PARAMS):
         return None
     return {"image": "image_proj.weight" in names, "text": "text_proj.weight" in names,
-            "scale": "logit_scale" in names, "normalize": bool(model.normalize)}
+            "scale": "logit_scale" in names, "normalize": bool(model.normalize),
+            "norm_eps": float(model.norm_eps) if model.normalize else 0.0}
 
 
 @dataclass
@@ -212,14 +214,15 @@ def _side_sq_norms(Uo, Vo, Xt, ks, row, col, y_row, M_row, M_col, z_col, rsp, cs
 def heads_pair_sq_norms(X: torch.Tensor, Y: torch.Tensor, W_img: torch.Tensor, W_txt: torch.Tensor,
                         log_scale: torch.Tensor, *, normalize: bool, exact: bool, image: bool = True,
                         text: bool = True, scale: bool = False, ks: torch.Tensor | None = None,
-                        dtype: torch.dtype = torch.float64) -> torch.Tensor:
+                        dtype: torch.dtype = torch.float64, norm_eps: float = 0.0) -> torch.Tensor:
     """``(K,)`` squared norms ``||g_k||²`` of the removal-term gradients of the pairs ``ks`` of ONE batch of
     :class:`~ecif_fast.LinearHeads` (docs/math.md §4.1), over the blocks asked for.
 
     Args:
         X: ``(B, f_img)``, Y: ``(B, f_txt)`` the batch's input features. W_img: ``(d, f_img)``,
             W_txt: ``(d, f_txt)`` the projections; log_scale: 0-d ``s`` (``t = exp(s)``).
-        normalize: the heads L2-normalise the embeddings. exact: exact (``−log(1−P)``) or taylor negative term.
+        normalize: the heads L2-normalise the embeddings (softly with ``norm_eps > 0``, docs/math.md §2.3).
+            exact: exact (``−log(1−P)``) or taylor negative term.
         image, text, scale: include ``∂/∂W_img``, ``∂/∂W_txt``, ``∂/∂s``.
         ks: ``(K,)`` positions in the batch (default all ``B``). dtype: the arithmetic (float64 by default).
     Returns:
@@ -233,7 +236,7 @@ def heads_pair_sq_norms(X: torch.Tensor, Y: torch.Tensor, W_img: torch.Tensor, W
     ks = torch.arange(B, device=X.device) if ks is None else ks.to(X.device)
     Zx, Zy = X @ W_img.T, Y @ W_txt.T
     if normalize:
-        nx, ny = Zx.norm(dim=1, keepdim=True), Zy.norm(dim=1, keepdim=True)
+        nx, ny = embedding_norm(Zx, norm_eps), embedding_norm(Zy, norm_eps)
         U, V, Xt, Yt = Zx / nx, Zy / ny, X / nx, Y / ny
     else:
         U, V, Xt, Yt = Zx, Zy, X, Y

@@ -193,7 +193,7 @@ class Curvature:
             pos += len(idx)
         Cw = heads_gauss_newton(torch.cat(feats[0]), torch.cat(feats[1]), W_img.to(self.theta.dtype),
                                 W_txt.to(self.theta.dtype), log_scale, groups, normalize=blocks["normalize"],
-                                image=blocks["image"], text=blocks["text"])
+                                image=blocks["image"], text=blocks["text"], norm_eps=blocks["norm_eps"])
         Cw.mul_(self.factor)
         # Cw holds vec(W_img) then vec(W_txt); θ may order them otherwise, with the logit scale among them
         parts, start = [], 0
