@@ -369,6 +369,7 @@ class ECIF:
             out[rows] = G
         return out[inverse]
 
+    @cg_summary_per_call
     def held_out_fit(self, indices=None) -> dict[str, torch.Tensor]:
         """Each pair's own fit at ``θ̂`` and as predicted with the pair left out of training (docs/math.md §3.1).
 
@@ -647,6 +648,15 @@ class ECIF:
         for name, val in self.space.unflatten(theta_new).items():
             state[name] = val.detach().clone()
         return state
+
+    @cg_summary_per_call
+    def embeddings_after_removal(self, indices) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(U, V, s)``: every training pair's embeddings ``(n, d)`` and the log scale at the removal update
+        ``θ̂ + H⁻¹ g(D*)`` of :meth:`removal_update` (removed pairs included: their fit with them left out).
+        From a DataLoader the inputs are read once more, chunk by chunk."""
+        self._require_fit()
+        theta = self.theta + self.solver.solve(self.group_gradient(indices))
+        return self._embed_checked(theta, *self.source.everything("re-embed"), "train")
 
     @cg_summary_per_call
     def cleaned_model(self, indices) -> nn.Module:

@@ -10,7 +10,8 @@ NEGATIVE_TERMS = ("exact", "taylor")
 #: with a fixed logit scale, L-BFGS for other models)
 TRAINING_METHODS = ("auto", "newton", "newton-cg", "lbfgs")
 #: detection scoring -> the name of its score in results, tables, reports and the command line
-SCORING_METHODS = {"validation": "ecif", "self": "ecif_self", "combined": "ecif_combined"}
+SCORING_METHODS = {"cleaned": "ecif_cleaned", "validation": "ecif", "self": "ecif_self",
+                   "combined": "ecif_combined"}
 SCORINGS = tuple(SCORING_METHODS)
 
 #: ``LinearHeads.from_features`` / ``ecif-fast train``: the soft normalisation's ε as a fraction of the starting

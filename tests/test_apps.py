@@ -11,6 +11,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 import ecif_fast as ef
 from ecif_fast.apps import (PairInfo, clean, detect_misaligned, detection_metrics, precision_at_k, trace_back,
                             value_data, zero_shot_logits, zero_shot_losses)
+from ecif_fast.apps.detection import cleaned_scores
 from ecif_fast.apps.metrics import auroc, average_precision
 from ecif_fast.training import objective
 from problems import heads, paired_features
@@ -93,15 +94,20 @@ def test_value_data_is_the_influence_with_metadata(fitted):
         value_data(ecif, Xv, Yv, info=PairInfo(captions=caps[:-1]))
 
 
+def _brute_losses(S: torch.Tensor) -> np.ndarray:
+    """ℓ_k of every pair of one batch's scores ``S (B, B)`` straight from docs/math.md §2 (row + column
+    cross-entropy)."""
+    target = torch.arange(S.shape[0])
+    return (torch.nn.functional.cross_entropy(S, target, reduction="none")
+            + torch.nn.functional.cross_entropy(S.T, target, reduction="none")).numpy()
+
+
 def _brute_pair_loss(ecif):
-    """ℓ_k of every pair straight from docs/math.md §2 (row + column cross-entropy inside its batch)."""
+    """ℓ_k of every pair in its batch at θ̂."""
     out = torch.empty(ecif.n, dtype=torch.float64)
     t = ecif.log_scale.exp()
     for g in ecif.plan.groups():
-        S = t * (ecif.U[g] @ ecif.V[g].T)
-        target = torch.arange(len(g))
-        out[g] = (torch.nn.functional.cross_entropy(S, target, reduction="none")
-                  + torch.nn.functional.cross_entropy(S.T, target, reduction="none"))
+        out[g] = torch.from_numpy(_brute_losses(t * (ecif.U[g] @ ecif.V[g].T)))
     return out
 
 
@@ -134,17 +140,40 @@ def test_detection_without_validation_data(fitted):
     det = detect_misaligned(ecif, scoring="self")
     assert det.metrics is None and "total" not in det.table
     np.testing.assert_array_equal(det.table["score"].to_numpy(), det.scores["ecif_self"])
-    # without validation pairs the default scoring is self-influence, as on the command line; with them validation
+    # the default scoring is "cleaned", as on the command line; with validation pairs that is still the primary
+    # score and the validation influence is a second column
     default = detect_misaligned(ecif)
-    np.testing.assert_array_equal(default.table["score"].to_numpy(), det.scores["ecif_self"])
+    np.testing.assert_array_equal(default.table["score"].to_numpy(), default.scores["ecif_cleaned"])
+    assert "score_ecif" not in default.table
     with pytest.raises(ef.ECIFInputError, match="validation pairs"):
         detect_misaligned(ecif, scoring="validation")
     Xv, Yv = fitted[3], fitted[4]
     with_val = detect_misaligned(ecif, Xv, Yv)
-    np.testing.assert_array_equal(with_val.table["score"].to_numpy(), with_val.scores["ecif"])
+    np.testing.assert_array_equal(with_val.table["score"].to_numpy(), default.scores["ecif_cleaned"])
+    np.testing.assert_array_equal(with_val.table["score_ecif"].to_numpy(), with_val.scores["ecif"])
     assert "total" in with_val.table
     with pytest.raises(ef.ECIFInputError, match="scoring must be one of"):
         detect_misaligned(ecif, scoring="nope")
+
+
+def test_cleaned_scoring_is_each_pairs_loss_after_the_closed_form_removal(fitted):
+    """By hand: the 20 % of highest held-out loss removed by ``cleaned_model`` (θ̂ + H⁻¹g(D*)), every pair's loss
+    in its batch recomputed from that model's embeddings, the ranking repeated once more."""
+    ecif, X, Y, Xv, Yv, labels, _ = fitted
+    det = detect_misaligned(ecif, labels=labels)
+    s = ecif.held_out_fit()["loss_held_out"].numpy()
+    k = round(0.2 * N)
+    for _ in range(2):
+        model = ecif.cleaned_model(np.argsort(-s, kind="stable")[:k].tolist())
+        with torch.no_grad():
+            U, V, log_scale = model(X, Y)
+        t = float(log_scale.exp())
+        s = np.concatenate([_brute_losses(t * (U[i:i + B] @ V[i:i + B].T)) for i in range(0, N, B)])
+    np.testing.assert_allclose(det.scores["ecif_cleaned"], s, rtol=1e-10)
+    # the model's own fit of the misaligned pairs is no longer there to hide them: ahead of the loss at θ̂ here
+    assert det.metrics["ecif_cleaned"]["auroc"] > det.metrics["loss"]["auroc"]
+    with pytest.raises(ef.ECIFInputError, match="fraction"):
+        cleaned_scores(ecif, fraction=1.0)
 
 
 def test_trace_back_of_test_pairs_is_relative_influence(fitted):

@@ -99,11 +99,13 @@ def test_detect_finds_shuffled_captions(cli_data, tmp_path, capsys):
     assert result["command"] == "detect" and result["out"] == str(out)
     assert Path(result["files"]["report.html"]).is_file()
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["scoring"] == "validation"
-    assert set(summary["metrics"]["ecif"]) >= {"auroc", "average_precision", "precision_at_k", "k"}
-    assert summary["auroc"] == summary["metrics"]["ecif"]["auroc"] > 0.8
-    assert summary["metrics"]["ecif"]["k"] == int(cli_data.misaligned.sum())
+    assert summary["scoring"] == "cleaned"               # the default; --val adds the validation influence
+    assert set(summary["metrics"]["ecif_cleaned"]) >= {"auroc", "average_precision", "precision_at_k", "k"}
+    assert summary["auroc"] == summary["metrics"]["ecif_cleaned"]["auroc"] > 0.8
+    assert summary["metrics"]["ecif_cleaned"]["k"] == int(cli_data.misaligned.sum())
+    assert "ecif" in summary["metrics"]
     table = pd.read_csv(out / "scores.csv")
+    assert (table["score"] == table["score_ecif_cleaned"]).all() and "score_ecif" in table
     assert table["misaligned"].tolist() == cli_data.misaligned.tolist()
     assert table.sort_values("rank")["score"].is_monotonic_decreasing
     html = (out / "report.html").read_text()
@@ -111,15 +113,17 @@ def test_detect_finds_shuffled_captions(cli_data, tmp_path, capsys):
     assert html.count('src="data:image/png;base64,') == 24              # thumbnails from image_paths
 
 
-def test_detect_without_val_uses_self_influence_and_warns_on_overrides(cli_data, tmp_path, capsys):
+def test_detect_without_val_and_warns_on_overrides(cli_data, tmp_path, capsys):
     out = tmp_path / "self"
     rc, stdout, err = run(capsys, *analysis(cli_data, "detect", out, "--damping", "2", "--batch-size", "40",
                                             "--json"))
     assert rc == 0
     summary = json.loads(stdout)["summary"]
-    assert summary["scoring"] == "self" and "ecif_self" in summary["metrics"]
+    assert summary["scoring"] == "cleaned" and set(summary["metrics"]) == {"ecif_cleaned", "clip_score", "loss"}
     assert summary["settings"]["damping"] == 2.0 and summary["settings"]["batches"] == "size 40"
     assert "warning: --damping 2 overrides" in err and "warning: --batch-size 40 overrides" in err
+    rc, _, err = run(capsys, *analysis(cli_data, "detect", tmp_path / "v", "--scoring", "validation"))
+    assert rc == 2 and "--scoring validation needs trusted validation pairs" in err
     # the features differ from the checkpoint's training file: an error, unless --allow-data-mismatch
     np.savez(tmp_path / "other.npz", image_features=cli_data.X.numpy() + 0.01, text_features=cli_data.Y.numpy())
     rc, _, err = run(capsys, *analysis(cli_data, "detect", tmp_path / "o", "--quiet", train=tmp_path / "other.npz"))
@@ -355,6 +359,19 @@ def test_train_whitens_by_default_and_no_whiten_keeps_raw_features(cli_data, tmp
     again, _ = load_checkpoint(old)
     assert again.image_rank is None
     assert all(torch.equal(a, b) for a, b in zip(raw.state_dict().values(), again.state_dict().values()))
+    # the default --rank auto: the ranks tried and their held-out losses are in the summary and the checkpoint,
+    # the chosen one is the least; --rank full keeps every direction (here the ladder is the span alone: 6)
+    rc, out, err = run(capsys, "train", "--train", cli_data.train, "--out", tmp_path / "auto.pt", "--json",
+                       "--max-iter", "50", *HEADS)
+    summary = json.loads(out)["summary"]
+    tried = summary["rank_selection"]
+    assert rc == 0 and [e["rank"] for e in tried] == [6] and summary["ranks"] == [6, 5]
+    assert load_checkpoint(tmp_path / "auto.pt")[1]["rank_selection"][0]["held_out_loss"] == tried[0]["held_out_loss"]
+    rc, out, err = run(capsys, "train", "--train", cli_data.train, "--out", tmp_path / "full.pt", "--json",
+                       "--rank", "full", *HEADS)
+    assert rc == 0 and "rank_selection" not in json.loads(out)["summary"]
+    rc, out, err = run(capsys, "train", "--train", cli_data.train, "--out", tmp_path / "x.pt", "--rank", "most")
+    assert rc == 2 and "--rank" in err
     # normalised heads are normalised softly by default (--soft-norm 0.1); the checkpoint keeps ε, an older one
     # without it loads with the exact normalisation, and --soft-norm 0 asks for that
     soft_path, exact_path = tmp_path / "soft.pt", tmp_path / "exact.pt"

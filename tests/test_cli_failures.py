@@ -203,15 +203,16 @@ def test_lowrank_reports_what_it_keeps(cli_data, tmp_path, capsys, curvature):
 
 
 def test_cg_not_converging_warns_once_per_command(cli_data, tmp_path, capsys):
-    """--cg-maxiter 2 stops every CG solve early: one warning line for the whole command (the validation solve;
-    self-influence comes from the spectral factor, without a solve), the results still written; a --cg-tol
-    outside (0, 1) is refused."""
+    """--cg-maxiter 2 stops every CG solve early: one warning line for the whole command (the held-out fits, two
+    removal updates and the validation solve of detect_misaligned), the results still written; a --cg-tol outside
+    (0, 1) is refused."""
     argv = analysis(cli_data, "detect", tmp_path / "o", "--val", cli_data.val, "--solver", "cg", "--no-precondition",
                     "--cg-maxiter", "2", "--json")
     rc, out, err = run(capsys, *argv)
     warned = [line for line in err.splitlines() if "CG did not converge" in line]
     assert rc == 0 and len(warned) == 1 and warned[0].startswith("ecif-fast: warning: "), err
-    assert "1 of 1 right-hand side(s)" in warned[0] and json.loads(out)["summary"]["settings"]["cg_maxiter"] == 2
+    assert warned[0].startswith("ecif-fast: warning: detect_misaligned: CG did not converge for ")
+    assert json.loads(out)["summary"]["settings"]["cg_maxiter"] == 2
     for bad in ("0", "1", "-1e-3", "nan"):
         rc, out, err = run(capsys, *analysis(cli_data, "detect", tmp_path / "p", "--solver", "cg", "--cg-tol", bad))
         assert rc == 2 and "--cg-tol" in err and not (tmp_path / "p").exists()

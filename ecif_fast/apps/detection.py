@@ -2,6 +2,11 @@
 
 Scores are "higher = more suspicious". ECIF scorings (docs/math.md §3):
 
+- ``"cleaned"`` (the default): each pair's loss after the most suspicious pairs are removed by the closed-form
+  update ``θ̂ + H⁻¹ g(D*)`` (docs/math.md §3.2): ``D*`` the :data:`CLEAN_FRACTION` of pairs with the highest
+  loss held out (``ECIF.held_out_fit``), then re-ranked by their loss at the cleaned parameters, for
+  :data:`CLEAN_ROUNDS` rounds. A misaligned pair pulls the fit towards itself and the other misaligned pairs
+  of its kind; with them removed its loss no longer hides behind that pull. Needs no validation data;
 - ``"validation"``: ``−I_F(k)`` with ``F`` the loss on trusted validation pairs (removing a misaligned
   pair lowers the validation loss, so its influence is negative);
 - ``"self"``: self-influence ``g_kᵀH⁻¹g_k`` (no validation data needed);
@@ -21,6 +26,7 @@ from ..options import SCORING_METHODS, SCORINGS
 from ..engine import ECIF
 from ..errors import ECIFInputError
 from ..core.loss import per_pair_loss
+from ..solvers.cg import cg_summary
 from .metrics import detection_metrics
 from .pairs import PairInfo, score_table
 
@@ -53,15 +59,41 @@ def _percentile_rank(x: np.ndarray) -> np.ndarray:
     return r / max(x.size - 1, 1)
 
 
+#: ``"cleaned"`` scoring: the share of pairs removed in each round, and the rounds (docs/math.md §3.2)
+CLEAN_FRACTION = 0.2
+CLEAN_ROUNDS = 2
+
+
+def _batch_losses(ecif: ECIF, U: torch.Tensor, V: torch.Tensor, log_scale: torch.Tensor) -> np.ndarray:
+    """``(n,)`` each pair's loss ``ℓ_k`` in its training batch, from embeddings ``U, V (n, d)``, in float64."""
+    U, V = U.double(), V.double()
+    t = log_scale.detach().double().exp()
+    loss = torch.empty(ecif.n, dtype=torch.float64)
+    for g in ecif.plan.groups():
+        loss[g] = per_pair_loss(t * (U[g] @ V[g].T))
+    return loss.numpy()
+
+
+def cleaned_scores(ecif: ECIF, first: np.ndarray | None = None, *, fraction: float = CLEAN_FRACTION,
+                   rounds: int = CLEAN_ROUNDS) -> np.ndarray:
+    """``(n,)`` each pair's loss in its batch at ``θ̂ + H⁻¹ g(D*)``, ``D*`` the ``fraction`` of pairs ranked most
+    suspicious by ``first`` (default: the loss held out, ``ECIF.held_out_fit``), re-ranked ``rounds`` times by
+    the last scores (docs/math.md §3.2). Higher = more suspicious."""
+    if not 0 < fraction < 1 or not isinstance(rounds, int) or rounds < 1:
+        raise ECIFInputError(f"fraction must be in (0, 1) and rounds a positive int, got {fraction!r}, {rounds!r}")
+    scores = ecif.held_out_fit()["loss_held_out"].double().numpy() if first is None else np.asarray(first)
+    k = min(max(1, round(fraction * ecif.n)), ecif.n - 1)
+    for _ in range(rounds):
+        flagged = torch.from_numpy(np.argsort(-scores, kind="stable")[:k].copy())
+        scores = _batch_losses(ecif, *ecif.embeddings_after_removal(flagged))
+    return scores
+
+
 def baseline_scores(ecif: ECIF) -> dict[str, np.ndarray]:
     """``clip_score`` (−pair cosine) and ``loss`` (per-pair training loss) at θ̂, higher = more suspicious."""
     U, V = ecif.U.double(), ecif.V.double()
     cos = (U * V).sum(1) / (U.norm(dim=1) * V.norm(dim=1)).clamp_min(1e-30)
-    t = ecif.log_scale.double().exp()
-    loss = torch.empty(ecif.n, dtype=torch.float64)
-    for g in ecif.plan.groups():
-        loss[g] = per_pair_loss(t * (U[g] @ V[g].T))
-    return {"clip_score": (-cos).numpy(), "loss": loss.numpy()}
+    return {"clip_score": (-cos).numpy(), "loss": _batch_losses(ecif, U, V, ecif.log_scale)}
 
 
 def detect_misaligned(ecif: ECIF, val_images=None, val_texts=None, *, scoring=None, labels=None,
@@ -72,23 +104,29 @@ def detect_misaligned(ecif: ECIF, val_images=None, val_texts=None, *, scoring=No
         ecif: a fitted :class:`~ecif_fast.ECIF`.
         val_images, val_texts: ``(m, ...)`` trusted validation pairs (needed by ``"validation"`` and
             ``"combined"``).
-        scoring: ``"validation"``, ``"self"``, ``"combined"``, or a list of them (the first is the primary
-            ``score``; every one gets a ``score_<method>`` column and metrics). Default: ``"validation"`` when
-            validation pairs are given, else ``"self"`` (as ``ecif-fast detect``).
+        scoring: ``"cleaned"``, ``"validation"``, ``"self"``, ``"combined"``, or a list of them (the first is
+            the primary ``score``; every one gets a ``score_<method>`` column and metrics). Default
+            ``"cleaned"``, with or without validation pairs (as ``ecif-fast detect``; docs/math.md §3.2); given
+            validation pairs it also computes the ``"validation"`` score as a second column.
         labels: optional ``(n,)`` bool, True = known misaligned: adds AUROC, average precision and
             precision@k for every score.
         k: the k of precision@k (default: the number of misaligned pairs).
         info: metadata carried into the table.
     """
+    with cg_summary(ecif, "detect_misaligned"):   # one warning for all of its solves
+        return _detect(ecif, val_images, val_texts, scoring, labels, k, info)
+
+
+def _detect(ecif, val_images, val_texts, scoring, labels, k, info) -> Detection:
     if scoring is None:
-        scoring = "validation" if val_images is not None and val_texts is not None else "self"
+        scoring = ["cleaned", "validation"] if val_images is not None and val_texts is not None else "cleaned"
     wanted = [scoring] if isinstance(scoring, str) else list(scoring)
     if not wanted or any(s not in SCORINGS for s in wanted):
         raise ECIFInputError(f"scoring must be one of {list(SCORINGS)} or a list of them, got {scoring!r}")
     need_val = any(s in ("validation", "combined") for s in wanted)
     if need_val and (val_images is None or val_texts is None):
         raise ECIFInputError(f"scoring {scoring!r} needs trusted validation pairs: pass val_images and "
-                             "val_texts, or use scoring='self'")
+                             "val_texts, or use scoring='cleaned' (the default) or 'self'")
     scores: dict[str, np.ndarray] = {}
     columns: dict[str, np.ndarray] = {}
     if need_val:
@@ -101,7 +139,9 @@ def detect_misaligned(ecif: ECIF, val_images=None, val_texts=None, *, scoring=No
         columns["self_influence"] = self_inf
     for s in wanted:
         name = SCORING_METHODS[s]
-        if s == "validation":
+        if s == "cleaned":
+            scores[name] = cleaned_scores(ecif)
+        elif s == "validation":
             scores[name] = val_score
         elif s == "self":
             scores[name] = self_inf

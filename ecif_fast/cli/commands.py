@@ -14,6 +14,8 @@ import numpy as np
 import torch
 
 from .. import ECIF, LinearHeads, train as train_heads
+from ..apps.detection import CLEAN_FRACTION, CLEAN_ROUNDS
+from ..rank_selection import choose_rank
 from ..training import NEWTON_MEMORY_LIMIT, newton_bytes, objective
 from ..apps import (SCORING_METHODS, clean as clean_pairs, detect_misaligned, trace_back, value_data, zero_shot_logits,
                     zero_shot_losses)
@@ -53,7 +55,8 @@ def train(args, con: Console) -> dict:
     di, dt = data.images.shape[1], data.texts.shape[1]
     if args.no_whiten and args.rank is not None:
         raise UsageError("--rank sets how many whitened dimensions are kept; it cannot go with --no-whiten")
-    embed = args.embed_dim or min(64, di, dt, args.rank or di)
+    rank = None if args.no_whiten else args.rank or "auto"
+    embed = args.embed_dim or min(64, di, dt, rank if isinstance(rank, int) else di)
     if args.batch_size is not None:
         batches, record = batch_arg(args.batch_size), {"batch_size": batch_arg(args.batch_size)}
         desc = f"size {args.batch_size}"
@@ -66,24 +69,41 @@ def train(args, con: Console) -> dict:
     if args.batch_size is not None and data.batch_ids is not None:
         con.warn(f"--batch-size {args.batch_size} is used; the batch_ids column of {args.train} is ignored")
     torch.manual_seed(args.seed)
-    if args.no_whiten:
-        model = LinearHeads(di, dt, embed, normalize=not args.no_normalize, logit_scale=args.logit_scale,
-                            train_scale=args.train_scale).to(dtype)
-    else:   # whitened features, started at the canonical correlation directions (docs/math.md §2.1)
-        model = LinearHeads.from_features(data.images.double(), data.texts.double(), embed,
-                                          normalize=not args.no_normalize, logit_scale=args.logit_scale,
-                                          train_scale=args.train_scale, max_rank=args.rank,
-                                          soft_norm=args.soft_norm).to(dtype)
-    theta_ref = trained_vector(model).clone()    # weight decay pulls towards the initialisation
-    with con.steps(1) as step:
-        step(f"training ({args.method})")
-        t0 = time.perf_counter()
-        res = train_heads(model, data.images.to(dtype), data.texts.to(dtype), batches=batches,
-                          damping=args.damping, theta_ref=theta_ref, method=args.method, max_iter=args.max_iter)
-        secs = time.perf_counter() - t0
+    heads_args = {"normalize": not args.no_normalize, "logit_scale": args.logit_scale,
+                  "train_scale": args.train_scale}
+    tried = None
+    if rank == "auto":   # the rank of least approximate leave-one-out loss (docs/math.md §2.4)
+        with con.steps(1) as step:
+            step("choosing the rank by held-out loss")
+            t0 = time.perf_counter()
+            choice = choose_rank(data.images.to(dtype), data.texts.to(dtype), batches=batches,
+                                 damping=args.damping, embed_dim=args.embed_dim, max_embed=min(64, di, dt),
+                                 soft_norm=args.soft_norm, method=args.method, max_iter=args.max_iter,
+                                 seed=args.seed, on_rank=lambda e: step(
+                                     f"choosing the rank by held-out loss (rank {e['rank']}: {e['held_out_loss']:.4g})"),
+                                 **heads_args)
+            secs = time.perf_counter() - t0
+        model, res, theta_ref, tried, chosen = choice.model, choice.result, choice.theta_ref, choice.tried, choice.rank
+        embed = model.image_proj.out_features
+    else:
+        if args.no_whiten:
+            model = LinearHeads(di, dt, embed, **heads_args).to(dtype)
+        else:   # whitened features, started at the canonical correlation directions (docs/math.md §2.1)
+            model = LinearHeads.from_features(data.images.double(), data.texts.double(), embed,
+                                              max_rank=None if rank == "full" else rank, soft_norm=args.soft_norm,
+                                              **heads_args).to(dtype)
+        theta_ref = trained_vector(model).clone()    # weight decay pulls towards the initialisation
+        with con.steps(1) as step:
+            step(f"training ({args.method})")
+            t0 = time.perf_counter()
+            res = train_heads(model, data.images.to(dtype), data.texts.to(dtype), batches=batches,
+                              damping=args.damping, theta_ref=theta_ref, method=args.method, max_iter=args.max_iter)
+            secs = time.perf_counter() - t0
     training = {"damping": float(args.damping), **record, "theta_ref": theta_ref, "loss": res.loss,
                 "grad_norm": res.grad_norm, "iterations": res.iterations, "method": args.method,
                 "max_iter": args.max_iter, "n_train": data.n, "fingerprint": data.fingerprint()}
+    if tried is not None:
+        training["rank_selection"] = tried
     path = save_checkpoint(args.out, model, training)
     if res.grad_norm > GRAD_TOL[dtype]:
         P = int(theta_ref.numel())
@@ -93,17 +113,23 @@ def train(args, con: Console) -> dict:
         collapsed = _collapsed_embedding(model, data, dtype)
         if collapsed:
             advice = (f"{collapsed}: the optimum sits where the normalisation is singular (docs/math.md §2.1); "
-                      "raise --damping" + (", or drop --rank" if args.rank else ""))
+                      "raise --damping, or --soft-norm above 0")
         con.warn(f"training stopped with max|grad R| = {res.grad_norm:.3g} after {res.iterations} iterations, "
                  f"not at the optimum the influence formulas assume; {advice}")
     summary = {"checkpoint": str(path), "n_train": data.n, "image_dim": di, "text_dim": dt, "embed_dim": embed,
-               "parameters": int(theta_ref.numel()), "whitened": not args.no_whiten, "batches": desc, "damping": float(args.damping),
+               "parameters": int(theta_ref.numel()), "whitened": not args.no_whiten,
+               "ranks": None if args.no_whiten else [model.image_rank, model.text_rank],
+               "norm_eps": float(model.norm_eps), "batches": desc, "damping": float(args.damping),
                "method": args.method, "loss": res.loss, "grad_norm": res.grad_norm, "iterations": res.iterations,
                "dtype": str(dtype).replace("torch.", ""), "seconds": secs}
     whiten = "" if args.no_whiten else f" (whitened to {model.image_rank}+{model.text_rank})"
     text = [f"trained LinearHeads {di}+{dt}{whiten} -> {embed} on {data.n} pairs ({desc}): loss {res.loss:.6g}, "
-            f"max|grad| {res.grad_norm:.3g}, {res.iterations} iterations, {secs:.1f} s",
-            f"wrote {path}"]
+            f"max|grad| {res.grad_norm:.3g}, {res.iterations} iterations, {secs:.1f} s"]
+    if tried is not None:
+        summary["rank_selection"] = tried
+        text.append(f"rank {chosen} of least held-out loss among "
+                    + ", ".join(f"{e['rank']}: {e['held_out_loss']:.5g}" for e in tried))
+    text.append(f"wrote {path}")
     return {"command": "train", "out": str(path), "files": {path.name: str(path)}, "summary": summary, "text": text}
 
 
@@ -163,21 +189,21 @@ def value(args, con: Console) -> dict:
 
 def detect(args, con: Console) -> dict:
     """Rank training pairs by how likely they are misaligned; metrics when a ``misaligned`` column exists."""
-    scoring = args.scoring or ("validation" if args.val else "self")
-    if scoring != "self" and not args.val:
+    scoring = args.scoring or "cleaned"
+    if scoring in ("validation", "combined") and not args.val:
         raise UsageError(f"--scoring {scoring} needs trusted validation pairs: pass --val FILE, or use "
-                         "--scoring self")
+                         "--scoring cleaned (the default) or self")
     with con.steps(3) as step:
         step("loading")
         s = setup(args, con)
-        val = s.pairs(args.val) if args.val and scoring != "self" else None
-        if args.val and val is None:
-            con.warn("--val is not used by --scoring self")
+        val = s.pairs(args.val) if args.val else None
         step("fitting ECIF")
         ecif = s.fit(con)
         step(f"scoring ({scoring})")
+        # with --val the validation influence is a second column whatever the primary scoring
+        wanted = [scoring] + (["validation"] if val and scoring not in ("validation", "combined") else [])
         det = detect_misaligned(ecif, s.t(val.images) if val else None, s.t(val.texts) if val else None,
-                                scoring=scoring, labels=s.train.misaligned, info=s.train.info(with_misaligned=False))
+                                scoring=wanted, labels=s.train.misaligned, info=s.train.info(with_misaligned=False))
         s.finish(ecif, con)
     labels = s.train.misaligned
     primary = SCORING_METHODS[scoring]
@@ -206,8 +232,10 @@ def detect(args, con: Console) -> dict:
         section.update(positive=det.table["positive"].to_numpy(), negative=det.table["negative"].to_numpy())
     report = {"title": "ecif-fast detect: misaligned pairs", "summary": summary, "headline": headline,
               "subtitle": f"{s.train.n} training pairs ({args.train}), scoring {scoring}",
-              "notes": ["score: higher = more suspicious. validation: minus the influence on the validation "
-                        "loss; self: self-influence g'H^-1 g; combined: mean percentile rank of both."],
+              "notes": ["score: higher = more suspicious. cleaned: the pair's loss after the most suspicious "
+                        f"{CLEAN_FRACTION:.0%} are removed by the closed-form update, {CLEAN_ROUNDS} rounds; "
+                        "validation: minus the influence on the validation loss; self: self-influence g'H^-1 g; "
+                        "combined: mean percentile rank of validation and self."],
               "detection": {f"{scoring} scoring": section}}
     files = write_outputs(args, report, tables)
     return command_result("detect", args, summary, files, text)

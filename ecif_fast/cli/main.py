@@ -77,6 +77,10 @@ def _unit_interval(text: str) -> float:
     return _number(text, float, lambda v: 0 < v < 1, "a number in (0, 1)")
 
 
+def _rank(text: str) -> int | str:
+    return text if text in ("auto", "full") else _positive_int(text)
+
+
 def _soft_norm(text: str) -> float:
     return _number(text, float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 
@@ -153,10 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "their canonical correlation directions (theta_init).")
     p.add_argument("--train", required=True, metavar="FILE", help="training pairs")
     _output_flags(p, out_help="checkpoint file (default heads.pt)", out_default="heads.pt")
-    p.add_argument("--embed-dim", type=_positive_int, help="embedding size (default min(64, Di, Dt, --rank))")
-    p.add_argument("--rank", type=_positive_int,
-                   help="whitened dimensions kept per side, those of largest variance (default: the features' "
-                        "full span); fewer trained parameters fit single captions less")
+    p.add_argument("--embed-dim", type=_positive_int, help="embedding size (default min(64, Di, Dt, the rank))")
+    p.add_argument("--rank", type=_rank, metavar="N|auto|full",
+                   help="whitened dimensions kept per side, those of largest variance (default auto: the rank of "
+                        "least held-out loss among 8, 12, 16, 24, ...; full: the features' whole span); fewer "
+                        "trained parameters fit single captions less")
     p.add_argument("--batch-size", type=_batch_size, metavar="N|all",
                    help="pairs per batch, consecutive chunks (default: the file's batch_ids column, else 256)")
     p.add_argument("--damping", type=_positive_float, default=DEFAULT_TRAIN_DAMPING,
@@ -184,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _analysis(sub, "detect", "rank training pairs by how likely they are misaligned")
     p.add_argument("--val", metavar="FILE", help="trusted validation pairs")
     p.add_argument("--scoring", choices=SCORINGS,
-                   help="ECIF score (default: validation with --val, else self)")
+                   help="ECIF score (default cleaned: the loss after the closed-form removal of the most "
+                        "suspicious pairs; with --val the validation influence is a second column)")
 
     p = _analysis(sub, "trace", "training pairs responsible for test predictions")
     p.add_argument("--test", required=True, metavar="FILE",

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 
+from .detection_kinds import HEADING as KINDS_HEADING
+from .sections import read_section
 from ..report.output import atomic_output_file
 
 FIG_DIR = os.path.join("docs", "evaluation")
@@ -241,6 +243,9 @@ def write_report(res: dict, md_path: str) -> str:
     md_dir = os.path.dirname(os.path.abspath(md_path))
     figs = figures(res, os.path.join(md_dir, FIG_DIR))
     text = render(res, figs, md_dir)
+    kept = read_section(KINDS_HEADING, md_path)    # detection_kinds.py writes that section on its own
+    if kept:
+        text = text.rstrip("\n") + "\n\n" + kept
     with atomic_output_file(md_path, replaceable=lambda p: True) as tmp, open(tmp, "w") as f:
         f.write(text)
     return md_path

@@ -2,6 +2,7 @@
 preconditioned by a low-rank spectral factor of the same matrix (docs/math.md §4)."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
 
@@ -134,31 +135,39 @@ class CGSolver(Solver):
         return cls._from_attributes(own, curvature=curvature, preconditioner=pre, damping=damping, log=None)
 
 
+@contextlib.contextmanager
+def cg_summary(owner, name: str):
+    """While the block runs, the CG solves of ``owner.solver`` (when it is a :class:`CGSolver`) are logged instead
+    of each warning; after it, one warning names ``name`` and says how many right-hand sides did not converge, of
+    how many, and the worst residual. Nested summaries report in the outermost one."""
+    solver = getattr(owner, "solver", None)
+    if not isinstance(solver, CGSolver) or solver.log is not None:
+        yield
+        return
+    solver.log = []
+    try:
+        yield
+        log = solver.log
+    finally:
+        solver.log = None
+    bad = sum(entry[1] for entry in log)
+    if bad:
+        worst = max(entry[2] for entry in log)
+        total = sum(entry[0] for entry in log)
+        warnings.warn(
+            f"{name}: CG did not converge for {bad} of {total} right-hand side(s) in "
+            f"cg_maxiter = {solver.maxiter} iterations (worst relative residual {worst:.2e} > cg_tol "
+            f"{solver.tol:.1e}), so these results are approximate; raise cg_maxiter or damping, loosen cg_tol, "
+            "or use solver='exact' (up to a few thousand parameters) or 'lowrank'", RuntimeWarning, stacklevel=4)
+
+
 def cg_summary_per_call(method):
     """Decorate a public method of an object whose ``solver`` may be a :class:`CGSolver` (the engine): its solves
-    are logged instead of each warning, then one warning says how many right-hand sides did not converge, of
-    how many, and the worst residual. Nested public calls report in the outermost one."""
+    are summarised in one warning (:func:`cg_summary`, named ``ECIF.<method>``)."""
 
     @functools.wraps(method)
     def call(self, *args, **kwargs):
-        solver = getattr(self, "solver", None)
-        if not isinstance(solver, CGSolver) or solver.log is not None:
+        with cg_summary(self, f"ECIF.{method.__name__}"):
             return method(self, *args, **kwargs)
-        solver.log = []
-        try:
-            out = method(self, *args, **kwargs)
-            log = solver.log
-        finally:
-            solver.log = None
-        bad = sum(entry[1] for entry in log)
-        if bad:
-            worst = max(entry[2] for entry in log)
-            total = sum(entry[0] for entry in log)
-            warnings.warn(
-                f"ECIF.{method.__name__}: CG did not converge for {bad} of {total} right-hand side(s) in "
-                f"cg_maxiter = {solver.maxiter} iterations (worst relative residual {worst:.2e} > cg_tol "
-                f"{solver.tol:.1e}), so these results are approximate; raise cg_maxiter or damping, loosen cg_tol, "
-                "or use solver='exact' (up to a few thousand parameters) or 'lowrank'", RuntimeWarning, stacklevel=2)
-        return out
 
     return call
