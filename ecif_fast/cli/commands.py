@@ -79,7 +79,7 @@ def train(args, con: Console) -> dict:
             choice = choose_rank(data.images.to(dtype), data.texts.to(dtype), batches=batches,
                                  damping=args.damping, embed_dim=args.embed_dim, max_embed=min(64, di, dt),
                                  soft_norm=args.soft_norm, method=args.method, max_iter=args.max_iter,
-                                 seed=args.seed, on_rank=lambda e: step(
+                                 seed=args.seed, on_rank=lambda e: step.describe(
                                      f"choosing the rank by held-out loss (rank {e['rank']}: {e['held_out_loss']:.4g})"),
                                  **heads_args)
             secs = time.perf_counter() - t0

@@ -68,6 +68,10 @@ class Steps:
         self.started = True
         self.bar.set_description_str(name)
 
+    def describe(self, text: str) -> None:
+        """Change the current step's description without starting the next one."""
+        self.bar.set_description_str(text)
+
     def __enter__(self):
         return self
 
