@@ -642,8 +642,7 @@ class ECIF:
 
         Returns a full ``state_dict`` of the model (a copy) with the selected parameters updated.
         """
-        self._require_fit()
-        theta_new = self.theta + self.solver.solve(self.group_gradient(indices))
+        theta_new = self._theta_after_removal(indices)
         state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         for name, val in self.space.unflatten(theta_new).items():
             state[name] = val.detach().clone()
@@ -654,9 +653,12 @@ class ECIF:
         """``(U, V, s)``: every training pair's embeddings ``(n, d)`` and the log scale at the removal update
         ``θ̂ + H⁻¹ g(D*)`` of :meth:`removal_update` (removed pairs included: their fit with them left out).
         From a DataLoader the inputs are read once more, chunk by chunk."""
+        return self._embed_checked(self._theta_after_removal(indices), *self.source.everything("re-embed"), "train")
+
+    def _theta_after_removal(self, indices) -> torch.Tensor:
+        """``(P,)`` the one-Newton-step parameters without ``indices``: ``θ̂ + H⁻¹ g(D*)`` (docs/math.md §3)."""
         self._require_fit()
-        theta = self.theta + self.solver.solve(self.group_gradient(indices))
-        return self._embed_checked(theta, *self.source.everything("re-embed"), "train")
+        return self.theta + self.solver.solve(self.group_gradient(indices))
 
     @cg_summary_per_call
     def cleaned_model(self, indices) -> nn.Module:

@@ -71,6 +71,8 @@ def test_method_scores_follow_their_definitions():
     np.testing.assert_allclose(scores["positive_only_self"], (G * H.T).sum(1).numpy(), rtol=1e-8)
     np.testing.assert_allclose(scores["ecif_self"], ecif.self_influence().numpy(), rtol=1e-10)
     np.testing.assert_allclose(scores["held_out_loss"], ecif.held_out_fit()["loss_held_out"].numpy(), rtol=1e-10)
+    from ecif_fast.apps import detect_misaligned      # the default detector's own scores
+    np.testing.assert_allclose(scores["ecif_cleaned"], detect_misaligned(ecif).scores["ecif_cleaned"], rtol=1e-10)
 
 
 def test_the_report_section_names_the_default_and_where_it_loses(small_run, tmp_path, monkeypatch):

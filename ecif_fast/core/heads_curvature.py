@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .normalization import embedding_norm
+from .normalization import normalized_side
 from .pair_norms import structured_norms_blocks
 
 #: Pairs per block of batches whose Kronecker factors are stacked for one GEMM (memory ~ this × P).
@@ -37,16 +37,6 @@ def closed_form_blocks(model, names, curvature: str) -> dict | None:
 def has_closed_form(model, names, curvature: str) -> bool:
     """Whether :func:`closed_form_blocks` applies."""
     return closed_form_blocks(model, names, curvature) is not None
-
-
-def _side(F: torch.Tensor, W: torch.Tensor, normalize: bool, norm_eps: float = 0.0):
-    """Embeddings and scaled inputs of one side: ``(u (B, d), x̃ (B, r))``. The normalisation's Jacobian is
-    ``(I − u uᵀ)/ρ`` with ``ρ = sqrt(|z|² + ε²)``, exact or soft alike (docs/math.md §2.3)."""
-    Z = F @ W.T
-    if not normalize:
-        return Z, F
-    nz = embedding_norm(Z, norm_eps)
-    return Z / nz, F / nz
 
 
 def _project(A: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -124,8 +114,8 @@ def heads_gauss_newton(Xf: torch.Tensor, Yf: torch.Tensor, W_img: torch.Tensor, 
         if len(idx) < 2:
             continue
         x, y = Xf[idx], Yf[idx]
-        U, Xt = _side(x, W_img, normalize, norm_eps)
-        V, Yt = _side(y, W_txt, normalize, norm_eps)
+        U, Xt = normalized_side(x, W_img, normalize, norm_eps)
+        V, Yt = normalized_side(y, W_txt, normalize, norm_eps)
         cos = U @ V.T
         S = t * cos
         Pm, Qm = torch.softmax(S, dim=1), torch.softmax(S, dim=0)

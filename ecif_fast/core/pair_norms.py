@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .normalization import embedding_norm
+from .normalization import normalized_side
 from .lines import line_weights
 
 #: Parameter names of :class:`~ecif_fast.LinearHeads` that the structured norms know.
@@ -234,12 +234,8 @@ def heads_pair_sq_norms(X: torch.Tensor, Y: torch.Tensor, W_img: torch.Tensor, W
     t = s.exp()
     B = X.shape[0]
     ks = torch.arange(B, device=X.device) if ks is None else ks.to(X.device)
-    Zx, Zy = X @ W_img.T, Y @ W_txt.T
-    if normalize:
-        nx, ny = embedding_norm(Zx, norm_eps), embedding_norm(Zy, norm_eps)
-        U, V, Xt, Yt = Zx / nx, Zy / ny, X / nx, Y / ny
-    else:
-        U, V, Xt, Yt = Zx, Zy, X, Y
+    U, Xt = normalized_side(X, W_img, normalize, norm_eps)
+    V, Yt = normalized_side(Y, W_txt, normalize, norm_eps)
     S = t * (U @ V.T)
     T = score_gradient_terms(S, exact, ks)
     out = S.new_zeros(ks.numel())
